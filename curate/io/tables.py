@@ -1,0 +1,237 @@
+"""Parquet tables: the embedding tables written by `curate embed` and read by every later stage.
+
+Embedding table (one per input shard, same stem): columns
+  uid (string, 32 lowercase hex), key (string), caption (string),
+  image_embedding, text_embedding (fixed_size_list<float16>[D], L2-normalised).
+Schema metadata key `curate` holds JSON: {"teacher": {model, pretrained, embed_dim, logit_scale},
+"version": code version, "shard": input shard, ...}.
+Pool order (used by every pool-wide step) is: files sorted by name, rows in file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import __version__
+from curate.errors import CurateError
+from curate.io.atomic import atomic_path
+
+META_KEY = b"curate"
+ERRORS_SUFFIX = ".errors.parquet"
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a table's embeddings came from; tables of different teachers must never be mixed."""
+
+    model: str
+    pretrained: str
+    embed_dim: int
+    logit_scale: float
+
+    @property
+    def tau(self) -> float:
+        """Temperature τ = 1 / logit_scale."""
+        return 1.0 / self.logit_scale
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherInfo":
+        try:
+            return cls(str(d["model"]), str(d["pretrained"]), int(d["embed_dim"]), float(d["logit_scale"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CurateError(f"teacher metadata is incomplete ({exc}): {d!r}") from None
+
+
+# ---------------------------------------------------------------- writing
+
+def embedding_schema(dim: int) -> pa.Schema:
+    vec = pa.list_(pa.float16(), dim)
+    return pa.schema(
+        [("uid", pa.string()), ("key", pa.string()), ("caption", pa.string()),
+         ("image_embedding", vec), ("text_embedding", vec)]
+    )
+
+
+def numpy_to_fixed_list(matrix: np.ndarray, dtype=pa.float16()) -> pa.FixedSizeListArray:
+    """(N, D) array -> Arrow fixed_size_list<dtype>[D] without a Python loop."""
+    matrix = np.ascontiguousarray(matrix)
+    n, d = matrix.shape
+    np_dtype = {pa.float16(): np.float16, pa.float32(): np.float32}[dtype]
+    flat = pa.array(matrix.astype(np_dtype, copy=False).reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, d)
+
+
+def with_meta(table: pa.Table, meta: dict) -> pa.Table:
+    """Attach our JSON metadata under the `curate` key (merged with what is there)."""
+    existing = dict(table.schema.metadata or {})
+    existing[META_KEY] = json.dumps({"version": __version__, **meta}, sort_keys=True).encode()
+    return table.replace_schema_metadata(existing)
+
+
+def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = None,
+                       row_group_size: int | None = None) -> Path:
+    """Write a Parquet file via temp file + rename. Deterministic bytes for identical input."""
+    if meta is not None:
+        table = with_meta(table, meta)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
+                       write_statistics=False)
+    return path
+
+
+def build_embedding_table(uids: Sequence[str], keys: Sequence[str], captions: Sequence[str],
+                          image_emb: np.ndarray, text_emb: np.ndarray,
+                          json_texts: Sequence[str | None] | None = None, dim: int | None = None) -> pa.Table:
+    """Rows -> an embedding table; `json_texts` (the samples' raw .json) adds the optional `json` column."""
+    if dim is None:
+        dim = image_emb.shape[1]
+    table = pa.Table.from_arrays(
+        [pa.array(list(uids), pa.string()), pa.array(list(keys), pa.string()),
+         pa.array(list(captions), pa.string()),
+         numpy_to_fixed_list(np.asarray(image_emb).reshape(-1, dim)),
+         numpy_to_fixed_list(np.asarray(text_emb).reshape(-1, dim))],
+        schema=embedding_schema(dim),
+    )
+    if json_texts is not None:
+        table = table.append_column("json", pa.array(list(json_texts), pa.string()))
+    return table
+
+
+# ---------------------------------------------------------------- reading
+
+def read_meta(path: str | Path) -> dict:
+    """The `curate` JSON metadata of a Parquet file (empty dict if none)."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CurateError(f"{path}: not a readable Parquet file ({exc})") from None
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """fixed_size_list column -> (N, D) numpy array (one copy at most)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    d = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, d).astype(dtype, copy=False)
+
+
+def embedding_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Embedding tables of a directory (sorted, skip-record files excluded), or an explicit list."""
+    if isinstance(source, (str, Path)):
+        src = Path(source)
+        if src.is_dir():
+            files = sorted(p for p in src.glob("*.parquet")
+                           if not p.name.endswith(ERRORS_SUFFIX) and not p.name.startswith("."))
+        elif src.is_file():
+            files = [src]
+        else:
+            raise CurateError(f"{src}: no such embedding directory or table")
+    else:
+        files = sorted(Path(s) for s in source)
+    if not files:
+        raise CurateError(f"{source}: no embedding tables (*.parquet) found; run `curate embed` first")
+    return files
+
+
+class EmbeddingPool:
+    """A pool of embedding tables read lazily: teacher checked once, rows streamed or memory-mapped.
+
+    Nothing here loads the whole pool into RAM: `iter_chunks` streams row groups and `matrix` builds
+    (once) an fp16 `.npy` cache that is memory-mapped.
+    """
+
+    def __init__(self, source: str | Path | Sequence[str | Path]):
+        self.files = embedding_files(source)
+        self.teacher: TeacherInfo | None = None
+        self.file_rows: list[int] = []
+        first = None
+        for f in self.files:
+            meta = read_meta(f)
+            if "teacher" not in meta:
+                raise CurateError(f"{f}: no `curate` teacher metadata; is this an embedding table from `curate embed`?")
+            t = TeacherInfo.from_dict(meta["teacher"])
+            if self.teacher is None:
+                self.teacher, first = t, f
+            elif t != self.teacher:
+                raise CurateError(
+                    f"tables come from different teachers: {first} has {self.teacher.model}/"
+                    f"{self.teacher.pretrained} dim {self.teacher.embed_dim} logit_scale {self.teacher.logit_scale:g}, "
+                    f"{f} has {t.model}/{t.pretrained} dim {t.embed_dim} logit_scale {t.logit_scale:g}; "
+                    "score each teacher's tables separately"
+                )
+            self.file_rows.append(pq.ParquetFile(f).metadata.num_rows)
+        assert self.teacher is not None
+
+    @property
+    def dim(self) -> int:
+        return self.teacher.embed_dim
+
+    @property
+    def n_rows(self) -> int:
+        return int(sum(self.file_rows))
+
+    def iter_chunks(self, columns: Iterable[str] = ("uid",) + EMBEDDING_COLUMNS,
+                    dtype=np.float32) -> Iterator[tuple[Path, dict]]:
+        """Yield (file, {column: array}) per row group, in pool order. Embeddings as (n, D) `dtype`."""
+        columns = list(columns)
+        for f in self.files:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=columns)
+                yield f, {c: _column_to_numpy(t.column(c), dtype) for c in columns}
+
+    def column(self, name: str) -> np.ndarray:
+        """A scalar column of the whole pool (e.g. uid): one array, pool order."""
+        parts = [pq.read_table(f, columns=[name]).column(name).to_numpy(zero_copy_only=False) for f in self.files]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=object)
+
+    def fingerprint(self) -> str:
+        """Changes whenever any table changes: names, sizes and mtimes."""
+        h = hashlib.sha256()
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    def matrix(self, column: str, cache_dir: str | Path | None = None) -> np.ndarray:
+        """The whole pool's `column` as an (N, D) float16 array; memory-mapped from `cache_dir` when given."""
+        if cache_dir is None:
+            parts = [fixed_list_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16)
+                     for f in self.files]
+            return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float16)
+        cache = Path(cache_dir) / f"{column}-{self.fingerprint()}.npy"
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache) as tmp:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(self.n_rows, self.dim))
+                row = 0
+                for _, chunk in self.iter_chunks([column], dtype=np.float16):
+                    block = chunk[column]
+                    mm[row:row + len(block)] = block
+                    row += len(block)
+                mm.flush()
+                del mm
+        return np.load(cache, mmap_mode="r")
+
+
+def _column_to_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
+    if pa.types.is_fixed_size_list(col.type):
+        return fixed_list_to_numpy(col, dtype)
+    return col.to_numpy(zero_copy_only=False)

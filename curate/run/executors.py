@@ -1,0 +1,99 @@
+"""Executors run a stage's independent tasks (usually groups of shards) with retries and a failure summary.
+
+One interface, several back ends, as in DataTrove: `LocalExecutor` (in-process for 1 worker, a process
+pool otherwise) and `RayExecutor` (curate/run/ray_executor.py). A task that still fails after `retries`
+is reported; the other tasks finish first unless `fail_fast`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from curate.errors import CurateError
+
+
+@dataclass
+class TaskFailure:
+    task: str
+    error: str
+    attempts: int
+
+
+@dataclass
+class RunReport:
+    results: list[Any] = field(default_factory=list)
+    failures: list[TaskFailure] = field(default_factory=list)
+
+    def raise_if_failed(self, stage: str) -> None:
+        if self.failures:
+            lines = "; ".join(f"{f.task} ({f.error.splitlines()[-1] if f.error else 'error'}, {f.attempts} attempts)"
+                              for f in self.failures)
+            raise CurateError(f"{stage}: {len(self.failures)} task(s) failed after retries: {lines}. "
+                              "Finished work is kept; rerun to retry only these.")
+
+
+def _call_with_retries(fn: Callable, task: Any, retries: int) -> tuple[Any, TaskFailure | None]:
+    last = ""
+    for attempt in range(1, retries + 2):
+        try:
+            return fn(task), None
+        except CurateError as exc:  # a user error will not go away on retry
+            return None, TaskFailure(_name(task), str(exc), attempt)
+        except Exception:  # noqa: BLE001 - any crash of a task is retried, then reported
+            last = traceback.format_exc()
+    return None, TaskFailure(_name(task), last.strip(), retries + 1)
+
+
+def _name(task: Any) -> str:
+    return getattr(task, "name", None) or str(task)
+
+
+class Executor:
+    """Run `fn(task)` for every task; results come back in task order."""
+
+    def run(self, fn: Callable, tasks: Sequence[Any], retries: int = 0, fail_fast: bool = False) -> RunReport:
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
+
+    def run(self, fn, tasks, retries=0, fail_fast=False):
+        report = RunReport(results=[None] * len(tasks))
+        if self.workers == 1 or len(tasks) <= 1:
+            for i, task in enumerate(tasks):
+                report.results[i], failure = _call_with_retries(fn, task, retries)
+                if failure:
+                    report.failures.append(failure)
+                    if fail_fast:
+                        break
+            return report
+        # spawn, not fork: tasks may use torch, whose thread pools do not survive a fork safely
+        with cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_call_with_retries, fn, t, retries): i for i, t in enumerate(tasks)}
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                report.results[i], failure = fut.result()
+                if failure:
+                    report.failures.append(failure)
+                    if fail_fast:
+                        for other in futures:
+                            other.cancel()
+                        break
+        return report
+
+
+def make_executor(name: str = "local", workers: int = 1, ray_address: str | None = None,
+                  num_gpus: float = 0.0) -> Executor:
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "ray":
+        from curate.run.ray_executor import RayExecutor
+
+        return RayExecutor(address=ray_address, num_gpus=num_gpus)
+    raise CurateError(f"--executor {name!r}: choose local or ray")
