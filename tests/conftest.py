@@ -1,0 +1,36 @@
+"""Shared test helpers. Import the plain functions with `from conftest import make_embedding_dir`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
+
+
+def make_embedding_dir(path, n_rows_per_file: list[int], dim: int, seed: int, logit_scale: float = 100.0,
+                       model: str = "test", pretrained: str = "none") -> Path:
+    """Write a small embedding directory like `curate embed` makes: one table per fake shard.
+
+    Files are `shard-00000.parquet`, ... (pool order = name order); uids are 32 random hex digits,
+    embeddings random Gaussian rows, L2-normalised, stored as float16. Same seed -> same bytes.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    teacher = TeacherInfo(model=model, pretrained=pretrained, embed_dim=dim, logit_scale=logit_scale)
+    for index, n in enumerate(n_rows_per_file):
+        hex_digits = rng.bytes(16 * n).hex()
+        uids = [hex_digits[32 * row:32 * (row + 1)] for row in range(n)]
+        keys = [f"{index:05d}{row:04d}" for row in range(n)]
+        captions = [f"caption {index}-{row}" for row in range(n)]
+        image = rng.standard_normal((n, dim)).astype(np.float32)
+        text = rng.standard_normal((n, dim)).astype(np.float32)
+        image /= np.linalg.norm(image, axis=1, keepdims=True)
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        table = build_embedding_table(uids, keys, captions, image, text)
+        shard = f"shard-{index:05d}.tar"
+        write_table_atomic(table, path / f"shard-{index:05d}.parquet",
+                           meta={"teacher": teacher.to_dict(), "shard": shard})
+    return path
