@@ -1,0 +1,340 @@
+"""`curate run RECIPE.toml`: one file describes the whole chain; `--dry-run` validates it and prints the plan.
+
+Sections (all optional except [run]; see examples/recipes/ and README):
+  [run] dir, executor, workers, ray_address, device      [synth]  make the offline corpus
+  [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
+  [embed] shards, out, batch_size, workers, tasks         [embed_target] the same for target shards
+  [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
+  [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index
+  [clones] k, eps, out                                    [[filter]] name, keep, min, max, mode, normsim, target
+  [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
+  [report] out
+Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
+A stage is skipped on rerun when its run marker (written last, with a hash of its parameters) matches;
+embed and export resume shard by shard on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from curate.errors import CurateError
+from curate.io.atomic import write_text_atomic
+from curate.run.markers import Markers
+
+REQUIRED = object()
+
+# section -> key -> (type(s), default). Types are checked; unknown keys are errors naming the key.
+SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
+    "run": {"dir": (str, REQUIRED), "executor": (str, "local"), "workers": (int, 1), "ray_address": (str, ""),
+            "device": (str, "auto"), "retries": (int, 1)},
+    "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
+              "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
+    "teacher": {"model": (str, "curate-tiny"), "pretrained": (str, "tiny-cached"), "precision": (str, "fp32")},
+    "embed": {"shards": (str, REQUIRED), "out": (str, "emb"), "batch_size": (int, 256), "workers": (int, 2),
+              "tasks": (int, 1)},
+    "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb"), "batch_size": (int, 256),
+                     "workers": (int, 2), "tasks": (int, 1)},
+    "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
+    "score": {"metrics": (list, ["clipscore", "negclip"]), "k": (int, 10), "batch_size": (int, 32768),
+              "seed": (int, 0), "out": (str, "scores.parquet")},
+    "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
+                "index": (str, "flat")},
+    "clones": {"k": (int, 10), "eps": ((float, int), 0.1), "out": (str, "clones.parquet")},
+    "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
+               "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, "")},
+    "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export"), "shard_size": (int, 10000)},
+    "truth": {"subsets": (list, [])},
+    "report": {"out": (str, "report.html")},
+}
+CHOICES = {("run", "executor"): ("local", "ray"), ("run", "device"): ("auto", "cpu", "cuda"),
+           ("teacher", "precision"): ("fp32", "fp16", "bf16"), ("import_datacomp", "arch"): ("l14", "b32"),
+           ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf")}
+POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
+ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
+
+
+@dataclass
+class Step:
+    name: str          # unique step name, e.g. "filter:negclip_then_normsim"
+    section: str
+    params: dict
+    inputs: list[str]
+    outputs: list[str]
+    run: Callable[[], dict | None]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Parse and validate a recipe; every problem is a CurateError naming the file, section and key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CurateError(f"{path}: recipe file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - set(SCHEMA))
+    if unknown:
+        raise CurateError(f"{path}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
+    if "run" not in raw:
+        raise CurateError(f"{path}: missing [run] section (it needs at least `dir`)")
+    recipe: dict[str, Any] = {}
+    for section, value in raw.items():
+        entries = value if section == "filter" else [value]
+        if section == "filter" and not isinstance(value, list):
+            raise CurateError(f"{path}: write filters as [[filter]] tables (a list), each with a `name`")
+        recipe[section] = [_validate(path, section, e) for e in entries]
+        if section != "filter":
+            recipe[section] = recipe[section][0]
+    names = [f["name"] for f in recipe.get("filter", [])]
+    if len(set(names)) != len(names):
+        raise CurateError(f"{path}: two [[filter]] tables share a name; names must be unique")
+    if "embed" in recipe and "import_datacomp" in recipe:
+        raise CurateError(f"{path}: give either [embed] or [import_datacomp], not both")
+    for ref in [recipe.get("export", {}).get("subset")] + list(recipe.get("truth", {}).get("subsets", [])):
+        if ref and ref not in names:
+            raise CurateError(f"{path}: subset {ref!r} is not the name of a [[filter]] (have: {', '.join(names) or 'none'})")
+    return recipe
+
+
+def _validate(path: Path, section: str, table: Any) -> dict:
+    if not isinstance(table, dict):
+        raise CurateError(f"{path}: [{section}] must be a table of keys")
+    spec = SCHEMA[section]
+    for key in table:
+        if key not in spec:
+            raise CurateError(f"{path}: [{section}] unknown key {key!r}; known: {', '.join(spec)}")
+    out = {}
+    for key, (types, default) in spec.items():
+        if key not in table:
+            if default is REQUIRED:
+                raise CurateError(f"{path}: [{section}] needs `{key}`")
+            out[key] = default
+            continue
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise CurateError(f"{path}: [{section}] {key} = {value!r} should be {want}")
+        choices = CHOICES.get((section, key))
+        if choices and value not in choices:
+            raise CurateError(f"{path}: [{section}] {key} = {value!r}; choose one of {', '.join(choices)}")
+        low = 0 if (section, key) in ZERO_ALLOWED else 1
+        if isinstance(value, int) and key in POSITIVE_INTS and value < low:
+            raise CurateError(f"{path}: [{section}] {key} = {value} must be >= {low}")
+        out[key] = value
+    return out
+
+
+def plan(recipe: dict) -> list[Step]:
+    """The ordered steps of a validated recipe, with their resolved inputs and outputs."""
+    run = recipe["run"]
+    root = Path(run["dir"])
+    at = lambda p: p if ("://" in p or Path(p).is_absolute() or p in ("imagenet", "none")) else str(root / p)  # noqa: E731
+    teacher = recipe.get("teacher", SCHEMA_DEFAULTS("teacher"))
+    steps: list[Step] = []
+
+    def add(name, section, params, inputs, outputs, fn):
+        steps.append(Step(name, section, {"section": params, "inputs": inputs}, inputs, outputs, fn))
+
+    if "synth" in recipe:
+        s = recipe["synth"]
+        out = at(s["out"])
+
+        def run_synth(s=s, out=out):
+            from curate.stages.synth import make_corpus
+
+            return make_corpus(out, s["samples"], s["shard_size"], s["seed"], s["corrupt"], s["target_samples"],
+                               s["image_size"])
+        add("synth", "synth", s, [], [out], run_synth)
+
+    pretrained = {"value": teacher["pretrained"]}
+
+    def teacher_weights() -> str:
+        if pretrained["value"] == "tiny-cached":
+            from curate.stages.teacher import ensure_tiny_teacher
+
+            pretrained["value"] = str(ensure_tiny_teacher())
+        return pretrained["value"]
+
+    needs_teacher = any(k in recipe for k in ("embed", "embed_target")) or \
+        recipe.get("normsim", {}).get("target") == "imagenet"
+    if needs_teacher:
+        add("teacher", "teacher", teacher, [], [], lambda: {"pretrained": teacher_weights()})
+
+    for section in ("embed", "embed_target"):
+        if section in recipe:
+            e = recipe[section]
+            shards, out = at(e["shards"]), at(e["out"])
+
+            def run_embed(e=e, shards=shards, out=out, section=section):
+                from curate.stages.embed import EmbedConfig, embed
+
+                config = EmbedConfig(teacher["model"], teacher_weights(), run["device"], teacher["precision"],
+                                     e["batch_size"], e["workers"])
+                result = embed(shards, out, config, executor=run["executor"], tasks=e["tasks"],
+                               retries=run["retries"], ray_address=run["ray_address"] or None)
+                if result["failures"]:
+                    raise CurateError(f"{section}: {len(result['failures'])} task(s) failed; rerun to retry")
+                return {k: result[k] for k in ("embedded", "skipped", "shards_total", "seconds")}
+            add(section, section, {**e, "teacher": teacher}, [shards], [out], run_embed)
+
+    emb = at(recipe.get("embed", recipe.get("import_datacomp", {"out": "emb"}))["out"])
+    if "import_datacomp" in recipe:
+        d = recipe["import_datacomp"]
+
+        def run_import(d=d):
+            from curate.stages.import_datacomp import import_datacomp
+
+            return vars(import_datacomp(at(d["metadata"]), d["arch"], emb))
+        add("import_datacomp", "import_datacomp", d, [at(d["metadata"])], [emb], run_import)
+
+    score_tables: list[str] = []
+    if "score" in recipe:
+        s = recipe["score"]
+        out = at(s["out"])
+        score_tables.append(out)
+
+        def run_score(s=s, out=out):
+            from curate.stages.score import score
+
+            return score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"])
+        add("score", "score", s, [emb], [out], run_score)
+
+    if "normsim" in recipe:
+        n = recipe["normsim"]
+        for p in n["p"]:
+            out = at(n["out"]).replace(".parquet", f"_{p}.parquet") if len(n["p"]) > 1 else at(n["out"])
+            score_tables.append(out)
+            target = None if n["target"] == "none" else at(n["target"])
+
+            def run_normsim(p=str(p), out=out, target=target):
+                from curate.stages.normsim import normsim
+
+                return normsim(emb, target, p, out, index=n["index"], device=run["device"])
+            add(f"normsim:{p}", "normsim", {**n, "p": p}, [emb] + ([target] if target else []), [out], run_normsim)
+
+    if "clones" in recipe:
+        c = recipe["clones"]
+        out = at(c["out"])
+
+        def run_clones(c=c, out=out):
+            from curate.stages.clones import run_clones as clones
+
+            return clones(emb, out, k=c["k"], eps=c["eps"], device=run["device"])
+        add("clones", "clones", c, [emb], [out], run_clones)
+
+    subsets: dict[str, str] = {}
+    for f in recipe.get("filter", []):
+        out = at(f"subsets/{f['name']}")
+        subsets[f["name"]] = out
+
+        def run_filter(f=f, out=out):
+            from curate.stages.filter import filter_pool
+
+            result = filter_pool(score_tables, out, f["keep"], f["min"], f["max"], f["mode"],
+                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb)
+            return {"kept": getattr(result, "kept", None), "pool": getattr(result, "pool_size", None)}
+        add(f"filter:{f['name']}", "filter", f, list(score_tables), [out], run_filter)
+
+    if "truth" in recipe:
+        names = recipe["truth"]["subsets"] or list(subsets)
+        out = at("truth.json")
+
+        def run_truth(names=names, out=out):
+            from curate.stages.truth import truth_markdown, truth_table
+
+            table = truth_table(emb, {n: subsets[n] for n in names})
+            write_text_atomic(out, json.dumps(table, indent=2, sort_keys=True))
+            write_text_atomic(out.replace(".json", ".md"), truth_markdown(table) + "\n")
+            return {"table": truth_markdown(table)}
+        add("truth", "truth", recipe["truth"], [subsets[n] for n in names], [out], run_truth)
+
+    if "export" in recipe:
+        x = recipe["export"]
+        shards = at(x["shards"]) if x["shards"] else at(recipe.get("embed", {}).get("shards", ""))
+        out = at(x["out"])
+
+        def run_export(x=x, shards=shards, out=out):
+            from curate.stages.export import export_subset
+
+            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"])
+            return {k: v for k, v in vars(report).items() if isinstance(v, (int, float, str))}
+        add("export", "export", x, [shards, subsets[x["subset"]]], [out], run_export)
+
+    if "report" in recipe:
+        out = at(recipe["report"]["out"])
+
+        def run_report(out=out):
+            from curate.stages.report import build_report
+
+            path = build_report(str(root), out)
+            return {"report": str(path)}
+        add("report", "report", recipe["report"], [str(root)], [out], run_report)
+    # a change anywhere upstream reruns everything after it: chain each step's digest into the next
+    upstream = ""
+    for step in steps:
+        step.params["upstream"] = upstream
+        upstream = step.digest
+    return steps
+
+
+def SCHEMA_DEFAULTS(section: str) -> dict:  # noqa: N802 - reads like a constant
+    return {k: v for k, (_, v) in SCHEMA[section].items() if v is not REQUIRED}
+
+
+def step_status(step: Step, markers: Markers) -> str:
+    if markers.is_done(_marker_name(step)) and markers.info(_marker_name(step)).get("digest") == step.digest \
+            and all(Path(o).exists() for o in step.outputs):
+        return "done"
+    if step.section == "teacher":
+        pretrained = step.params["section"]["pretrained"]
+        if pretrained == "tiny-cached":
+            from curate.stages.teacher import tiny_teacher_path
+
+            return "cached" if tiny_teacher_path().is_file() else "todo (trains curate-tiny once, ~3 min)"
+        return "loads " + pretrained
+    if step.section in ("embed", "embed_target"):
+        try:
+            from curate.io.shards import expand_shards
+
+            total = len(expand_shards(step.inputs[0]))
+        except CurateError:
+            return "todo (shards not there yet)"
+        done = len(Markers(step.outputs[0], "embed").done()) if Path(step.outputs[0]).exists() else 0
+        return f"todo ({done} of {total} shards done)"
+    return "todo"
+
+
+def _marker_name(step: Step) -> str:
+    return step.name.replace(":", "--")
+
+
+def execute(recipe: dict, echo: Callable[[str], None] = print, force: bool = False) -> list[dict]:
+    """Run every step not already done; returns one record per step."""
+    root = Path(recipe["run"]["dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / "run.json", json.dumps(recipe, indent=2, sort_keys=True))
+    markers = Markers(root, "run")
+    records = []
+    for step in plan(recipe):
+        if not force and step.section != "teacher" and step_status(step, markers) == "done":
+            echo(f"[dim]skip[/] {step.name}: done")
+            records.append({"step": step.name, "status": "skipped (done)"})
+            continue
+        echo(f"[bold]run[/] {step.name} → {', '.join(step.outputs) or '-'}")
+        started = time.perf_counter()
+        result = step.run() or {}
+        seconds = time.perf_counter() - started
+        markers.mark(_marker_name(step), {"digest": step.digest, "seconds": round(seconds, 3)})
+        records.append({"step": step.name, "status": "done", "seconds": seconds, "result": result})
+    return records

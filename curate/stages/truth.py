@@ -1,0 +1,66 @@
+"""Ground-truth evaluation of subsets on a corpus whose corruptions are known (the synth `.json` `truth`).
+
+For each subset: the fraction of each corruption kind that was removed and the fraction of clean samples
+kept. Truth is read from the embedding tables' `json` column, so no tar is re-read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from curate.io.tables import EmbeddingPool
+from curate.io.uids import read_uid_npy
+
+
+def pool_truth(pool: EmbeddingPool) -> tuple[np.ndarray, np.ndarray]:
+    """(uids, truth kinds) of every pool row; rows without a `truth` field are 'unknown'."""
+    uids = pool.column("uid")
+    if "json" not in _columns(pool):
+        return uids, np.full(len(uids), "unknown", dtype=object)
+    truth = [json.loads(j).get("truth", "unknown") if j else "unknown" for j in pool.column("json")]
+    return uids, np.asarray(truth, dtype=object)
+
+
+def _columns(pool: EmbeddingPool) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(pool.files[0]).names
+
+
+def removal_rates(truth: np.ndarray, kept: np.ndarray) -> dict[str, dict]:
+    """Per truth kind: count, kept, and the rate (kept rate for `clean`, removal rate for corruptions)."""
+    out = {}
+    for kind in sorted(set(truth.tolist()), key=lambda k: (k != "clean", k)):
+        mask = truth == kind
+        n, k = int(mask.sum()), int((kept & mask).sum())
+        out[kind] = {"count": n, "kept": k,
+                     ("kept_rate" if kind == "clean" else "removed_rate"): (k if kind == "clean" else n - k) / n}
+    return out
+
+
+def truth_table(emb_dir: str | Path, subsets: dict[str, str | Path]) -> dict[str, dict]:
+    """{subset name: removal_rates} for subset directories (or `.npy` uid files) over one pool."""
+    uids, truth = pool_truth(EmbeddingPool(emb_dir))
+    result = {}
+    for name, subset in subsets.items():
+        path = Path(subset)
+        kept_uids = set(read_uid_npy(path / "uids.npy" if path.is_dir() else path))
+        kept = np.fromiter((u in kept_uids for u in uids), bool, len(uids))
+        result[name] = {"kept": int(kept.sum()), "pool": len(uids), "kinds": removal_rates(truth, kept)}
+    return result
+
+
+def truth_markdown(table: dict[str, dict]) -> str:
+    kinds = sorted({k for r in table.values() for k in r["kinds"]}, key=lambda k: (k != "clean", k))
+    head = "| subset | kept | " + " | ".join(f"{k} {'kept' if k == 'clean' else 'removed'}" for k in kinds) + " |"
+    lines = [head, "|" + "---|" * (len(kinds) + 2)]
+    for name, r in table.items():
+        cells = []
+        for k in kinds:
+            d = r["kinds"].get(k)
+            cells.append("" if d is None else f"{100 * d.get('kept_rate', d.get('removed_rate')):.1f} %")
+        lines.append(f"| {name} | {r['kept']:,} / {r['pool']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""`curate run`: recipe validation errors name the key; a small recipe runs end to end and reruns skip."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate.errors import CurateError
+from curate.recipe import execute, load_recipe, plan
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = """
+[run]
+dir = "{dir}"
+device = "cpu"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(BASE.format(dir=tmp_path / "out") + text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[scoer]\n", r"unknown section \[scoer\]"),
+    ("[score]\nkk = 3\n", r"\[score\] unknown key 'kk'"),
+    ("[score]\nk = 'ten'\n", r"\[score\] k = 'ten' should be int"),
+    ("[score]\nk = 0\n", r"\[score\] k = 0 must be >= 1"),
+    ("[teacher]\nprecision = 'fp8'\n", r"precision = 'fp8'; choose one of fp32, fp16, bf16"),
+    ("[embed]\nout = 'x'\n", r"\[embed\] needs `shards`"),
+    ("[[filter]]\nname = 'a'\n[[filter]]\nname = 'a'\n", "share a name"),
+    ("[[filter]]\nname = 'a'\n[export]\nsubset = 'b'\n", "subset 'b' is not the name of a"),
+    ("[filter]\nname = 'a'\n", r"\[\[filter\]\]"),
+    ("[score\n", "not valid TOML"),
+])
+def test_validation_errors_name_the_key(tmp_path, text, message):
+    with pytest.raises(CurateError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_missing_file_and_run_section(tmp_path):
+    with pytest.raises(CurateError, match="does not exist"):
+        load_recipe(tmp_path / "nope.toml")
+    (tmp_path / "x.toml").write_text("[score]\n")
+    with pytest.raises(CurateError, match=r"missing \[run\]"):
+        load_recipe(tmp_path / "x.toml")
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((REPO / "examples" / "recipes").glob("*.toml")):
+        steps = plan(load_recipe(path))
+        assert steps, path
+
+
+SMALL = """
+[synth]
+samples = 120
+shard_size = 40
+seed = 5
+corrupt = 0.3
+target_samples = 30
+[teacher]
+pretrained = "none"
+[embed]
+shards = "corpus"
+batch_size = 32
+workers = 0
+[embed_target]
+shards = "corpus/target"
+workers = 0
+[score]
+batch_size = 16
+k = 2
+[normsim]
+target = "target_emb"
+p = ["inf", "2"]
+[[filter]]
+name = "both"
+keep = ["negclip:0.5", "normsim_inf:0.25"]
+[truth]
+[export]
+subset = "both"
+shard_size = 10
+"""
+
+
+def test_small_recipe_runs_and_rerun_skips(tmp_path):
+    recipe = load_recipe(write(tmp_path, SMALL))
+    records = execute(recipe, echo=lambda s: None)
+    assert all(r["status"] == "done" for r in records)
+    out = tmp_path / "out"
+    stats = json.loads((out / "subsets" / "both" / "stats.json").read_text())
+    assert json.dumps(stats).count("30") >= 1  # 0.25 * 120 = 30 kept
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["both"]["kept"] == 30 and truth["both"]["pool"] == 120
+    assert len(list((out / "export").glob("*.tar"))) == 3
+    again = execute(recipe, echo=lambda s: None)
+    assert [r["status"] for r in again if r["step"] != "teacher"] == ["skipped (done)"] * (len(again) - 1)
+
+
+def test_cli_dry_run_and_error_exit(tmp_path):
+    path = write(tmp_path, SMALL)
+    cli = [sys.executable, "-m", "curate.cli"]
+    dry = subprocess.run(cli + ["run", str(path), "--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0 and "filter:both" in dry.stdout and "todo" in dry.stdout
+    bad = write(tmp_path, "[score]\nkk = 1\n")
+    res = subprocess.run(cli + ["run", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown key 'kk'" in res.stderr and "Traceback" not in res.stderr
