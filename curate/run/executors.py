@@ -78,7 +78,10 @@ class LocalExecutor(Executor):
             futures = {pool.submit(_call_with_retries, fn, t, retries): i for i, t in enumerate(tasks)}
             for fut in cf.as_completed(futures):
                 i = futures[fut]
-                report.results[i], failure = fut.result()
+                try:
+                    report.results[i], failure = fut.result()
+                except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
+                    failure = TaskFailure(_name(tasks[i]), f"{type(exc).__name__}: {exc}", 1)
                 if failure:
                     report.failures.append(failure)
                     if fail_fast:
@@ -89,11 +92,12 @@ class LocalExecutor(Executor):
 
 
 def make_executor(name: str = "local", workers: int = 1, ray_address: str | None = None,
-                  num_gpus: float = 0.0) -> Executor:
+                  num_gpus: float = 0.0, num_cpus: float = 1.0) -> Executor:
+    """`num_gpus`/`num_cpus`: resources each Ray task asks for (ignored by the local executor)."""
     if name == "local":
         return LocalExecutor(workers)
     if name == "ray":
         from curate.run.ray_executor import RayExecutor
 
-        return RayExecutor(address=ray_address, num_gpus=num_gpus)
+        return RayExecutor(address=ray_address, num_gpus=num_gpus, num_cpus=num_cpus)
     raise CurateError(f"--executor {name!r}: choose local or ray")

@@ -205,13 +205,15 @@ def embed(shards_spec, out_dir: str | Path, config: EmbedConfig, rank: int | Non
     task_list = [EmbedTask(f"embed[{','.join(s for _, s in g[:3])}{',…' if len(g) > 3 else ''}]", g, str(out_dir), config)
                  for g in groups]
     start = time.perf_counter()
-    run_executor = make_executor(executor, workers=1 if executor == "local" else 1, ray_address=ray_address,
-                                 num_gpus=1.0 if config.device == "cuda" else 0.0)
+    wants_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    # a task runs the teacher plus its own decode workers: reserve CPUs for all of them
+    run_executor = make_executor(executor, workers=1, ray_address=ray_address, num_gpus=1.0 if wants_gpu else 0.0,
+                                 num_cpus=float(config.workers + 1))
     if executor == "local":
         report = run_executor.run(lambda t: embed_task(t, progress), task_list, retries=retries, fail_fast=fail_fast)
     else:
         report = run_executor.run(embed_task, task_list, retries=retries, fail_fast=fail_fast)
-    summaries = [asdict(s) for r in report.results if r for s in r]
+    summaries = sorted((asdict(s) for r in report.results if r for s in r), key=lambda s: s["shard"])
     result = {"shards_total": len(mine), "shards_skipped_done": len(mine) - len(todo), "shards": summaries,
               "embedded": sum(s["embedded"] for s in summaries), "skipped": sum(s["skipped"] for s in summaries),
               "seconds": time.perf_counter() - start, "failures": [asdict(f) for f in report.failures]}
