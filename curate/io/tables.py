@@ -83,13 +83,19 @@ def with_meta(table: pa.Table, meta: dict) -> pa.Table:
 
 def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = None,
                        row_group_size: int | None = None) -> Path:
-    """Write a Parquet file via temp file + rename. Deterministic bytes for identical input."""
+    """Write a Parquet file via temp file + rename. Deterministic bytes for identical input.
+
+    Vector (fixed_size_list) columns are written without dictionary encoding: embedding values barely
+    repeat, so the dictionary only costs time; with it, reading an fp16 embedding column was ~4x slower
+    and writing it ~4x slower (bench/results.md). Readers see the same schema either way.
+    """
     if meta is not None:
         table = with_meta(table, meta)
     path = Path(path)
+    dictionary_columns = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
-                       write_statistics=False)
+                       write_statistics=False, use_dictionary=dictionary_columns)
     return path
 
 
@@ -176,7 +182,9 @@ class EmbeddingPool:
                     f"{f} has {t.model}/{t.pretrained} dim {t.embed_dim} logit_scale {t.logit_scale:g}; "
                     "score each teacher's tables separately"
                 )
-            self.file_rows.append(pq.ParquetFile(f).metadata.num_rows)
+            parquet = pq.ParquetFile(f)
+            _check_embedding_columns(f, parquet.schema_arrow, t.embed_dim)
+            self.file_rows.append(parquet.metadata.num_rows)
         assert self.teacher is not None
 
     @property
@@ -193,12 +201,15 @@ class EmbeddingPool:
         columns = list(columns)
         for f in self.files:
             pf = pq.ParquetFile(f)
+            _require_columns(f, pf.schema_arrow, columns)
             for rg in range(pf.num_row_groups):
                 t = pf.read_row_group(rg, columns=columns)
                 yield f, {c: _column_to_numpy(t.column(c), dtype) for c in columns}
 
     def column(self, name: str) -> np.ndarray:
         """A scalar column of the whole pool (e.g. uid): one array, pool order."""
+        for f in self.files:
+            _require_columns(f, pq.read_schema(f), [name])
         parts = [pq.read_table(f, columns=[name]).column(name).to_numpy(zero_copy_only=False) for f in self.files]
         return np.concatenate(parts) if parts else np.empty(0, dtype=object)
 
@@ -212,6 +223,8 @@ class EmbeddingPool:
 
     def matrix(self, column: str, cache_dir: str | Path | None = None) -> np.ndarray:
         """The whole pool's `column` as an (N, D) float16 array; memory-mapped from `cache_dir` when given."""
+        for f in self.files:
+            _require_columns(f, pq.read_schema(f), [column])
         if cache_dir is None:
             parts = [fixed_list_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16)
                      for f in self.files]
@@ -219,16 +232,36 @@ class EmbeddingPool:
         cache = Path(cache_dir) / f"{column}-{self.fingerprint()}.npy"
         if not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache) as tmp:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(self.n_rows, self.dim))
-                row = 0
+            # header, then chunk by chunk with plain writes: a writable memmap would keep every page resident
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                          "shape": (self.n_rows, self.dim)}
+                np.lib.format.write_array_header_1_0(f, header)
                 for _, chunk in self.iter_chunks([column], dtype=np.float16):
-                    block = chunk[column]
-                    mm[row:row + len(block)] = block
-                    row += len(block)
-                mm.flush()
-                del mm
+                    np.ascontiguousarray(chunk[column]).tofile(f)
         return np.load(cache, mmap_mode="r")
+
+
+def _check_embedding_columns(path: Path, schema: pa.Schema, dim: int) -> None:
+    """Embedding columns must be fixed_size_list<float>[embed_dim], as the metadata says: a table whose
+    vectors disagree with its own teacher record would otherwise fail deep inside a stage."""
+    for name in EMBEDDING_COLUMNS:
+        if name not in schema.names:
+            continue
+        field_type = schema.field(name).type
+        if not (pa.types.is_fixed_size_list(field_type) and pa.types.is_floating(field_type.value_type)):
+            raise CurateError(f"{path}: column `{name}` has type {field_type}, expected fixed_size_list<float16>[{dim}]; "
+                              "is this an embedding table from `curate embed`?")
+        if field_type.list_size != dim:
+            raise CurateError(f"{path}: column `{name}` holds {field_type.list_size}-d vectors but the table's teacher "
+                              f"metadata says embed_dim {dim}; the file is inconsistent: re-embed that shard")
+
+
+def _require_columns(path: Path, schema: pa.Schema, columns: Iterable[str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise CurateError(f"{path}: no column {', '.join(f'`{c}`' for c in missing)} (has {', '.join(schema.names)}); "
+                          "is this an embedding table from `curate embed`?")
 
 
 def _column_to_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""negCLIPLoss: CLIPScore minus the CLIP loss's normalisation term, averaged over K random batchings (pure math).
+
+negCLIPLoss_i = s_ii - (τ / 2K) · Σ_{k=1..K} [ LSE_{j∈B_k(i)}(s_ij/τ) + LSE_{j∈B_k(i)}(s_ji/τ) ]
+
+(Wang et al., "CLIPLoss and Norm-Based Data Selection Methods for Multimodal Contrastive Learning",
+NeurIPS 2024, Eq. 2), with s_ij = <v_i, t_j> of L2-normalised image (v) and text (t) embeddings and
+τ = 1 / logit_scale of the teacher. Since i ∈ B_k(i), each LSE is >= s_ii/τ, hence negCLIPLoss_i <= 0.
+
+Partition and seed scheme (exact; the same seed gives identical partitions for a given numpy version):
+
+* N = pool size (pool order = files sorted by name, rows in file order), b = min(B, N) the batch size.
+* Partition k (k = 0..K-1) uses its own generator ``rng = numpy.random.default_rng([seed, k])``, so any
+  partition can be rebuilt on its own (map/reduce: one task per (k, batch), a sum as the reduce).
+* ``perm = rng.permutation(N)``. With F = N // b full batches, batch m (m < F) is ``perm[m*b:(m+1)*b]``.
+* If r = N - F*b > 0, the last batch holds the r samples ``perm[F*b:]`` ("own" members) plus b - r
+  "fill" samples ``perm[:F*b][rng.choice(F*b, b - r, replace=False)]`` drawn next from the same rng:
+  distinct, and none of them already in that batch. Every normalisation term thus sums over exactly b terms.
+  Fill samples only serve as negatives there; their own term of partition k comes from their own full batch.
+* Within a batch the member order does not matter (LSE is a sum), so members are sorted, which makes the
+  gather from a memory-mapped pool sequential.
+
+Numerics: logits s/τ reach ±100 for OpenAI's teachers, so exp() is never taken of fp16 and never without
+max-subtraction: each batch is computed in float32 with ``torch.logsumexp`` (max-subtracted), in row tiles
+of at most `tile_elements` logits; column LSEs of the tiles are merged with ``torch.logaddexp``. Peak memory
+per batch is O(b·D + tile), never O(b²) unless the tile is b², and never O(N²). Per-sample sums of the 2K
+terms are kept in float64.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+# Logits per tile: 2^24 float32 = 64 MiB (torch.logsumexp needs about twice that as scratch).
+DEFAULT_TILE_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of one partition: sorted pool indices, and which of them take their term from this batch."""
+
+    members: np.ndarray  # (b,) int64, sorted
+    own: np.ndarray  # (b,) bool; False only for fill samples of the ragged last batch
+
+
+def effective_batch_size(n: int, batch_size: int) -> int:
+    """b = min(B, N): a batch size larger than the pool means one batch of the whole pool."""
+    return min(int(batch_size), int(n))
+
+
+def partition_batches(n: int, batch_size: int, seed: int, partition: int) -> Iterator[Batch]:
+    """The batches of partition `partition` of a pool of `n` samples (scheme in the module docstring)."""
+    b = effective_batch_size(n, batch_size)
+    if n <= 0 or b <= 0:
+        return
+    rng = np.random.default_rng([int(seed), int(partition)])
+    perm = rng.permutation(n)
+    full = n // b
+    for m in range(full):
+        members = np.sort(perm[m * b:(m + 1) * b])
+        yield Batch(members, np.ones(b, dtype=bool))
+    ragged = n - full * b
+    if ragged:
+        own = perm[full * b:]
+        fill = perm[:full * b][rng.choice(full * b, b - ragged, replace=False)]
+        members = np.concatenate([own, fill])
+        is_own = np.concatenate([np.ones(ragged, dtype=bool), np.zeros(b - ragged, dtype=bool)])
+        order = np.argsort(members, kind="stable")
+        yield Batch(members[order], is_own[order])
+
+
+def batch_lse(image: torch.Tensor, text: torch.Tensor, logit_scale: float,
+              tile_elements: int = DEFAULT_TILE_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exps of the batch logits L = logit_scale · V Tᵀ, in float32.
+
+    Returns (row, col) with row_i = LSE_j(s_ij/τ) and col_i = LSE_j(s_ji/τ) (the two terms of Eq. 2).
+    `image`, `text`: (b, D) tensors on the compute device, any float dtype.
+    """
+    # Scaling the b×D rows once is cheaper than scaling every b×b tile.
+    image = image.float() * float(logit_scale)
+    text_t = text.float().t()
+    b = image.shape[0]
+    rows_per_tile = max(1, int(tile_elements) // max(b, 1))
+    row = torch.empty(b, dtype=torch.float32, device=image.device)
+    col = torch.full((text_t.shape[1],), float("-inf"), dtype=torch.float32, device=image.device)
+    for start in range(0, b, rows_per_tile):
+        logits = image[start:start + rows_per_tile] @ text_t
+        row[start:start + rows_per_tile] = torch.logsumexp(logits, dim=1)
+        col = torch.logaddexp(col, torch.logsumexp(logits, dim=0))
+        del logits
+    return row, col
+
+
+def negclip_lse_sum(image, text, logit_scale: float, k: int, batch_size: int, seed: int,
+                    device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Σ_k [row LSE + column LSE] per sample (float64, pool order): the map+reduce core of negCLIPLoss.
+
+    `image`, `text`: (N, D) arrays indexable by sorted integer arrays (numpy arrays or memmaps; fp16 is
+    fine, rows are converted to float32 on `device`). Rows of the next batch are gathered in a background
+    thread while the current batch computes. `on_batch(rows)` is called after each batch (progress).
+    """
+    n = len(image)
+    if len(text) != n:
+        raise ValueError(f"image and text have different row counts: {n} vs {len(text)}")
+    device = torch.device(device)
+    sums = np.zeros(n, dtype=np.float64)
+
+    def gather(batch: Batch):
+        v = torch.from_numpy(np.ascontiguousarray(image[batch.members]))
+        t = torch.from_numpy(np.ascontiguousarray(text[batch.members]))
+        return batch, v, t
+
+    def all_batches() -> Iterator[Batch]:
+        for partition in range(k):
+            yield from partition_batches(n, batch_size, seed, partition)
+
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        batches = all_batches()
+        pending = None
+        first = next(batches, None)
+        if first is not None:
+            pending = prefetch.submit(gather, first)
+        while pending is not None:
+            batch, v, t = pending.result()
+            following = next(batches, None)
+            pending = prefetch.submit(gather, following) if following is not None else None
+            row, col = batch_lse(v.to(device), t.to(device), logit_scale, tile_elements)
+            terms = (row + col).double().cpu().numpy()
+            # Members are distinct within a batch, so plain fancy-index accumulation is exact.
+            sums[batch.members[batch.own]] += terms[batch.own]
+            if on_batch is not None:
+                on_batch(len(batch.members))
+    return sums
+
+
+def negclip_from_lse_sum(s_ii: np.ndarray, lse_sum: np.ndarray, logit_scale: float, k: int) -> np.ndarray:
+    """negCLIPLoss_i = s_ii - (τ/2K) · lse_sum_i (Eq. 2), as float32."""
+    tau = 1.0 / float(logit_scale)
+    return (np.asarray(s_ii, dtype=np.float64) - tau / (2 * k) * lse_sum).astype(np.float32)
+
+
+def negclip(image, text, logit_scale: float, k: int = 10, batch_size: int = 32768, seed: int = 0,
+            device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS) -> np.ndarray:
+    """negCLIPLoss of every sample (Wang et al. 2024, Eq. 2), float32 in pool order; see module docstring."""
+    from curate.metrics.clipscore import clipscore
+
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"negclip needs k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
+    n = len(image)
+    s_ii = np.empty(n, dtype=np.float32)
+    step = 1 << 16
+    for start in range(0, n, step):
+        s_ii[start:start + step] = clipscore(image[start:start + step], text[start:start + step])
+    sums = negclip_lse_sum(image, text, logit_scale, k, batch_size, seed, device, tile_elements)
+    return negclip_from_lse_sum(s_ii, sums, logit_scale, k)

@@ -1,0 +1,308 @@
+"""NormSim: metric vs plain-loop references, hand case, properties, targets, the stage and the CLI."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_embedding_dir
+from curate.errors import CurateError
+from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, numpy_to_fixed_list, read_meta,
+                              write_table_atomic)
+from curate.io.targets import load_target
+from curate.metrics.normsim import (build_ivf_index, keep_count, normsim_2, normsim_2d, normsim_inf, normsim_inf_exact,
+                                    second_moment, top_fraction_mask)
+from curate.stages.normsim import normsim, normsim_scores
+
+
+# ---------------------------------------------------------------- independent references (plain loops)
+
+def reference_normsim(v: np.ndarray, target: np.ndarray, p: float) -> list[float]:
+    out = []
+    for row in v.astype(np.float64):
+        dots = [abs(sum(row[d] * x[d] for d in range(len(row)))) for x in target.astype(np.float64)]
+        out.append(max(dots) if p == float("inf") else sum(a ** p for a in dots) ** (1.0 / p))
+    return out
+
+
+def reference_normsim_2d(v: np.ndarray, iterations: int, final_fraction: float) -> list[float]:
+    """Round t: C from the kept set (all, then the top ⌈f_t·N⌉ of the previous round), score everyone."""
+    n, d = v.shape
+    x = v.astype(np.float64)
+    kept = list(range(n))
+    scores: list[float] = []
+    for t in range(iterations):
+        if t > 0:
+            fraction = final_fraction ** (t / (iterations - 1))
+            count = keep_count(n, fraction)
+            kept = sorted(sorted(range(n), key=lambda i: (-scores[i], i))[:count])
+        c = [[sum(x[i, a] * x[i, b] for i in kept) for b in range(d)] for a in range(d)]
+        scores = [float(np.sqrt(max(0.0, sum(x[i, a] * c[a][b] * x[i, b] for a in range(d) for b in range(d)))))
+                  for i in range(n)]
+    return scores
+
+
+def random_unit(n: int, d: int, rng) -> np.ndarray:
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_pool(path, image: np.ndarray, logit_scale: float = 100.0, name: str = "t.parquet"):
+    n, d = image.shape
+    table = build_embedding_table([f"{i:032x}" for i in range(n)], [str(i) for i in range(n)], ["c"] * n,
+                                  image, image)
+    write_table_atomic(table, path / name, meta={"teacher": TeacherInfo("m", "none", d, logit_scale).to_dict(),
+                                                  "shard": "t.tar"})
+    return path
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_hand_case_two_axes():
+    """Targets (1,0), (0,1), candidate (0.6, 0.8): NormSim_2 = sqrt(0.36 + 0.64) = 1, NormSim_∞ = 0.8."""
+    target = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    v = np.array([[0.6, 0.8]], np.float32)
+    np.testing.assert_allclose(normsim_2(v, second_moment(target)), [1.0], atol=1e-6)
+    np.testing.assert_allclose(normsim_inf_exact(v, target), [0.8], atol=1e-6)
+    # |.|: a candidate opposite to every target is as aligned as one along them.
+    np.testing.assert_allclose(normsim_inf_exact(-v, target), [0.8], atol=1e-6)
+    np.testing.assert_allclose(normsim_inf(-v, build_ivf_index(target, nlist=1)), [0.8], atol=1e-6)
+
+
+def test_normsim_matches_loop_with_negative_products():
+    rng = np.random.default_rng(0)
+    v, target = random_unit(30, 5, rng), random_unit(7, 5, rng)
+    assert (v @ target.T).min() < -0.3  # the absolute value matters here
+    np.testing.assert_allclose(normsim_2(v, second_moment(target)), reference_normsim(v, target, 2), atol=1e-5)
+    want_inf = reference_normsim(v, target, float("inf"))
+    np.testing.assert_allclose(normsim_inf_exact(v, target), want_inf, atol=1e-6)
+    np.testing.assert_allclose(normsim_inf_exact(v, target, tile_elements=10), want_inf, atol=1e-6)  # 1 row per tile
+
+
+def test_exact_inf_equals_faiss_flat_over_both_signs():
+    """The one-pass max/min route gives what FAISS IndexFlatIP top-1 over [X; -X] gives, at half the work."""
+    import faiss
+
+    rng = np.random.default_rng(8)
+    v, target = random_unit(200, 12, rng), random_unit(40, 12, rng)
+    index = faiss.IndexFlatIP(12)
+    index.add(np.concatenate([target, -target]))
+    np.testing.assert_allclose(normsim_inf_exact(v, target), index.search(v, 1)[0][:, 0], atol=1e-6)
+
+
+def test_second_moment_in_chunks():
+    rng = np.random.default_rng(1)
+    x = random_unit(50, 4, rng)
+    np.testing.assert_allclose(second_moment(x, chunk_rows=7), x.astype(np.float64).T @ x, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), m=st.integers(1, 8), d=st.integers(2, 6), seed=st.integers(0, 2**32 - 1))
+def test_inf_le_2_le_sqrt_m_inf(n, m, d, seed):
+    rng = np.random.default_rng(seed)
+    v, target = random_unit(n, d, rng), random_unit(m, d, rng)
+    inf = normsim_inf_exact(v, target).astype(np.float64)
+    two = normsim_2(v, second_moment(target)).astype(np.float64)
+    assert (inf <= two + 1e-5).all()
+    assert (two <= np.sqrt(m) * inf + 1e-5).all()
+
+
+def test_ivf_index_full_probe_is_exact_and_default_recall():
+    rng = np.random.default_rng(2)
+    centres = random_unit(20, 16, rng)
+    target = centres[rng.integers(0, 20, 3000)] + 0.1 * rng.standard_normal((3000, 16)).astype(np.float32)
+    target /= np.linalg.norm(target, axis=1, keepdims=True)
+    v = random_unit(500, 16, rng)
+    exact = normsim_inf_exact(v, target)
+    full = normsim_inf(v, build_ivf_index(target, nlist=32, nprobe=32))
+    np.testing.assert_allclose(full, exact, atol=1e-6)
+    approx = normsim_inf(v, build_ivf_index(target, nlist=32, nprobe=4))
+    assert (approx <= exact + 1e-6).all()  # IVF can only miss the best match, never invent a better one
+    recall = float(np.mean(np.abs(approx - exact) < 1e-6))
+    assert recall >= 0.8, recall
+
+
+def test_top_fraction_exact_count_and_ties():
+    assert keep_count(10, 0.3) == 3  # not ⌈3.0000000000000004⌉ = 4
+    assert keep_count(7, 0.5) == 4 and keep_count(5, 0.0) == 0 and keep_count(5, 1.0) == 5
+    scores = np.array([0.5, 0.9, 0.5, 0.1, 0.5, 0.7], np.float32)
+    mask = top_fraction_mask(scores, 0.5)  # 3 kept: 0.9, 0.7, then the first 0.5 (index 0)
+    assert mask.tolist() == [True, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("iterations, final_fraction", [(1, 0.3), (3, 0.5), (4, 0.3)])
+def test_normsim_2d_matches_loop(iterations, final_fraction):
+    rng = np.random.default_rng(3)
+    v = random_unit(25, 4, rng)
+    v[:8] = random_unit(1, 4, rng) + 0.2 * v[:8]  # a dense cluster, so dropping changes the covariance
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    got = normsim_2d(v, iterations, final_fraction, chunk_rows=6)
+    np.testing.assert_allclose(got, reference_normsim_2d(v, iterations, final_fraction), rtol=1e-5, atol=1e-5)
+    if iterations == 1:  # no drop: NormSim_2 with the whole pool as target
+        np.testing.assert_allclose(got, normsim_2(v, second_moment(v)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- targets
+
+def test_targets_npy_parquet_dir_and_errors(tmp_path):
+    teacher = TeacherInfo("test", "none", 6, 100.0)
+    rng = np.random.default_rng(4)
+    raw = rng.standard_normal((5, 6)).astype(np.float32) * 3.0
+    want = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.save(tmp_path / "t.npy", raw)
+    np.testing.assert_allclose(load_target(tmp_path / "t.npy", teacher), want, atol=1e-6)  # normalised on load
+    pq.write_table(pa.table({"embedding": numpy_to_fixed_list(raw, pa.float32())}), tmp_path / "t.parquet")
+    np.testing.assert_allclose(load_target(tmp_path / "t.parquet", teacher), want, atol=1e-6)
+    emb = make_embedding_dir(tmp_path / "dir", [3, 4], dim=6, seed=5)
+    from_dir = load_target(emb, teacher)
+    pool_image = np.concatenate([c["image_embedding"] for _, c in EmbeddingPool(emb).iter_chunks()])
+    np.testing.assert_allclose(from_dir, pool_image / np.linalg.norm(pool_image, axis=1, keepdims=True), atol=1e-6)
+
+    with pytest.raises(CurateError, match=r"t\.npy: target embeddings have dimension 6 but the pool's have 8"):
+        load_target(tmp_path / "t.npy", TeacherInfo("test", "none", 8, 100.0))
+    with pytest.raises(CurateError, match="different|embedded with"):
+        load_target(emb, TeacherInfo("other", "none", 6, 100.0))
+    raw[2] = 0.0
+    np.save(tmp_path / "zero.npy", raw)
+    with pytest.raises(CurateError, match=r"zero\.npy: 1 target rows are not finite or have zero norm"):
+        load_target(tmp_path / "zero.npy", teacher)
+    with pytest.raises(CurateError, match="only valid with --p 2d"):
+        load_target("none", teacher)
+    with pytest.raises(CurateError, match="target not found"):
+        load_target(tmp_path / "missing.npy", teacher)
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "bad.parquet")
+    with pytest.raises(CurateError, match="no `image_embedding` or `embedding` column"):
+        load_target(tmp_path / "bad.parquet", teacher)
+
+
+class FakeTextTower:
+    """Stands in for load_teacher(...): each prompt maps to a fixed random unit vector."""
+
+    calls = 0
+
+    def __init__(self, dim: int):
+        import torch
+
+        self.dim, self.device = dim, torch.device("cpu")
+        self.info = TeacherInfo("fake", "none", dim, 100.0)
+
+    def tokenizer(self, prompts):
+        return list(prompts)
+
+    def encode_text(self, tokens):
+        import torch
+
+        FakeTextTower.calls += 1
+        return torch.from_numpy(np.stack([prompt_vector(p, self.dim) for p in tokens]))
+
+
+def prompt_vector(prompt: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(prompt.encode()[:8].ljust(8, b"\0"), "little") ^ len(prompt) ^ sum(prompt.encode())
+    x = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return x / np.linalg.norm(x)
+
+
+def test_imagenet_target_averages_templates_and_caches(tmp_path, monkeypatch):
+    import curate.models
+    from open_clip import zero_shot_metadata as z
+
+    monkeypatch.setattr(curate.models, "load_teacher", lambda model, pretrained, device="cpu", **kw: FakeTextTower(8),
+                        raising=False)
+    teacher = TeacherInfo("fake", "none", 8, 100.0)
+    FakeTextTower.calls = 0
+    got = load_target("imagenet", teacher, cache_dir=tmp_path, templates="simple")
+    assert got.shape == (1000, 8) and FakeTextTower.calls > 0
+    for cls in (0, 417, 999):
+        name = z.IMAGENET_CLASSNAMES[cls]
+        mean = np.mean([prompt_vector(t(name), 8) for t in z.SIMPLE_IMAGENET_TEMPLATES], axis=0)
+        np.testing.assert_allclose(got[cls], mean / np.linalg.norm(mean), atol=1e-5)
+    FakeTextTower.calls = 0
+    again = load_target("imagenet", teacher, cache_dir=tmp_path, templates="simple")
+    assert FakeTextTower.calls == 0 and np.array_equal(got, again)  # served from the per-teacher cache
+    with pytest.raises(CurateError, match="dimension 8 but the pool's have 4|dim"):
+        load_target("imagenet", TeacherInfo("fake", "none", 4, 100.0), cache_dir=tmp_path / "other",
+                    templates="simple")
+
+
+# ---------------------------------------------------------------- the stage and the CLI
+
+def test_stage_hand_case_and_columns(tmp_path):
+    pool_dir = write_pool(tmp_path / "emb", np.array([[0.6, 0.8], [1.0, 0.0], [-0.8, 0.6]], np.float32))
+    np.save(tmp_path / "axes.npy", np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
+    normsim(pool_dir, str(tmp_path / "axes.npy"), "inf", tmp_path / "inf.parquet")
+    normsim(pool_dir, str(tmp_path / "axes.npy"), "2", tmp_path / "two.parquet")
+    inf = pq.read_table(tmp_path / "inf.parquet")
+    two = pq.read_table(tmp_path / "two.parquet")
+    assert inf.column_names == ["uid", "normsim_inf"] and two.column_names == ["uid", "normsim_2"]
+    # fp16 storage rounds 0.6 and 0.8 slightly
+    np.testing.assert_allclose(inf.column("normsim_inf").to_numpy(), [0.8, 1.0, 0.8], atol=1e-3)
+    np.testing.assert_allclose(two.column("normsim_2").to_numpy(), [1.0, 1.0, 1.0], atol=1e-3)
+    assert read_meta(tmp_path / "inf.parquet")["params"]["target_rows"] == 2
+
+
+def test_stage_matches_reference_multiple_files(tmp_path):
+    emb = make_embedding_dir(tmp_path / "emb", [11, 9, 15], dim=6, seed=6)
+    target = random_unit(9, 6, np.random.default_rng(7))
+    np.save(tmp_path / "target.npy", target)
+    pool = EmbeddingPool(emb)
+    v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()])
+    for p in ("inf", "2"):
+        result = normsim(emb, str(tmp_path / "target.npy"), p, tmp_path / f"{p}.parquet")
+        assert result["rows"] == 35
+        got = pq.read_table(tmp_path / f"{p}.parquet").column(f"normsim_{p}").to_numpy()
+        np.testing.assert_allclose(got, reference_normsim(v, target, float(p)), atol=1e-5)
+    np.testing.assert_allclose(normsim_scores(pool, str(tmp_path / "target.npy"), "inf", index="ivf", nlist=3,
+                                              nprobe=3), reference_normsim(v, target, float("inf")), atol=1e-5)
+    normsim(emb, None, "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, cache_dir=tmp_path / "c")
+    got = pq.read_table(tmp_path / "2d.parquet").column("normsim_2d").to_numpy()
+    np.testing.assert_allclose(got, reference_normsim_2d(v, 3, 0.5), rtol=1e-5, atol=1e-5)
+    meta = read_meta(tmp_path / "2d.parquet")
+    assert meta["params"]["iterations"] == 3 and meta["params"]["final_fraction"] == 0.5
+    first = (tmp_path / "2d.parquet").read_bytes()
+    normsim(emb, "none", "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, cache_dir=tmp_path / "c")
+    assert (tmp_path / "2d.parquet").read_bytes() == first
+
+
+def test_stage_parameter_errors(tmp_path):
+    emb = make_embedding_dir(tmp_path / "emb", [4], dim=3, seed=0)
+    np.save(tmp_path / "t.npy", np.eye(3, dtype=np.float32))
+    np.save(tmp_path / "t4.npy", np.eye(4, dtype=np.float32))
+    out = tmp_path / "o.parquet"
+    cases = [(dict(target=str(tmp_path / "t.npy"), p="3"), "--p must be one of"),
+             (dict(target=None, p="inf"), "needs a target"),
+             (dict(target="none", p="2"), "needs a target"),
+             (dict(target=str(tmp_path / "t.npy"), p="2d"), "pass --target none"),
+             (dict(target=str(tmp_path / "t4.npy"), p="inf"), r"t4\.npy: target embeddings have dimension 4 but the pool's have 3"),
+             (dict(target=str(tmp_path / "t.npy"), p="inf", index="hnsw"), "--index must be flat or ivf"),
+             (dict(target=None, p="2d", final_fraction=0.0), "--final-fraction"),
+             (dict(target=None, p="2d", iterations=0), "--iterations")]
+    for kwargs, message in cases:
+        with pytest.raises(CurateError, match=message):
+            normsim(emb, out=out, **kwargs)
+    assert not out.exists()
+
+
+def test_cli_normsim(tmp_path, monkeypatch, capsys):
+    from curate import cli
+
+    emb = make_embedding_dir(tmp_path / "emb", [5, 3], dim=4, seed=1)
+    np.save(tmp_path / "t.npy", np.eye(4, dtype=np.float32))
+    monkeypatch.setattr(sys, "argv", ["curate", "normsim", str(emb), "--target", str(tmp_path / "t.npy"), "--p", "2",
+                                      "--out", str(tmp_path / "n.parquet")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code in (0, None)
+    assert "8 rows" in capsys.readouterr().err
+    np.testing.assert_allclose(pq.read_table(tmp_path / "n.parquet").column("normsim_2").to_numpy(), 1.0, atol=2e-3)
+    monkeypatch.setattr(sys, "argv", ["curate", "normsim", str(emb), "--p", "inf", "--out", str(tmp_path / "x.parquet")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a target" in err and "Traceback" not in err
