@@ -36,7 +36,87 @@ def main() -> None:
 
 # ---------------------------------------------------------------- synth (issue 4)
 
+@app.command("synth")
+def synth_command(
+    out: Path = typer.Argument(..., help="Output directory (new, empty, or a corpus made with the same parameters)."),
+    samples: int = typer.Option(2000, "--samples", help="Number of image-caption pairs in the main corpus."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives byte-identical shards."),
+    corrupt: float = typer.Option(0.2, "--corrupt", help="Fraction of corrupted samples, in [0, 1)."),
+    target_samples: int = typer.Option(1000, "--target-samples", help="Size of the target set in OUT/target/ (0: none)."),
+    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+) -> None:
+    """Write a synthetic image-caption corpus with known corruptions, and a target set, as WebDataset shards."""
+    from rich.table import Table
+
+    from curate.stages.synth import make_corpus
+
+    summary = make_corpus(out, samples=samples, shard_size=shard_size, seed=seed, corrupt=corrupt,
+                          target_samples=target_samples, image_size=image_size)
+    table = Table(title=f"synth corpus in {summary['out']}")
+    table.add_column("truth")
+    table.add_column("samples", justify="right")
+    for kind, count in summary["truth_counts"].items():
+        table.add_row(kind, str(count))
+    console.print(table)
+    console.print(f"{summary['samples']} samples in {summary['shards']} shards, "
+                  f"{summary['target_samples']} target samples in {summary['target_shards']} shards, "
+                  f"{summary['seconds']:.1f} s")
+
+
 # ---------------------------------------------------------------- teacher (issue 4)
+
+@teacher_app.command("train")
+def teacher_train_cmd(
+    corpus: str = typer.Argument(..., help="Synth corpus: directory, glob or brace pattern of tar shards."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint file to write (atomic), e.g. teacher.pt."),
+    model: str = typer.Option("curate-tiny", "--model", help="Architecture (an open_clip config name)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the cached teacher's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for init, batches and augmentation (CPU: same seed, same weights)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
+    device: str = typer.Option("cpu", "--device", help="cpu (deterministic), cuda or auto."),
+    all_pairs: bool = typer.Option(False, "--all-pairs", help="Also train on samples whose json `truth` is not clean."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and small shifts."),
+):
+    """Train a small CLIP teacher from scratch on a synth corpus and save a checkpoint with its metadata."""
+    from dataclasses import replace
+
+    from curate.models.teacher import resolve_device
+    from curate.stages.teacher import TINY_TEACHER_TRAIN, train_teacher
+
+    defaults = TINY_TEACHER_TRAIN
+    config = replace(defaults, model=model, seed=seed, threads=threads, device=str(resolve_device(device)),
+                     clean_only=not all_pairs, augment=augment,
+                     steps=steps if steps is not None else defaults.steps,
+                     batch_size=batch_size if batch_size is not None else defaults.batch_size,
+                     lr=lr if lr is not None else defaults.lr)
+
+    def log(entry: dict) -> None:
+        console.print(f"step {entry['step']:>5}/{config.steps}  loss {entry['loss']:.4f}  "
+                      f"lr {entry['lr']:.2e}  logit_scale {entry['logit_scale']:.2f}", highlight=False)
+
+    summary = train_teacher(corpus, out, config, on_log=log)
+    excluded = sum(summary["excluded_by_truth"].values())
+    console.print(f"[bold]teacher[/]: {summary['samples']:,} pairs ({excluded:,} non-clean excluded, "
+                  f"{summary['skipped']:,} skipped), {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+                  f"logit_scale {summary['logit_scale']:.2f}; decode {summary['decode_seconds']:.1f} s, "
+                  f"train {summary['train_seconds']:.1f} s -> {summary['out']}", highlight=False)
+
+
+@teacher_app.command("tiny")
+def teacher_tiny_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $CURATE_CACHE/teacher or .cache/teacher."),
+):
+    """Print the cached curate-tiny checkpoint's path, training it once (about 3 minutes) if missing."""
+    from curate.stages.teacher import ensure_tiny_teacher, tiny_teacher_path
+
+    path = tiny_teacher_path(cache_dir)
+    if not path.is_file():
+        console.print(f"training the cached curate-tiny teacher once -> {path}")
+    print(ensure_tiny_teacher(cache_dir))
+
 
 # ---------------------------------------------------------------- embed (issue 4)
 
@@ -75,13 +155,339 @@ def embed_cmd(
 
 # ---------------------------------------------------------------- score / normsim (issue 5)
 
+def _rate_line(command: str, result: dict, detail: str) -> str:
+    return (f"[bold]{command}[/]: {result['rows']:,} rows in {result['seconds']:.2f} s "
+            f"({result['rows_per_s']:,.0f} rows/s), {detail} -> {result['out']}")
+
+
+@app.command("score")
+def score_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
+    metric: str = typer.Option("clipscore,negclip", "--metric", help="Comma-separated: clipscore, negclip."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + one float32 column per metric."),
+    k: int = typer.Option(10, "--k", help="negclip: number of random partitions of the pool (K)."),
+    batch_size: int = typer.Option(32768, "--batch-size", help="negclip: batch size B (min(B, N) is used)."),
+    seed: int = typer.Option(0, "--seed", help="negclip: partition seed; the same seed gives identical scores."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the fp16 memmap caches go "
+                                             "(default: OUT's directory/.curate-cache)."),
+):
+    """CLIPScore and negCLIPLoss (Wang et al. 2024, Eq. 2) of every sample, exact and seeded."""
+    from curate.stages.score import score
+    from curate.ui import sample_progress
+
+    with sample_progress("score (rows x passes)") as advance:
+        result = score(emb, metric, out, k=k, batch_size=batch_size, seed=seed, device=device,
+                       cache_dir=cache_dir, progress=advance)
+    params = result["params"]
+    detail = ", ".join(result["metrics"])
+    if "negclip" in result["metrics"]:
+        detail += f" (K={params['k']}, B={params['effective_batch_size']}, seed={params['seed']})"
+    console.print(_rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
+
+
+@app.command("normsim")
+def normsim_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Embedding directory, .npy/.parquet matrix, "
+                                         "imagenet, or none (with --p 2d)."),
+    p: str = typer.Option("inf", "--p", help="inf, 2, or 2d (the pool as its own, iteratively refined target)."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + normsim_inf | normsim_2 | normsim_2d."),
+    index: str = typer.Option("flat", "--index", help="p=inf: flat (exact) or ivf (approximate)."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="ivf: number of clusters (default ~4·sqrt(2M))."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf: clusters probed per query (default nlist/8)."),
+    iterations: int = typer.Option(4, "--iterations", help="p=2d: scoring rounds T (T-1 geometric drops)."),
+    final_fraction: float = typer.Option(0.3, "--final-fraction", help="p=2d: fraction kept after the last drop."),
+    templates: str = typer.Option("openai", "--templates", help="imagenet: openai (80) or simple (7) prompt templates."),
+    device: str = typer.Option("auto", help="Device for embedding the imagenet prompts."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for the imagenet target and the "
+                                             "p=2d memmap."),
+):
+    """NormSim_p (Wang et al. 2024, Eq. 3) of every sample's image embedding against a target set."""
+    from curate.stages.normsim import normsim
+    from curate.ui import sample_progress
+
+    with sample_progress("normsim") as advance:
+        result = normsim(emb, target, p, out, index=index, nlist=nlist, nprobe=nprobe, iterations=iterations,
+                         final_fraction=final_fraction, device=device, cache_dir=cache_dir, templates=templates,
+                         progress=advance)
+    params = result["params"]
+    detail = f"{result['column']} vs {params.get('target')}"
+    if "target_rows" in params:
+        detail += f" ({params['target_rows']:,} rows)"
+    if params.get("index") == "ivf":
+        detail += f", ivf nlist={params['nlist']} nprobe={params['nprobe']}"
+    if result["missing"]:
+        detail += f", {result['missing']:,} rows with no IVF candidate (NaN)"
+    console.print(_rate_line("normsim", result, detail), highlight=False)
+
+
 # ---------------------------------------------------------------- filter / export / import (issue 5)
+
+import_app = typer.Typer(no_args_is_help=True, help="Convert other tools' files into curate's tables.")
+app.add_typer(import_app, name="import")
+
+
+@app.command("filter")
+def filter_cmd(
+    tables: List[Path] = typer.Argument(..., help="Score tables (Parquet: uid + metric columns) or directories of "
+                                                  "them; joined on uid. The first one sets the pool order."),
+    out: Path = typer.Option(..., "--out", help="Subset directory: uids.npy (DataComp), kept.parquet, stats.json."),
+    keep: List[str] = typer.Option([], "--keep", help="METRIC:FRACTION, repeatable: keep the top ceil(F*N) of the "
+                                                      "pool by METRIC (higher is better, ties by uid ascending)."),
+    min_: List[str] = typer.Option([], "--min", help="METRIC:X, repeatable: keep score >= X (before the keeps)."),
+    max_: List[str] = typer.Option([], "--max", help="METRIC:X, repeatable: keep score <= X (before the keeps)."),
+    mode: str = typer.Option("sequential", "--mode", help="sequential: each --keep ranks what the previous left; "
+                                                         "independent: intersect each metric's own top fraction."),
+    normsim: Optional[str] = typer.Option(None, "--normsim", help="inf, 2 or 2d: compute normsim_<p> inline."),
+    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: embedding dir, .npy/.parquet, "
+                                                                "imagenet, or none (with 2d)."),
+    emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
+                                                          "score tables record)."),
+):
+    """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file."""
+    from rich.table import Table
+
+    from curate.stages.filter import filter_pool
+
+    result = filter_pool(tables, out, keeps=keep, mins=min_, maxs=max_, mode=mode, normsim=normsim,
+                         target=target, emb=emb)
+    table = Table(title=f"filter ({result.mode}) of a pool of {result.pool}")
+    for column in ("step", "rows ranked", "kept", "removed", "cut score", "NaN"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for s in result.steps:
+        label = f"--keep {s.metric}:{s.fraction}" if s.step == "keep" else f"--{s.step} {s.metric}:{s.value:g}"
+        cut = f"{s.threshold:.6g}" if s.threshold is not None else ""
+        table.add_row(label, str(s.ranked), str(s.kept), str(s.removed), cut, str(s.nan))
+    console.print(table)
+    console.print(f"kept {result.kept} of {result.pool} ({result.kept / result.pool:.1%}) -> {result.out_dir}")
+
+
+@app.command("export")
+def export_cmd(
+    shards: List[str] = typer.Argument(..., help="Input shards: directory, glob, brace pattern or fsspec URL."),
+    subset: Path = typer.Option(..., "--subset", help="A `curate filter` output directory or a DataComp uids .npy."),
+    out: Path = typer.Option(..., "--out", help="Output directory for NNNNN.tar shards."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
+):
+    """Copy the subset's samples (all members, input order) into new tar shards."""
+    from curate.stages.export import ERRORS, MISSING, export_subset
+
+    report = export_subset(shards, subset, out, shard_size)
+    if report.noop:
+        console.print(f"{out}: export already complete ({report.written} samples); nothing to do")
+        return
+    reused = f" ({report.tars_reused} finished tars of an earlier run kept)" if report.tars_reused else ""
+    console.print(f"exported {report.written} of the subset's {report.subset} samples into "
+                  f"{len(report.shards)} shards in {out}{reused}")
+    if report.missing:
+        console.print(f"[yellow]{report.missing} subset uids were not found in the shards[/]: {out / MISSING}")
+    if report.problems:
+        console.print(f"[yellow]{report.problems} problems recorded[/] in {out / ERRORS}")
+
+
+@import_app.command("datacomp")
+def import_datacomp_cmd(
+    metadata_dir: Path = typer.Argument(..., help="DataComp metadata: NNNNNNNN.parquet next to NNNNNNNN.npz."),
+    arch: str = typer.Option(..., "--arch", help="l14 (ViT-L/14 embeddings) or b32 (ViT-B/32)."),
+    out: Path = typer.Option(..., "--out", help="Embedding directory for `curate score` / `curate normsim`."),
+):
+    """Turn DataComp's released embeddings into curate embedding tables (no GPU needed to score them)."""
+    from curate.stages.import_datacomp import import_datacomp
+
+    report = import_datacomp(metadata_dir, arch, out)
+    console.print(f"imported {report.imported} shards ({report.rows} rows, {report.skipped_rows} skipped and "
+                  f"recorded), {report.skipped_done} already done -> {out}")
+
 
 # ---------------------------------------------------------------- clones / pcme / eval (issue 6)
 
+pcme_app = typer.Typer(no_args_is_help=True, help="Match probability and uncertainty (PCME / PCME++ tiers).")
+app.add_typer(pcme_app, name="pcme")
+
+
+def _truth_lines(check: dict) -> None:
+    for name, value in check.items():
+        if isinstance(value, dict) and "f1" in value:
+            console.print(f"  {name}: precision {value['precision']:.3f}, recall {value['recall']:.3f}, "
+                          f"F1 {value['f1']:.3f}", highlight=False)
+        elif isinstance(value, float):
+            console.print(f"  {name}: {value:.4f}", highlight=False)
+        else:
+            console.print(f"  {name}: {value}", highlight=False)
+
+
+@app.command("clones")
+def clones_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + clone, tier-0 and duplicate columns."),
+    k: int = typer.Option(10, "--k", help="Neighbours per sample (top-k candidates for p_match_softmax)."),
+    eps: float = typer.Option(0.1, "--eps", help="AdaCL target 1 - eps for the anchor (margins in metadata)."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="clone_count margin in cosine units "
+                                           "(default: the teacher's τ, i.e. one logit)."),
+    dup_threshold: float = typer.Option(0.99, "--dup-threshold", help="Image cosine for duplicate_of."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda for the exact k-NN."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches "
+                                             "(default: OUT's directory/.curate-cache)."),
+    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: also report precision/recall/F1 "
+                                        "of clone_prob > 0.5 against injected clone/duplicate samples."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the GDA subsample (pools over 10^6 rows)."),
+):
+    """Clone negatives (AdaCL): salient gaps, partners, counts, GDA clone_prob, tier-0 uncertainty, duplicates."""
+    from curate.stages.clones import run_clones
+
+    s = run_clones(emb, out, k=k, eps=eps, margin=margin, dup_threshold=dup_threshold, device=device,
+                   cache_dir=cache_dir, truth=truth, seed=seed)
+    a = s["anchor"]
+    anchor = "none" if a["gap"] is None else f"{a['gap']:.4f}"
+    console.print(f"[bold]clones[/]: {s['n']:,} samples, k={s['k']}, {a['n_potential_clones']:,} potential clones "
+                  f"(anchor gap {anchor}), {s['n_duplicates']:,} duplicates -> {out}", highlight=False)
+    if "truth_check" in s:
+        _truth_lines(s["truth_check"])
+
+
+@pcme_app.command("calibrate")
+def pcme_calibrate_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, similarity, p_match."),
+    pairs: int = typer.Option(200_000, "--pairs", help="Positives sampled for the fit (plus as many negatives)."),
+    seed: int = typer.Option(0, "--seed"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
+    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUC clean vs corrupted."),
+):
+    """Tier 1: fit p(match) = sigmoid(-a(2 - 2s) + b) by logistic regression, write p_match."""
+    from curate.stages.pcme import calibrate
+
+    s = calibrate(emb, out, pairs=pairs, seed=seed, cache_dir=cache_dir, truth=truth)
+    console.print(f"[bold]pcme calibrate[/]: a={s['a']:.4f} b={s['b']:.4f} from {s['n_pairs']:,} positive and "
+                  f"negative pairs -> {out}", highlight=False)
+    if "truth_check" in s:
+        _truth_lines(s["truth_check"])
+
+
+@pcme_app.command("fit")
+def pcme_fit_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory (frozen teacher embeddings)."),
+    out: Path = typer.Option(..., "--out", help="Heads checkpoint (.pt, tensors and plain types only)."),
+    loss: str = typer.Option("csd", "--loss", help="csd (PCME++ closed form) or mc (PCME Monte Carlo)."),
+    steps: int = typer.Option(300, "--steps"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    n_samples: int = typer.Option(4, "--samples", help="mc: samples J per side ((B·J)² pairs per step)."),
+    vib_weight: float = typer.Option(1e-4, "--vib", help="Weight of KL(N(μ,σ²) ‖ N(0,I))."),
+    hidden: int = typer.Option(128, "--hidden", help="Hidden width of the variance heads."),
+    max_samples: int = typer.Option(200_000, "--max-samples", help="Rows sampled for training."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
+):
+    """Tier 2: train μ / log σ² heads per modality on frozen embeddings (PCME or PCME++ loss)."""
+    from curate.stages.pcme import fit
+
+    s = fit(emb, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, n_samples=n_samples,
+            vib_weight=vib_weight, hidden=hidden, max_samples=max_samples, seed=seed, device=device,
+            cache_dir=cache_dir)
+    t = s["train"]
+    console.print(f"[bold]pcme fit[/]: {loss} loss {t['loss_curve'][0]:.4f} -> {t['final_loss']:.4f} in {t['steps']} "
+                  f"steps on {t['n_train']:,} rows, a={t['a']:.3f} b={t['b']:.3f} -> {out}", highlight=False)
+
+
+@pcme_app.command("score")
+def pcme_score_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory."),
+    heads: Path = typer.Option(..., "--heads", help="Checkpoint from `curate pcme fit`."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img/_txt, uncertainty."),
+    estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
+    n_samples: int = typer.Option(8, "--samples", help="mc: samples J per side."),
+    seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUCs clean vs corrupted."),
+):
+    """Tier 2: match probability and per-modality uncertainty (mean σ²) of every sample."""
+    from curate.stages.pcme import score
+
+    s = score(emb, heads, out, estimator=estimator, n_samples=n_samples, seed=seed, device=device, truth=truth)
+    console.print(f"[bold]pcme score[/]: {estimator} p_match and uncertainties (a={s['a']:.3f} b={s['b']:.3f}) -> {out}",
+                  highlight=False)
+    if "truth_check" in s:
+        _truth_lines(s["truth_check"])
+
+
+@app.command("eval")
+def eval_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory (a held-out split, or a student's embeddings)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON with every number."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Multi-hot labels for PMRP: json:PATH "
+                                         "(e.g. json:labels) or column:NAME."),
+    group_by: str = typer.Option("auto", "--group-by", help="Captions sharing an image: auto (column image_key "
+                                 "if present), none, key, column:NAME or json:PATH."),
+):
+    """Retrieval: R@1/5/10 both ways, RSUM, R-Precision, mAP@R and PMRP (ζ = 0, 1, 2)."""
+    from curate.stages.evaluate import evaluate, result_table
+
+    result = evaluate(emb, out, labels=labels, group_by=group_by)
+    Console().print(result_table(result))
+    console.print(f"[bold]eval[/]: RSUM {result['rsum']:.2f} -> {out}", highlight=False)
+
 # ---------------------------------------------------------------- train / compare / report (issue 7)
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory (what `curate run` wrote): scores, emb/, subsets/, ..."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HTML file (default: RUN_DIR/report.html)."),
+    scores: List[Path] = typer.Option([], "--scores", help="Score table or directory, repeatable "
+                                      "(default: every RUN_DIR/*.parquet with a uid column)."),
+    subset: List[Path] = typer.Option([], "--subset", help="`curate filter` output directory, repeatable "
+                                      "(default: RUN_DIR/subsets/*/)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shards to read thumbnails from "
+                                         "(default: RUN_DIR/corpus/*.tar)."),
+    emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables with the truth json (default: RUN_DIR/emb)."),
+    per_decile: int = typer.Option(3, "--per-decile", help="Gallery: kept and removed samples shown per decile."),
+    thumb_px: int = typer.Option(64, "--thumb-px", help="Gallery thumbnail size in pixels."),
+    max_points: int = typer.Option(20_000, "--max-points", help="Scatter: at most this many points (seeded sample)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the gallery and scatter samples."),
+):
+    """One self-contained HTML page (no network, opens from disk): histograms, scatter, galleries, removal, compare."""
+    from curate.stages.report import build_report
+
+    result = build_report(run_dir, out, scores=scores, subsets=subset, shards=shards, emb=emb,
+                          per_decile=per_decile, thumb_px=thumb_px, max_points=max_points, seed=seed)
+    for note in result["notes"]:
+        console.print(f"[yellow]note[/]: {note}", highlight=False)
+    console.print(f"[bold]report[/]: {', '.join(result['sections']) or 'no section'} "
+                  f"({result['bytes'] / 1024:,.0f} KiB, {result['seconds']:.1f} s) -> {result['out']}", highlight=False)
+
 # ---------------------------------------------------------------- run (issue 8)
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="A recipe TOML file (see examples/recipes/)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; run nothing."),
+    force: bool = typer.Option(False, "--force", help="Rerun steps even when their run marker says done."),
+):
+    """Run a whole chain described by one recipe file; reruns skip finished steps."""
+    from rich.table import Table
+
+    from curate.recipe import Markers, execute, load_recipe, plan, step_status
+
+    spec = load_recipe(recipe)
+    if dry_run:
+        markers = Markers(spec["run"]["dir"], "run")
+        table = Table(title=f"plan of {recipe} (run dir {spec['run']['dir']})")
+        for col in ("step", "inputs", "outputs", "status"):
+            table.add_column(col)
+        for step in plan(spec):
+            table.add_row(step.name, "\n".join(step.inputs), "\n".join(step.outputs), step_status(step, markers))
+        Console().print(table)
+        return
+    records = execute(spec, echo=console.print, force=force)
+    for r in records:
+        if r.get("result", {}).get("table"):
+            Console().print(r["result"]["table"])
+        if r.get("result", {}).get("report"):
+            Console().print(f"report: {r['result']['report']}")
+    console.print(f"[green]done[/]: {sum(r['status'] == 'done' for r in records)} steps run, "
+                  f"{sum(r['status'] != 'done' for r in records)} skipped")
 
 
 if __name__ == "__main__":
