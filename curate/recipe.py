@@ -256,7 +256,7 @@ def plan(recipe: dict) -> list[Step]:
             table = truth_table(emb, {n: subsets[n] for n in names})
             write_text_atomic(out, json.dumps(table, indent=2, sort_keys=True))
             write_text_atomic(out.replace(".json", ".md"), truth_markdown(table) + "\n")
-            return {"table": truth_markdown(table)}
+            return {"truth": table}
         add("truth", "truth", recipe["truth"], [subsets[n] for n in names], [out], run_truth)
 
     if "export" in recipe:
@@ -277,8 +277,7 @@ def plan(recipe: dict) -> list[Step]:
         def run_report(out=out):
             from curate.stages.report import build_report
 
-            path = build_report(str(root), out)
-            return {"report": str(path)}
+            return {"report": str(build_report(str(root), out)["out"])}
         add("report", "report", recipe["report"], [str(root)], [out], run_report)
     # a change anywhere upstream reruns everything after it: chain each step's digest into the next
     upstream = ""
