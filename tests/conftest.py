@@ -34,3 +34,10 @@ def make_embedding_dir(path, n_rows_per_file: list[int], dim: int, seed: int, lo
         write_table_atomic(table, path / f"shard-{index:05d}.parquet",
                            meta={"teacher": teacher.to_dict(), "shard": shard})
     return path
+
+
+def record_robustness(config, name: str, data: dict) -> None:
+    """Keep a robustness tally (README numbers) in pytest's cache; a no-op when the cache plugin is off."""
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        cache.set(f"curate/robustness/{name}", data)

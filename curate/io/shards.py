@@ -2,17 +2,23 @@
 
 We follow webdataset's conventions (brace patterns, `base_plus_ext` key/extension split, consecutive
 members with one key form a sample) but iterate the tar ourselves so that nothing is dropped silently:
-link, device and directory members, duplicate members and a corrupt or truncated tail are reported to
-`on_problem(key, reason)`, and the good samples before the damage are still yielded.
+link, device and directory members, duplicate members, damaged stretches (skipped up to the next valid
+header) and a corrupt or truncated tail are reported to `on_problem(key, reason)`, and every good sample
+around the damage is still yielded. A shard that cannot be opened or read raises `ShardReadError`.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import io
 import json
+import lzma
+import re
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -21,7 +27,6 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from curate.errors import CurateError
 from curate.io.uids import content_uid, is_uid
@@ -32,8 +37,19 @@ SHARD_SUFFIX = ".tar"
 # PIL's decompression-bomb guard: above this many pixels an image is refused (PIL raises at 2x; we refuse at 1x).
 MAX_IMAGE_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# A member larger than this is not read into memory (a bogus size field, or a file that is no sample member).
+MAX_MEMBER_BYTES = 1 << 30
 
 ProblemFn = Callable[[str, str], None]
+# webdataset's key/extension split (webdataset.tariterators.base_plus_ext), restated because importing
+# webdataset imports torch: seconds of start-up for `curate export`, which never needs torch.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """`dir/key.seg.jpg` -> (`dir/key`, `seg.jpg`): the sample key and everything after its first dot."""
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 class SampleError(Exception):
@@ -106,19 +122,45 @@ def unique_stems(urls: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------- streaming
 
+class ShardReadError(CurateError):
+    """The shard itself cannot be read (open or I/O failure): the shard fails and is retried, unlike bad data."""
+
+
 def iter_shard(url: str, on_problem: ProblemFn) -> Iterator[RawSample]:
-    """Stream the samples of one shard. Problems go to `on_problem(key, reason)`; never raises for bad data."""
+    """Stream the samples of one shard. Bad data goes to `on_problem(key, reason)` and never raises.
+
+    A damaged stretch of the archive (an invalid header, garbage) is skipped block by block and reading
+    resumes at the next valid member header, so the good samples after the damage are kept too. Only a
+    shard that cannot be opened or read at all (I/O error) raises `ShardReadError`.
+    """
+    yield from _iter_tar(url, on_problem)
+
+
+def _iter_tar(url: str, on_problem: ProblemFn, compressed_error: str | None = None) -> Iterator[RawSample]:
+    """`compressed_error`: set on the second pass over a shard that looked compressed but did not decompress."""
     try:
-        f = fsspec.open(url, "rb").open()
-    except (OSError, ValueError) as exc:
-        on_problem("", f"cannot open shard: {exc}")
-        return
-    with f:
-        tail = _TailReader(f)
+        raw = fsspec.open(url, "rb").open()
+    except Exception as exc:  # noqa: BLE001 - fsspec back ends raise many types
+        raise ShardReadError(f"{url}: cannot open shard ({type(exc).__name__}: {exc})") from None
+    with raw:
+        source, compressed = _decompressed(_GuardedReader(raw, url), plain=compressed_error is not None)
+        tail = _TailReader(source)
         key, members, index = None, {}, 0
+        member_end = 0  # where the next header should start: the end of the last member's data
+        found_member = False
         try:
-            stream = tarfile.open(fileobj=tail, mode="r|*")
+            stream = tarfile.open(fileobj=tail, mode="r|", ignore_zeros=True)
             for info in stream:
+                skipped = tail.skipped_kind(member_end, info.offset) if info.offset > member_end else None
+                if skipped == "zeros":  # legitimate between concatenated archives, but also how lost data looks
+                    on_problem(key or "", f"{info.offset - member_end} zero bytes skipped before member {info.name!r} "
+                                          "(end blocks of a concatenated archive, or zeroed-out data)")
+                elif skipped:
+                    on_problem(key or "", f"corrupt tar data (bytes {member_end}-{info.offset}) skipped; reading "
+                                          f"resumed at member {info.name!r}; the samples around it may be incomplete")
+                found_member = True
+                member_end = info.offset_data + (-(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                                                 if info.isreg() else 0)
                 name = info.name
                 if not info.isreg():
                     kind = ("symlink" if info.issym() else "hard link" if info.islnk() else
@@ -136,6 +178,10 @@ def iter_shard(url: str, on_problem: ProblemFn) -> Iterator[RawSample]:
                         yield RawSample(key, members, url, index)
                         index += 1
                     key, members = base, {}
+                if info.size > MAX_MEMBER_BYTES:
+                    on_problem(name, f"tar member {name!r} is {info.size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte "
+                                     "limit per member; not read")
+                    continue
                 data = stream.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {name!r} is truncated")
@@ -143,42 +189,91 @@ def iter_shard(url: str, on_problem: ProblemFn) -> Iterator[RawSample]:
                     on_problem(base, f"duplicate member {name!r} in one sample; kept the first")
                     continue
                 members[ext] = data
-            end_offset = stream.offset
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            # a damaged tail: keep what was read completely, record where it broke
+            damaged = None
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
+            damaged = exc
+        if damaged is not None and compressed and tail.total == 0:
+            # not compressed after all (a damaged plain tar can start with a magic number): read it as it is
+            yield from _iter_tar(url, on_problem, compressed_error=f"{type(damaged).__name__}: {damaged}")
+            return
+        if compressed_error and not found_member:  # neither compressed nor plain: say what the first pass found
+            on_problem("", f"corrupt compressed shard ({compressed_error}); nothing could be read")
+            return
+        if damaged is not None:
+            # the archive breaks off: keep what was read completely, record where it broke
             where = f"after key {key!r}" if key is not None else "at the start"
-            on_problem(key or "", f"corrupt or truncated tar {where}: {exc}; the rest of the shard is not read")
-            key = None  # the sample being read when the damage hit may be incomplete
-            end_offset = None
-        if key is not None:
+            on_problem(key or "", f"corrupt or truncated tar {where}: {damaged}; the rest of the shard is not read")
+            return  # the sample being read when the damage hit may be incomplete: not yielded
+        # members were all read whole; a damaged end means something after them was lost
+        damage, last_complete = tail.end_problem(member_end, found_member, key)
+        if key is not None and last_complete:
             yield RawSample(key, members, url, index)
-        if end_offset is not None:
-            # members were all read whole; a damaged end only means something after them was lost
-            damage = tail.end_problem(end_offset)
-            if damage:
-                on_problem(key or "", f"corrupt or truncated tar: {damage}; samples before it are kept")
+        if damage:
+            kept = "samples before it are kept" if last_complete or key is None else \
+                f"the last sample {key!r} may be incomplete and is not read"
+            on_problem(key or "", f"corrupt or truncated tar: {damage}; {kept}")
 
 
-class _TailReader(io.RawIOBase):
-    """Counts bytes and keeps the last ones read, so the end of the archive can be checked.
+def _decompressed(source: io.RawIOBase, plain: bool = False) -> tuple[io.RawIOBase, bool]:
+    """(the tar byte stream, whether it is decompressed): gzip/bz2/xz shards are decompressed here, so that
+    every offset is a tar offset. A first block that is a valid tar header means a plain tar, whatever its
+    first bytes (a member may be called `BZh9...`)."""
+    reader = io.BufferedReader(source, buffer_size=1 << 16)
+    if plain:
+        return reader, False
+    head = reader.peek(tarfile.BLOCKSIZE)
+    if len(head) >= tarfile.BLOCKSIZE:
+        try:
+            tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+            return reader, False
+        except tarfile.HeaderError:
+            pass
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=reader, mode="rb"), True
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(reader, mode="rb"), True
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(reader, mode="rb"), True
+    return reader, False
 
-    tarfile stops silently when a file is cut inside a header; a sound plain tar ends with at least two
-    zero blocks after the last member, so anything else there means truncation or garbage.
-    """
 
-    KEEP = 1 << 16
+class _GuardedReader(io.RawIOBase):
+    """Turns an I/O failure of the underlying file (not bad data) into ShardReadError, so the shard fails."""
 
-    def __init__(self, raw):
-        self.raw, self.total, self.buf = raw, 0, bytearray()
-        self.gzip = None
+    def __init__(self, raw, url: str):
+        self.raw, self.url = raw, url
 
     def readable(self):
         return True
 
     def readinto(self, b):
-        data = self.raw.read(len(b))
-        if self.gzip is None and data:
-            self.gzip = data[:2] == b"\x1f\x8b"
+        try:
+            data = self.raw.read(len(b))
+        except Exception as exc:  # noqa: BLE001 - fsspec back ends raise many types
+            raise ShardReadError(f"{self.url}: read failed ({type(exc).__name__}: {exc})") from None
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+class _TailReader(io.RawIOBase):
+    """Counts bytes and keeps the last ones read, so skipped stretches and the archive's end can be checked.
+
+    tarfile (with ignore_zeros) skips zero blocks and invalid headers silently. Zero blocks are normal (the
+    end-of-archive marker, concatenated archives), anything else skipped means damage. A sound tar ends
+    with at least two zero blocks after the last member, so anything else there means truncation or garbage.
+    """
+
+    KEEP = 1 << 16
+
+    def __init__(self, source):
+        self.source, self.total, self.buf = source, 0, bytearray()
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.source.read(len(b))
         n = len(data)
         b[:n] = data
         self.total += n
@@ -187,20 +282,49 @@ class _TailReader(io.RawIOBase):
             del self.buf[: len(self.buf) - self.KEEP]
         return n
 
-    def end_problem(self, end_offset: int) -> str | None:
-        if self.gzip:
-            return None  # offsets are in the decompressed stream; gzip's own CRC catches truncation
+    def _span(self, start: int, stop: int) -> bytes | None:
+        """Bytes [start, stop) of the stream when still buffered, else None."""
+        first = self.total - len(self.buf)
+        return bytes(self.buf[start - first: stop - first]) if start >= first and stop <= self.total else None
+
+    def skipped_kind(self, start: int, stop: int) -> str | None:
+        """What tarfile skipped in bytes [start, stop): "zeros", "data", or None for a pax global header."""
+        span = self._span(start, stop)
+        if span is None:
+            return "data"
+        if span[156:157] == b"g" and span[257:262] == b"ustar":
+            return None  # tarfile applies a pax global header ('g', e.g. from `git archive`) outside the offsets
+        return "data" if any(span) else "zeros"
+
+    def skipped_garbage(self, start: int, stop: int) -> bool:
+        return self.skipped_kind(start, stop) == "data"
+
+    def end_problem(self, member_end: int, found_member: bool, last_key: str | None) -> tuple[str | None, bool]:
+        """(what is wrong with the end of the archive or None, whether the last sample read is complete)."""
         while self.read(self.KEEP):  # drain: a sound tar has only zero padding left
             pass
         if self.total == 0:
-            return "empty file (0 bytes)"
-        rest = self.total - end_offset
-        if rest < 1024:
-            return f"truncated: archive ends at byte {self.total} without the end-of-archive blocks"
-        start = len(self.buf) - rest
-        if start < 0 or any(self.buf[start:]):
-            return f"unexpected non-zero data after the last complete member (byte {end_offset})"
-        return None
+            return "empty file (0 bytes)", True
+        if not found_member and self.skipped_garbage(0, self.total):
+            return f"not a tar archive (no valid member header in {self.total:,} bytes)", True
+        if self.total - member_end < 2 * tarfile.BLOCKSIZE:
+            return (f"truncated: the archive ends at byte {self.total} without the end-of-archive blocks after "
+                    f"the last member", self._next_key_differs(member_end, last_key))
+        if self.skipped_garbage(member_end, self.total):
+            # not a cut but damage or junk after the last member: the last sample counts as whole, as a sample
+            # before a damaged stretch in the middle does
+            return f"unexpected non-zero data after the last member (from byte {member_end})", True
+        return None, True
+
+    def _next_key_differs(self, member_end: int, last_key: str | None) -> bool:
+        """Does the cut-off header after the last member belong to another sample? Only then is the last
+        sample known to be complete: a cut between two members of one sample must not pass for a whole one."""
+        span = self._span(member_end, self.total)
+        if not span or (b"\0" not in span[:100] and len(span) < 100):
+            return False
+        name = span[:100].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+        base, _ = base_plus_ext(name)
+        return base is not None and base != last_key
 
 
 def raw_caption(raw: RawSample) -> tuple[str | None, list[str]]:

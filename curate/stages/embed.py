@@ -4,11 +4,17 @@ Decoding, preprocessing and tokenising run in DataLoader workers, each worker ow
 yield batches tagged with their shard; the main process runs the teacher and writes a shard as soon as
 its last batch is embedded. Per shard, in this order: `<stem>.errors.parquet` (skips and notes, when
 any), `<stem>.parquet`, then the completion marker. A rerun skips marked shards.
+
+Bad data never fails a shard (it is skipped and recorded); a shard that cannot be read at all (open or
+I/O error) is retried `retries` times, then reported as failed with nothing written for it, while the
+other shards go on (`fail_fast` stops the task at the first). The run then ends with an error naming it.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +33,11 @@ from curate.run.ranks import resolve_rank, split_for_rank
 
 STAGE = "embed"
 MAX_CAPTION_CHARS_TOKENIZED = 20_000  # BPE on a megabyte caption is slow; the context window is ~77 tokens anyway
+# An image more elongated than this is cut to its central part before the teacher's resize: the resize scales
+# the short side to the model's size, so a 4,000,000 x 1 image would become a 256,000,000 x 64 one (out of
+# memory); the centre crop that follows only ever sees the central square, which the cut keeps whole.
+MAX_ASPECT = 16
+SHARD_RETRY_DELAY_S = 0.5  # a shard that failed to read is retried after this many seconds x attempt
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("reason", pa.string()), ("kind", pa.string())])
 
 
@@ -47,6 +58,8 @@ class EmbedTask:
     shards: list[tuple[str, str]]  # (url, output stem)
     out_dir: str
     config: EmbedConfig
+    retries: int = 0  # per shard: a shard that cannot be read is tried 1 + retries times
+    fail_fast: bool = False  # stop the task at the first shard that still fails
 
 
 @dataclass
@@ -57,15 +70,23 @@ class ShardSummary:
     notes: int = 0
     seconds: float = 0.0
     reasons: dict = field(default_factory=dict)
+    error: str = ""  # set when the shard failed after its retries (nothing was written for it)
+    attempts: int = 1
 
 
 class ShardBatches(IterableDataset):
-    """Yields {"kind": "batch", ...} per full batch of one shard and {"kind": "end", ...} after each shard."""
+    """Yields {"kind": "batch", ...} per full batch of one shard and {"kind": "end", ...} after each shard.
+
+    A shard that raises while being read (cannot be opened, I/O error) is retried: {"kind": "reset"} tells
+    the consumer to drop that shard's batches so far. After its last attempt it yields {"kind": "failed"}
+    and the next shard goes on.
+    """
 
     def __init__(self, shards, preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 context_length: int, draft_size: int | None):
+                 context_length: int, draft_size: int | None, retries: int = 0, crop_aspect: bool = True):
         self.shards, self.preprocess, self.tokenizer = shards, preprocess, tokenizer
         self.batch_size, self.context_length, self.draft_size = batch_size, context_length, draft_size
+        self.retries, self.crop_aspect = retries, crop_aspect
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -74,8 +95,21 @@ class ShardBatches(IterableDataset):
             yield from self._shard(url, stem)
 
     def _shard(self, url: str, stem: str) -> Iterator[dict]:
+        for attempt in range(1, self.retries + 2):
+            try:
+                yield from self._read_shard(url, stem)
+                return
+            except Exception:  # noqa: BLE001 - an unreadable shard (or a bug) fails this shard, not the run
+                error = traceback.format_exc().strip()
+            if attempt <= self.retries:
+                yield {"kind": "reset", "stem": stem}
+                time.sleep(SHARD_RETRY_DELAY_S * attempt)
+        yield {"kind": "failed", "stem": stem, "url": url, "error": error, "attempts": self.retries + 1}
+
+    def _read_shard(self, url: str, stem: str) -> Iterator[dict]:
         problems: list[tuple] = []
         seen: set[str] = set()
+        keys_seen: set[str] = set()
         rows: list = []
         read = 0
         for raw in iter_shard(url, lambda key, reason: problems.append((key, None, reason, "skipped"))):
@@ -89,8 +123,11 @@ class ShardBatches(IterableDataset):
                 problems.append((raw.key, s.uid, "duplicate uid within the shard; kept the first", "skipped"))
                 continue
             seen.add(s.uid)
+            if raw.key in keys_seen:  # webdataset would also yield it: a separate sample with its own uid
+                s.notes.append(f"key {raw.key!r} appears again later in the shard; kept as a separate sample")
+            keys_seen.add(raw.key)
             try:
-                pixels = self.preprocess(s.image)
+                pixels = self.preprocess(crop_extreme_aspect(s.image) if self.crop_aspect else s.image)
             except Exception as exc:  # noqa: BLE001 - a transform failure is a per-sample skip
                 problems.append((raw.key, s.uid, f"preprocess failed ({type(exc).__name__}: {exc})", "skipped"))
                 continue
@@ -114,22 +151,49 @@ class ShardBatches(IterableDataset):
                 "jsons": list(jsons), "images": torch.stack(pixels), "tokens": tokens}
 
 
+def crop_extreme_aspect(image, max_aspect: int = MAX_ASPECT):
+    """The central part of an image whose long side exceeds `max_aspect` x its short side (see MAX_ASPECT)."""
+    width, height = image.size
+    limit = min(width, height) * max_aspect
+    if width > limit:
+        left = (width - limit) // 2
+        return image.crop((left, 0, left + limit, height))
+    if height > limit:
+        top = (height - limit) // 2
+        return image.crop((0, top, width, top + limit))
+    return image
+
+
 def embed_task(task: EmbedTask, progress: Callable[[int], None] | None = None) -> list[ShardSummary]:
-    """Embed a group of shards with one teacher load; returns one summary per shard."""
+    """Embed a group of shards with one teacher load; returns one summary per shard (failed ones with `error`)."""
     from curate.models import load_teacher
 
     cfg = task.config
-    teacher = load_teacher(cfg.model, cfg.pretrained, device=cfg.device, precision=cfg.precision)
     markers = Markers(task.out_dir, STAGE)
+    shards = [(url, stem) for url, stem in task.shards if not markers.is_done(stem)]  # a retried task resumes
+    if not shards:
+        return []
+    teacher = load_teacher(cfg.model, cfg.pretrained, device=cfg.device, precision=cfg.precision)
     image_size = _image_size(teacher)
-    dataset = ShardBatches(task.shards, teacher.preprocess, teacher.tokenizer, cfg.batch_size,
-                           teacher.model.context_length, draft_size=image_size)
-    workers = min(cfg.workers, len(task.shards))
+    # the aspect cut is exact only for open_clip's default resize (short side) + centre crop
+    crop_aspect = getattr(teacher.model.visual, "preprocess_cfg", {}).get("resize_mode", "shortest") == "shortest"
+    dataset = ShardBatches(shards, teacher.preprocess, teacher.tokenizer, cfg.batch_size,
+                           teacher.model.context_length, draft_size=image_size, retries=task.retries,
+                           crop_aspect=crop_aspect)
+    workers = min(cfg.workers, len(shards))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         pin_memory=teacher.device.type == "cuda", prefetch_factor=4 if workers else None)
     pending: dict[str, dict] = {}
     summaries: list[ShardSummary] = []
     for item in loader:
+        if item["kind"] in ("reset", "failed"):
+            pending.pop(item["stem"], None)  # nothing of a failed attempt is written
+            if item["kind"] == "failed":
+                if task.fail_fast:  # a task failure, so that the executor stops the other tasks too
+                    raise CurateError(f"shard {item['stem']} ({item['url']}) failed after {item['attempts']} "
+                                      f"attempt(s): {item['error'].splitlines()[-1]}")
+                summaries.append(ShardSummary(item["stem"], error=item["error"], attempts=item["attempts"]))
+            continue
         acc = pending.setdefault(item["stem"], {"rows": [], "start": time.perf_counter()})
         if item["kind"] == "batch":
             img = teacher.encode_image(item["images"].to(teacher.device, non_blocking=True))
@@ -168,7 +232,8 @@ def _write_shard(out_dir: str, end: dict, acc: dict, teacher_info, cfg: EmbedCon
     reasons: dict[str, int] = {}
     for p in problems:
         if p[3] == "skipped":
-            reason = p[2].split(" (")[0].split(":")[0]
+            # the kind of problem, without the names and numbers of this instance ("tar member '…' is a symlink")
+            reason = re.split(r" \(|:|;", re.sub(r"'[^']*'", "'…'", p[2]))[0]
             reasons[reason] = reasons.get(reason, 0) + 1
     return ShardSummary(stem, table.num_rows, skipped, notes, time.perf_counter() - acc["start"], reasons)
 
@@ -202,7 +267,8 @@ def embed(shards_spec, out_dir: str | Path, config: EmbedConfig, rank: int | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     mine, todo = plan_embed(shards_spec, out_dir, rank, world_size)
     groups = [todo[i::tasks] for i in range(max(1, min(tasks, len(todo))))] if todo else []
-    task_list = [EmbedTask(f"embed[{','.join(s for _, s in g[:3])}{',…' if len(g) > 3 else ''}]", g, str(out_dir), config)
+    task_list = [EmbedTask(f"embed[{','.join(s for _, s in g[:3])}{',…' if len(g) > 3 else ''}]", g, str(out_dir), config,
+                           retries=retries, fail_fast=fail_fast)
                  for g in groups]
     start = time.perf_counter()
     wants_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
@@ -214,7 +280,12 @@ def embed(shards_spec, out_dir: str | Path, config: EmbedConfig, rank: int | Non
     else:
         report = run_executor.run(embed_task, task_list, retries=retries, fail_fast=fail_fast)
     summaries = sorted((asdict(s) for r in report.results if r for s in r), key=lambda s: s["shard"])
+    # a shard that failed after its retries is named in `failures` (as task failures are), not in `shards`
+    shard_failures = [{"task": f"shard {s['shard']}", "error": s["error"], "attempts": s["attempts"]}
+                      for s in summaries if s["error"]]
+    summaries = [s for s in summaries if not s["error"]]
     result = {"shards_total": len(mine), "shards_skipped_done": len(mine) - len(todo), "shards": summaries,
               "embedded": sum(s["embedded"] for s in summaries), "skipped": sum(s["skipped"] for s in summaries),
-              "seconds": time.perf_counter() - start, "failures": [asdict(f) for f in report.failures]}
+              "seconds": time.perf_counter() - start,
+              "failures": shard_failures + [asdict(f) for f in report.failures]}
     return result

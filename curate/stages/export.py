@@ -11,8 +11,9 @@
   same bytes.
 - A subset uid found twice is exported once (the first occurrence); the repeat is recorded.
 - Records: `missing_uids.npy` (subset uids not found in the shards, DataComp layout), `export.errors.parquet`
-  (unreadable members or shards, samples without a uid, repeats), and `export_manifest.json`, written
-  first with `complete: false` and last with the report.
+  (unreadable members, corrupt shards, samples without a uid, repeats), and `export_manifest.json`, written
+  first with `complete: false` and last with the report. A shard that cannot be opened or read at all (I/O,
+  not bad data) stops the export with an error naming it; the finished tars are kept and a rerun resumes.
 - Resume: every tar is written under a temp name and renamed, so a tar under its final name is complete.
   A rerun with the same shards, subset and shard size re-reads the input but does not rewrite finished
   tars; a rerun after a complete export is a no-op. Another export's directory is refused.
@@ -35,7 +36,7 @@ import pyarrow as pa
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, write_text_atomic
-from curate.io.shards import RawSample, expand_shards, iter_shard, sample_uid
+from curate.io.shards import RawSample, ShardReadError, expand_shards, iter_shard, sample_uid
 from curate.io.tables import ERRORS_SUFFIX, write_table_atomic
 from curate.io.uids import DATACOMP_DTYPE
 from curate.stages.filter import sorted_uid_pairs
@@ -125,19 +126,28 @@ def _file_sha256(path: Path) -> str:
 def kept_samples(urls: list[str], subset: SubsetIndex, problems: list[tuple]) -> Iterator[RawSample]:
     """The input samples whose uid is in the subset, in input order, each uid once."""
     for url in urls:
-        for raw in iter_shard(url, lambda key, reason, url=url: problems.append((url, key, None, reason))):
-            uid = sample_uid(raw)
-            if uid is None:
-                problems.append((url, raw.key, None, "no uid: no valid json uid and no image + caption"))
-                continue
-            position = subset.position(uid)
-            if position < 0:
-                continue
-            if subset.found[position]:
-                problems.append((url, raw.key, uid, "uid already exported from an earlier sample; repeat skipped"))
-                continue
-            subset.found[position] = True
-            yield raw
+        try:
+            yield from _kept_of_shard(url, subset, problems)
+        except ShardReadError as exc:  # not bad data but an unreadable shard: stop, so that a rerun can resume
+            raise CurateError(f"{exc}; export stopped at this shard (the tars written so far are complete and "
+                              "kept): make the shard readable and rerun to resume") from None
+
+
+def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple]) -> Iterator[RawSample]:
+    """The kept samples of one shard (see kept_samples)."""
+    for raw in iter_shard(url, lambda key, reason, url=url: problems.append((url, key, None, reason))):
+        uid = sample_uid(raw)
+        if uid is None:
+            problems.append((url, raw.key, None, "no uid: no valid json uid and no image + caption"))
+            continue
+        position = subset.position(uid)
+        if position < 0:
+            continue
+        if subset.found[position]:
+            problems.append((url, raw.key, uid, "uid already exported from an earlier sample; repeat skipped"))
+            continue
+        subset.found[position] = True
+        yield raw
 
 
 def _add_sample(tar: tarfile.TarFile, key: str, raw: RawSample, problems: list[tuple]) -> None:
