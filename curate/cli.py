@@ -313,6 +313,9 @@ def _truth_lines(check: dict) -> None:
                           f"F1 {value['f1']:.3f}", highlight=False)
         elif isinstance(value, float):
             console.print(f"  {name}: {value:.4f}", highlight=False)
+        elif isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+            console.print(f"  {name}: {parts}", highlight=False)
         else:
             console.print(f"  {name}: {value}", highlight=False)
 
@@ -325,7 +328,10 @@ def clones_cmd(
     eps: float = typer.Option(0.1, "--eps", help="AdaCL target 1 - eps for the anchor (margins in metadata)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="clone_count margin in cosine units "
                                            "(default: the teacher's τ, i.e. one logit)."),
-    dup_threshold: float = typer.Option(0.99, "--dup-threshold", help="Image cosine for duplicate_of."),
+    dup_threshold: float = typer.Option(0.999, "--dup-threshold", help="Image cosine for duplicate_of "
+                                        "(0.999: exact and near-exact copies; lower for a strong teacher)."),
+    match_gate: bool = typer.Option(True, "--match-gate/--no-match-gate", help="Fit the clone GDA on matched "
+                                    "pairs only when s_ii is clearly bimodal (mismatched pairs get clone_prob 0)."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda for the exact k-NN."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches "
                                              "(default: OUT's directory/.curate-cache)."),
@@ -337,11 +343,12 @@ def clones_cmd(
     from curate.stages.clones import run_clones
 
     s = run_clones(emb, out, k=k, eps=eps, margin=margin, dup_threshold=dup_threshold, device=device,
-                   cache_dir=cache_dir, truth=truth, seed=seed)
+                   cache_dir=cache_dir, truth=truth, seed=seed, gate=match_gate)
     a = s["anchor"]
     anchor = "none" if a["gap"] is None else f"{a['gap']:.4f}"
     console.print(f"[bold]clones[/]: {s['n']:,} samples, k={s['k']}, {a['n_potential_clones']:,} potential clones "
-                  f"(anchor gap {anchor}), {s['n_duplicates']:,} duplicates -> {out}", highlight=False)
+                  f"(anchor gap {anchor}), {s['match_gate']['n_mismatched']:,} mismatched, "
+                  f"{s['n_duplicates']:,} duplicates -> {out}", highlight=False)
     if "truth_check" in s:
         _truth_lines(s["truth_check"])
 
@@ -396,7 +403,8 @@ def pcme_fit_cmd(
 def pcme_score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory."),
     heads: Path = typer.Option(..., "--heads", help="Checkpoint from `curate pcme fit`."),
-    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img/_txt, uncertainty."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img, "
+                             "uncertainty_txt, uncertainty."),
     estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
     n_samples: int = typer.Option(8, "--samples", help="mc: samples J per side."),
     seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
@@ -407,8 +415,8 @@ def pcme_score_cmd(
     from curate.stages.pcme import score
 
     s = score(emb, heads, out, estimator=estimator, n_samples=n_samples, seed=seed, device=device, truth=truth)
-    console.print(f"[bold]pcme score[/]: {estimator} p_match and uncertainties (a={s['a']:.3f} b={s['b']:.3f}) -> {out}",
-                  highlight=False)
+    console.print(f"[bold]pcme score[/]: {estimator} p_match and uncertainties (a={s['a']:.3f} b={s['b']:.3f}) "
+                  f"-> {out}", highlight=False)
     if "truth_check" in s:
         _truth_lines(s["truth_check"])
 
@@ -430,6 +438,84 @@ def eval_cmd(
     console.print(f"[bold]eval[/]: RSUM {result['rsum']:.2f} -> {out}", highlight=False)
 
 # ---------------------------------------------------------------- train / compare / report (issue 7)
+
+@app.command("train")
+def train_cmd(
+    source: str = typer.Argument(..., help="A `curate filter` subset directory (uids.npy; needs --corpus) or "
+                                           "shards holding only the kept samples (`curate export` output)."),
+    out: Path = typer.Option(..., "--out", help="Student directory: student.pt, train.json, curve.png "
+                                               "(and eval.json with --heldout/--target)."),
+    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL margins + memory bank) or pcme "
+                                                      "(PCME++ probabilistic heads)."),
+    steps: int = typer.Option(300, "--steps", help="Training steps; the budget is steps x batch size samples seen."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and augmentation."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Shards the subset was selected from (with a subset)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    model: str = typer.Option("curate-student", "--model", help="Student architecture (an open_clip config)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out synth shards: retrieval R@1 after training."),
+    target: Optional[str] = typer.Option(None, "--target", help="Synth target dir (classes.json): zero-shot top-1."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda. Deterministic on CPU."),
+):
+    """Train a small student CLIP from scratch on a subset, with a fixed budget of samples seen."""
+    from curate.models.teacher import resolve_device
+    from curate.stages.train_student import StudentConfig, train_student
+
+    config = StudentConfig(model=model, loss=loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                           threads=threads, device=str(resolve_device(device)))
+    every = max(1, steps // 10)
+
+    def on_log(entry: dict) -> None:
+        if entry["step"] % every == 0 or entry["step"] == steps:
+            console.print(f"step {entry['step']}/{steps}: loss {entry['loss']:.4f}", highlight=False)
+
+    record = train_student(source, out, config, corpus=corpus, heldout=heldout, target=target, on_log=on_log)
+    budget = record["budget"]
+    console.print(f"[bold]train[/]: {budget['train_pairs']} pairs, {budget['samples_seen']} samples seen "
+                  f"({budget['steps']} x {budget['batch_size']}, {budget['epochs']:g} epochs) in "
+                  f"{record['train_seconds']:.1f} s -> {record['checkpoint']}", highlight=False)
+    if "eval" in record:
+        ev = record["eval"]
+        if "zero_shot" in ev:
+            console.print(f"zero-shot top-1 {ev['zero_shot']['top1']:.1f} % ({ev['zero_shot']['n']} images, "
+                          f"chance {ev['zero_shot']['chance']:.1f} %)", highlight=False)
+        if "retrieval" in ev:
+            console.print(f"retrieval R@1 i2t {ev['retrieval']['i2t']['R@1']:.1f} %, t2i "
+                          f"{ev['retrieval']['t2i']['R@1']:.1f} % ({ev['retrieval']['n_images']} pairs)", highlight=False)
+
+
+@app.command("compare")
+def compare_cmd(
+    corpus: Path = typer.Argument(..., help="A synth corpus (`curate synth`, with a target set in CORPUS/target)."),
+    out: Path = typer.Option(..., "--out", help="Compare directory: compare.json, compare.md, curves.png, runs/, "
+                                               "subsets/ and cached embeddings and scores."),
+    fraction: float = typer.Option(0.3, "--fraction", help="Subset size as a fraction of the pool (every method)."),
+    seeds: int = typer.Option(3, "--seeds", help="Students per method (seeds 0..N-1)."),
+    quick: bool = typer.Option(False, "--quick", help="The small preset for CI (fewer steps, smaller held-out split)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher checkpoint (default: the cached tiny teacher)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override the preset's training steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's batch size."),
+    loss: str = typer.Option("infonce", "--loss", help="Student loss: infonce, adacl or pcme."),
+    model: str = typer.Option("curate-student", "--model", help="Student architecture."),
+    prefilter: float = typer.Option(1.5, "--prefilter", help="NormSim recipes: negclip first keeps min(1, P x F)."),
+    jobs: int = typer.Option(2, "--jobs", help="Students trained at once (processes)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads per student."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
+):
+    """Train students on same-size subsets from each curation method and from random; tabulate vs ground truth."""
+    from rich.markdown import Markdown
+
+    from curate.models.teacher import resolve_device
+    from curate.stages.compare import CompareConfig, compare
+
+    config = CompareConfig(fraction=fraction, seeds=seeds, quick=quick, steps=steps, batch_size=batch_size,
+                           model=model, loss=loss, prefilter=prefilter, teacher=str(teacher) if teacher else None,
+                           jobs=jobs, threads=threads, device=str(resolve_device(device)))
+    doc = compare(corpus, out, config, log=lambda message: console.print(message, highlight=False))
+    Console().print(Markdown((out / "compare.md").read_text()))
+    console.print(f"[bold]compare[/]: {len(doc['runs'])} runs in {doc['timings']['total']:.0f} s -> "
+                  f"{out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
 
 @app.command("report")
 def report_cmd(
@@ -481,9 +567,11 @@ def run_cmd(
         Console().print(table)
         return
     records = execute(spec, echo=console.print, force=force)
+    from curate.ui import truth_rich_table
+
     for r in records:
-        if r.get("result", {}).get("table"):
-            Console().print(r["result"]["table"])
+        if r.get("result", {}).get("truth"):
+            Console().print(truth_rich_table(r["result"]["truth"]))
         if r.get("result", {}).get("report"):
             Console().print(f"report: {r['result']['report']}")
     console.print(f"[green]done[/]: {sum(r['status'] == 'done' for r in records)} steps run, "

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import socket
@@ -168,8 +167,10 @@ def load_teacher(model: str, pretrained: str = "none", device: str = "auto", pre
         else int(config["embed_dim"])
     info = TeacherInfo(model=model, pretrained=weights, embed_dim=embed_dim,
                        logit_scale=float(clip.logit_scale.detach().float().exp().item()))
+    # fp16/bf16 mean autocast on CUDA; on CPU the teacher computes in fp32 (and says so).
+    effective = precision if dev.type == "cuda" else "fp32"
     return Teacher(model=clip, tokenizer=tokenizer, preprocess=preprocess, device=dev,
-                   precision=precision, info=info, config=config, checkpoint_meta=meta)
+                   precision=effective, info=info, config=config, checkpoint_meta=meta)
 
 
 def eval_transform(clip: torch.nn.Module):
@@ -302,12 +303,13 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CurateError(f"{path}: refused to load, the checkpoint holds pickled Python objects that "
-                          f"weights_only=True does not allow ({str(exc).splitlines()[0][:160]}); "
-                          "re-save it as a plain state_dict or safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CurateError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # torch's unpickler raises many types for bad bytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+            raise CurateError(f"{path}: refused to load, the checkpoint holds pickled Python objects that "
+                              "torch.load(weights_only=True) does not allow; re-save it as a plain state_dict "
+                              "or as safetensors") from None
+        raise CurateError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {first})") from None
 
 
 def _from_local_file(model: str, path: Path) -> tuple[torch.nn.Module, dict, dict]:
@@ -364,10 +366,3 @@ def save_checkpoint(clip: torch.nn.Module, path: str | Path, model: str, config:
         torch.save({"state_dict": state, "curate": meta}, tmp)
     return path
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
