@@ -75,7 +75,8 @@ def teacher_train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
     seed: int = typer.Option(0, "--seed", help="Seed for init, batches and augmentation (CPU: same seed, same weights)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads; 1 (default) is reproducible "
+                                          "across machines and fastest on a busy machine, 0 means all cores."),
     device: str = typer.Option("cpu", "--device", help="cpu (deterministic), cuda or auto."),
     all_pairs: bool = typer.Option(False, "--all-pairs", help="Also train on samples whose json `truth` is not clean."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and small shifts."),
@@ -87,7 +88,7 @@ def teacher_train_cmd(
     from curate.stages.teacher import TINY_TEACHER_TRAIN, train_teacher
 
     defaults = TINY_TEACHER_TRAIN
-    config = replace(defaults, model=model, seed=seed, threads=threads, device=str(resolve_device(device)),
+    config = replace(defaults, model=model, seed=seed, threads=threads or None, device=str(resolve_device(device)),
                      clean_only=not all_pairs, augment=augment,
                      steps=steps if steps is not None else defaults.steps,
                      batch_size=batch_size if batch_size is not None else defaults.batch_size,

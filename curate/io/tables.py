@@ -28,6 +28,8 @@ from curate.io.atomic import atomic_path
 META_KEY = b"curate"
 ERRORS_SUFFIX = ".errors.parquet"
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+READ_BATCH_ROWS = 1 << 13  # rows per block when streaming tables (8k x 512 fp16 = 8 MiB per column)
+VECTOR_ROW_GROUP_ROWS = 1 << 13  # default row group of tables with vector columns: small, fast reads
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,15 @@ def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = No
 
     Vector (fixed_size_list) columns are written without dictionary encoding: embedding values barely
     repeat, so the dictionary only costs time; with it, reading an fp16 embedding column was ~4x slower
-    and writing it ~4x slower (bench/results.md). Readers see the same schema either way.
+    and writing it ~4x slower (bench/results.md). Readers see the same schema either way. Their row
+    groups default to VECTOR_ROW_GROUP_ROWS rows, so that no reader has to hold a huge one.
     """
     if meta is not None:
         table = with_meta(table, meta)
     path = Path(path)
     dictionary_columns = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+    if row_group_size is None and len(dictionary_columns) < len(table.schema):
+        row_group_size = VECTOR_ROW_GROUP_ROWS
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
                        write_statistics=False, use_dictionary=dictionary_columns)
@@ -197,14 +202,18 @@ class EmbeddingPool:
 
     def iter_chunks(self, columns: Iterable[str] = ("uid",) + EMBEDDING_COLUMNS,
                     dtype=np.float32) -> Iterator[tuple[Path, dict]]:
-        """Yield (file, {column: array}) per row group, in pool order. Embeddings as (n, D) `dtype`."""
+        """Yield (file, {column: array}) per block of at most READ_BATCH_ROWS rows, in pool order.
+        Embeddings as (n, D) `dtype`.
+
+        Bounded batches, not whole row groups: a table written with one 1M-row group would otherwise
+        be decoded and converted at once (GiBs), and small blocks also convert faster (cache-resident).
+        """
         columns = list(columns)
         for f in self.files:
             pf = pq.ParquetFile(f)
             _require_columns(f, pf.schema_arrow, columns)
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=columns)
-                yield f, {c: _column_to_numpy(t.column(c), dtype) for c in columns}
+            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False):
+                yield f, {c: _column_to_numpy(batch.column(c), dtype) for c in columns}
 
     def column(self, name: str) -> np.ndarray:
         """A scalar column of the whole pool (e.g. uid): one array, pool order."""
@@ -221,6 +230,10 @@ class EmbeddingPool:
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
+    def cache_file(self, column: str, cache_dir: str | Path) -> Path:
+        """Where `matrix(column, cache_dir)` keeps this pool version's fp16 `.npy` cache (it may not exist yet)."""
+        return Path(cache_dir) / f"{column}-{self.fingerprint()}.npy"
+
     def matrix(self, column: str, cache_dir: str | Path | None = None) -> np.ndarray:
         """The whole pool's `column` as an (N, D) float16 array; memory-mapped from `cache_dir` when given."""
         for f in self.files:
@@ -229,7 +242,7 @@ class EmbeddingPool:
             parts = [fixed_list_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16)
                      for f in self.files]
             return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float16)
-        cache = Path(cache_dir) / f"{column}-{self.fingerprint()}.npy"
+        cache = self.cache_file(column, cache_dir)
         if not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
             # header, then chunk by chunk with plain writes: a writable memmap would keep every page resident

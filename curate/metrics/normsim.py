@@ -60,22 +60,37 @@ def default_nprobe(nlist: int) -> int:
     return int(max(1, min(nlist, round(nlist / 8))))
 
 
-def normsim_inf_exact(v, target, tile_elements: int = 1 << 24) -> np.ndarray:
+def normsim_inf_exact(v, target, tile_elements: int | None = None) -> np.ndarray:
     """NormSim_∞(v) = max_x |<v, x>| (Eq. 3, p → ∞), exact: float32 V Xᵀ in row tiles, max/min per row.
 
     `target`: (M, D) numpy array or torch tensor (put it on the GPU to compute there). (n, D) -> (n,) float32.
+    On the CPU the tiles run in numpy (sgemm, then max and min per row: measured faster than torch's
+    aminmax there), in tiles of 2^22 products (16 MiB, cache-friendly); on a GPU in torch, 2^24 per tile.
     """
     import torch
 
-    x = target if isinstance(target, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(target, np.float32))
-    x_t = x.float().t().contiguous()
     rows = np.asarray(v, dtype=np.float32)
     out = np.empty(len(rows), dtype=np.float32)
+    on_gpu = isinstance(target, torch.Tensor) and target.device.type != "cpu"
+    if on_gpu:
+        x_t = target.float().t().contiguous()
+    else:
+        x = target.float().numpy() if isinstance(target, torch.Tensor) else target
+        x_t = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
+    if tile_elements is None:
+        tile_elements = 1 << 24 if on_gpu else 1 << 22
     step = max(1, int(tile_elements) // max(1, x_t.shape[1]))
+    # one reused product buffer on the CPU: a fresh 16 MiB array per tile costs page faults every time
+    buffer = None if on_gpu else np.empty((min(step, len(rows)), x_t.shape[1]), dtype=np.float32)
     for start in range(0, len(rows), step):
-        products = torch.from_numpy(rows[start:start + step]).to(x_t.device) @ x_t
-        low, high = torch.aminmax(products, dim=1)
-        out[start:start + step] = torch.maximum(high, -low).cpu().numpy()
+        if on_gpu:
+            products = torch.from_numpy(rows[start:start + step]).to(x_t.device) @ x_t
+            low, high = torch.aminmax(products, dim=1)
+            out[start:start + step] = torch.maximum(high, -low).cpu().numpy()
+        else:
+            block = rows[start:start + step]
+            products = np.matmul(block, x_t, out=buffer[:len(block)])
+            np.maximum(products.max(axis=1), -products.min(axis=1), out=out[start:start + step])
     return out
 
 

@@ -1,7 +1,8 @@
 """`curate normsim`: NormSim_∞ / NormSim_2 / NormSim_2-D of a pool's image embeddings -> Parquet table.
 
 Passes over the pool:
-* p = inf and p = 2: one streaming pass, row group by row group (`EmbeddingPool.iter_chunks`). The target
+* p = inf and p = 2: one streaming pass in bounded blocks (`EmbeddingPool.iter_chunks`), or from the pool's
+  fp16 `.npy` image cache when `curate score` already built one in the cache directory. The target
   is small: for inf the (M, D) matrix on the device (exact, tiled V Xᵀ with a max-|.| reduction) or a
   FAISS IVF index over ±X (`--index ivf`); for 2 the D×D second moment.
 * p = 2d: the pool is its own target, refined over T rounds (curate.metrics.normsim.normsim_2d), which reads
@@ -16,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from curate.errors import CurateError
-from curate.io.tables import EmbeddingPool
+from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
 
 P_VALUES = ("inf", "2", "2d")
@@ -119,14 +120,33 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
 
     scores = np.empty(n, dtype=np.float32)
     row = 0
-    for _, chunk in pool.iter_chunks(["image_embedding"], dtype=np.float32):
-        rows = chunk["image_embedding"]
-        check_finite(pool, rows, row, "image_embedding")
+    for rows in _image_blocks(pool, memmap_dir):
         scores[row:row + len(rows)] = score_chunk(rows)
         row += len(rows)
         if progress:
             progress(len(rows))
     return scores
+
+
+def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None) -> Iterator[np.ndarray]:
+    """The pool's image embeddings as float32 blocks in pool order, each checked (finite, non-zero).
+
+    From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
+    `curate score` for negclip): sequential reads, far cheaper than decoding the Parquet list column.
+    Otherwise streamed from the tables; no cache is built for this one pass.
+    """
+    if memmap_dir is not None and pool.cache_file("image_embedding", memmap_dir).exists():
+        rows = PoolRows(pool, "image_embedding", memmap_dir)  # checks every read
+        for start in range(0, len(rows), READ_BATCH_ROWS):
+            yield rows[start:start + READ_BATCH_ROWS].astype(np.float32)
+        rows.close()
+        return
+    row = 0
+    for _, chunk in pool.iter_chunks(["image_embedding"], dtype=np.float32):
+        block = chunk["image_embedding"]
+        check_finite(pool, block, row, "image_embedding")
+        row += len(block)
+        yield block
 
 
 def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: str = "flat",

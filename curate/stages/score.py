@@ -1,8 +1,10 @@
 """`curate score`: CLIPScore and negCLIPLoss of a whole embedding pool -> one Parquet score table.
 
 Passes over the pool (pool order = files sorted by name, rows in file order):
-1. Stream the tables row group by row group: s_ii (clipscore) per row, and a check that every embedding
-   is finite (one NaN row would poison the LSE of its whole batch).
+1. s_ii (clipscore) per row, and a check that every embedding is finite and non-zero (one NaN row would
+   poison the LSE of its whole batch): streamed from the tables row group by row group, or, when negclip
+   is asked for, read back sequentially from its caches (step 2), which is much cheaper than decoding
+   the Parquet list columns a second time.
 2. negclip only: the image and text columns as fp16 `.npy` caches (`EmbeddingPool.matrix`, built once
    per pool version). For each of K partitions and each of its ⌈N/b⌉ batches, the batch's rows are
    gathered with sorted indices, moved to the device, and the row/column LSE terms computed in float32
@@ -120,16 +122,24 @@ class PoolRows:
         else:
             rows = np.asarray(index, dtype=np.int64)
         out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
-        buffer = memoryview(out).cast("B")
-        run_starts = np.flatnonzero(np.diff(rows) != 1) + 1 if len(rows) else rows
-        bounds = [0, *run_starts.tolist(), len(rows)] if len(rows) else []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            want = (b - a) * self._row_bytes
-            got = os.preadv(self._fd, [buffer[a * self._row_bytes:b * self._row_bytes]],
-                            self._offset + int(rows[a]) * self._row_bytes)
-            if got != want:
-                raise CurateError(f"{self.path}: cache file is shorter than expected; delete it and rerun")
-        usable = np.isfinite(out).all(axis=1) & out.any(axis=1)
+        if len(rows):
+            buffer, fd, preadv = memoryview(out).cast("B"), self._fd, os.preadv
+            # runs of consecutive rows: file offsets and output byte ranges computed in numpy, so that the
+            # Python loop (one iteration per run, ~1 per row for random batches) only issues the reads
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            starts = np.concatenate(([0], breaks)) * self._row_bytes
+            ends = np.concatenate((breaks, [len(rows)])) * self._row_bytes
+            offsets = self._offset + rows[np.concatenate(([0], breaks))] * self._row_bytes
+            for offset, a, b in zip(offsets.tolist(), starts.tolist(), ends.tolist()):
+                if preadv(fd, [buffer[a:b]], offset) != b - a:
+                    raise CurateError(f"{self.path}: cache file is shorter than expected; delete it and rerun")
+        if out.dtype == np.float16 and out.ndim == 2:
+            # one integer pass instead of isfinite + any (25x faster): the magnitude bits of an fp16 are
+            # >= 0x7C00 exactly for inf and NaN, and a row whose largest magnitude is 0 is all (±)zeros
+            magnitude = np.bitwise_and(out.view(np.uint16), 0x7FFF).max(axis=1, initial=0)
+            usable = (magnitude < 0x7C00) & (magnitude > 0)
+        else:
+            usable = np.isfinite(out).all(axis=1) & out.any(axis=1)
         if not usable.all():
             bad = int(np.flatnonzero(~usable)[0])
             check_finite(self.pool, out[bad:bad + 1], int(rows[bad]), self.column)
@@ -167,6 +177,20 @@ def clipscore_pass(pool: EmbeddingPool) -> np.ndarray:
     return s_ii
 
 
+def clipscore_from_rows(image: PoolRows, text: PoolRows, chunk_rows: int = 1 << 13) -> np.ndarray:
+    """s_ii of every row from the `.npy` caches, read in sequential slices (every read is checked by PoolRows).
+
+    When negclip builds the caches anyway, this replaces the Parquet pass: decoding the Parquet list
+    columns costs far more than reading the same rows back from the cache.
+    """
+    from curate.metrics.clipscore import clipscore
+
+    s_ii = np.empty(len(image), dtype=np.float32)
+    for start in range(0, len(image), chunk_rows):
+        s_ii[start:start + chunk_rows] = clipscore(image[start:start + chunk_rows], text[start:start + chunk_rows])
+    return s_ii
+
+
 def default_cache_dir(out: str | Path) -> Path:
     """The fp16 memmap caches live beside the output unless told otherwise."""
     return Path(out).parent / ".curate-cache"
@@ -191,7 +215,13 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     if n == 0:
         raise CurateError(f"{emb_dir}: the pool has no rows; nothing to score")
 
-    s_ii = clipscore_pass(pool)
+    if "negclip" in names:
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out)
+        image = PoolRows(pool, "image_embedding", cache)
+        text = PoolRows(pool, "text_embedding", cache)
+        s_ii = clipscore_from_rows(image, text)
+    else:
+        s_ii = clipscore_pass(pool)
     if progress:
         progress(n)
     columns: dict[str, np.ndarray] = {}
@@ -199,10 +229,7 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     if "clipscore" in names:
         columns["clipscore"] = s_ii
     if "negclip" in names:
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out)
         b = effective_batch_size(n, batch_size)
-        image = PoolRows(pool, "image_embedding", cache)
-        text = PoolRows(pool, "text_embedding", cache)
         lse_sum = negclip_lse_sum(image, text, pool.teacher.logit_scale, int(k), int(batch_size), int(seed),
                                   torch_device, on_batch=progress)
         columns["negclip"] = negclip_from_lse_sum(s_ii, lse_sum, pool.teacher.logit_scale, int(k))

@@ -1,0 +1,91 @@
+"""Export: `curate export` of a subset vs a raw copy of the same tar bytes.
+
+Corpus: `curate synth` shards with 224-pixel JPEGs (~14 KB per sample with its txt, json and tar headers).
+Subset: every uid of the corpus, so the export writes the same samples (and about the same bytes) that
+it reads. Limit: the input tar files copied byte for byte with `shutil.copyfileobj` (read + write through
+user space, 1 MiB buffers, no parsing) into another directory of the same file system. Throughput is input
+bytes per second; the ratio is stage throughput / copy throughput. Also reported, for context: the same
+copy done member by member with Python's `tarfile` (parse + re-write, no uid lookup).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+from common import compare
+
+
+def make_corpus_once(path: Path, samples: int, shard_size: int) -> Path:
+    from curate.stages.synth import make_corpus
+
+    manifest = path / "manifest.json"
+    if not manifest.exists() or '"complete": true' not in manifest.read_text():
+        shutil.rmtree(path, ignore_errors=True)
+        make_corpus(path, samples, shard_size=shard_size, seed=0, corrupt=0.0, target_samples=0, image_size=224)
+    return path
+
+
+def all_uids(shards: list[str]) -> list[str]:
+    from curate.io.shards import iter_shard, sample_uid
+
+    uids = []
+    for url in shards:
+        for raw in iter_shard(url, lambda key, reason: None):
+            uids.append(sample_uid(raw))
+    return uids
+
+
+def raw_copy(shards: list[str], out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for url in shards:
+        with open(url, "rb") as src, open(out / Path(url).name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def tarfile_copy(shards: list[str], out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for url in shards:
+        with tarfile.open(url, "r|") as src, tarfile.open(out / Path(url).name, "w", format=tarfile.GNU_FORMAT) as dst:
+            for info in src:
+                dst.addfile(info, src.extractfile(info))
+
+
+def run(work: Path, samples: int, repeats: int, log=print) -> dict:
+    from curate.io.shards import expand_shards
+    from curate.io.uids import write_uid_npy
+    from curate.stages.export import export_subset
+
+    started = time.perf_counter()
+    corpus = make_corpus_once(work / f"export-corpus-{samples}", samples, shard_size=1000)
+    shards = expand_shards(str(corpus))
+    total_bytes = sum(Path(s).stat().st_size for s in shards)
+    write_uid_npy(all_uids(shards), work / "export-subset" / "uids.npy")
+    log(f"  export corpus ready: {len(shards)} shards, {total_bytes / 1e6:.0f} MB ({time.perf_counter() - started:.1f} s)")
+    written: dict = {}
+
+    def stage():
+        out = work / "export-out"
+        shutil.rmtree(out, ignore_errors=True)
+        report = export_subset(str(corpus), work / "export-subset", out, shard_size=1000)
+        written["samples"] = report.written
+        written["bytes"] = sum(p.stat().st_size for p in out.glob("*.tar"))
+
+    comparison = compare(stage, lambda: raw_copy(shards, work / "export-copy"), repeats, log, "export")
+    tar_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tarfile_copy(shards, work / "export-tarcopy")
+        tar_times.append(time.perf_counter() - start)
+    for d in ("export-out", "export-copy", "export-tarcopy"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    mb = total_bytes / 1e6
+    return {"samples": samples, "input_bytes": total_bytes, "written_samples": written["samples"],
+            "output_bytes": written["bytes"], **comparison.as_dict(),
+            "stage_mb_s": mb / comparison.best_stage, "limit_mb_s": mb / comparison.best_limit,
+            "throughput_ratio": comparison.best_limit / comparison.best_stage,
+            "tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times)}

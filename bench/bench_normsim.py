@@ -1,0 +1,77 @@
+"""NormSim_∞ and NormSim_2: `curate normsim` vs the bare operation on in-memory arrays.
+
+Limits (what the stage cannot beat), with the pool's image embeddings already in RAM as float32:
+* normsim_inf: FAISS `IndexFlatIP` over the target X (M rows), top-1 search of every pool row (k=1).
+  This is max_x <v, x>; the stage computes max_x |<v, x>| (the paper's definition), from the same single
+  V Xᵀ product, so the work is the same.
+* normsim_2: C = XᵀX (float64), then sqrt(einsum(V C, V)) in numpy: the D×D second-moment route.
+Stage: `normsim(...)` end to end: reads the pool in blocks, fp16 -> float32, finiteness checks, the same
+math, writes the score table. Twice: streaming the Parquet tables, and with the fp16 `.npy` image cache
+that `curate score` leaves behind for negclip (the paper's recipe runs negclip first).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import compare
+from curate.io.tables import EmbeddingPool
+from pool import load_pool_arrays, make_pool, random_unit_rows
+
+
+def faiss_flat_top1(v: np.ndarray, target: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(target.shape[1])
+    index.add(target)
+    distances, _ = index.search(v, 1)
+    return distances[:, 0]
+
+
+def numpy_second_moment_route(v: np.ndarray, target: np.ndarray) -> np.ndarray:
+    x = target.astype(np.float64)
+    moment = (x.T @ x).astype(np.float32)
+    return np.sqrt(np.einsum("nd,nd->n", v @ moment, v))
+
+
+def run(work: Path, n_rows: int, dim: int, target_rows: int, repeats: int, log=print) -> dict:
+    from curate.stages.normsim import normsim
+
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    pool_dir = make_pool(work / f"pool-{n_rows}x{dim}", n_rows, dim, rows_per_file=50_000)
+    log(f"  normsim pool ready ({time.perf_counter() - started:.1f} s)")
+    target = random_unit_rows(np.random.default_rng(12345), target_rows, dim, np.float32)
+    target_path = work / f"target-{target_rows}x{dim}.npy"
+    np.save(target_path, target)
+    v = load_pool_arrays(pool_dir, ["image_embedding"])["image_embedding"]
+    cache = work / "normsim-cache"
+    EmbeddingPool(pool_dir).matrix("image_embedding", cache)  # what `curate score` leaves for negclip
+    results = {}
+    variants = [("inf", faiss_flat_top1, None), ("2", numpy_second_moment_route, None),
+                ("inf", faiss_flat_top1, cache), ("2", numpy_second_moment_route, cache)]
+    for p, limit_fn, cache_dir in variants:
+        out = work / f"normsim-{p}.parquet"
+        held: dict = {}
+        name = f"normsim_{p}" + ("_cached" if cache_dir else "")
+
+        def limit():
+            held["scores"] = limit_fn(v, target)
+
+        def stage():
+            normsim(pool_dir, str(target_path), p, out, device="cpu", cache_dir=cache_dir)
+
+        comparison = compare(stage, limit, repeats, log, name)
+        stage_scores = pq.read_table(out, columns=[f"normsim_{p}"]).column(0).to_numpy()
+        if p == "2":
+            agreement = float(np.abs(stage_scores - held["scores"]).max())
+        else:  # the stage takes |.|: it must equal max(faiss top-1 over X, over -X); check on the limit's half
+            agreement = float(np.maximum(0.0, held["scores"] - stage_scores).max())
+        results[name] = {"n_rows": n_rows, "dim": dim, "target_rows": target_rows, "source":
+                         "fp16 .npy cache" if cache_dir else "Parquet tables", "check": agreement,
+                         **comparison.as_dict()}
+    return results

@@ -1,0 +1,320 @@
+"""Issue 7: student training (`curate train`), student eval, and `curate compare`.
+
+Everything runs on tiny synth corpora with a randomly initialised teacher checkpoint, so that the whole file
+stays fast; the numbers of a real comparison are in README (measured with `curate compare`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from curate.errors import CurateError
+from curate.io.shards import expand_shards, iter_shard
+from curate.io.uids import read_uid_npy, write_uid_npy
+from curate.stages import compare as cmp
+from curate.stages.synth import CORRUPTION_KINDS, make_corpus
+from curate.stages.train_student import (
+    StudentConfig,
+    evaluate_student,
+    load_student,
+    train_student,
+    zero_shot_accuracy,
+)
+
+FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_corpus(root / "pool", samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
+    make_corpus(root / "heldout", samples=40, shard_size=40, seed=22, corrupt=0.0, target_samples=24)
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """A randomly initialised curate-student saved as a teacher checkpoint (fast to embed with)."""
+    from curate.models.teacher import create_model, model_config, save_checkpoint
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        save_checkpoint(create_model("curate-student"), path, "curate-student", model_config("curate-student"))
+    return path
+
+
+def corpus_truth(shards) -> dict[str, str]:
+    """uid -> truth, read straight from the shards' .json members (independent of the pipeline)."""
+    truth = {}
+    for url in expand_shards(str(shards)):
+        for raw in iter_shard(url, lambda key, reason: None):
+            doc = json.loads(raw.members["json"])
+            truth[doc["uid"]] = doc["truth"]
+    return truth
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("loss", ["infonce", "adacl", "pcme"])
+def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
+    config = StudentConfig(loss=loss, seed=3, **FAST)
+    first = train_student(str(corpus / "pool"), tmp_path / "a", config)
+    second = train_student(str(corpus / "pool"), tmp_path / "b", config)
+    a = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "student.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    assert first["history"] == second["history"]
+    assert [h["step"] for h in first["history"]] == [1, 2, 3]
+    # another seed gives another model
+    other = train_student(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
+    assert other["history"] != first["history"]
+    assert (tmp_path / "a" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if loss == "pcme":
+        assert "pcme_heads" in a["curate"] and "pcme_a" in first["history"][-1]
+    if loss == "adacl":
+        assert "adacl_m1" in first["history"][-1]
+
+
+def test_budget_is_logged_and_independent_of_subset_size(corpus, tmp_path):
+    truth = corpus_truth(corpus / "pool")
+    uids = sorted(truth)
+    write_uid_npy(uids[:40], tmp_path / "small" / "uids.npy")
+    write_uid_npy(uids[:120], tmp_path / "large" / "uids.npy")
+    records = []
+    for name in ("small", "large"):
+        train_student(str(tmp_path / name), tmp_path / f"student-{name}", StudentConfig(**FAST),
+                      corpus=str(corpus / "pool"))
+        records.append(json.loads((tmp_path / f"student-{name}" / "train.json").read_text()))
+    small, large = (r["budget"] for r in records)
+    assert small["train_pairs"] == 40 and large["train_pairs"] == 120
+    assert small["samples_seen"] == large["samples_seen"] == 3 * 16
+    # the pairs trained on are exactly the subset's, with their ground truth
+    assert sum(records[0]["data"]["truth_counts"].values()) == 40
+    expected = {}
+    for u in uids[:40]:
+        expected[truth[u]] = expected.get(truth[u], 0) + 1
+    assert records[0]["data"]["truth_counts"] == expected
+
+
+def test_check_budgets_refuses_unequal_runs():
+    run = lambda method, steps, batch: {"method": method, "seed": 0, "budget": {  # noqa: E731
+        "steps": steps, "batch_size": batch, "samples_seen": steps * batch}}
+    assert cmp.check_budgets([run("random", 10, 8), run("negclip", 10, 8)])["samples_seen"] == 80
+    with pytest.raises(CurateError, match="different budgets"):
+        cmp.check_budgets([run("random", 10, 8), run("negclip", 20, 4), run("clipscore", 10, 16)])
+    lying = run("random", 10, 8)
+    lying["budget"]["samples_seen"] = 81
+    with pytest.raises(CurateError, match="steps x batch size"):
+        cmp.check_budgets([lying])
+
+
+def test_train_input_errors(corpus, tmp_path):
+    uids = sorted(corpus_truth(corpus / "pool"))
+    write_uid_npy(uids[:8], tmp_path / "tiny" / "uids.npy")
+    with pytest.raises(CurateError, match="fewer than --batch-size 16"):
+        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+    with pytest.raises(CurateError, match="--corpus"):
+        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST))
+    write_uid_npy(uids[:20] + ["f" * 32], tmp_path / "foreign" / "uids.npy")
+    with pytest.raises(CurateError, match="1 of the subset's 21 uids"):
+        train_student(str(tmp_path / "foreign"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+    with pytest.raises(CurateError, match="--loss"):
+        train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(**{**FAST, "loss": "hinge"}))
+
+
+def test_cli_train_error_is_one_line(corpus, tmp_path, monkeypatch, capsys):
+    from curate import cli
+
+    write_uid_npy(sorted(corpus_truth(corpus / "pool"))[:20], tmp_path / "sub" / "uids.npy")
+    monkeypatch.setattr(sys, "argv", ["curate", "train", str(tmp_path / "sub"), "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--corpus" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_zero_shot_accuracy_matches_a_loop():
+    rng = np.random.default_rng(0)
+    n_classes, n_templates, dim, n = 4, 3, 5, 30
+    images = rng.standard_normal((n, dim))
+    prompts = rng.standard_normal((n_classes * n_templates, dim))
+    prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+    labels = rng.integers(0, n_classes, n)
+    correct = 0
+    for i in range(n):
+        best, best_score = -1, -math.inf
+        for c in range(n_classes):
+            mean = [sum(prompts[c * n_templates + t][d] for t in range(n_templates)) / n_templates for d in range(dim)]
+            norm = math.sqrt(sum(x * x for x in mean))
+            score = sum(images[i][d] * mean[d] / norm for d in range(dim))
+            if score > best_score:
+                best, best_score = c, score
+        correct += best == labels[i]
+    assert zero_shot_accuracy(images, labels, prompts, n_classes)["top1"] == pytest.approx(100.0 * correct / n)
+
+
+def test_zero_shot_hand_case():
+    # two classes along the axes, one template each; images 1 and 2 point at class 0, image 3 at class 1
+    prompts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    images = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    result = zero_shot_accuracy(images, np.array([0, 1, 1]), prompts, 2)
+    assert result["top1"] == pytest.approx(200.0 / 3)  # image 2 (label 1) is misclassified
+    assert result["per_class_top1"] == [100.0, 50.0]
+
+
+def test_evaluate_student_from_checkpoint(corpus, tmp_path):
+    train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(loss="pcme", **FAST))
+    model, heads, meta = load_student(tmp_path / "s" / "student.pt")
+    assert heads is not None and meta["budget"]["samples_seen"] == 48
+    result = evaluate_student(tmp_path / "s" / "student.pt", str(corpus / "heldout"), str(corpus / "heldout" / "target"))
+    assert result["embedding"] == "pcme_mean"
+    assert result["zero_shot"]["n"] == 24 and 0.0 <= result["zero_shot"]["top1"] <= 100.0
+    assert result["retrieval"]["n_images"] == 40
+    assert result["retrieval"]["r1_mean"] == pytest.approx(
+        0.5 * (result["retrieval"]["i2t"]["R@1"] + result["retrieval"]["t2i"]["R@1"]))
+    assert "pmrp_mean" in result["retrieval"]  # the synth labels give PMRP
+
+
+# ---------------------------------------------------------------- compare: pure pieces
+
+def test_removal_rates_from_truth():
+    truth = ["clean", "clean", "swapped", "swapped", "generic", "clean", "swapped", "noise_image"]
+    kept = np.array([1, 1, 0, 1, 0, 0, 0, 1], dtype=bool)
+    result = cmp.removal_rates(truth, kept)
+    assert result["kinds"]["swapped"] == {"pool": 3, "kept": 1, "removed_rate": pytest.approx(2 / 3)}
+    assert result["kinds"]["generic"]["removed_rate"] == 1.0
+    assert result["kinds"]["noise_image"]["removed_rate"] == 0.0
+    assert result["kinds"]["clean"]["removed_rate"] == pytest.approx(1 / 3)
+    assert result["clean_share"] == pytest.approx(2 / 4) and result["kept"] == 4
+    assert result["mismatched_share"] == pytest.approx(2 / 4)  # one swapped, one noise_image among 4 kept
+
+
+def test_removal_rates_match_a_loop_on_random_input():
+    rng = np.random.default_rng(5)
+    kinds = ("clean",) + CORRUPTION_KINDS
+    truth = [kinds[i] for i in rng.integers(0, len(kinds), 300)]
+    kept = rng.random(300) < 0.3
+    result = cmp.removal_rates(truth, kept)
+    for kind in kinds:
+        in_pool = kept_count = 0
+        for t, k in zip(truth, kept):
+            if t == kind:
+                in_pool += 1
+                kept_count += bool(k)
+        assert result["kinds"][kind]["removed_rate"] == pytest.approx(1 - kept_count / in_pool)
+
+
+def test_subset_size_counts_like_filter():
+    assert cmp.subset_size(0.3, 1000) == 300
+    assert cmp.subset_size(0.07, 100) == 7  # the decimal as written, not float arithmetic (8)
+    assert cmp.subset_size(0.3, 7) == 3
+    assert cmp.prefilter_fraction(0.3, 1.5) == "0.45"
+    assert cmp.prefilter_fraction(0.8, 1.5) == "1"
+
+
+# ---------------------------------------------------------------- compare: a whole quick run
+
+@pytest.fixture(scope="module")
+def compared(corpus, random_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    config = cmp.CompareConfig(fraction=0.3, seeds=2, quick=True, steps=2, batch_size=16, heldout_samples=40,
+                               heldout_target_samples=24, model="curate-student", teacher=str(random_teacher),
+                               jobs=1, device="cpu")
+    messages: list[str] = []
+    doc = cmp.compare(corpus / "pool", out, config, log=messages.append)
+    return out, doc, config, messages
+
+
+def test_compare_runs_every_method_and_seed_with_one_budget(compared):
+    out, doc, _, _ = compared
+    assert {(r["method"], r["seed"]) for r in doc["runs"]} == {(m, s) for m in cmp.METHODS for s in (0, 1)}
+    # the budget of each run, read back from its own training log, is the same everywhere
+    budgets = set()
+    for run in doc["runs"]:
+        logged = json.loads((out / "runs" / run["method"] / f"seed{run['seed']}" / "train.json").read_text())
+        budgets.add(logged["budget"]["samples_seen"])
+        assert logged["budget"] == run["budget"]
+    assert budgets == {2 * 16} and doc["budget"]["samples_seen"] == 32
+    # every subset has the same size, except no_filter (the whole pool)
+    sizes = {m: len(read_uid_npy(out / "subsets" / (m if m != "random" else "random-seed0") / "uids.npy"))
+             for m in cmp.METHODS}
+    assert sizes.pop("no_filter") == 160
+    assert set(sizes.values()) == {48}
+    pairs = {r["method"]: json.loads((out / "runs" / r["method"] / "seed0" / "train.json").read_text())["budget"]
+             ["train_pairs"] for r in doc["runs"] if r["seed"] == 0}
+    assert pairs["no_filter"] == 160 and pairs["negclip"] == 48
+
+
+def test_compare_table_comes_from_the_runs(compared):
+    out, doc, _, _ = compared
+    stored = json.loads((out / "compare.json").read_text())
+    md = (out / "compare.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.splitlines() if line.startswith("| ") and "±" in line}
+    assert len(rows) == len(cmp.METHODS)
+    for method in cmp.METHODS:
+        zs = [r["zero_shot_top1"] for r in stored["runs"] if r["method"] == method]
+        r1 = [r["retrieval_r1"] for r in stored["runs"] if r["method"] == method]
+        row = rows[cmp.METHOD_LABELS[method]]
+        assert row[1] == f"{statistics.mean(zs):.1f} ± {statistics.stdev(zs):.1f}"
+        assert row[2] == f"{statistics.mean(r1):.1f} ± {statistics.stdev(r1):.1f}"
+        # and each run's number is the one its eval.json holds
+        for run in (r for r in stored["runs"] if r["method"] == method):
+            ev = json.loads((out / "runs" / method / f"seed{run['seed']}" / "eval.json").read_text())
+            assert run["zero_shot_top1"] == ev["zero_shot"]["top1"]
+            assert run["retrieval_r1"] == ev["retrieval"]["r1_mean"]
+    assert "Measured" in md and str(stored["budget"]["samples_seen"]) in md
+
+
+def test_compare_removal_rates_match_the_ground_truth(compared, corpus):
+    out, doc, _, _ = compared
+    truth = corpus_truth(corpus / "pool")
+    for method in ("clipscore", "negclip", "negclip_normsim_inf", "negclip_normsim_2", "no_filter"):
+        kept = set(read_uid_npy(out / "subsets" / method / "uids.npy"))
+        for kind in ("clean",) + CORRUPTION_KINDS:
+            members = [u for u, t in truth.items() if t == kind]
+            expected = 1.0 - sum(u in kept for u in members) / len(members)
+            assert doc["methods"][method]["removal"]["kinds"][kind]["removed_rate"] == pytest.approx(expected), \
+                (method, kind)
+    # random: the mean over its per-seed subsets
+    per_seed = []
+    for seed in (0, 1):
+        kept = set(read_uid_npy(out / "subsets" / f"random-seed{seed}" / "uids.npy"))
+        swapped = [u for u, t in truth.items() if t == "swapped"]
+        per_seed.append(1.0 - sum(u in kept for u in swapped) / len(swapped))
+    assert doc["methods"]["random"]["removal"]["kinds"]["swapped"]["removed_rate"] == pytest.approx(np.mean(per_seed))
+    md = (out / "compare.md").read_text()
+    removed = doc["methods"]["negclip"]["removal"]["kinds"]["noise_image"]["removed_rate"]
+    assert re.search(rf"\| {re.escape(cmp.METHOD_LABELS['negclip'])} \|.*\| {100 * removed:.1f} \|", md)
+
+
+def test_compare_rerun_reuses_artefacts(compared, corpus):
+    out, doc, config, _ = compared
+    messages: list[str] = []
+    again = cmp.compare(corpus / "pool", out, config, log=messages.append)
+    assert sum("reused" in m for m in messages) == len(doc["runs"])
+    assert not any(m.startswith(("embedding", "scoring", "NormSim", "generating")) for m in messages if "reused" not in m)
+    assert [r["zero_shot_top1"] for r in again["runs"]] == [r["zero_shot_top1"] for r in doc["runs"]]
+
+
+def test_compare_needs_a_synth_corpus_with_target(tmp_path, random_teacher):
+    make_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
+    with pytest.raises(CurateError, match="target"):
+        cmp.compare(tmp_path / "plain", tmp_path / "out", cmp.CompareConfig(teacher=str(random_teacher)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CurateError, match="manifest"):
+        cmp.compare(tmp_path / "empty", tmp_path / "out", cmp.CompareConfig(teacher=str(random_teacher)))
