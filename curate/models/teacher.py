@@ -206,12 +206,13 @@ def _create(model: str, pretrained: str | None, config: dict | None = None, **kw
 
 @contextlib.contextmanager
 def _quiet_open_clip():
-    # open_clip logs a warning for every random init; that is the point of `none`, not news.
+    # open_clip logs a warning for every random init (the point of `none`, not news) and an error for a failed
+    # download (which we turn into one CurateError line); exceptions still propagate.
     import logging
 
     root = logging.getLogger()
     old = root.level
-    root.setLevel(logging.ERROR)
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -362,7 +363,9 @@ def save_checkpoint(clip: torch.nn.Module, path: str | Path, model: str, config:
             "logit_scale": float(clip.logit_scale.detach().float().exp().item()),
             "code_version": __version__, **(extra or {})}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "curate": meta}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        # Saved through a handle: torch then names the zip root `archive`, not after the (random) temp name,
+        # so equal content gives equal bytes.
+        torch.save({"state_dict": state, "curate": meta}, handle)
     return path
 

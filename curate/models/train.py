@@ -4,9 +4,10 @@ Used by `curate teacher train` (curate-tiny on a synth corpus) and by the studen
 Deterministic on CPU for a seed: parameters are initialised by the caller under `torch.manual_seed`, batches
 come from a seeded `torch.Generator`, augmentation draws from the same generator.
 
-Losses are pluggable through `LOSSES`: a name maps to a factory `(**kwargs) -> objective`, where an objective
-is a callable `(img_emb, txt_emb, logit_scale) -> scalar loss` on L2-normalised embeddings, with optional hooks
-the loop calls when present:
+Losses are pluggable: `loss` is a name in `LOSSES` (a factory `(**loss_kwargs) -> objective`, extended with
+`register_loss`) or an objective object itself. An objective is a callable
+`(img_emb, txt_emb, logit_scale) -> scalar loss` on L2-normalised embeddings, with optional hooks that the
+loop calls when present:
   objective.parameters() -> iterable of extra trainable tensors (e.g. PCME's uncertainty heads)
   objective.encode(model, images, tokens) -> (img_emb, txt_emb)   replaces the default normalised encoding
   objective.after_step(img_emb, txt_emb, step)                    sees the batch's detached embeddings
@@ -24,8 +25,6 @@ import torch
 import torch.nn.functional as F
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def infonce_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -50,21 +49,10 @@ def make_objective(loss: str | Callable, **loss_kwargs) -> Callable:
     if callable(loss):
         return loss
     if loss not in LOSSES:
-        _load_optional_losses()
-    if loss not in LOSSES:
         from curate.errors import CurateError
 
         raise CurateError(f"--loss {loss!r}: unknown loss; known: {', '.join(sorted(LOSSES))}")
     return LOSSES[loss](**loss_kwargs)
-
-
-def _load_optional_losses() -> None:
-    """Losses defined elsewhere register themselves on import (e.g. curate.metrics.adacl)."""
-    import importlib
-
-    for module in ("curate.metrics.adacl", "curate.metrics.pcme"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
 
 
 # ---------------------------------------------------------------- batches and augmentation
