@@ -54,16 +54,10 @@ MATCH_GATE_MIN_SAMPLES = 200  # fewer positives are too few to tell a second mod
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        try:
-            import torch
+    """The teachers' device rule (curate.models.teacher.resolve_device), as a string."""
+    from curate.models.teacher import resolve_device as teacher_device
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            return "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CurateError(f"--device {device}: use auto, cpu or cuda")
-    return device
+    return str(teacher_device(device))
 
 
 def cache_dir_for(cache_dir: str | Path | None, out: Path) -> Path:
