@@ -167,8 +167,9 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               f"- for context, the same tars copied member by member with Python's `tarfile` (parse and re-write "
               f"headers, no uid lookup): {x['tarfile_copy_mb_s']:.0f} MB/s, so the stage runs at "
               f"{x['stage_mb_s'] / x['tarfile_copy_mb_s']:.2f}× of a bare `tarfile` copy",
-              "- the gap to a byte copy is per-member Python work (tar header parsing and writing, ~0.1 ms per "
-              "member); with ~14 KB samples that dominates. Larger images (DataComp's are tens of KB) narrow it "
+              f"- the gap to a byte copy is per-member Python work (tar header parsing and writing: "
+              f"{min(x['stage_cpu_s']) / (3 * x['written_samples']) * 1e6:.0f} µs of CPU per member, 3 members per "
+              "sample); with ~12 KB samples that dominates. Larger images (DataComp's are tens of KB) narrow it "
               "in proportion; closing it needs a tar reader/writer that does not go through `tarfile` per member.", ""]
     if m:
         from bench_memory import extrapolate

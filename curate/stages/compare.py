@@ -295,7 +295,7 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     """Run the whole comparison (see the module docstring); returns the compare.json document."""
     from curate.io.tables import EmbeddingPool
     from curate.io.uids import write_uid_npy
-    from curate.models.teacher import resolve_device
+    from curate.models.teacher import model_config, resolve_device
     from curate.stages.embed import EmbedConfig, embed, plan_embed
     from curate.stages.evaluate import pool_field
     from curate.stages.filter import filter_pool
@@ -412,7 +412,9 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     pairs = load_pairs(str(corpus), preprocess, tokenizer, set(pool_uids))
     eval_data = load_eval_data(preprocess, tokenizer, str(heldout), str(heldout / "target"))
     timings["decode"] = time.perf_counter() - tick
-    eval_key = _key({"heldout": heldout_params, "model": cfg.model})
+    # The architecture's config (not only its name) is part of every run's identity: a changed config JSON
+    # must not reuse runs trained with the old one.
+    eval_key = _key({"heldout": heldout_params, "model": cfg.model, "arch": model_config(cfg.model)})
 
     tick = time.perf_counter()
     context = {"pool": embed_key}
