@@ -315,25 +315,18 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def _from_local_file(model: str, path: Path) -> tuple[torch.nn.Module, dict, dict]:
     """(model, config, our metadata) from a local checkpoint file."""
-    if path.suffix == ".safetensors":
-        config = model_config(model)
-        try:
-            return _create(model, str(path)), config, {}
-        except CurateError:
-            raise
-        except Exception as exc:
-            raise CurateError(f"{path}: cannot load into {model} ({str(exc).splitlines()[0][:200]})") from None
-    checkpoint = read_checkpoint(path)
-    meta = checkpoint.get("curate") if isinstance(checkpoint, dict) else None
-    if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT:
-        if meta["model"] != model:
-            raise CurateError(f"{path}: checkpoint is a {meta['model']} model, not {model}; "
-                              f"use --model {meta['model']}")
-        config = meta["config"]
-        clip = _create(model, None, config)
-        _load_state(clip, checkpoint["state_dict"], path)
-        return clip, config, meta
-    # A plain open_clip / OpenAI state dict: open_clip's loader converts and checks it.
+    if path.suffix != ".safetensors":
+        checkpoint = read_checkpoint(path)
+        meta = checkpoint.get("curate") if isinstance(checkpoint, dict) else None
+        if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT:
+            if meta["model"] != model:
+                raise CurateError(f"{path}: checkpoint is a {meta['model']} model, not {model}; "
+                                  f"use --model {meta['model']}")
+            config = meta["config"]
+            clip = _create(model, None, config)
+            _load_state(clip, checkpoint["state_dict"], path)
+            return clip, config, meta
+    # A safetensors file or a plain open_clip / OpenAI state dict: open_clip's loader converts and checks it.
     config = model_config(model)
     try:
         return _create(model, str(path)), config, {}

@@ -159,14 +159,9 @@ def load_pairs(shards, preprocess: Callable, tokenizer: Callable, uids: set[str]
 def read_subset_uids(subset: str | Path) -> list[str]:
     """The uids of a `curate filter` output directory (its uids.npy) or of a DataComp `.npy` subset file."""
     from curate.io.uids import read_uid_npy
+    from curate.stages.export import subset_file
 
-    path = Path(subset)
-    if path.is_dir():
-        path = path / "uids.npy"
-    if not path.is_file():
-        raise CurateError(f"{path}: no subset uid file; give the --out directory of `curate filter` or a "
-                          "DataComp uids .npy")
-    return read_uid_npy(path)
+    return read_uid_npy(subset_file(subset))
 
 
 def is_subset_spec(source: str | Path) -> bool:
