@@ -132,3 +132,36 @@ def extrapolate(results: dict, stage: str, rows: int) -> tuple[float, float]:
     pa_, pb = results["sizes"][a]["stages"][stage]["peak"], results["sizes"][b]["stages"][stage]["peak"]
     slope = (pb - pa_) / (b - a)
     return slope, pb + slope * (rows - b)
+
+
+def main(argv=None) -> int:
+    """`bench/bench_memory.py --rows 10000000 --out bench/out/memory-10M.json`: the memory section alone at
+    sizes too slow for `make bench` (10 M × 512: ~40 GB of disk, ~35 min here); merge it into results.md
+    with `bench/run_all.py --from-json bench/out/results.json --merge-memory bench/out/memory-10M.json`."""
+    import argparse
+    import datetime
+    import json
+
+    from common import REPO
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rows", default="10000000", help="comma list of pool sizes")
+    parser.add_argument("--work", default=str(REPO / "bench" / "out"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "memory-10M.json"))
+    parser.add_argument("--keep-pool", action="store_true", help="keep the generated pools (large)")
+    args = parser.parse_args(argv)
+    sizes = [int(float(x)) for x in args.rows.split(",")]
+    work = Path(args.work)
+    result = run(work, sizes, 512, 1024, 32768, 32768)
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    if not args.keep_pool:
+        for n in sizes:
+            shutil.rmtree(work / f"pool-{n}x512", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
