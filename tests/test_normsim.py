@@ -306,3 +306,65 @@ def test_cli_normsim(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "needs a target" in err and "Traceback" not in err
+
+
+def test_fp16_conversion_is_exact_for_every_bit_pattern():
+    from curate.io.tables import to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
+    want = every.astype(np.float32)
+    got = to_float32(every, out=np.full((300, 256), 7.0, np.float32))
+    assert got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
+
+
+def test_prefetch_keeps_order_and_reraises():
+    from curate.io.prefetch import prefetch
+
+    assert list(prefetch(range(50))) == list(range(50))
+    assert list(prefetch([])) == []
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    items = prefetch(failing())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(items)
+
+
+def test_max_abs_scorer_reused_across_calls_of_any_size():
+    from curate.metrics.normsim import MaxAbsInnerProduct
+
+    rng = np.random.default_rng(3)
+    target = random_unit(6, 5, rng)
+    scorer = MaxAbsInnerProduct(target, tile_elements=18)  # 3 rows per tile
+    for n in (7, 2, 11, 0, 3):
+        v = random_unit(n, 5, rng) if n else np.empty((0, 5), np.float32)
+        np.testing.assert_allclose(scorer(v), reference_normsim(v, target, float("inf")), atol=1e-6)
+
+
+@pytest.mark.parametrize("target_rows", [3, 9])  # below D: the direct V Xᵀ route; above: the second moment
+def test_stage_blocks_from_tables_and_cache_match_reference(tmp_path, monkeypatch, target_rows):
+    """Many blocks per file (ring buffers reused while the next block is read ahead), both sources."""
+    import curate.io.tables as tables
+    import curate.stages.normsim as stage
+
+    monkeypatch.setattr(tables, "READ_BATCH_ROWS", 4)
+    monkeypatch.setattr(stage, "READ_BATCH_ROWS", 4)
+    emb = make_embedding_dir(tmp_path / "emb", [11, 9, 15], dim=6, seed=16)
+    target = random_unit(target_rows, 6, np.random.default_rng(17))
+    np.save(tmp_path / "target.npy", target)
+    pool = EmbeddingPool(emb)
+    v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()])
+    pool.matrix("image_embedding", tmp_path / "cache")
+    for p in ("inf", "2"):
+        want = reference_normsim(v, target, float(p))
+        for cache in (None, tmp_path / "cache"):
+            result = normsim(emb, str(tmp_path / "target.npy"), p, tmp_path / "out.parquet", cache_dir=cache)
+            got = pq.read_table(tmp_path / "out.parquet").column(f"normsim_{p}").to_numpy()
+            np.testing.assert_allclose(got, want, atol=1e-5)
+            if p == "2":
+                assert result["params"]["route"] == ("direct" if target_rows < 6 else "second moment")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -139,8 +140,31 @@ def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) ->
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     d = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(-1, d).astype(dtype, copy=False)
+    values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    if values.dtype == np.float16 and np.dtype(dtype) == np.float32:
+        return to_float32(values)
+    return values.astype(dtype, copy=False)
+
+
+def to_float32(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact fp16 -> float32 conversion through torch, which uses the CPU's F16C instructions (numpy's
+    `astype` does not). `out`: a float32 buffer of at least len(array) rows to convert into; reusing one
+    matters as much as the instructions, since a fresh 16 MiB array costs ~3 ms of page faults."""
+    import torch
+
+    array = np.asarray(array)
+    if out is None:
+        out = np.empty(array.shape, dtype=np.float32)
+    else:
+        out = out[: len(array)]
+    if array.dtype != np.float16:
+        np.copyto(out, array, casting="same_kind")
+        return out
+    with warnings.catch_warnings():  # read-only input (an Arrow buffer) is fine: torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(array))
+    torch.from_numpy(out).copy_(source)
+    return out
 
 
 def embedding_files(source: str | Path | Sequence[str | Path]) -> list[Path]:

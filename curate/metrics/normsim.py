@@ -44,9 +44,11 @@ def second_moment(x: np.ndarray, moment: np.ndarray | None = None, chunk_rows: i
 
 
 def normsim_2(v: np.ndarray, moment: np.ndarray) -> np.ndarray:
-    """NormSim_2(v) = sqrt(Σ_x <v,x>²) = sqrt(vᵀ C v) with C = XᵀX (Eq. 3, p = 2). (n, D) -> (n,) float32."""
+    """NormSim_2(v) = sqrt(Σ_x <v,x>²) = sqrt(vᵀ C v) with C = XᵀX (Eq. 3, p = 2). (n, D) -> (n,) float32.
+
+    The product runs in float32; pass C as float32 when calling per chunk (converted otherwise)."""
     v = np.asarray(v, dtype=np.float32)
-    quad = np.einsum("nd,nd->n", v @ moment.astype(np.float32), v, dtype=np.float32)
+    quad = np.einsum("nd,nd->n", v @ moment.astype(np.float32, copy=False), v, dtype=np.float32)
     return np.sqrt(np.maximum(quad, 0.0, out=quad), out=quad)
 
 
@@ -60,38 +62,61 @@ def default_nprobe(nlist: int) -> int:
     return int(max(1, min(nlist, round(nlist / 8))))
 
 
-def normsim_inf_exact(v, target, tile_elements: int | None = None) -> np.ndarray:
-    """NormSim_∞(v) = max_x |<v, x>| (Eq. 3, p → ∞), exact: float32 V Xᵀ in row tiles, max/min per row.
+class MaxAbsInnerProduct:
+    """NormSim_∞(v) = max_x |<v, x>| (Eq. 3, p → ∞), exact, with the target prepared once for many calls.
 
-    `target`: (M, D) numpy array or torch tensor (put it on the GPU to compute there). (n, D) -> (n,) float32.
-    On the CPU the tiles run in numpy (sgemm, then max and min per row: measured faster than torch's
-    aminmax there), in tiles of 2^22 products (16 MiB, cache-friendly); on a GPU in torch, 2^24 per tile.
+    float32 V Xᵀ in row tiles into one reused buffer, then |.| in place and a row max (two passes over
+    the tile, as FAISS's top-1 scan after its sgemm). `target`: (M, D) numpy array or torch tensor; a
+    tensor on the GPU computes there (torch, aminmax), in tiles of 2^24 products; on the CPU numpy
+    tiles of 2^22 products (16 MiB, cache-resident).
     """
-    import torch
 
-    rows = np.asarray(v, dtype=np.float32)
-    out = np.empty(len(rows), dtype=np.float32)
-    on_gpu = isinstance(target, torch.Tensor) and target.device.type != "cpu"
-    if on_gpu:
-        x_t = target.float().t().contiguous()
-    else:
-        x = target.float().numpy() if isinstance(target, torch.Tensor) else target
-        x_t = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
-    if tile_elements is None:
-        tile_elements = 1 << 24 if on_gpu else 1 << 22
-    step = max(1, int(tile_elements) // max(1, x_t.shape[1]))
-    # one reused product buffer on the CPU: a fresh 16 MiB array per tile costs page faults every time
-    buffer = None if on_gpu else np.empty((min(step, len(rows)), x_t.shape[1]), dtype=np.float32)
-    for start in range(0, len(rows), step):
-        if on_gpu:
-            products = torch.from_numpy(rows[start:start + step]).to(x_t.device) @ x_t
-            low, high = torch.aminmax(products, dim=1)
-            out[start:start + step] = torch.maximum(high, -low).cpu().numpy()
+    def __init__(self, target, tile_elements: int | None = None):
+        import torch
+
+        self.on_gpu = isinstance(target, torch.Tensor) and target.device.type != "cpu"
+        if self.on_gpu:
+            self.x_t = target.float().t().contiguous()
         else:
-            block = rows[start:start + step]
-            products = np.matmul(block, x_t, out=buffer[:len(block)])
-            np.maximum(products.max(axis=1), -products.min(axis=1), out=out[start:start + step])
-    return out
+            x = target.float().numpy() if isinstance(target, torch.Tensor) else target
+            self.x_t = np.ascontiguousarray(np.asarray(x, dtype=np.float32).T)
+        if tile_elements is None:
+            tile_elements = 1 << 24 if self.on_gpu else 1 << 22
+        self.step = max(1, int(tile_elements) // max(1, self.x_t.shape[1]))
+        self._buffer = None  # a fresh 16 MiB array per tile would cost page faults every time
+
+    def __call__(self, v) -> np.ndarray:
+        """(n, D) -> (n,) float32."""
+        rows = np.asarray(v, dtype=np.float32)
+        out = np.empty(len(rows), dtype=np.float32)
+        if self.on_gpu:
+            import torch
+
+            for start in range(0, len(rows), self.step):
+                products = torch.from_numpy(rows[start:start + self.step]).to(self.x_t.device) @ self.x_t
+                low, high = torch.aminmax(products, dim=1)
+                out[start:start + self.step] = torch.maximum(high, -low).cpu().numpy()
+            return out
+        rows_per_tile = min(self.step, len(rows))
+        if self._buffer is None or len(self._buffer) < rows_per_tile:
+            self._buffer = np.empty((rows_per_tile, self.x_t.shape[1]), dtype=np.float32)
+        for start in range(0, len(rows), self.step):
+            block = rows[start:start + self.step]
+            products = np.matmul(block, self.x_t, out=self._buffer[:len(block)])
+            np.abs(products, out=products).max(axis=1, out=out[start:start + len(block)])
+        return out
+
+
+def normsim_inf_exact(v, target, tile_elements: int | None = None) -> np.ndarray:
+    """NormSim_∞(v) = max_x |<v, x>| (Eq. 3, p → ∞), exact; see MaxAbsInnerProduct. (n, D) -> (n,) float32."""
+    return MaxAbsInnerProduct(target, tile_elements)(v)
+
+
+def normsim_2_direct(v: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """NormSim_2(v) = sqrt(Σ_x <v,x>²) (Eq. 3, p = 2) as written, from V Xᵀ: cheaper than the D×D route when M < D."""
+    products = np.asarray(v, dtype=np.float32) @ np.asarray(target, dtype=np.float32).T
+    quad = np.einsum("nm,nm->n", products, products, dtype=np.float32)
+    return np.sqrt(quad, out=quad)
 
 
 def build_ivf_index(target: np.ndarray, nlist: int | None = None, nprobe: int | None = None, seed: int = 0):
@@ -171,6 +196,7 @@ def normsim_2d(v, iterations: int = 4, final_fraction: float = 0.3, chunk_rows: 
         for part in _chunks(n, chunk_rows):
             rows = np.asarray(v[part], dtype=np.float32)
             second_moment(rows if kept is None else rows[kept[part]], moment)
+        moment = moment.astype(np.float32)  # once per round, not per chunk
         for part in _chunks(n, chunk_rows):
             scores[part] = normsim_2(v[part], moment)
     return scores

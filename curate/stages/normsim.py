@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from curate.errors import CurateError
-from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool
+from curate.io.prefetch import prefetch
+from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, to_float32
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
 
 P_VALUES = ("inf", "2", "2d")
@@ -104,9 +105,8 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     if p == "inf" and index == "flat":
         import torch
 
-        target_on_device = torch.from_numpy(target).to(torch_device)
+        score_chunk = ns.MaxAbsInnerProduct(torch.from_numpy(target).to(torch_device))
         info.update({"index": "flat", "device": torch_device.type})
-        score_chunk = lambda rows: ns.normsim_inf_exact(rows, target_on_device)  # noqa: E731
     elif p == "inf":
         try:
             faiss_index = ns.build_ivf_index(target, nlist, nprobe)
@@ -114,13 +114,17 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
             raise CurateError(f"--index ivf: {exc}") from None
         info.update({"index": "ivf", "nlist": int(faiss_index.nlist), "nprobe": int(faiss_index.nprobe)})
         score_chunk = lambda rows: ns.normsim_inf(rows, faiss_index)  # noqa: E731
+    elif len(target) < pool.dim:  # Σ_x <v,x>² straight from V Xᵀ costs M < D products per row
+        info["route"] = "direct"
+        score_chunk = lambda rows: ns.normsim_2_direct(rows, target)  # noqa: E731
     else:
-        moment = ns.second_moment(target)
+        info["route"] = "second moment"
+        moment = ns.second_moment(target).astype(np.float32)
         score_chunk = lambda rows: ns.normsim_2(rows, moment)  # noqa: E731
 
     scores = np.empty(n, dtype=np.float32)
     row = 0
-    for rows in _image_blocks(pool, memmap_dir):
+    for rows in prefetch(_image_blocks(pool, memmap_dir)):
         scores[row:row + len(rows)] = score_chunk(rows)
         row += len(rows)
         if progress:
@@ -133,20 +137,23 @@ def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None) -> Iterato
 
     From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
     `curate score` for negclip): sequential reads, far cheaper than decoding the Parquet list column.
-    Otherwise streamed from the tables; no cache is built for this one pass.
+    Otherwise streamed from the tables; no cache is built for this one pass. Blocks are converted into a
+    ring of 3 reused buffers (the caller's block, the next one, the one being read ahead by `prefetch`):
+    a block is valid until the caller asks for the block after the next.
     """
+    ring = [np.empty((READ_BATCH_ROWS, pool.dim), dtype=np.float32) for _ in range(3)]
     if memmap_dir is not None and pool.cache_file("image_embedding", memmap_dir).exists():
         rows = PoolRows(pool, "image_embedding", memmap_dir)  # checks every read
-        for start in range(0, len(rows), READ_BATCH_ROWS):
-            yield rows[start:start + READ_BATCH_ROWS].astype(np.float32)
+        for number, start in enumerate(range(0, len(rows), READ_BATCH_ROWS)):
+            yield to_float32(rows[start:start + READ_BATCH_ROWS], out=ring[number % 3])
         rows.close()
         return
     row = 0
-    for _, chunk in pool.iter_chunks(["image_embedding"], dtype=np.float32):
+    for number, (_, chunk) in enumerate(pool.iter_chunks(["image_embedding"], dtype=np.float16)):
         block = chunk["image_embedding"]
         check_finite(pool, block, row, "image_embedding")
         row += len(block)
-        yield block
+        yield to_float32(block, out=ring[number % 3])
 
 
 def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: str = "flat",
