@@ -195,7 +195,8 @@ def test_removal_rates_from_truth():
     truth = ["clean", "clean", "swapped", "swapped", "generic", "clean", "swapped", "noise_image"]
     kept = np.array([1, 1, 0, 1, 0, 0, 0, 1], dtype=bool)
     result = cmp.removal_rates(truth, kept)
-    assert result["kinds"]["swapped"] == {"pool": 3, "kept": 1, "removed_rate": pytest.approx(2 / 3)}
+    assert result["kinds"]["swapped"] == {"pool": 3, "kept": 1, "removed_rate": pytest.approx(2 / 3),
+                                         "kept_rate": pytest.approx(1 / 3)}
     assert result["kinds"]["generic"]["removed_rate"] == 1.0
     assert result["kinds"]["noise_image"]["removed_rate"] == 0.0
     assert result["kinds"]["clean"]["removed_rate"] == pytest.approx(1 / 3)

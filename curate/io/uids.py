@@ -11,11 +11,16 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.errors import CurateError
 
 UID_RE = re.compile(r"^[0-9a-f]{32}$")
 DATACOMP_DTYPE = np.dtype("u8,u8")
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+_HEX_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX_LUT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 
 
 def is_uid(value: object) -> bool:
@@ -33,13 +38,52 @@ def content_uid(image_bytes: bytes, caption: str) -> str:
 
 def uids_to_pairs(uids) -> np.ndarray:
     """Hex uids -> sorted structured array (high u64, low u64), DataComp's subset format."""
-    pairs = np.empty(len(uids), dtype=DATACOMP_DTYPE)
-    for i, uid in enumerate(uids):
-        if not is_uid(uid):
-            raise CurateError(f"not a 32-hex uid: {uid!r}")
-        pairs[i] = (int(uid[:16], 16), int(uid[16:], 16))
+    try:
+        column = pa.array(list(uids), pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CurateError(f"uid list: not all uids are strings of 32 hex digits ({exc})") from None
+    high, low = uid_halves(column, "uid list")
+    pairs = np.empty(len(high), dtype=DATACOMP_DTYPE)
+    pairs["f0"], pairs["f1"] = high, low
     pairs.sort()
     return pairs
+
+
+def uid_halves(column: pa.Array | pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """32-hex uid strings -> (high, low) uint64 arrays, straight from the Arrow buffers (no Python loop).
+
+    The high half is the first 16 hex digits, as in DataComp's `u8,u8` layout; comparing (high, low)
+    numerically is the same as comparing the hex strings.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise CurateError(f"{where}: column `uid` has type {column.type}; expected strings of 32 lowercase "
+                          "hex digits (the 128-bit uid)")
+    highs, lows = [], []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise CurateError(f"{where}: {chunk.null_count} rows have no uid (null); every row needs one")
+        lengths = pc.binary_length(chunk).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != 32).any():
+            bad = chunk[int(np.argmax(lengths != 32))].as_py()
+            raise CurateError(f"{where}: uid {bad[:40]!r} is not 32 lowercase hex digits "
+                              f"({int((lengths != 32).sum())} such rows)")
+        if len(chunk) == 0:
+            continue
+        offsets_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], offsets_type)[chunk.offset: chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(-1, 32)
+        nibbles = _HEX_LUT[data]
+        if (nibbles == 255).any():
+            bad = chunk[int(np.argmax((nibbles == 255).any(axis=1)))].as_py()
+            raise CurateError(f"{where}: uid {bad!r} is not 32 lowercase hex digits")
+        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (n, 16) bytes, big-endian
+        halves = packed.view(">u8").astype(np.uint64)  # (n, 2)
+        highs.append(halves[:, 0])
+        lows.append(halves[:, 1])
+    if not highs:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    return np.concatenate(highs), np.concatenate(lows)
 
 
 def pairs_to_uids(pairs: np.ndarray) -> list[str]:

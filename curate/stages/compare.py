@@ -125,24 +125,17 @@ def prefilter_fraction(fraction: float | str, prefilter: float | str) -> str:
 
 
 def removal_rates(pool_truth: list[str | None], kept: np.ndarray) -> dict:
-    """Per truth kind: pool count, kept count and removal rate 1 - kept/pool (from the ground truth).
+    """Per truth kind pool/kept counts and rates (curate.stages.truth.removal_rates), plus the subset's clean
+    share and mismatched share (swapped, generic and noise_image: pairs whose caption does not describe the image)."""
+    from curate.stages.truth import removal_rates as kind_rates
 
-    `kept` is a boolean mask over the pool. Also the subset's clean share and mismatched share (swapped,
-    generic and noise_image: pairs whose caption does not describe the image)."""
     truth = np.asarray([str(t) if t is not None else "unknown" for t in pool_truth], dtype=object)
     kept = np.asarray(kept, dtype=bool)
-    out: dict = {"kinds": {}}
-    for kind in sorted(set(truth.tolist())):
-        in_pool = truth == kind
-        n_pool, n_kept = int(in_pool.sum()), int((in_pool & kept).sum())
-        out["kinds"][kind] = {"pool": n_pool, "kept": n_kept,
-                              "removed_rate": (1.0 - n_kept / n_pool) if n_pool else None}
     n_kept = int(kept.sum())
-    out["kept"] = n_kept
-    out["clean_share"] = float((kept & (truth == "clean")).sum() / n_kept) if n_kept else None
     mismatched = np.isin(truth, MISMATCHED_KINDS)
-    out["mismatched_share"] = float((kept & mismatched).sum() / n_kept) if n_kept else None
-    return out
+    return {"kinds": kind_rates(truth, kept), "kept": n_kept,
+            "clean_share": float((kept & (truth == "clean")).sum() / n_kept) if n_kept else None,
+            "mismatched_share": float((kept & mismatched).sum() / n_kept) if n_kept else None}
 
 
 def mean_std(values: list[float]) -> dict:

@@ -40,14 +40,11 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, write_text_atomic
 from curate.io.tables import ERRORS_SUFFIX, EmbeddingPool, read_meta, write_table_atomic
-from curate.io.uids import DATACOMP_DTYPE
+from curate.io.uids import DATACOMP_DTYPE, uid_halves
 
 MODES = ("sequential", "independent")
 BATCH_ROWS = 1 << 20
 # hex digit (ASCII code) -> nibble value; 255 marks a character that is not lowercase hex
-_HEX_LUT = np.full(256, 255, dtype=np.uint8)
-_HEX_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX_LUT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 
 
 # ---------------------------------------------------------------- parameters
@@ -104,43 +101,6 @@ def parse_bound(spec: str, kind: str) -> Bound:
 
 
 # ---------------------------------------------------------------- uids as two uint64 halves
-
-def uid_halves(column: pa.Array | pa.ChunkedArray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """32-hex uid strings -> (high, low) uint64 arrays, straight from the Arrow buffers (no Python loop).
-
-    The high half is the first 16 hex digits, as in DataComp's `u8,u8` layout; comparing (high, low)
-    numerically is the same as comparing the hex strings.
-    """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise CurateError(f"{where}: column `uid` has type {column.type}; expected strings of 32 lowercase "
-                          "hex digits (the 128-bit uid)")
-    highs, lows = [], []
-    for chunk in chunks:
-        if chunk.null_count:
-            raise CurateError(f"{where}: {chunk.null_count} rows have no uid (null); every row needs one")
-        lengths = pc.binary_length(chunk).to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths != 32).any():
-            bad = chunk[int(np.argmax(lengths != 32))].as_py()
-            raise CurateError(f"{where}: uid {bad[:40]!r} is not 32 lowercase hex digits "
-                              f"({int((lengths != 32).sum())} such rows)")
-        if len(chunk) == 0:
-            continue
-        offsets_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        offsets = np.frombuffer(chunk.buffers()[1], offsets_type)[chunk.offset: chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(-1, 32)
-        nibbles = _HEX_LUT[data]
-        if (nibbles == 255).any():
-            bad = chunk[int(np.argmax((nibbles == 255).any(axis=1)))].as_py()
-            raise CurateError(f"{where}: uid {bad!r} is not 32 lowercase hex digits")
-        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (n, 16) bytes, big-endian
-        halves = packed.view(">u8").astype(np.uint64)  # (n, 2)
-        highs.append(halves[:, 0])
-        lows.append(halves[:, 1])
-    if not highs:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    return np.concatenate(highs), np.concatenate(lows)
-
 
 def uid_order(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """Indices that sort the uids ascending. Random uids almost never share a high half, so one

@@ -417,7 +417,7 @@ def removal_png(kinds: list[str], subsets: list[Subset], rates: dict[str, dict])
         width = 0.8 / max(len(subsets), 1)
         x = np.arange(len(kinds))
         for i, s in enumerate(subsets):
-            heights = [100 * (1 - rates[s.name][k]["kept"] / rates[s.name][k]["count"]) for k in kinds]
+            heights = [100 * rates[s.name][k]["removed_rate"] for k in kinds]
             ax.bar(x + (i - (len(subsets) - 1) / 2) * width, heights, width, label=s.name,
                    color=SUBSET_COLOURS[i % len(SUBSET_COLOURS)])
         ax.set_xticks(x, kinds, rotation=20, ha="right", fontsize=8)
@@ -689,8 +689,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, scores: Seq
         rates = {s.name: removal_rates(pool.truth, s.kept) for s in subsets_read}
         removal = {"kinds": kinds, "png": removal_png(kinds, subsets_read, rates),
                    "rows": [{"name": s.name, "kept": int(s.kept.sum()), "pool": len(pool.uids),
-                             "cells": [{"kept": rates[s.name][k]["kept"], "count": rates[s.name][k]["count"],
-                                        "removed_pct": 100 * (1 - rates[s.name][k]["kept"] / rates[s.name][k]["count"])}
+                             "cells": [{"kept": rates[s.name][k]["kept"], "count": rates[s.name][k]["pool"],
+                                        "removed_pct": 100 * rates[s.name][k]["removed_rate"]}
                                        for k in kinds]} for s in subsets_read]}
     sections["removal"] = removal
 

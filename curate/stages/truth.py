@@ -30,14 +30,19 @@ def _columns(pool: EmbeddingPool) -> list[str]:
     return pq.read_schema(pool.files[0]).names
 
 
-def removal_rates(truth: np.ndarray, kept: np.ndarray) -> dict[str, dict]:
-    """Per truth kind: count, kept, and the rate (kept rate for `clean`, removal rate for corruptions)."""
+def removal_rates(truth, kept) -> dict[str, dict]:
+    """Per truth kind, from the ground truth: {"pool": n, "kept": k, "kept_rate": k/n, "removed_rate": 1 - k/n}.
+
+    `truth`: kind per pool row (None reads as "unknown"); `kept`: boolean mask over the pool. Kinds are
+    ordered clean first, then by name. The one definition behind the truth table, `compare` and the report.
+    """
+    truth = np.asarray([str(t) if t is not None else "unknown" for t in truth], dtype=object)
+    kept = np.asarray(kept, dtype=bool)
     out = {}
     for kind in sorted(set(truth.tolist()), key=lambda k: (k != "clean", k)):
         mask = truth == kind
         n, k = int(mask.sum()), int((kept & mask).sum())
-        out[kind] = {"count": n, "kept": k,
-                     ("kept_rate" if kind == "clean" else "removed_rate"): (k if kind == "clean" else n - k) / n}
+        out[kind] = {"pool": n, "kept": k, "kept_rate": k / n, "removed_rate": 1.0 - k / n}
     return out
 
 
@@ -61,6 +66,6 @@ def truth_markdown(table: dict[str, dict]) -> str:
         cells = []
         for k in kinds:
             d = r["kinds"].get(k)
-            cells.append("" if d is None else f"{100 * d.get('kept_rate', d.get('removed_rate')):.1f} %")
+            cells.append("" if d is None else f"{100 * d['kept_rate' if k == 'clean' else 'removed_rate']:.1f} %")
         lines.append(f"| {name} | {r['kept']:,} / {r['pool']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
