@@ -172,18 +172,42 @@ def score_cmd(
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the fp16 memmap caches go "
                                              "(default: OUT's directory/.curate-cache)."),
+    rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
+    executor: str = typer.Option("local", help="local or ray."),
+    workers: int = typer.Option(1, help="local executor: processes running negclip map tasks (1: this process)."),
+    tasks: Optional[int] = typer.Option(None, help="negclip: map tasks the K x ceil(N/B) batches are cut into, "
+                                        "the same for every rank (default 32)."),
+    retries: int = typer.Option(1, help="Retries per failed task."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent."),
 ):
-    """CLIPScore and negCLIPLoss (Wang et al. 2024, Eq. 2) of every sample, exact and seeded."""
+    """CLIPScore and negCLIPLoss (Wang et al. 2024, Eq. 2) of every sample, exact and seeded.
+
+    With --rank/--world-size (or a Slurm array), --executor ray, --workers N or --tasks T, negclip runs as
+    map tasks with completion markers under OUT.parts/; the rank that finishes last writes the table,
+    byte-identical to a one-process run.
+    """
     from curate.stages.score import score
     from curate.ui import sample_progress
 
     with sample_progress("score (rows x passes)") as advance:
         result = score(emb, metric, out, k=k, batch_size=batch_size, seed=seed, device=device,
-                       cache_dir=cache_dir, progress=advance)
+                       cache_dir=cache_dir, progress=advance, executor=executor, workers=workers,
+                       ray_address=ray_address, rank=rank, world_size=world_size, retries=retries, tasks=tasks)
     params = result["params"]
+    tasks_info = result.get("negclip_tasks")
+    if result["out"] is None:
+        console.print(f"[bold]score[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
+                      f"({tasks_info['ran']} negclip map tasks run, {tasks_info['already_done']} already done); "
+                      f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
+                      f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
+        return
     detail = ", ".join(result["metrics"])
     if "negclip" in result["metrics"]:
         detail += f" (K={params['k']}, B={params['effective_batch_size']}, seed={params['seed']})"
+    if tasks_info:
+        detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
+                   f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
     console.print(_rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
 
 

@@ -207,7 +207,13 @@ def plan(recipe: dict) -> list[Step]:
         def run_score(s=s, out=out):
             from curate.stages.score import score
 
-            return score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"])
+            result = score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"],
+                           executor=run["executor"], workers=run["workers"], retries=run["retries"],
+                           ray_address=run["ray_address"] or None)
+            if result["out"] is None:  # a Slurm array rank whose peers are not done: nothing to chain yet
+                raise CurateError(f"score: {result['negclip_tasks']['missing']} negclip map tasks of other ranks "
+                                  "are still missing; rerun when they are done")
+            return result
         add("score", "score", s, [emb], [out], run_score)
 
     if "normsim" in recipe:

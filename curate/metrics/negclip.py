@@ -24,13 +24,24 @@ max-subtraction: each batch is computed in float32 with ``torch.logsumexp`` (max
 of at most `tile_elements` logits; column LSEs of the tiles are merged with ``torch.logaddexp``. Peak memory
 per batch is O(b·D + tile), never O(b²) unless the tile is b², and never O(N²). Per-sample sums of the 2K
 terms are kept in float64.
+
+Map/reduce (distributed runs, curate/stages/score.py): the K·⌈N/b⌉ (partition, batch) pairs, in flat order
+p = partition·⌈N/b⌉ + batch, are cut into T contiguous spans (`task_spans`). A map task computes its
+span's terms (`span_terms`: the float32 row+column LSE of every *own* member, batch by batch, members in
+sorted order); the members themselves are rebuilt from the seed, so only the terms are stored. The reduce
+(`reduce_span_terms`) walks the batches in the same flat order as `negclip_lse_sum` and adds the terms in
+float64, so each sample's sum sees the same additions in the same order: the result is bitwise equal to
+the in-process sum (the float32 → float64 conversion is exact). Measured on CPU (MKL sgemm, 1 to 16
+threads, b up to 8192, D up to 1024): `batch_lse` gives bitwise identical terms for every thread count,
+so map tasks may run with any number of torch threads. (Not measured on GPU; terms from different
+devices agree only to float tolerance.)
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,19 +63,30 @@ def effective_batch_size(n: int, batch_size: int) -> int:
     return min(int(batch_size), int(n))
 
 
-def partition_batches(n: int, batch_size: int, seed: int, partition: int) -> Iterator[Batch]:
-    """The batches of partition `partition` of a pool of `n` samples (scheme in the module docstring)."""
+def batches_per_partition(n: int, batch_size: int) -> int:
+    """⌈N/b⌉: F full batches, plus the ragged one when b does not divide N."""
+    b = effective_batch_size(n, batch_size)
+    return -(-int(n) // b) if b > 0 else 0
+
+
+def partition_batches(n: int, batch_size: int, seed: int, partition: int, first: int = 0,
+                      stop: int | None = None) -> Iterator[Batch]:
+    """The batches of partition `partition` of a pool of `n` samples (scheme in the module docstring).
+
+    `first`, `stop`: only batches first..stop-1 of the partition (a map task's share); the others are not built.
+    """
     b = effective_batch_size(n, batch_size)
     if n <= 0 or b <= 0:
         return
     rng = np.random.default_rng([int(seed), int(partition)])
     perm = rng.permutation(n)
     full = n // b
-    for m in range(full):
+    stop = batches_per_partition(n, batch_size) if stop is None else int(stop)
+    for m in range(max(0, int(first)), min(full, stop)):
         members = np.sort(perm[m * b:(m + 1) * b])
         yield Batch(members, np.ones(b, dtype=bool))
     ragged = n - full * b
-    if ragged:
+    if ragged and first <= full < stop:
         own = perm[full * b:]
         fill = perm[:full * b][rng.choice(full * b, b - ragged, replace=False)]
         members = np.concatenate([own, fill])
@@ -95,32 +117,24 @@ def batch_lse(image: torch.Tensor, text: torch.Tensor, logit_scale: float,
     return row, col
 
 
-def negclip_lse_sum(image, text, logit_scale: float, k: int, batch_size: int, seed: int,
-                    device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS,
-                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Σ_k [row LSE + column LSE] per sample (float64, pool order): the map+reduce core of negCLIPLoss.
+def lse_terms(image, text, batches: Iterable[Batch], logit_scale: float, device: str | torch.device = "cpu",
+              tile_elements: int = DEFAULT_TILE_ELEMENTS,
+              on_batch: Callable[[int], None] | None = None) -> Iterator[tuple[Batch, np.ndarray]]:
+    """(batch, float32 row+column LSE term of every member) for each batch, in the given order.
 
-    `image`, `text`: (N, D) arrays indexable by sorted integer arrays (numpy arrays or memmaps; fp16 is
-    fine, rows are converted to float32 on `device`). Rows of the next batch are gathered in a background
-    thread while the current batch computes. `on_batch(rows)` is called after each batch (progress).
+    `image`, `text`: (N, D) arrays indexable by sorted integer arrays (numpy arrays, memmaps or PoolRows;
+    fp16 is fine, rows are converted to float32 on `device`). Rows of the next batch are gathered in a
+    background thread while the current batch computes. `on_batch(rows)` is called after each batch.
     """
-    n = len(image)
-    if len(text) != n:
-        raise ValueError(f"image and text have different row counts: {n} vs {len(text)}")
     device = torch.device(device)
-    sums = np.zeros(n, dtype=np.float64)
 
     def gather(batch: Batch):
         v = torch.from_numpy(np.ascontiguousarray(image[batch.members]))
         t = torch.from_numpy(np.ascontiguousarray(text[batch.members]))
         return batch, v, t
 
-    def all_batches() -> Iterator[Batch]:
-        for partition in range(k):
-            yield from partition_batches(n, batch_size, seed, partition)
-
     with ThreadPoolExecutor(max_workers=1) as prefetch:
-        batches = all_batches()
+        batches = iter(batches)
         pending = None
         first = next(batches, None)
         if first is not None:
@@ -130,11 +144,94 @@ def negclip_lse_sum(image, text, logit_scale: float, k: int, batch_size: int, se
             following = next(batches, None)
             pending = prefetch.submit(gather, following) if following is not None else None
             row, col = batch_lse(v.to(device), t.to(device), logit_scale, tile_elements)
-            terms = (row + col).double().cpu().numpy()
-            # Members are distinct within a batch, so plain fancy-index accumulation is exact.
-            sums[batch.members[batch.own]] += terms[batch.own]
+            yield batch, (row + col).cpu().numpy()
             if on_batch is not None:
                 on_batch(len(batch.members))
+
+
+def negclip_lse_sum(image, text, logit_scale: float, k: int, batch_size: int, seed: int,
+                    device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Σ_k [row LSE + column LSE] per sample (float64, pool order): the map+reduce core of negCLIPLoss.
+
+    In one process: every batch of every partition in flat order (see `lse_terms` for the arguments).
+    """
+    n = len(image)
+    if len(text) != n:
+        raise ValueError(f"image and text have different row counts: {n} vs {len(text)}")
+    sums = np.zeros(n, dtype=np.float64)
+    all_batches = span_batches(n, batch_size, seed, 0, k * batches_per_partition(n, batch_size))
+    for batch, terms in lse_terms(image, text, all_batches, logit_scale, device, tile_elements, on_batch):
+        # Members are distinct within a batch, so plain fancy-index accumulation is exact.
+        sums[batch.members[batch.own]] += terms[batch.own].astype(np.float64)
+    return sums
+
+
+# ---------------------------------------------------------------- map/reduce over spans of batches
+
+def task_spans(n: int, batch_size: int, k: int, tasks: int) -> list[tuple[int, int]]:
+    """The K·⌈N/b⌉ flat (partition, batch) indices cut into min(tasks, K·⌈N/b⌉) contiguous [start, stop) spans.
+
+    Sizes differ by at most one batch; the same arguments give the same spans on every machine.
+    """
+    pairs = int(k) * batches_per_partition(n, batch_size)
+    count = max(1, min(int(tasks), pairs)) if pairs else 0
+    bounds = [pairs * t // count for t in range(count + 1)]
+    return [(bounds[t], bounds[t + 1]) for t in range(count)]
+
+
+def span_batches(n: int, batch_size: int, seed: int, start: int, stop: int) -> Iterator[Batch]:
+    """The batches with flat index start..stop-1 (p = partition·⌈N/b⌉ + batch), in that order."""
+    per = batches_per_partition(n, batch_size)
+    if per == 0:
+        return
+    for partition in range(start // per, -(-stop // per)):
+        first = max(start - partition * per, 0)
+        last = min(stop - partition * per, per)
+        yield from partition_batches(n, batch_size, seed, partition, first, last)
+
+
+def span_own_count(n: int, batch_size: int, start: int, stop: int) -> int:
+    """How many own terms the batches start..stop-1 hold (b per full batch, N mod b for the ragged one)."""
+    b = effective_batch_size(n, batch_size)
+    per = batches_per_partition(n, batch_size)
+    ragged = n - (n // b) * b if b > 0 else 0
+    if not ragged:
+        return (stop - start) * b
+    # the ragged batches are the flat indices p with p + 1 a multiple of per
+    ragged_batches = stop // per - start // per
+    return (stop - start - ragged_batches) * b + ragged_batches * ragged
+
+
+def span_terms(image, text, logit_scale: float, batch_size: int, seed: int, start: int, stop: int,
+               device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS,
+               on_batch: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Map: per batch of the span (in order), the float32 terms of its own members (sorted member order)."""
+    n = len(image)
+    batches = span_batches(n, batch_size, seed, start, stop)
+    for batch, terms in lse_terms(image, text, batches, logit_scale, device, tile_elements, on_batch):
+        yield np.ascontiguousarray(terms[batch.own], dtype=np.float32)
+
+
+def reduce_span_terms(n: int, batch_size: int, seed: int, spans: Sequence[tuple[int, int]],
+                      open_span: Callable[[int], Callable[[int], np.ndarray]]) -> np.ndarray:
+    """Reduce: Σ of every sample's terms (float64, pool order) from the spans' stored terms.
+
+    `open_span(t)` returns `take(count)`, which gives the next `count` stored terms of span t (all of them
+    concatenated as `span_terms` produced them). The batches are walked in the flat order of
+    `negclip_lse_sum` and added the same way, so the sums are bitwise equal to it.
+    """
+    sums = np.zeros(n, dtype=np.float64)
+    for index, (start, stop) in enumerate(spans):
+        take = open_span(index)
+        for batch in span_batches(n, batch_size, seed, start, stop):
+            owners = batch.members[batch.own]
+            terms = take(len(owners))
+            if len(terms) != len(owners):
+                raise ValueError(f"span {index}: fewer stored terms than the partition scheme's batches hold")
+            sums[owners] += terms.astype(np.float64)
+        if len(take(1)):
+            raise ValueError(f"span {index}: more stored terms than the partition scheme's batches hold")
     return sums
 
 

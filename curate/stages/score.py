@@ -10,16 +10,24 @@ Passes over the pool (pool order = files sorted by name, rows in file order):
    gathered with sorted indices, moved to the device, and the row/column LSE terms computed in float32
    tiles (curate.metrics.negclip). Rows are read with positional reads, not through a memory map (see
    PoolRows), so RSS stays O(b·D + tile) beyond the O(N) output columns: the pool never sits in RAM.
-   This is the one global pass; distributed, each (partition, batch) is an independent map task whose
-   per-sample terms a reduce sums (see the partition scheme in curate/metrics/negclip.py).
+   This is the one global pass. Distributed (--rank/--world-size or a Slurm array, --executor, --workers,
+   --tasks), the K·⌈N/b⌉ (partition, batch) pairs are cut into T contiguous map tasks (`negclip_map_task`):
+   each writes its float32 terms to `<out>.parts/negclip-<layout hash>/tNNNNN.npy`, then a completion
+   marker; whoever finds every task marked runs the reduce (curate.metrics.negclip.reduce_span_terms,
+   same order as in-process, so the table is byte-identical) and writes the table. Every rank builds a
+   missing cache itself first (atomic rename of identical bytes). Finished tasks beside `out` are picked
+   up by any later run with the same layout, also one without distributed options.
 3. Write `uid` + float32 score columns, one row group per input table, atomically, with the parameters
    and the teacher in the `curate` metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,8 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path
+from curate.io.atomic import atomic_path, write_text_atomic
 from curate.io.tables import EmbeddingPool, with_meta
+from curate.run.executors import make_executor
+from curate.run.markers import Markers
+from curate.run.ranks import resolve_rank, split_for_rank
 
 METRICS = ("clipscore", "negclip")
 
@@ -196,10 +207,246 @@ def default_cache_dir(out: str | Path) -> Path:
     return Path(out).parent / ".curate-cache"
 
 
+# ---------------------------------------------------------------- negclip as map tasks + a reduce
+
+NEGCLIP_STAGE = "negclip"
+DEFAULT_NEGCLIP_TASKS = 32  # map tasks per run (not per rank): the layout must not depend on the world size
+
+
+def parts_root(out: str | Path) -> Path:
+    """Where distributed negclip keeps its map outputs: `<out>.parts/` beside the score table."""
+    out = Path(out)
+    return out.parent / f"{out.name}.parts"
+
+
+@dataclass
+class NegclipTask:
+    """Map task: the batches with flat index start..stop-1 (curate.metrics.negclip.task_spans)."""
+
+    name: str
+    start: int
+    stop: int
+    emb_dir: str | list[str]
+    cache_dir: str
+    fingerprint: str  # the pool version the run started with; a task refuses a changed pool
+    parts_dir: str
+    logit_scale: float
+    batch_size: int
+    seed: int
+    device: str
+    tile_elements: int
+    threads: int = 0  # torch CPU threads in a worker process (0: as the process has them)
+
+
+@dataclass
+class NegclipLayout:
+    """Everything that fixes the map outputs; its hash names the parts directory, so a changed pool or
+    parameter never reuses stale terms."""
+
+    fingerprint: str
+    n_rows: int
+    dim: int
+    logit_scale: float
+    k: int
+    batch_size: int
+    seed: int
+    tasks: int
+    tile_elements: int
+    numpy: str  # the permutations are numpy's
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def negclip_layout(pool: EmbeddingPool, k: int, batch_size: int, seed: int, tasks: int | None) -> NegclipLayout:
+    from curate.metrics.negclip import DEFAULT_TILE_ELEMENTS
+
+    return NegclipLayout(pool.fingerprint(), pool.n_rows, pool.dim, float(pool.teacher.logit_scale), int(k),
+                         int(batch_size), int(seed), int(tasks or DEFAULT_NEGCLIP_TASKS), DEFAULT_TILE_ELEMENTS,
+                         np.__version__)
+
+
+def negclip_parts_dir(out: str | Path, layout: NegclipLayout) -> Path:
+    return parts_root(out) / f"negclip-{layout.key()}"
+
+
+def _task_file(parts_dir: str | Path, name: str) -> Path:
+    return Path(parts_dir) / f"{name}.npy"
+
+
+# One pool's rows per process: a worker (spawned or Ray) running several tasks opens the caches once.
+_TASK_ROWS: dict[tuple, tuple[PoolRows, PoolRows]] = {}
+
+
+def _task_rows(task: NegclipTask) -> tuple[PoolRows, PoolRows]:
+    key = _rows_key(task.emb_dir, task.cache_dir, task.fingerprint)
+    if key not in _TASK_ROWS:
+        pool = EmbeddingPool(task.emb_dir)
+        if pool.fingerprint() != task.fingerprint:
+            raise CurateError(f"{task.emb_dir}: the embedding tables changed since this score run started "
+                              "(names, sizes or mtimes differ); rerun `curate score` on the final tables")
+        for old in _TASK_ROWS.values():
+            for rows in old:
+                rows.close()
+        _TASK_ROWS.clear()
+        _TASK_ROWS[key] = (PoolRows(pool, "image_embedding", task.cache_dir),
+                           PoolRows(pool, "text_embedding", task.cache_dir))
+    return _TASK_ROWS[key]
+
+
+def _rows_key(emb_dir, cache_dir, fingerprint: str) -> tuple:
+    return (str(emb_dir), str(cache_dir), fingerprint)
+
+
+def _emb_source(emb_dir) -> str | list[str]:
+    """The pool source as plain strings, so a task pickles the same everywhere."""
+    return [str(f) for f in emb_dir] if isinstance(emb_dir, (list, tuple)) else str(emb_dir)
+
+
+def negclip_map_task(task: NegclipTask, progress: Callable[[int], None] | None = None) -> dict:
+    """Compute one span's terms into `<parts>/<name>.npy` (float32, own members in batch order), then mark it."""
+    import torch
+
+    from curate.metrics.negclip import span_own_count, span_terms
+
+    markers = Markers(task.parts_dir, NEGCLIP_STAGE)
+    if markers.is_done(task.name):  # another rank or an earlier attempt finished it
+        return {"task": task.name, "ran": False}
+    started = time.perf_counter()
+    if task.threads:
+        torch.set_num_threads(task.threads)  # terms do not depend on it (module docstring of negclip)
+    image, text = _task_rows(task)
+    n = len(image)
+    expected = span_own_count(n, task.batch_size, task.start, task.stop)
+    path = _task_file(task.parts_dir, task.name)
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                 "fortran_order": False, "shape": (expected,)})
+        for terms in span_terms(image, text, task.logit_scale, task.batch_size, task.seed, task.start, task.stop,
+                                task.device, task.tile_elements, on_batch=progress):
+            terms.tofile(f)
+            written += len(terms)
+        if written != expected:
+            raise RuntimeError(f"{task.name}: computed {written} terms, the partition scheme says {expected}")
+    markers.mark(task.name, {"device": torch.device(task.device).type, "terms": expected, "start": task.start,
+                             "stop": task.stop, "seconds": round(time.perf_counter() - started, 3)})
+    return {"task": task.name, "ran": True}
+
+
+class SpanFiles:
+    """`open(index)` -> take(count): the next `count` stored terms of span `index`, read from its file."""
+
+    def __init__(self, parts_dir: Path, names: Sequence[str], counts: Sequence[int]):
+        self.parts_dir, self.names, self.counts = parts_dir, names, counts
+        self._file = None
+
+    def open(self, index: int) -> Callable[[int], np.ndarray]:
+        self.close()
+        path = _task_file(self.parts_dir, self.names[index])
+        try:
+            self._file = f = open(path, "rb")
+            np.lib.format.read_magic(f)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        except (OSError, ValueError) as exc:
+            raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); "
+                              f"delete it and {Markers(self.parts_dir, NEGCLIP_STAGE).path(self.names[index])}, "
+                              "then rerun") from None
+        if dtype != np.float32 or shape != (self.counts[index],):
+            raise CurateError(f"{path}: holds {shape} {dtype}, expected ({self.counts[index]},) float32; "
+                              f"delete it and its marker, then rerun")
+        return lambda count: np.fromfile(f, np.float32, count)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def negclip_distributed(pool: EmbeddingPool, emb_dir, image: PoolRows, text: PoolRows, out: str | Path,
+                        cache: Path, k: int, batch_size: int, seed: int, device, executor: str = "local",
+                        workers: int = 1, ray_address: str | None = None, rank: int | None = None,
+                        world_size: int | None = None, retries: int = 1, tasks: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray | None, dict]:
+    """Run this rank's not-yet-done map tasks, then the reduce if every task is done.
+
+    Returns (Σ terms per sample or None when tasks are still missing, info about the tasks and devices).
+    """
+    from curate.metrics.negclip import reduce_span_terms, span_own_count, task_spans
+
+    n = pool.n_rows
+    layout = negclip_layout(pool, k, batch_size, seed, tasks)
+    parts_dir = negclip_parts_dir(out, layout)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(parts_dir / "layout.json", json.dumps(asdict(layout), indent=1, sort_keys=True))
+    spans = task_spans(n, batch_size, k, layout.tasks)
+    names = [f"t{index:05d}" for index in range(len(spans))]
+    markers = Markers(parts_dir, NEGCLIP_STAGE)
+    rank, world_size = resolve_rank(rank, world_size)
+    mine = split_for_rank(list(range(len(spans))), rank, world_size)
+    todo = [index for index in mine if not markers.is_done(names[index])]
+    in_process = executor == "local" and (workers == 1 or len(todo) <= 1)  # then progress works too
+    # spawned workers would each start one torch thread per core; Ray sets its workers' own thread count
+    threads = max(1, torch_threads() // workers) if executor == "local" and not in_process else 0
+    source = _emb_source(emb_dir)
+    task_list = [NegclipTask(names[i], spans[i][0], spans[i][1], source, str(cache), layout.fingerprint,
+                             str(parts_dir), layout.logit_scale, int(batch_size), int(seed), str(device),
+                             layout.tile_elements, threads)
+                 for i in todo]
+    run_executor = make_executor(executor, workers=workers, ray_address=ray_address,
+                                 num_gpus=1.0 if device.type == "cuda" else 0.0, num_cpus=1.0)
+    if in_process:
+        rows_key = _rows_key(source, cache, layout.fingerprint)
+        _TASK_ROWS[rows_key] = (image, text)  # the caches this process already has open
+        try:
+            report = run_executor.run(lambda t: negclip_map_task(t, progress), task_list, retries=retries)
+        finally:
+            _TASK_ROWS.pop(rows_key, None)
+    else:
+        report = run_executor.run(negclip_map_task, task_list, retries=retries)
+    report.raise_if_failed("score (negclip map tasks)")
+    done = markers.done()
+    missing = [name for name in names if name not in done]
+    info = {"parts_dir": str(parts_dir), "tasks": len(spans), "rank": rank, "world_size": world_size,
+            "rank_tasks": len(mine), "ran": sum(1 for r in report.results if r and r["ran"]),
+            "already_done": len(mine) - len(todo), "missing": len(missing), "reduced": False}
+    if missing:
+        return None, info
+    devices = sorted({markers.info(name).get("device", "?") for name in names})
+    info.update(reduced=True, device="+".join(devices))
+    files = SpanFiles(parts_dir, names, [span_own_count(n, batch_size, a, b) for a, b in spans])
+    try:
+        sums = reduce_span_terms(n, int(batch_size), int(seed), spans, files.open)
+    finally:
+        files.close()
+    return sums, info
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def negclip_parts_started(out: str | Path, pool: EmbeddingPool, k: int, batch_size: int, seed: int,
+                          tasks: int | None) -> bool:
+    """True when a distributed run with these parameters left finished map tasks beside `out`."""
+    parts_dir = negclip_parts_dir(out, negclip_layout(pool, k, batch_size, seed, tasks))
+    return bool(Markers(parts_dir, NEGCLIP_STAGE).done())
+
+
 def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str | Path = "scores.parquet",
           k: int = 10, batch_size: int = 32768, seed: int = 0, device: str = "auto",
-          cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None) -> dict:
-    """Score a pool and write `out`; returns a summary {rows, seconds, rows_per_s, out, metrics, ...}."""
+          cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None, *,
+          executor: str = "local", workers: int = 1, ray_address: str | None = None, rank: int | None = None,
+          world_size: int | None = None, retries: int = 1, tasks: int | None = None) -> dict:
+    """Score a pool and write `out`; returns a summary {rows, seconds, rows_per_s, out, metrics, ...}.
+
+    negclip runs in this process unless any of executor/workers/rank/world_size/tasks (or a Slurm array)
+    asks for map tasks, or finished map tasks of the same layout lie beside `out` (a rerun completes them).
+    Distributed, `out` is None in the summary when this rank finished its tasks but others are missing;
+    `negclip_tasks` then says how many.
+    """
     from curate.metrics.negclip import effective_batch_size, negclip_from_lse_sum, negclip_lse_sum
 
     started = time.perf_counter()
@@ -209,29 +456,51 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
             raise CurateError(f"--k must be >= 1 (number of random partitions), got {k}")
         if int(batch_size) < 1:
             raise CurateError(f"--batch-size must be >= 1, got {batch_size}")
+    if int(workers) < 1:
+        raise CurateError(f"--workers must be >= 1, got {workers}")
+    if tasks is not None and int(tasks) < 1:
+        raise CurateError(f"--tasks must be >= 1, got {tasks}")
+    if int(retries) < 0:
+        raise CurateError(f"--retries must be >= 0, got {retries}")
     torch_device = resolve_device(device)
     pool = EmbeddingPool(emb_dir)
     n = pool.n_rows
     if n == 0:
         raise CurateError(f"{emb_dir}: the pool has no rows; nothing to score")
+    distributed = (executor != "local" or int(workers) > 1 or tasks is not None or rank is not None
+                   or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ)
 
+    columns: dict[str, np.ndarray] = {}
+    params: dict = {"metrics": names}
+    summary: dict = {}
+    lse_sum = None
     if "negclip" in names:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out)
+        # every rank builds a missing cache itself (atomic rename of identical bytes, so racing ranks agree)
         image = PoolRows(pool, "image_embedding", cache)
         text = PoolRows(pool, "text_embedding", cache)
+        if distributed or negclip_parts_started(out, pool, k, batch_size, seed, tasks):
+            lse_sum, info = negclip_distributed(pool, emb_dir, image, text, out, cache, int(k), int(batch_size),
+                                                int(seed), torch_device, executor, int(workers), ray_address,
+                                                rank, world_size, int(retries), tasks, progress)
+            summary["negclip_tasks"] = info
+            if lse_sum is None:  # other ranks' tasks are still missing: whoever finishes last reduces
+                seconds = time.perf_counter() - started
+                return {"out": None, "rows": n, "metrics": names, "seconds": seconds,
+                        "rows_per_s": n / seconds if seconds > 0 else float("inf"), "params": params,
+                        "teacher": pool.teacher.to_dict(), **summary}
         s_ii = clipscore_from_rows(image, text)
     else:
         s_ii = clipscore_pass(pool)
     if progress:
         progress(n)
-    columns: dict[str, np.ndarray] = {}
-    params: dict = {"metrics": names}
     if "clipscore" in names:
         columns["clipscore"] = s_ii
     if "negclip" in names:
         b = effective_batch_size(n, batch_size)
-        lse_sum = negclip_lse_sum(image, text, pool.teacher.logit_scale, int(k), int(batch_size), int(seed),
-                                  torch_device, on_batch=progress)
+        if lse_sum is None:
+            lse_sum = negclip_lse_sum(image, text, pool.teacher.logit_scale, int(k), int(batch_size), int(seed),
+                                      torch_device, on_batch=progress)
         columns["negclip"] = negclip_from_lse_sum(s_ii, lse_sum, pool.teacher.logit_scale, int(k))
         del lse_sum
         params.update({"k": int(k), "batch_size": int(batch_size), "effective_batch_size": b, "seed": int(seed),
@@ -239,11 +508,12 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
                        "partition_scheme": "numpy default_rng([seed, k]).permutation; ragged batch filled by "
                                            "rng.choice (curate.metrics.negclip)",
                        "numpy": np.__version__})
-    params["device"] = torch_device.type
+    # distributed: the devices the map tasks ran on (equal to an in-process run's when they agree)
+    params["device"] = summary["negclip_tasks"]["device"] if "negclip_tasks" in summary else torch_device.type
     meta = {"stage": "score", "teacher": pool.teacher.to_dict(), "source": str(emb_dir), "n_rows": n,
             "params": params}
     write_score_table(pool, columns, out, meta)
     seconds = time.perf_counter() - started
     return {"out": str(out), "rows": n, "metrics": names, "seconds": seconds,
             "rows_per_s": n / seconds if seconds > 0 else float("inf"), "params": params,
-            "teacher": pool.teacher.to_dict()}
+            "teacher": pool.teacher.to_dict(), **summary}
