@@ -144,8 +144,14 @@ def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None) -> Iterato
     ring = [np.empty((READ_BATCH_ROWS, pool.dim), dtype=np.float32) for _ in range(3)]
     if memmap_dir is not None and pool.cache_file("image_embedding", memmap_dir).exists():
         rows = PoolRows(pool, "image_embedding", memmap_dir)  # checks every read
-        for number, start in enumerate(range(0, len(rows), READ_BATCH_ROWS)):
-            yield to_float32(rows[start:start + READ_BATCH_ROWS], out=ring[number % 3])
+        # the same blocks as streaming the tables (per table, READ_BATCH_ROWS each): a BLAS product's
+        # rounding can depend on the block's row count, and both sources must give the same bytes
+        starts = np.cumsum([0] + pool.file_rows[:-1])
+        blocks = [(int(first) + offset, min(READ_BATCH_ROWS, rows_in_file - offset))
+                  for first, rows_in_file in zip(starts, pool.file_rows)
+                  for offset in range(0, rows_in_file, READ_BATCH_ROWS)]
+        for number, (start, count) in enumerate(blocks):
+            yield to_float32(rows[start:start + count], out=ring[number % 3])
         rows.close()
         return
     row = 0
