@@ -224,18 +224,41 @@ def normsim_cmd(
     iterations: int = typer.Option(4, "--iterations", help="p=2d: scoring rounds T (T-1 geometric drops)."),
     final_fraction: float = typer.Option(0.3, "--final-fraction", help="p=2d: fraction kept after the last drop."),
     templates: str = typer.Option("openai", "--templates", help="imagenet: openai (80) or simple (7) prompt templates."),
-    device: str = typer.Option("auto", help="Device for embedding the imagenet prompts."),
+    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet prompts "
+                               "(auto: cuda when present)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for the imagenet target and the "
                                              "p=2d memmap."),
+    rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
+    executor: str = typer.Option("local", help="local or ray."),
+    workers: int = typer.Option(1, help="local executor: processes running normsim map tasks (1: this process)."),
+    tasks: Optional[int] = typer.Option(None, help="p=inf/2: map tasks the tables are cut into (runs of whole "
+                                        "tables), the same for every rank (default 32)."),
+    retries: int = typer.Option(1, help="Retries per failed task."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent."),
 ):
-    """NormSim_p (Wang et al. 2024, Eq. 3) of every sample's image embedding against a target set."""
+    """NormSim_p (Wang et al. 2024, Eq. 3) of every sample's image embedding against a target set.
+
+    With --rank/--world-size (or a Slurm array), --executor ray, --workers N or --tasks T, p=inf and p=2 run
+    as map tasks (runs of whole tables) with completion markers under OUT.parts/; the rank that finishes
+    last writes the table, byte-identical to a one-process run. p=2d is one global pass: it refuses a rank
+    split and runs in this process under --executor/--workers.
+    """
     from curate.stages.normsim import normsim
     from curate.ui import sample_progress
 
     with sample_progress("normsim") as advance:
         result = normsim(emb, target, p, out, index=index, nlist=nlist, nprobe=nprobe, iterations=iterations,
                          final_fraction=final_fraction, device=device, cache_dir=cache_dir, templates=templates,
-                         progress=advance)
+                         progress=advance, executor=executor, workers=workers, ray_address=ray_address, rank=rank,
+                         world_size=world_size, retries=retries, tasks=tasks)
+    tasks_info = result.get("normsim_tasks")
+    if result["out"] is None:
+        console.print(f"[bold]normsim[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
+                      f"({tasks_info['ran']} map tasks run, {tasks_info['already_done']} already done); "
+                      f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
+                      f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
+        return
     params = result["params"]
     detail = f"{result['column']} vs {params.get('target')}"
     if "target_rows" in params:
@@ -244,6 +267,11 @@ def normsim_cmd(
         detail += f", ivf nlist={params['nlist']} nprobe={params['nprobe']}"
     if result["missing"]:
         detail += f", {result['missing']:,} rows with no IVF candidate (NaN)"
+    if tasks_info:
+        detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
+                   f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
+    if result.get("note"):
+        detail += f"; {result['note']}"
     console.print(_rate_line("normsim", result, detail), highlight=False)
 
 

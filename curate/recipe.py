@@ -226,7 +226,13 @@ def plan(recipe: dict) -> list[Step]:
             def run_normsim(p=str(p), out=out, target=target):
                 from curate.stages.normsim import normsim
 
-                return normsim(emb, target, p, out, index=n["index"], device=run["device"])
+                result = normsim(emb, target, p, out, index=n["index"], device=run["device"],
+                                 executor=run["executor"], workers=run["workers"], retries=run["retries"],
+                                 ray_address=run["ray_address"] or None)
+                if result["out"] is None:  # a Slurm array rank whose peers are not done: nothing to chain yet
+                    raise CurateError(f"normsim {p}: {result['normsim_tasks']['missing']} map tasks of other ranks "
+                                      "are still missing; rerun when they are done")
+                return result
             add(f"normsim:{p}", "normsim", {**n, "p": p}, [emb] + ([target] if target else []), [out], run_normsim)
 
     if "clones" in recipe:

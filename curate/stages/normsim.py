@@ -1,29 +1,43 @@
 """`curate normsim`: NormSim_∞ / NormSim_2 / NormSim_2-D of a pool's image embeddings -> Parquet table.
 
 Passes over the pool:
-* p = inf and p = 2: one streaming pass in bounded blocks (`EmbeddingPool.iter_chunks`), or from the pool's
-  fp16 `.npy` image cache when `curate score` already built one in the cache directory. The target
-  is small: for inf the (M, D) matrix on the device (exact, tiled V Xᵀ with a max-|.| reduction) or a
-  FAISS IVF index over ±X (`--index ivf`); for 2 the D×D second moment.
+* p = inf and p = 2: one streaming pass in bounded blocks (per table, READ_BATCH_ROWS each), from the tables
+  or from the pool's fp16 `.npy` image cache when `curate score` already built one in the cache directory.
+  The target is small: for inf the (M, D) matrix on the device (exact, tiled V Xᵀ with a max-|.| reduction)
+  or a FAISS IVF index over ±X (`--index ivf`); for 2 the D×D second moment.
+  The scores are per row, so distributed (--rank/--world-size or a Slurm array, --executor, --workers,
+  --tasks) the pool is cut into T runs of whole tables (map tasks, curate.run.mapreduce): each writes its
+  float32 scores to `<out>.parts/normsim_<p>-<layout hash>/tNNNNN.npy`, then a marker; the reduce is a
+  concatenation. Tasks read the same blocks as one process and run BLAS with the driver's thread count
+  (OpenBLAS rounds differently with other counts), against the target (and ivf index) the first rank
+  stored in the parts directory, so the table is byte-identical to a one-process run.
 * p = 2d: the pool is its own target, refined over T rounds (curate.metrics.normsim.normsim_2d), which reads
   the fp16 memory-mapped image column 2T times (one second-moment pass and one scoring pass per round).
-  This is a global step; distributed, each second moment is a per-shard partial sum (map) added up (reduce),
-  and the keep threshold between rounds needs the global score column (or a quantile sketch).
+  This is a global step, run in one process: each second moment could be a per-shard partial sum (map)
+  added up (reduce), but the keep threshold between rounds needs the global score column.
 Output: `uid` + `normsim_inf` | `normsim_2` | `normsim_2d` (float32), one row group per input table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
-from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, to_float32
+from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, _column_to_numpy, _require_columns, to_float32
+from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_parts_dir, parts_root, parts_started,
+                                  start_map, task_file, wants_tasks, write_once)
+from curate.run.markers import Markers
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
 
 P_VALUES = ("inf", "2", "2d")
@@ -72,7 +86,6 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     `memmap_dir`: where p=2d keeps the pool's fp16 memmap (default: cache_dir, else `<pool dir>/.curate-cache`).
     `info`, when given, receives what was used (target rows and hash, index parameters) for metadata.
     """
-    from curate.io.targets import load_target
     from curate.metrics import normsim as ns
 
     p = parse_p(p)
@@ -91,6 +104,16 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
             progress(n)
         return scores
 
+    target, torch_device = _load_target(pool, target_spec, p, index, device, cache_dir, templates, info)
+    info.update(_scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe))
+    score_chunk = _scorer(p, index, target, torch_device, pool.dim, nlist=nlist, nprobe=nprobe)
+    return _score_rows(pool, score_chunk, memmap_dir, 0, n, READ_BATCH_ROWS, progress)
+
+
+def _load_target(pool: EmbeddingPool, target_spec, p: str, index: str, device: str, cache_dir, templates: str,
+                 info: dict):
+    """(target (M, D) float32, torch device or None); records target, rows and hash (and templates) in `info`."""
+    from curate.io.targets import load_target
     from curate.stages.score import resolve_device
 
     # torch (and a device) only where needed: the exact p=inf product and embedding the imagenet prompts.
@@ -99,32 +122,66 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     target = load_target(target_spec, pool.teacher, device=str(torch_device or "cpu"), cache_dir=cache_dir,
                          templates=templates)
     info.update({"target": str(target_spec), "target_rows": int(len(target)),
-                 "target_sha256": hashlib.sha256(target.tobytes()).hexdigest()[:16]})
+                 "target_sha256": _target_sha256(target)})
     if str(target_spec) == "imagenet":
         info["templates"] = templates
+    return target, torch_device
+
+
+def _target_sha256(target: np.ndarray) -> str:
+    return hashlib.sha256(target.tobytes()).hexdigest()[:16]
+
+
+def _ivf_sizes(target_rows: int, nlist: int | None, nprobe: int | None) -> tuple[int, int]:
+    """The nlist and nprobe `build_ivf_index` uses for these options, without training it."""
+    from curate.metrics import normsim as ns
+
+    nlist = ns.default_nlist(target_rows) if nlist is None else int(nlist)
+    if not 1 <= nlist <= 2 * target_rows:
+        raise CurateError(f"--index ivf: nlist must be between 1 and 2·M = {2 * target_rows}, got {nlist}")
+    nprobe = ns.default_nprobe(nlist) if nprobe is None else int(min(max(1, nprobe), nlist))
+    return nlist, nprobe
+
+
+def _scorer_params(p: str, index: str, target_rows: int, dim: int, torch_device, nlist, nprobe) -> dict:
+    """The metadata of the scoring route: index and device (inf), nlist/nprobe (ivf) or route (2)."""
+    if p == "inf" and index == "flat":
+        return {"index": "flat", "device": torch_device.type}
+    if p == "inf":
+        nlist, nprobe = _ivf_sizes(target_rows, nlist, nprobe)
+        return {"index": "ivf", "nlist": nlist, "nprobe": nprobe}
+    # Σ_x <v,x>² straight from V Xᵀ costs M < D products per row
+    return {"route": "direct" if target_rows < dim else "second moment"}
+
+
+def _scorer(p: str, index: str, target: np.ndarray, torch_device, dim: int, nlist=None, nprobe=None,
+            faiss_index=None) -> Callable[[np.ndarray], np.ndarray]:
+    """(n, D) float32 rows -> (n,) float32 NormSim_p against `target`; `faiss_index` reuses a built ivf index."""
+    from curate.metrics import normsim as ns
+
     if p == "inf" and index == "flat":
         import torch
 
-        score_chunk = ns.MaxAbsInnerProduct(torch.from_numpy(target).to(torch_device))
-        info.update({"index": "flat", "device": torch_device.type})
-    elif p == "inf":
-        try:
-            faiss_index = ns.build_ivf_index(target, nlist, nprobe)
-        except ValueError as exc:
-            raise CurateError(f"--index ivf: {exc}") from None
-        info.update({"index": "ivf", "nlist": int(faiss_index.nlist), "nprobe": int(faiss_index.nprobe)})
-        score_chunk = lambda rows: ns.normsim_inf(rows, faiss_index)  # noqa: E731
-    elif len(target) < pool.dim:  # Σ_x <v,x>² straight from V Xᵀ costs M < D products per row
-        info["route"] = "direct"
-        score_chunk = lambda rows: ns.normsim_2_direct(rows, target)  # noqa: E731
-    else:
-        info["route"] = "second moment"
-        moment = ns.second_moment(target).astype(np.float32)
-        score_chunk = lambda rows: ns.normsim_2(rows, moment)  # noqa: E731
+        return ns.MaxAbsInnerProduct(torch.from_numpy(target).to(torch_device))
+    if p == "inf":
+        if faiss_index is None:
+            try:
+                faiss_index = ns.build_ivf_index(target, nlist, nprobe)
+            except ValueError as exc:
+                raise CurateError(f"--index ivf: {exc}") from None
+        return lambda rows: ns.normsim_inf(rows, faiss_index)
+    if len(target) < dim:
+        return lambda rows: ns.normsim_2_direct(rows, target)
+    moment = ns.second_moment(target).astype(np.float32)
+    return lambda rows: ns.normsim_2(rows, moment)
 
-    scores = np.empty(n, dtype=np.float32)
+
+def _score_rows(pool: EmbeddingPool, score_chunk, memmap_dir, start: int, stop: int, block_rows: int,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """NormSim of pool rows start..stop-1, block by block (`_image_blocks`), float32."""
+    scores = np.empty(stop - start, dtype=np.float32)
     row = 0
-    for rows in prefetch(_image_blocks(pool, memmap_dir)):
+    for rows in prefetch(_image_blocks(pool, memmap_dir, start, stop, block_rows)):
         scores[row:row + len(rows)] = score_chunk(rows)
         row += len(rows)
         if progress:
@@ -132,49 +189,344 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     return scores
 
 
-def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None) -> Iterator[np.ndarray]:
-    """The pool's image embeddings as float32 blocks in pool order, each checked (finite, non-zero).
+def image_source(pool: EmbeddingPool, memmap_dir: str | Path | None) -> str:
+    """'cache' when this pool version's fp16 image cache exists in `memmap_dir`, else 'tables'."""
+    if memmap_dir is not None and pool.cache_file("image_embedding", memmap_dir).exists():
+        return "cache"
+    return "tables"
+
+
+def table_starts(pool: EmbeddingPool) -> list[int]:
+    """Pool row of each table's first row, and N: blocks never cross these, so map tasks cut only here."""
+    return [0] + np.cumsum(pool.file_rows, dtype=np.int64).tolist()
+
+
+def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
+                  block_rows: int | None = None, source: str | None = None) -> Iterator[np.ndarray]:
+    """The image embeddings of pool rows start..stop-1 as float32 blocks in pool order, each checked
+    (finite, non-zero). `start` and `stop` must be table starts (`table_starts`).
 
     From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
     `curate score` for negclip): sequential reads, far cheaper than decoding the Parquet list column.
     Otherwise streamed from the tables; no cache is built for this one pass. Blocks are converted into a
     ring of 3 reused buffers (the caller's block, the next one, the one being read ahead by `prefetch`):
     a block is valid until the caller asks for the block after the next.
+    Both sources give the same blocks (per table, `block_rows` each): a BLAS product's rounding can depend
+    on the block's row count, and both sources, and map tasks over any span of tables, must give the
+    one-process bytes.
     """
-    ring = [np.empty((READ_BATCH_ROWS, pool.dim), dtype=np.float32) for _ in range(3)]
-    if memmap_dir is not None and pool.cache_file("image_embedding", memmap_dir).exists():
-        rows = PoolRows(pool, "image_embedding", memmap_dir)  # checks every read
-        # the same blocks as streaming the tables (per table, READ_BATCH_ROWS each): a BLAS product's
-        # rounding can depend on the block's row count, and both sources must give the same bytes
-        starts = np.cumsum([0] + pool.file_rows[:-1])
-        blocks = [(int(first) + offset, min(READ_BATCH_ROWS, rows_in_file - offset))
-                  for first, rows_in_file in zip(starts, pool.file_rows)
-                  for offset in range(0, rows_in_file, READ_BATCH_ROWS)]
-        for number, (start, count) in enumerate(blocks):
-            yield to_float32(rows[start:start + count], out=ring[number % 3])
-        rows.close()
-        return
-    row = 0
-    for number, (_, chunk) in enumerate(pool.iter_chunks(["image_embedding"], dtype=np.float16)):
-        block = chunk["image_embedding"]
-        check_finite(pool, block, row, "image_embedding")
-        row += len(block)
-        yield to_float32(block, out=ring[number % 3])
+    block_rows = int(block_rows or READ_BATCH_ROWS)
+    stop = pool.n_rows if stop is None else int(stop)
+    source = source or image_source(pool, memmap_dir)
+    ring = [np.empty((block_rows, pool.dim), dtype=np.float32) for _ in range(3)]
+    spans = [(index, first) for index, first in enumerate(table_starts(pool)[:-1]) if start <= first < stop]
+    column = "image_embedding"
+    rows = PoolRows(pool, column, memmap_dir) if source == "cache" else None  # PoolRows checks every read
+    number = 0
+    try:
+        for index, first in spans:
+            if rows is not None:
+                for offset in range(0, pool.file_rows[index], block_rows):
+                    count = min(block_rows, pool.file_rows[index] - offset)
+                    yield to_float32(rows[first + offset:first + offset + count], out=ring[number % 3])
+                    number += 1
+                continue
+            parquet = pq.ParquetFile(pool.files[index])
+            _require_columns(pool.files[index], parquet.schema_arrow, [column])
+            row = first
+            for batch in parquet.iter_batches(batch_size=block_rows, columns=[column], use_threads=False):
+                block = _column_to_numpy(batch.column(column), np.float16)
+                check_finite(pool, block, row, column)
+                row += len(block)
+                yield to_float32(block, out=ring[number % 3])
+                number += 1
+    finally:
+        if rows is not None:
+            rows.close()
 
+
+# ---------------------------------------------------------------- p = inf and 2 as map tasks + a reduce
+
+NORMSIM_STAGE = "normsim"
+
+
+@dataclass
+class NormsimLayout:
+    """Everything that fixes the map outputs; its hash names the parts directory `normsim_<p>-<hash>`."""
+
+    fingerprint: str
+    n_rows: int
+    dim: int
+    p: str
+    target_sha256: str
+    target_rows: int
+    index: str
+    nlist: int | None
+    nprobe: int | None
+    block_rows: int
+    tasks: int
+    numpy: str
+    faiss: str  # ivf only: the index is faiss's
+
+
+@dataclass
+class NormsimTask:
+    """Map task: NormSim of pool rows start..stop-1 (whole tables) into `<parts>/<name>.npy`."""
+
+    name: str
+    start: int
+    stop: int
+    emb_dir: str | list[str]
+    memmap_dir: str
+    fingerprint: str  # the pool version the run started with; a task refuses a changed pool
+    parts_dir: str
+    p: str
+    index: str
+    nprobe: int | None
+    target_sha256: str
+    block_rows: int
+    device: str
+    blas_threads: int  # the BLAS thread count of the run's driver, which a row's bits depend on (0: leave)
+
+
+def normsim_layout(pool: EmbeddingPool, p: str, params: dict, block_rows: int, tasks: int | None) -> NormsimLayout:
+    faiss_version = ""
+    if params.get("index") == "ivf":
+        import faiss
+
+        faiss_version = faiss.__version__
+    return NormsimLayout(pool.fingerprint(), pool.n_rows, pool.dim, p, params["target_sha256"],
+                         params["target_rows"], params.get("index", "flat"), params.get("nlist"),
+                         params.get("nprobe"), int(block_rows), int(tasks or DEFAULT_TASKS), np.__version__,
+                         faiss_version)
+
+
+def normsim_task_spans(pool: EmbeddingPool, layout: NormsimLayout) -> list[tuple[int, int]]:
+    """min(T, tables) contiguous row spans, each a run of whole tables."""
+    bounds = table_starts(pool)
+    units = len(bounds) - 1
+    count = max(1, min(layout.tasks, units))
+    cuts = [bounds[(index * units) // count] for index in range(count + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+TARGET_FILE = "_target.npy"  # beside the tNNNNN.npy outputs, never matched by t*.npy
+IVF_FILE = "_ivf.faiss"
+
+# One pool and scorer per process: a worker (spawned or Ray) running several tasks loads the target once.
+_TASK_STATE: dict[tuple, tuple[EmbeddingPool, Callable]] = {}
+
+
+def _task_state(task: NormsimTask) -> tuple[EmbeddingPool, Callable]:
+    key = (str(task.emb_dir), task.fingerprint, task.parts_dir, task.device)
+    if key not in _TASK_STATE:
+        pool = EmbeddingPool(task.emb_dir)
+        if pool.fingerprint() != task.fingerprint:
+            raise CurateError(f"{task.emb_dir}: the embedding tables changed since this normsim run started "
+                              "(names, sizes or mtimes differ); rerun `curate normsim` on the final tables")
+        target_path = Path(task.parts_dir) / TARGET_FILE
+        target = np.load(target_path)
+        if _target_sha256(target) != task.target_sha256:
+            raise CurateError(f"{target_path}: holds another target than this run's (sha256 "
+                              f"{_target_sha256(target)}, expected {task.target_sha256}); delete it and rerun")
+        faiss_index = None
+        if task.p == "inf" and task.index == "ivf":
+            import faiss
+
+            faiss_index = faiss.read_index(str(Path(task.parts_dir) / IVF_FILE))
+            faiss_index.nprobe = int(task.nprobe)
+        device = None
+        if task.p == "inf" and task.index == "flat":
+            import torch
+
+            device = torch.device(task.device)
+        _TASK_STATE.clear()
+        _TASK_STATE[key] = (pool, _scorer(task.p, task.index, target, device, pool.dim, faiss_index=faiss_index))
+    return _TASK_STATE[key]
+
+
+def normsim_map_task(task: NormsimTask, progress: Callable[[int], None] | None = None) -> dict:
+    """Score one span into `<parts>/<name>.npy` (float32, pool order), then mark it."""
+    markers = Markers(task.parts_dir, NORMSIM_STAGE)
+    if markers.is_done(task.name):  # another rank or an earlier attempt finished it
+        return {"task": task.name, "ran": False}
+    started = time.perf_counter()
+    with blas_threads(task.blas_threads):  # the scorer (e.g. the second moment) is BLAS too
+        pool, score_chunk = _task_state(task)
+        # the cache when this process finds it, else the tables: the same blocks, the same bytes
+        scores = _score_rows(pool, score_chunk, task.memmap_dir, task.start, task.stop, task.block_rows,
+                             progress)
+    with atomic_path(task_file(task.parts_dir, task.name)) as tmp, open(tmp, "wb") as f:
+        np.save(f, scores)
+    device = task.device.split(":")[0]  # the device type, as the one-process metadata records it
+    markers.mark(task.name, {"device": device, "rows": task.stop - task.start, "start": task.start,
+                             "stop": task.stop, "seconds": round(time.perf_counter() - started, 3)})
+    return {"task": task.name, "ran": True}
+
+
+def _read_span(parts_dir: Path, name: str, rows: int) -> np.ndarray:
+    path = task_file(parts_dir, name)
+    try:
+        scores = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); delete it "
+                          f"and {Markers(parts_dir, NORMSIM_STAGE).path(name)}, then rerun") from None
+    if scores.dtype != np.float32 or scores.shape != (rows,):
+        raise CurateError(f"{path}: holds {scores.shape} {scores.dtype}, expected ({rows},) float32; "
+                          "delete it and its marker, then rerun")
+    return scores
+
+
+def _plan(pool: EmbeddingPool, target_spec, p: str, out, memmap_dir, index: str, nlist, nprobe, device: str,
+          cache_dir, templates: str, tasks: int | None):
+    """(layout, parts dir, target, torch device, params) of a map-task run with these options."""
+    params: dict = {}
+    target, torch_device = _load_target(pool, target_spec, p, index, device, cache_dir, templates, params)
+    params.update(_scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe))
+    layout = normsim_layout(pool, p, params, READ_BATCH_ROWS, tasks)
+    return layout, layout_parts_dir(out, f"normsim_{p}", layout), target, torch_device, params
+
+
+def normsim_distributed(pool: EmbeddingPool, emb_dir, target_spec, p: str, out, memmap_dir, index: str = "flat",
+                        nlist: int | None = None, nprobe: int | None = None, device: str = "auto",
+                        cache_dir=None, templates: str = "openai", executor: str = "local", workers: int = 1,
+                        ray_address: str | None = None, rank: int | None = None, world_size: int | None = None,
+                        retries: int = 1, tasks: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray | None, dict, dict]:
+    """Run this rank's unmarked map tasks, then the reduce if every task is done.
+
+    Returns (scores in pool order or None while tasks are missing, params for the metadata, task info).
+    The target (and the ivf index) go to the parts directory once, first writer wins, and every task
+    scores against those bytes, so ranks never disagree on them.
+    """
+    layout, parts_dir, target, torch_device, params = _plan(pool, target_spec, p, out, memmap_dir, index, nlist,
+                                                            nprobe, device, cache_dir, templates, tasks)
+    spans = normsim_task_spans(pool, layout)
+    job = start_map(parts_dir, layout, NORMSIM_STAGE, len(spans), executor, workers, rank, world_size)
+
+    def save_target(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, target)
+
+    if job.todo:
+        write_once(parts_dir / TARGET_FILE, save_target)
+    if job.todo and p == "inf" and index == "ivf":
+        import faiss
+
+        write_once(parts_dir / IVF_FILE, lambda tmp: faiss.write_index(
+            _ivf_index(target, layout.nlist, layout.nprobe), str(tmp)))
+    flat = p == "inf" and index == "flat"
+    source = [str(f) for f in emb_dir] if isinstance(emb_dir, (list, tuple)) else str(emb_dir)
+    device_name = str(torch_device) if flat else "cpu"
+    threads = blas_thread_count() or 0
+    task_list = [NormsimTask(job.names[i], spans[i][0], spans[i][1], source, str(memmap_dir), layout.fingerprint,
+                             str(parts_dir), p, index, layout.nprobe, layout.target_sha256, layout.block_rows,
+                             device_name, threads)
+                 for i in job.todo]
+    try:
+        report = job.run(task_list, normsim_map_task, lambda t: normsim_map_task(t, progress),
+                         ray_address=ray_address, retries=retries,
+                         num_gpus=1.0 if flat and torch_device.type == "cuda" else 0.0,
+                         label=f"normsim {p} (map tasks)")
+    finally:
+        _TASK_STATE.clear()  # in process: do not keep the target (maybe on the GPU) after the run
+    info = job.summary(report)
+    if not info["reduced"]:
+        return None, params, info
+    if flat:  # the devices the map tasks ran on (equal to an in-process run's when they agree)
+        params["device"] = info["device"]
+    scores = np.empty(pool.n_rows, dtype=np.float32)
+    for name, (start, stop) in zip(job.names, spans):
+        scores[start:stop] = _read_span(parts_dir, name, stop - start)
+    return scores, params, info
+
+
+def _ivf_index(target: np.ndarray, nlist: int, nprobe: int):
+    from curate.metrics import normsim as ns
+
+    return ns.build_ivf_index(target, nlist, nprobe)
+
+
+# ---------------------------------------------------------------- BLAS threads
+
+def blas_thread_count() -> int | None:
+    """Threads of the BLAS numpy uses (threadpoolctl), or None when no BLAS library is found."""
+    from threadpoolctl import threadpool_info
+
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+@contextlib.contextmanager
+def blas_threads(count: int):
+    """The BLAS libraries with `count` threads inside the block (0: unchanged).
+
+    OpenBLAS sgemm results depend on its thread count; Ray starts workers with one thread
+    (OMP_NUM_THREADS=1), so a task pins the driver's count to give the driver's bits."""
+    if not count:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(count), user_api="blas"):
+        yield
+
+
+# ---------------------------------------------------------------- the stage
 
 def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: str = "flat",
             nlist: int | None = None, nprobe: int | None = None, iterations: int = DEFAULT_ITERATIONS,
             final_fraction: float = DEFAULT_FINAL_FRACTION, device: str = "auto",
             cache_dir: str | Path | None = None, templates: str = "openai",
-            progress: Callable[[int], None] | None = None) -> dict:
-    """Compute one NormSim column for the pool in `emb_dir` and write `out`; returns a summary."""
+            progress: Callable[[int], None] | None = None, *, executor: str = "local", workers: int = 1,
+            ray_address: str | None = None, rank: int | None = None, world_size: int | None = None,
+            retries: int = 1, tasks: int | None = None) -> dict:
+    """Compute one NormSim column for the pool in `emb_dir` and write `out`; returns a summary.
+
+    p = inf and 2 run as map tasks (curate.run.mapreduce) when any of executor/workers/rank/world_size/tasks
+    (or a Slurm array) asks for them, or finished tasks of the same layout lie beside `out`; `out` is None
+    in the summary while other ranks' tasks are missing, and `normsim_tasks` says how many. p = 2d is one
+    global pass: a rank split (rank/world_size/tasks, Slurm) is an error; executor/workers alone run it here.
+    """
     started = time.perf_counter()
     p = parse_p(p)
+    check_task_options(workers, tasks, retries)
     pool = EmbeddingPool(emb_dir)
-    info: dict = {}
-    scores = normsim_scores(pool, target, p, index, nlist, nprobe, iterations, final_fraction, device,
-                            cache_dir, templates, progress, info,
-                            memmap_dir=cache_dir if cache_dir is not None else default_cache_dir(out))
+    memmap_dir = cache_dir if cache_dir is not None else default_cache_dir(out)
+    split = (tasks is not None or rank is not None or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ)
+    summary: dict = {}
+    if p == "2d" and split:
+        raise CurateError("--p 2d is one global pass (each round's keep threshold needs every row's score), so it "
+                          "cannot be split into ranks or tasks: run it in one process, without --rank/--world-size/"
+                          "--tasks and outside a Slurm array")
+    if p == "2d" and wants_tasks(executor, workers, tasks, rank, world_size):
+        summary["note"] = "p=2d is one global pass: it ran in this process (--executor/--workers apply to p=inf and 2)"
+    if executor not in ("local", "ray"):
+        raise CurateError(f"--executor {executor!r}: choose local or ray")
+    distributed = p != "2d" and wants_tasks(executor, workers, tasks, rank, world_size)
+    if p != "2d" and not distributed and parts_root(out).exists():
+        _check_options(p, target, index, iterations, final_fraction)
+        if pool.n_rows:  # finished tasks of this layout beside `out`: a plain rerun completes them
+            _, parts_dir, *_ = _plan(pool, target, p, out, memmap_dir, index, nlist, nprobe, device, cache_dir,
+                                     templates, tasks)
+            distributed = parts_started(parts_dir, NORMSIM_STAGE)
+    if distributed:
+        _check_options(p, target, index, iterations, final_fraction)
+        if pool.n_rows == 0:
+            raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")
+        scores, info, tasks_info = normsim_distributed(pool, emb_dir, target, p, out, memmap_dir, index, nlist,
+                                                       nprobe, device, cache_dir, templates, executor, int(workers),
+                                                       ray_address, rank, world_size, int(retries), tasks, progress)
+        summary["normsim_tasks"] = tasks_info
+        if scores is None:  # other ranks' tasks are still missing: whoever finishes last reduces
+            seconds = time.perf_counter() - started
+            return {"out": None, "rows": pool.n_rows, "column": column_name(p), "seconds": seconds,
+                    "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"),
+                    "params": {"p": p, **info}, "missing": 0, **summary}
+    else:
+        info = {}
+        scores = normsim_scores(pool, target, p, index, nlist, nprobe, iterations, final_fraction, device,
+                                cache_dir, templates, progress, info, memmap_dir=memmap_dir)
     name = column_name(p)
     params = {"p": p, **info}
     meta = {"stage": "normsim", "teacher": pool.teacher.to_dict(), "source": str(emb_dir),
@@ -183,4 +535,4 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     seconds = time.perf_counter() - started
     return {"out": str(out), "rows": pool.n_rows, "column": name, "seconds": seconds,
             "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"), "params": params,
-            "missing": int(np.isnan(scores).sum())}
+            "missing": int(np.isnan(scores).sum()), **summary}

@@ -11,7 +11,8 @@ Passes over the pool (pool order = files sorted by name, rows in file order):
    tiles (curate.metrics.negclip). Rows are read with positional reads, not through a memory map (see
    PoolRows), so RSS stays O(b·D + tile) beyond the O(N) output columns: the pool never sits in RAM.
    This is the one global pass. Distributed (--rank/--world-size or a Slurm array, --executor, --workers,
-   --tasks), the K·⌈N/b⌉ (partition, batch) pairs are cut into T contiguous map tasks (`negclip_map_task`):
+   --tasks), the K·⌈N/b⌉ (partition, batch) pairs are cut into T contiguous map tasks (`negclip_map_task`,
+   run by curate.run.mapreduce, which `curate normsim` shares):
    each writes its float32 terms to `<out>.parts/negclip-<layout hash>/tNNNNN.npy`, then a completion
    marker; whoever finds every task marked runs the reduce (curate.metrics.negclip.reduce_span_terms,
    same order as in-process, so the table is byte-identical) and writes the table. Every rank builds a
@@ -23,11 +24,9 @@ Passes over the pool (pool order = files sorted by name, rows in file order):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,11 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path, write_text_atomic
+from curate.io.atomic import atomic_path
 from curate.io.tables import EmbeddingPool, with_meta
-from curate.run.executors import make_executor
+from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_key, layout_parts_dir, parts_started,
+                                  start_map, task_file, wants_tasks)
+from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
 from curate.run.markers import Markers
-from curate.run.ranks import resolve_rank, split_for_rank
 
 METRICS = ("clipscore", "negclip")
 
@@ -210,13 +210,7 @@ def default_cache_dir(out: str | Path) -> Path:
 # ---------------------------------------------------------------- negclip as map tasks + a reduce
 
 NEGCLIP_STAGE = "negclip"
-DEFAULT_NEGCLIP_TASKS = 32  # map tasks per run (not per rank): the layout must not depend on the world size
-
-
-def parts_root(out: str | Path) -> Path:
-    """Where distributed negclip keeps its map outputs: `<out>.parts/` beside the score table."""
-    out = Path(out)
-    return out.parent / f"{out.name}.parts"
+DEFAULT_NEGCLIP_TASKS = DEFAULT_TASKS
 
 
 @dataclass
@@ -255,7 +249,7 @@ class NegclipLayout:
     numpy: str  # the permutations are numpy's
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return layout_key(self)
 
 
 def negclip_layout(pool: EmbeddingPool, k: int, batch_size: int, seed: int, tasks: int | None) -> NegclipLayout:
@@ -267,11 +261,7 @@ def negclip_layout(pool: EmbeddingPool, k: int, batch_size: int, seed: int, task
 
 
 def negclip_parts_dir(out: str | Path, layout: NegclipLayout) -> Path:
-    return parts_root(out) / f"negclip-{layout.key()}"
-
-
-def _task_file(parts_dir: str | Path, name: str) -> Path:
-    return Path(parts_dir) / f"{name}.npy"
+    return layout_parts_dir(out, "negclip", layout)
 
 
 # One pool's rows per process: a worker (spawned or Ray) running several tasks opens the caches once.
@@ -318,7 +308,7 @@ def negclip_map_task(task: NegclipTask, progress: Callable[[int], None] | None =
     image, text = _task_rows(task)
     n = len(image)
     expected = span_own_count(n, task.batch_size, task.start, task.stop)
-    path = _task_file(task.parts_dir, task.name)
+    path = task_file(task.parts_dir, task.name)
     written = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
@@ -343,7 +333,7 @@ class SpanFiles:
 
     def open(self, index: int) -> Callable[[int], np.ndarray]:
         self.close()
-        path = _task_file(self.parts_dir, self.names[index])
+        path = task_file(self.parts_dir, self.names[index])
         try:
             self._file = f = open(path, "rb")
             np.lib.format.read_magic(f)
@@ -376,44 +366,31 @@ def negclip_distributed(pool: EmbeddingPool, emb_dir, image: PoolRows, text: Poo
 
     n = pool.n_rows
     layout = negclip_layout(pool, k, batch_size, seed, tasks)
-    parts_dir = negclip_parts_dir(out, layout)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(parts_dir / "layout.json", json.dumps(asdict(layout), indent=1, sort_keys=True))
     spans = task_spans(n, batch_size, k, layout.tasks)
-    names = [f"t{index:05d}" for index in range(len(spans))]
-    markers = Markers(parts_dir, NEGCLIP_STAGE)
-    rank, world_size = resolve_rank(rank, world_size)
-    mine = split_for_rank(list(range(len(spans))), rank, world_size)
-    todo = [index for index in mine if not markers.is_done(names[index])]
-    in_process = executor == "local" and (workers == 1 or len(todo) <= 1)  # then progress works too
+    job = start_map(negclip_parts_dir(out, layout), layout, NEGCLIP_STAGE, len(spans), executor, workers,
+                    rank, world_size)
+    parts_dir, names = job.parts_dir, job.names
     # spawned workers would each start one torch thread per core; Ray sets its workers' own thread count
-    threads = max(1, torch_threads() // workers) if executor == "local" and not in_process else 0
+    threads = max(1, torch_threads() // workers) if executor == "local" and not job.in_process else 0
     source = _emb_source(emb_dir)
     task_list = [NegclipTask(names[i], spans[i][0], spans[i][1], source, str(cache), layout.fingerprint,
                              str(parts_dir), layout.logit_scale, int(batch_size), int(seed), str(device),
                              layout.tile_elements, threads)
-                 for i in todo]
-    run_executor = make_executor(executor, workers=workers, ray_address=ray_address,
-                                 num_gpus=1.0 if device.type == "cuda" else 0.0, num_cpus=1.0)
-    if in_process:
+                 for i in job.todo]
+    run_options = {"ray_address": ray_address, "retries": retries, "num_gpus": 1.0 if device.type == "cuda" else 0.0,
+                   "label": "score (negclip map tasks)"}
+    if job.in_process:  # then progress works too
         rows_key = _rows_key(source, cache, layout.fingerprint)
         _TASK_ROWS[rows_key] = (image, text)  # the caches this process already has open
         try:
-            report = run_executor.run(lambda t: negclip_map_task(t, progress), task_list, retries=retries)
+            report = job.run(task_list, negclip_map_task, lambda t: negclip_map_task(t, progress), **run_options)
         finally:
             _TASK_ROWS.pop(rows_key, None)
     else:
-        report = run_executor.run(negclip_map_task, task_list, retries=retries)
-    report.raise_if_failed("score (negclip map tasks)")
-    done = markers.done()
-    missing = [name for name in names if name not in done]
-    info = {"parts_dir": str(parts_dir), "tasks": len(spans), "rank": rank, "world_size": world_size,
-            "rank_tasks": len(mine), "ran": sum(1 for r in report.results if r and r["ran"]),
-            "already_done": len(mine) - len(todo), "missing": len(missing), "reduced": False}
-    if missing:
+        report = job.run(task_list, negclip_map_task, **run_options)
+    info = job.summary(report)
+    if not info["reduced"]:
         return None, info
-    devices = sorted({markers.info(name).get("device", "?") for name in names})
-    info.update(reduced=True, device="+".join(devices))
     files = SpanFiles(parts_dir, names, [span_own_count(n, batch_size, a, b) for a, b in spans])
     try:
         sums = reduce_span_terms(n, int(batch_size), int(seed), spans, files.open)
@@ -431,8 +408,7 @@ def torch_threads() -> int:
 def negclip_parts_started(out: str | Path, pool: EmbeddingPool, k: int, batch_size: int, seed: int,
                           tasks: int | None) -> bool:
     """True when a distributed run with these parameters left finished map tasks beside `out`."""
-    parts_dir = negclip_parts_dir(out, negclip_layout(pool, k, batch_size, seed, tasks))
-    return bool(Markers(parts_dir, NEGCLIP_STAGE).done())
+    return parts_started(negclip_parts_dir(out, negclip_layout(pool, k, batch_size, seed, tasks)), NEGCLIP_STAGE)
 
 
 def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str | Path = "scores.parquet",
@@ -456,19 +432,13 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
             raise CurateError(f"--k must be >= 1 (number of random partitions), got {k}")
         if int(batch_size) < 1:
             raise CurateError(f"--batch-size must be >= 1, got {batch_size}")
-    if int(workers) < 1:
-        raise CurateError(f"--workers must be >= 1, got {workers}")
-    if tasks is not None and int(tasks) < 1:
-        raise CurateError(f"--tasks must be >= 1, got {tasks}")
-    if int(retries) < 0:
-        raise CurateError(f"--retries must be >= 0, got {retries}")
+    check_task_options(workers, tasks, retries)
     torch_device = resolve_device(device)
     pool = EmbeddingPool(emb_dir)
     n = pool.n_rows
     if n == 0:
         raise CurateError(f"{emb_dir}: the pool has no rows; nothing to score")
-    distributed = (executor != "local" or int(workers) > 1 or tasks is not None or rank is not None
-                   or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ)
+    distributed = wants_tasks(executor, workers, tasks, rank, world_size)
 
     columns: dict[str, np.ndarray] = {}
     params: dict = {"metrics": names}
