@@ -46,6 +46,8 @@ def embed_summary_table(result: dict, max_rows: int = 20) -> Table:
 
 def truth_rich_table(truth: dict) -> Table:
     """The ground-truth removal table (curate.stages.truth.truth_table) for the terminal."""
+    from curate.stages.truth import headline_rate
+
     kinds = sorted({k for r in truth.values() for k in r["kinds"]}, key=lambda k: (k != "clean", k))
     table = Table(title="ground truth: clean kept / corruptions removed")
     table.add_column("subset")
@@ -56,6 +58,6 @@ def truth_rich_table(truth: dict) -> Table:
         cells = []
         for k in kinds:
             d = r["kinds"].get(k)
-            cells.append("" if d is None else f"{100 * d.get('kept_rate', d.get('removed_rate')):.1f} %")
+            cells.append("" if d is None else f"{100 * headline_rate(k, d):.1f} %")
         table.add_row(name, f"{r['kept']:,} / {r['pool']:,}", *cells)
     return table

@@ -46,6 +46,11 @@ def removal_rates(truth, kept) -> dict[str, dict]:
     return out
 
 
+def headline_rate(kind: str, rates: dict) -> float:
+    """The one number a truth table shows per kind: kept rate for clean, removal rate for a corruption."""
+    return rates["kept_rate" if kind == "clean" else "removed_rate"]
+
+
 def truth_table(emb_dir: str | Path, subsets: dict[str, str | Path]) -> dict[str, dict]:
     """{subset name: removal_rates} for subset directories (or `.npy` uid files) over one pool."""
     uids, truth = pool_truth(EmbeddingPool(emb_dir))
@@ -66,6 +71,6 @@ def truth_markdown(table: dict[str, dict]) -> str:
         cells = []
         for k in kinds:
             d = r["kinds"].get(k)
-            cells.append("" if d is None else f"{100 * d['kept_rate' if k == 'clean' else 'removed_rate']:.1f} %")
+            cells.append("" if d is None else f"{100 * headline_rate(k, d):.1f} %")
         lines.append(f"| {name} | {r['kept']:,} / {r['pool']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
