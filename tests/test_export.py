@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import random
 import re
 import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from curate.errors import CurateError
-from curate.io.uids import content_uid, read_uid_npy, write_uid_npy
-from curate.stages.export import MANIFEST, export_subset
+from curate.io import tar_blocks
+from curate.io.shards import RawSample, base_plus_ext, sample_uid
+from curate.io.uids import content_uid, read_uid_npy, uids_to_pairs, write_uid_npy
+from curate.stages import export as export_module
+from curate.stages.export import MANIFEST, SubsetIndex, export_subset
 
 
 def uid_of(i: int) -> str:
@@ -188,3 +195,309 @@ def test_cli_export_reports_written_and_missing(tmp_path, corpus):
     assert result.exit_code == 0, result.output
     assert "exported 2 of the subset's 3 samples into 2 shards" in result.output
     assert "1 subset uids were not found" in result.output
+
+
+# ---------------------------------------------------------------- the fast path (curate.io.tar_blocks)
+
+
+def tarfile_writer_bytes(members, tar_format):
+    """The reference for the deterministic writer: tarfile itself, as export and synth used it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_deterministic_writer_writes_tarfiles_bytes(tar_format):
+    rng = random.Random(tar_format)
+    for trial in range(40):
+        members = []
+        for _ in range(rng.randrange(0, 6)):
+            name = "".join(rng.choice("abcxyz0123456789._-/") for _ in range(rng.choice([1, 9, 40, 99, 100, 101, 150])))
+            size = rng.choice([0, 1, 511, 512, 513, 1024, 3000, rng.randrange(0, 5000)])
+            members.append((name.strip("/") or "x", rng.randbytes(size)))
+        if tar_format == tarfile.USTAR_FORMAT:  # ustar cannot split every long name; tarfile raises there
+            members = [(n[:100], d) for n, d in members]
+        buf = io.BytesIO()
+        writer = tar_blocks.DeterministicTarWriter(buf, tar_format)
+        for name, data in members:
+            writer.add(name, data if trial % 2 else memoryview(data))
+        writer.close()
+        assert buf.getvalue() == tarfile_writer_bytes(members, tar_format), (trial, members)
+    # the vectorised headers, for sizes up to the largest 11-digit octal one
+    for size in (0, 7, 8 ** 6, 2 ** 31 + 5, tar_blocks.MAX_OCTAL_SIZE):
+        for name in ("a", "000000042.jpg", "k" * 100):
+            assert tar_blocks.header_block(name, size, tar_format) == tar_blocks.tarfile_header(name, size, tar_format)
+
+
+def test_subset_positions_match_the_one_by_one_lookup():
+    rng = random.Random(5)
+    uids = [f"{rng.getrandbits(128):032x}" for _ in range(200)]
+    uids += [f"{int(uids[0][:16], 16):016x}{rng.getrandbits(64):016x}" for _ in range(5)]  # shared high halves
+    index = SubsetIndex(uids_to_pairs(uids[::2] + uids[-5:]))
+    queries = uids + [None, f"{rng.getrandbits(128):032x}", "0" * 32, "f" * 32]
+    assert index.positions(queries) == [index.position(u) if u is not None else -1 for u in queries]
+    assert SubsetIndex(uids_to_pairs([])).positions(["0" * 32]) == [-1]
+
+
+def random_sample(rng, i, key):
+    """A sample of a random shape: json uid valid / invalid / absent, images of various extensions,
+    captions (some not UTF-8), extra members, upper-case extensions, directories in keys."""
+    members = {}
+    image_ext = rng.choice(["jpg", "png", "webp", "jpeg", "JPG", None])
+    if image_ext:
+        members[f"{key}.{image_ext}"] = rng.randbytes(rng.choice([0, 100, 511, 512, 1500]))
+    if rng.random() < 0.9:
+        members[f"{key}.txt"] = rng.choice([f"caption {i}".encode(), b"caf\xe9 latin-1", b""])
+    kind = rng.random()
+    if kind < 0.6:
+        meta = {"uid": uid_of(i), "key": key, "n": [1, 2.5, None, True]}
+        members[f"{key}.json"] = json.dumps(meta).encode()
+    elif kind < 0.7:
+        members[f"{key}.json"] = rng.choice([b"{not json", b"[1, 2]", b'{"uid": "ABC"}', b"\xff\xfe",
+                                             json.dumps({"uid": uid_of(i).upper()}).encode(),
+                                             b'{"uid": "%s"} x' % uid_of(i).encode(),  # extra data
+                                             "\ufeff{}".encode(), b' {"uid": "%s"}\n ' % uid_of(i).encode(),
+                                             b'{"uid": "%s", "uid": 5}' % uid_of(i).encode(),  # last one wins
+                                             b'{"uid": "%s\\n"}' % uid_of(i).encode(),  # "$" matches before "\n"
+                                             b'{"a": NaN, "uid": "%s"}' % uid_of(i).encode()])
+    if rng.random() < 0.2:
+        members[f"{key}.cls"] = b"3"
+    if rng.random() < 0.1:
+        members[f"{key}.seg.png"] = b"segmentation"
+    return members
+
+
+def sample_uid_of(members):
+    raw = RawSample("k", {base_plus_ext(n)[1].lower(): d for n, d in members.items()}, "s")
+    return sample_uid(raw)
+
+
+def write_random_corpus(root, seed, shards=3):
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    all_uids, i = [], 0
+    for s in range(shards):
+        samples = []
+        for _ in range(rng.randrange(1, 12)):
+            key = rng.choice([f"s{s}k{i}", f"dir.x/s{s}k{i}", f"a/b/S{s}K{i}"])
+            members = random_sample(rng, i if rng.random() > 0.1 else max(i - 1, 0), key)  # some repeats
+            samples.append(members)
+            uid = sample_uid_of(members)
+            if uid:
+                all_uids.append(uid)
+            i += 1
+        make_shard(root / f"{s:05d}.tar", samples)
+    subset = [u for u in sorted(set(all_uids)) if rng.random() < 0.7] + [uid_of(10 ** 6)]
+    return subset
+
+
+def export_both(shards, subset_file, out, shard_size, **kwargs):
+    """Export with the fast path and with iter_shard only; return both outputs (file name -> bytes)."""
+    results = []
+    for fast in (True, False):
+        target = out / ("fast" if fast else "slow")
+        report = export_subset(str(shards), subset_file, target, shard_size=shard_size, fast=fast, **kwargs)
+        files = {p.name: p.read_bytes() for p in sorted(target.iterdir())}
+        manifest = json.loads(files.pop(MANIFEST))
+        manifest["report"].pop("out_dir")
+        results.append((files, manifest, report))
+    return results
+
+
+def assert_same_outputs(fast, slow):
+    assert fast[0].keys() == slow[0].keys()
+    for name in fast[0]:
+        assert fast[0][name] == slow[0][name], name
+    assert fast[1] == slow[1]
+
+
+@pytest.fixture
+def count_fast_shards(monkeypatch):
+    """How many shards the fast path took (it returns None for a shard it leaves to iter_shard)."""
+    taken = []
+    original = export_module._fast_shard
+
+    def spy(url, subset, problems, shard_buffer, size):
+        run = original(url, subset, problems, shard_buffer, size)
+        taken.append(run is not None)
+        return run
+
+    monkeypatch.setattr(export_module, "_fast_shard", spy)
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_path_writes_the_same_bytes_and_records_as_iter_shard(tmp_path, seed, count_fast_shards, monkeypatch):
+    monkeypatch.setattr(export_module, "BACKGROUND_WRITES", seed % 2 == 0)  # both ways of writing
+    monkeypatch.setattr(tar_blocks.ShardBuffer, "READ_LIMIT", 0 if seed % 3 == 0 else 64 << 20)  # mapped or read
+    subset = write_random_corpus(tmp_path / "shards", seed)
+    write_uid_npy(subset, tmp_path / "uids.npy")
+    inputs = {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=1 + seed % 4)
+    assert_same_outputs(fast, slow)
+    assert all(p.read_bytes() == data for p, data in inputs.items())  # headers are patched in memory only
+    assert count_fast_shards and all(count_fast_shards)  # these clean shards all took the fast path
+    assert fast[2].written > 0
+
+
+def dirty_variants():
+    """(name, shard bytes) that the fast path must leave to iter_shard; each otherwise a sound sample."""
+    def tar_of(members, fmt=tarfile.GNU_FORMAT, **info_fields):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                for k, v in info_fields.items():
+                    setattr(info, k, v)
+                tar.addfile(info, io.BytesIO(data))
+        return bytearray(buf.getvalue())
+
+    good = [("k1.jpg", b"img1"), ("k1.txt", b"cap1"), ("k1.json", json.dumps({"uid": uid_of(1)}).encode()),
+            ("k2.jpg", b"img2" * 300), ("k2.txt", b"cap2"), ("k2.json", json.dumps({"uid": uid_of(2)}).encode())]
+    variants = {"plain": tar_of(good)}
+    variants["gzip"] = bytearray(gzip.compress(bytes(variants["plain"])))
+    variants["pax"] = tar_of(good, tarfile.PAX_FORMAT, pax_headers={"comment": "x"})
+    variants["gnu long name"] = tar_of(good + [("k3/" + "x" * 120 + ".jpg", b"long")])
+    variants["ustar prefix"] = tar_of(good + [("d" * 120 + "/" + "k3.jpg", b"prefix")], tarfile.USTAR_FORMAT)
+    variants["duplicate ext"] = tar_of(good + [("k2.TXT", b"again")])
+    variants["unsafe ext"] = tar_of(good + [("k2.p\u00e4th", b"odd")])
+    variants["dunder key"] = tar_of([("__k0.jpg", b"x")] + good)
+    variants["dot key"] = tar_of(good + [(".hidden.jpg", b"x")])
+    variants["no ext"] = tar_of(good + [("README", b"x")])
+    variants["long ext"] = tar_of(good + [("k2." + "e" * 70, b"x")])
+    variants["control char"] = tar_of(good + [("k2.j\npg", b"x")])
+    links = io.BytesIO()
+    with tarfile.open(fileobj=links, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in good:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k2.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "k2.jpg"
+        tar.addfile(link)
+        folder = tarfile.TarInfo("dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    variants["symlink and directory"] = bytearray(links.getvalue())
+    plain = variants["plain"]
+    bad_checksum = bytearray(plain)
+    bad_checksum[512 * 2 + 150] ^= 1
+    variants["bad checksum"] = bad_checksum
+    variants["truncated"] = plain[:512 * 9 + 100]
+    variants["no end blocks"] = plain[:len(plain) - 10240 + 512 * 12]
+    middle_zeros = bytearray(plain)
+    middle_zeros[512 * 2:512 * 2] = bytes(1024)
+    variants["zero blocks in the middle"] = middle_zeros
+    trailing = bytearray(plain)
+    trailing[-300:-290] = b"garbage!!!"
+    variants["garbage after the end"] = trailing
+    spaced = tar_of(good)
+    spaced[124:136] = b"     %06o " % 4  # a size field in another spelling
+    spaced[148:156] = b"%06o\0 " % (sum(spaced[:148]) + 256 + sum(spaced[156:512]))
+    variants["size with leading spaces"] = spaced  # another spelling tarfile reads the same: fast path too
+    signed = tar_of(good)
+    signed[124:136] = b"+%010o\0" % 4  # tarfile reads it, the fast path does not take it
+    signed[148:156] = b"%06o\0 " % (sum(signed[:148]) + 256 + sum(signed[156:512]))
+    variants["size with a plus sign"] = signed
+    variants["empty"] = bytearray()
+    variants["not a tar"] = bytearray(b"not a tar at all " * 100)
+    return variants
+
+
+def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_path, count_fast_shards):
+    variants = dirty_variants()
+    for name, data in variants.items():
+        case = tmp_path / name.replace(" ", "_")
+        (case / "shards").mkdir(parents=True)
+        (case / "shards" / "00000.tar").write_bytes(bytes(data))
+        (case / "shards" / "00001.tar").write_bytes(bytes(variants["plain"]))
+        write_uid_npy([uid_of(1), uid_of(2), content_uid(b"long", "")], case / "uids.npy")
+        count_fast_shards.clear()
+        fast, slow = export_both(case / "shards", case / "uids.npy", case / "out", shard_size=2)
+        assert_same_outputs(fast, slow)
+        handled = name in ("plain", "size with leading spaces")
+        assert count_fast_shards == ([True, True] if handled else [False, True]), name
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch, mapped):
+    """Bytes the readers ignore (member padding) must not reach the output, nor the input file change."""
+    if mapped:
+        monkeypatch.setattr(tar_blocks.ShardBuffer, "READ_LIMIT", 0)
+    members = [("k1.jpg", b"img" * 100), ("k1.json", json.dumps({"uid": uid_of(1)}).encode())]
+    data = bytearray(tarfile_writer_bytes(members, tarfile.GNU_FORMAT))
+    data[512 + 300:1024] = b"\x07" * (1024 - 512 - 300)  # padding after the jpg's 300 bytes
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(bytes(data))
+    write_uid_npy([uid_of(1)], tmp_path / "uids.npy")
+    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=5)
+    assert_same_outputs(fast, slow)
+    assert count_fast_shards == [True]
+    assert fast[0]["00000.tar"] == tarfile_writer_bytes([("000000000.jpg", b"img" * 100), ("000000000.json",
+                                                          members[1][1])], tarfile.GNU_FORMAT)
+    assert (tmp_path / "shards" / "00000.tar").read_bytes() == bytes(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * 512 * 8 - 1), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(1, 3))
+def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_path_factory, damage, shard_size):
+    """Whatever bytes are changed, the fast path either handles the shard exactly like iter_shard or leaves
+    it to iter_shard."""
+    members = []
+    for i in range(3):
+        members += [(f"k{i}.jpg", bytes([i]) * (100 + 400 * i)), (f"k{i}.txt", f"cap {i}".encode()),
+                    (f"k{i}.json", json.dumps({"uid": uid_of(i)}).encode())]
+    data = bytearray(tarfile_writer_bytes(members, tarfile.USTAR_FORMAT))
+    for position, value in damage:
+        data[position % len(data)] = value
+    root = tmp_path_factory.mktemp("damage")
+    (root / "shards").mkdir()
+    (root / "shards" / "00000.tar").write_bytes(bytes(data))
+    write_uid_npy([uid_of(i) for i in range(3)] + [content_uid(bytes([1]) * 500, "cap 1")], root / "uids.npy")
+    fast, slow = export_both(root / "shards", root / "uids.npy", root / "out", shard_size=shard_size)
+    assert_same_outputs(fast, slow)
+
+
+def test_fast_path_resume_reuses_finished_tars_and_matches_a_fresh_export(tmp_path):
+    subset = write_random_corpus(tmp_path / "shards", 11, shards=4)
+    write_uid_npy(subset, tmp_path / "uids.npy")
+    full = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", shard_size=3)
+    part = tmp_path / "part"
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
+    manifest = json.loads((part / MANIFEST).read_text())
+    (part / MANIFEST).write_text(json.dumps({"complete": False, "config": manifest["config"]}))
+    tars = sorted(part.glob("*.tar"))
+    for p in tars[len(tars) // 2:]:
+        p.unlink()
+    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
+    assert report.tars_reused == len(tars) // 2 and report.written == full.written
+    for p in (tmp_path / "full").glob("*.tar"):
+        assert (part / p.name).read_bytes() == p.read_bytes()
+
+
+def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    subset = write_random_corpus(tmp_path / "shards", 3, shards=4)
+    write_uid_npy(subset, tmp_path / "uids.npy")
+    calls = []
+    original = export_module._TarWriter._write
+
+    def failing(self, pieces):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        original(self, pieces)
+
+    monkeypatch.setattr(export_module._TarWriter, "_write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2)
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+    assert not json.loads((tmp_path / "out" / MANIFEST).read_text())["complete"]

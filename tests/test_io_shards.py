@@ -169,3 +169,9 @@ def test_expand_shards_dir_glob_brace(tmp_path):
         expand_shards(str(tmp_path / "{00000..00004}.tar"))
     with pytest.raises(CurateError, match="share the output name"):
         unique_stems(["a/00000.tar", "b/00000.tar"])
+
+
+def test_a_uid_with_a_trailing_newline_is_not_a_uid():
+    from curate.io.uids import is_uid
+
+    assert is_uid("0" * 32) and not is_uid("0" * 32 + "\n") and not is_uid("0" * 31) and not is_uid("A" * 32)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from curate.errors import CurateError
 
-UID_RE = re.compile(r"^[0-9a-f]{32}$")
+UID_RE = re.compile(r"[0-9a-f]{32}")
 DATACOMP_DTYPE = np.dtype("u8,u8")
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
 _HEX_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
@@ -24,7 +24,8 @@ _HEX_LUT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 
 
 def is_uid(value: object) -> bool:
-    return isinstance(value, str) and UID_RE.match(value) is not None
+    """Exactly 32 lowercase hex digits (fullmatch: `$` alone would also accept a trailing newline)."""
+    return isinstance(value, str) and UID_RE.fullmatch(value) is not None
 
 
 def content_uid(image_bytes: bytes, caption: str) -> str:

@@ -114,7 +114,7 @@ def import_shard(parquet_path: Path, arch: str, out_dir: Path) -> tuple[int, int
     problems = []
     keep = np.zeros(table.num_rows, dtype=bool)
     for row, uid in enumerate(uids):
-        reason = ("uid is not 32 lowercase hex" if uid is None or not UID_RE.match(uid) else
+        reason = ("uid is not 32 lowercase hex" if uid is None or not UID_RE.fullmatch(uid) else
                   "image embedding is NaN, infinite or zero" if not image_ok[row] else
                   "text embedding is NaN, infinite or zero" if not text_ok[row] else None)
         if reason:

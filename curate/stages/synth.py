@@ -41,14 +41,14 @@ import math
 import tarfile
 import time
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path, write_text_atomic
+from curate.io import tar_blocks
+from curate.io.atomic import write_text_atomic
 from curate.stages.synth_render import (
     COLOUR_RGB,
     SHAPE_EXTENT,
@@ -309,17 +309,7 @@ def _target_sample(seed: int, index: int, class_index: int, image_size: int) -> 
 def write_tar_atomic(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """Write (key, {ext: bytes}) samples as a deterministic tar: members KEY.ext in the given order,
     mtime 0, uid/gid 0, empty owner names, mode 0o644, USTAR headers; renamed into place when complete."""
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in samples:
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, BytesIO(data))
+    tar_blocks.write_tar_atomic(path, samples, tarfile.USTAR_FORMAT)
 
 
 # ---------------------------------------------------------------- the stage
