@@ -5,8 +5,8 @@ directory and is killed (SIGKILL to its whole process group, decode workers incl
 random delay or right after a random number of its outputs appeared, and finally runs to completion. While
 any of these runs is alive the output directory is polled every few milliseconds: every file under a final
 name must already be byte-identical to the reference's file of that name (so no partial file is ever
-visible). At the end both directories must hold the same files with the same bytes; only the hidden temp
-files of killed writers (`.NAME.tmp-PID-RANDOM`) may be left over.
+visible). At the end both directories must hold the same files with the same bytes, and no temp file of a
+killed writer (`.NAME.tmp-HOST-PID-RANDOM`) may be left over: the final run sweeps them away.
 
 The reference embed runs with `--workers 0` and the faulted runs with `--workers 2`, so the byte comparison
 also proves that decode workers do not change the tables. Every run has its non-local sockets refused and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,11 +27,11 @@ import numpy as np
 import pytest
 
 from conftest import make_embedding_dir, record_robustness
+from curate.io.atomic import TEMP_NAME  # the temp names of atomic writes
 from curate.io.uids import write_uid_npy
 from test_dirty import NO_NETWORK_SITECUSTOMIZE
 
 CURATE_BIN = Path(sys.executable).parent / "curate"
-TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")  # curate.io.atomic's temp names
 KILLS_PER_STAGE = 3
 SEED = 20240917
 
@@ -192,6 +191,9 @@ def fault_cycle(cmd_ref: list[str], ref_dir: Path, cmd_fault: list[str], fault_d
     leftovers = [p.name for p in fault_dir.rglob("*") if p.name.startswith(".") and p.is_file()
                  and not TEMP_NAME.match(p.name) and ".curate-cache" not in p.parts]
     assert not leftovers, leftovers
+    stale = [str(p.relative_to(fault_dir)) for p in fault_dir.rglob("*") if TEMP_NAME.match(p.name)]
+    tally["stale_temps_left"] = tally.get("stale_temps_left", 0) + len(stale)
+    assert not stale, f"temp files of killed writers left after the final run: {stale}"
     return reference, faulted, watch
 
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path
+from curate.io.atomic import atomic_path, sweep_stale_temps
 
 META_KEY = b"curate"
 ERRORS_SUFFIX = ".errors.parquet"
@@ -269,6 +269,7 @@ class EmbeddingPool:
         cache = self.cache_file(column, cache_dir)
         if not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_temps(cache.parent)  # a cache build killed earlier leaves GBs behind
             # header, then chunk by chunk with plain writes: a writable memmap would keep every page resident
             with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,

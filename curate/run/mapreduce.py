@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from curate.errors import CurateError
-from curate.io.atomic import write_text_atomic
+from curate.io.atomic import sweep_stale_temps, temp_path, write_text_atomic
 from curate.run.executors import RunReport, make_executor
 from curate.run.markers import Markers
 from curate.run.ranks import resolve_rank, split_for_rank
@@ -81,7 +80,7 @@ def write_once(path: str | Path, write: Callable[[Path], None]) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(path)
     try:
         write(tmp)
         try:
@@ -155,6 +154,7 @@ def start_map(parts_dir: str | Path, layout, stage: str, count: int, executor: s
     """Create `parts_dir` (with the layout as JSON, for people), resolve the rank, pick its unmarked tasks."""
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(parts_dir, Markers(parts_dir, stage).dir)  # left by writers killed in an earlier run
     write_text_atomic(parts_dir / "layout.json", json.dumps(asdict(layout), indent=1, sort_keys=True))
     names = task_names(count)
     markers = Markers(parts_dir, stage)

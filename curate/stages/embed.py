@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curate.errors import CurateError
+from curate.io.atomic import sweep_stale_temps
 from curate.io.shards import SampleError, decode_sample, expand_shards, iter_shard, sample_uid, unique_stems
 from curate.io.tables import ERRORS_SUFFIX, build_embedding_table, write_table_atomic
 from curate.run.executors import make_executor
@@ -265,6 +266,7 @@ def embed(shards_spec, out_dir: str | Path, config: EmbedConfig, rank: int | Non
         raise CurateError(f"--precision {config.precision!r}: choose fp32, fp16 or bf16")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(out_dir, Markers(out_dir, STAGE).dir)  # left by writers killed in an earlier run
     mine, todo = plan_embed(shards_spec, out_dir, rank, world_size)
     groups = [todo[i::tasks] for i in range(max(1, min(tasks, len(todo))))] if todo else []
     task_list = [EmbedTask(f"embed[{','.join(s for _, s in g[:3])}{',…' if len(g) > 3 else ''}]", g, str(out_dir), config,

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import tarfile
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path, write_text_atomic
+from curate.io.atomic import atomic_path, sweep_stale_temps, temp_path, write_text_atomic
 from curate.io.shards import (CAPTION_EXT, MAX_MEMBER_BYTES, RawSample, ShardReadError, expand_shards, iter_shard,
                                sample_uid)
 from curate.io.tables import ERRORS_SUFFIX, write_table_atomic
@@ -370,7 +369,7 @@ class _TarWriter:
 
     def open(self, path: Path) -> Path:
         """Start the tar `path`; returns its temp name (atomic_path's naming)."""
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = temp_path(path)
         self._submit(self._open, tmp)
         return tmp
 
@@ -470,6 +469,7 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
     out = Path(out_dir)
     config = {"shards": urls, "subset_sha256": _file_sha256(uid_file), "shard_size": shard_size}
     out.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(out)  # tars of an export killed earlier
     earlier = _check_out_dir(out, config)
     if earlier is not None and earlier.get("complete"):
         return ExportReport(**{**earlier["report"], "noop": True})

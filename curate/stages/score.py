@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path
+from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.tables import EmbeddingPool, with_meta
 from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_key, layout_parts_dir, parts_started,
                                   start_map, task_file, wants_tasks)
@@ -162,9 +162,10 @@ def write_score_table(pool: EmbeddingPool, columns: dict[str, np.ndarray], out: 
     out = Path(out)
     fields = [pa.field("uid", pa.string())] + [pa.field(name, pa.float32()) for name in columns]
     schema = with_meta(pa.table({f.name: pa.array([], f.type) for f in fields}), meta).schema
+    sweep_stale_temps(out.parent)  # a table write killed earlier
     start = 0
     with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False, use_dictionary=False) as writer:
             for file, n in zip(pool.files, pool.file_rows):
                 uids = pq.read_table(file, columns=["uid"]).column("uid")
                 arrays = [uids] + [pa.array(np.asarray(col[start:start + n], dtype=np.float32)) for col in columns.values()]
