@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
-from curate.io.tables import EmbeddingPool, with_meta
+from curate.io.tables import EmbeddingPool, to_float32, with_meta
 from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_key, layout_parts_dir, parts_started,
                                   start_map, task_file, wants_tasks)
 from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
@@ -198,8 +198,11 @@ def clipscore_from_rows(image: PoolRows, text: PoolRows, chunk_rows: int = 1 << 
     from curate.metrics.clipscore import clipscore
 
     s_ii = np.empty(len(image), dtype=np.float32)
+    # fp16 -> float32 through torch into two reused buffers: numpy's conversion costs more than the dot products
+    buffers = [np.empty((min(chunk_rows, len(image)),) + tuple(image.shape[1:]), np.float32) for _ in range(2)]
     for start in range(0, len(image), chunk_rows):
-        s_ii[start:start + chunk_rows] = clipscore(image[start:start + chunk_rows], text[start:start + chunk_rows])
+        s_ii[start:start + chunk_rows] = clipscore(to_float32(image[start:start + chunk_rows], out=buffers[0]),
+                                                   to_float32(text[start:start + chunk_rows], out=buffers[1]))
     return s_ii
 
 
