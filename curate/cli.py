@@ -226,8 +226,10 @@ def normsim_cmd(
     templates: str = typer.Option("openai", "--templates", help="imagenet: openai (80) or simple (7) prompt templates."),
     device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet prompts "
                                "(auto: cuda when present)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache for the imagenet target and the "
-                                             "p=2d memmap."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet target's "
+                                             "embeddings (default ~/.cache/curate) and the pool's fp16 image cache, "
+                                             "read when `curate score` built it there, built by p=2d (default: OUT's "
+                                             "directory/.curate-cache)."),
     rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
     executor: str = typer.Option("local", help="local or ray."),
