@@ -56,8 +56,15 @@ def cpu_seconds() -> float:
 def compare(stage: Callable[[], object], limit: Callable[[], object], repeats: int,
             log: Callable[[str], None] = print, name: str = "") -> Comparison:
     """Run limit and stage alternately `repeats` times each (limit first, then stage, ...), keeping
-    every wall time. Alternating spreads the load of other processes over both; the best of each is used."""
+    every wall time. Alternating spreads the load of other processes over both; the best of each is used.
+    One untimed run of each comes first: first calls pay one-off costs (page faults of fresh large arrays,
+    thread pools, lazy imports) that made, e.g., the numpy NormSim_2 limit 0.95 s once and 0.51 s after."""
     result = Comparison()
+    for kind, fn in (("limit", limit), ("stage", stage)):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        log(f"  {name} {kind} warm-up (not counted): {time.perf_counter() - start:.2f} s wall")
     for r in range(repeats):
         for kind, fn, times, cpu in (("limit", limit, result.limit, result.limit_cpu),
                                      ("stage", stage, result.stage, result.stage_cpu)):

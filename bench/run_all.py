@@ -60,7 +60,7 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
           f"| load average (1, 5, 15 min) | start {info['load_average_start']}, end {info.get('load_average_end', 'n/a')} |",
           *([f"| note | {info['merged']} |"] if info.get("merged") else []),
           "",
-          "Method: in each comparison the limit and the stage run alternately, "
+          "Method: in each comparison, after one untimed warm-up run of each, the limit and the stage run alternately, "
           f"{cfg['repeats']}× each for embed, {cfg['negclip_repeats']}× for negclip and {cfg['fast_repeats']}× for the others, "
           "on the same data in the same process; the table uses the **best** wall time of each (the machine is "
           "small and shared, so absolute times are noisy; the best run is the least disturbed). CPU seconds "
