@@ -121,6 +121,14 @@ def teacher_tiny_cmd(
 
 # ---------------------------------------------------------------- embed (issue 4)
 
+# Options every sharded stage shares (embed, score, normsim): one definition, the same help everywhere.
+RANK_OPTION = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0).")
+WORLD_SIZE_OPTION = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1).")
+EXECUTOR_OPTION = typer.Option("local", help="local or ray.")
+RETRIES_OPTION = typer.Option(1, help="Retries per failed task.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent.")
+
+
 @app.command("embed")
 def embed_cmd(
     shards: List[str] = typer.Argument(..., help="Directory, glob, brace pattern (data/{00000..00009}.tar) or fsspec URL."),
@@ -132,13 +140,13 @@ def embed_cmd(
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (autocast on CUDA)."),
     workers: int = typer.Option(2, help="DataLoader decode workers."),
     keep_json: bool = typer.Option(True, "--keep-json/--no-keep-json", help="Keep each sample's .json as a `json` column."),
-    rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
-    executor: str = typer.Option("local", help="local or ray."),
+    rank: Optional[int] = RANK_OPTION,
+    world_size: Optional[int] = WORLD_SIZE_OPTION,
+    executor: str = EXECUTOR_OPTION,
     tasks: int = typer.Option(1, help="Split this rank's shards into this many tasks (one teacher load each)."),
-    retries: int = typer.Option(1, help="Retries per failed task."),
+    retries: int = RETRIES_OPTION,
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed task."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent."),
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Embed tar shards with a CLIP teacher into L2-normalised fp16 Parquet tables keyed by uid."""
     from curate.stages.embed import EmbedConfig, embed
@@ -172,14 +180,14 @@ def score_cmd(
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the fp16 memmap caches go "
                                              "(default: OUT's directory/.curate-cache)."),
-    rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
-    executor: str = typer.Option("local", help="local or ray."),
+    rank: Optional[int] = RANK_OPTION,
+    world_size: Optional[int] = WORLD_SIZE_OPTION,
+    executor: str = EXECUTOR_OPTION,
     workers: int = typer.Option(1, help="local executor: processes running negclip map tasks (1: this process)."),
     tasks: Optional[int] = typer.Option(None, help="negclip: map tasks the K x ceil(N/B) batches are cut into, "
                                         "the same for every rank (default 32)."),
-    retries: int = typer.Option(1, help="Retries per failed task."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent."),
+    retries: int = RETRIES_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """CLIPScore and negCLIPLoss (Wang et al. 2024, Eq. 2) of every sample, exact and seeded.
 
@@ -230,14 +238,14 @@ def normsim_cmd(
                                              "embeddings (default ~/.cache/curate) and the pool's fp16 image cache, "
                                              "read when `curate score` built it there, built by p=2d (default: OUT's "
                                              "directory/.curate-cache)."),
-    rank: Optional[int] = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0)."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)."),
-    executor: str = typer.Option("local", help="local or ray."),
+    rank: Optional[int] = RANK_OPTION,
+    world_size: Optional[int] = WORLD_SIZE_OPTION,
+    executor: str = EXECUTOR_OPTION,
     workers: int = typer.Option(1, help="local executor: processes running normsim map tasks (1: this process)."),
     tasks: Optional[int] = typer.Option(None, help="p=inf/2: map tasks the tables are cut into (runs of whole "
                                         "tables), the same for every rank (default 32)."),
-    retries: int = typer.Option(1, help="Retries per failed task."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent."),
+    retries: int = RETRIES_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """NormSim_p (Wang et al. 2024, Eq. 3) of every sample's image embedding against a target set.
 

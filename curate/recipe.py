@@ -135,6 +135,20 @@ def _validate(path: Path, section: str, table: Any) -> dict:
     return out
 
 
+def executor_options(run: dict) -> dict:
+    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages (score, normsim)."""
+    return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
+            "ray_address": run["ray_address"] or None}
+
+
+def require_reduced(result: dict, step: str, tasks_key: str) -> dict:
+    """A map/reduce stage's summary, or an error when this Slurm rank's peers are not done (nothing to chain yet)."""
+    if result["out"] is None:
+        raise CurateError(f"{step}: {result[tasks_key]['missing']} map tasks of other ranks are still missing; "
+                          "rerun when they are done")
+    return result
+
+
 def plan(recipe: dict) -> list[Step]:
     """The ordered steps of a validated recipe, with their resolved inputs and outputs."""
     run = recipe["run"]
@@ -208,12 +222,8 @@ def plan(recipe: dict) -> list[Step]:
             from curate.stages.score import score
 
             result = score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"],
-                           executor=run["executor"], workers=run["workers"], retries=run["retries"],
-                           ray_address=run["ray_address"] or None)
-            if result["out"] is None:  # a Slurm array rank whose peers are not done: nothing to chain yet
-                raise CurateError(f"score: {result['negclip_tasks']['missing']} negclip map tasks of other ranks "
-                                  "are still missing; rerun when they are done")
-            return result
+                           **executor_options(run))
+            return require_reduced(result, "score", "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
 
     if "normsim" in recipe:
@@ -227,12 +237,8 @@ def plan(recipe: dict) -> list[Step]:
                 from curate.stages.normsim import normsim
 
                 result = normsim(emb, target, p, out, index=n["index"], device=run["device"],
-                                 executor=run["executor"], workers=run["workers"], retries=run["retries"],
-                                 ray_address=run["ray_address"] or None)
-                if result["out"] is None:  # a Slurm array rank whose peers are not done: nothing to chain yet
-                    raise CurateError(f"normsim {p}: {result['normsim_tasks']['missing']} map tasks of other ranks "
-                                      "are still missing; rerun when they are done")
-                return result
+                                 **executor_options(run))
+                return require_reduced(result, f"normsim {p}", "normsim_tasks")
             add(f"normsim:{p}", "normsim", {**n, "p": p}, [emb] + ([target] if target else []), [out], run_normsim)
 
     if "clones" in recipe:

@@ -26,6 +26,20 @@ from curate.run.ranks import resolve_rank, split_for_rank
 DEFAULT_TASKS = 32  # map tasks per run (not per rank): the layout must not depend on the world size
 
 
+@dataclass
+class PoolSpanTask:
+    """What every map task over a pool needs: its name and pool span, where the pool and its fp16 caches
+    are, the pool version it was planned for (a task refuses a changed pool) and where its output goes."""
+
+    name: str
+    start: int
+    stop: int
+    emb_dir: str | list[str]
+    cache_dir: str
+    fingerprint: str
+    parts_dir: str
+
+
 def parts_root(out: str | Path) -> Path:
     """Where map outputs of `out` live: `<out>.parts/` beside it."""
     out = Path(out)

@@ -35,7 +35,7 @@ from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
 from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, _column_to_numpy, _require_columns, to_float32
-from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_parts_dir, parts_root, parts_started,
+from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir, parts_root, parts_started,
                                   start_map, task_file, wants_tasks, write_once)
 from curate.run.markers import Markers
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
@@ -286,16 +286,9 @@ class NormsimLayout:
 
 
 @dataclass
-class NormsimTask:
+class NormsimTask(PoolSpanTask):
     """Map task: NormSim of pool rows start..stop-1 (whole tables) into `<parts>/<name>.npy`."""
 
-    name: str
-    start: int
-    stop: int
-    emb_dir: str | list[str]
-    memmap_dir: str
-    fingerprint: str  # the pool version the run started with; a task refuses a changed pool
-    parts_dir: str
     p: str
     index: str
     nprobe: int | None
@@ -370,7 +363,7 @@ def normsim_map_task(task: NormsimTask, progress: Callable[[int], None] | None =
     with blas_threads(task.blas_threads):  # the scorer (e.g. the second moment) is BLAS too
         pool, score_chunk = _task_state(task)
         # the cache when this process finds it, else the tables: the same blocks, the same bytes
-        scores = _score_rows(pool, score_chunk, task.memmap_dir, task.start, task.stop, task.block_rows,
+        scores = _score_rows(pool, score_chunk, task.cache_dir, task.start, task.stop, task.block_rows,
                              progress)
     with atomic_path(task_file(task.parts_dir, task.name)) as tmp, open(tmp, "wb") as f:
         np.save(f, scores)

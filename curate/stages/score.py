@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.tables import EmbeddingPool, to_float32, with_meta
-from curate.run.mapreduce import (DEFAULT_TASKS, check_task_options, layout_key, layout_parts_dir, parts_started,
+from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_key, layout_parts_dir, parts_started,
                                   start_map, task_file, wants_tasks)
 from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
 from curate.run.markers import Markers
@@ -218,16 +218,9 @@ DEFAULT_NEGCLIP_TASKS = DEFAULT_TASKS
 
 
 @dataclass
-class NegclipTask:
+class NegclipTask(PoolSpanTask):
     """Map task: the batches with flat index start..stop-1 (curate.metrics.negclip.task_spans)."""
 
-    name: str
-    start: int
-    stop: int
-    emb_dir: str | list[str]
-    cache_dir: str
-    fingerprint: str  # the pool version the run started with; a task refuses a changed pool
-    parts_dir: str
     logit_scale: float
     batch_size: int
     seed: int
