@@ -43,13 +43,28 @@ def second_moment(x: np.ndarray, moment: np.ndarray | None = None, chunk_rows: i
     return moment
 
 
-def normsim_2(v: np.ndarray, moment: np.ndarray) -> np.ndarray:
-    """NormSim_2(v) = sqrt(Σ_x <v,x>²) = sqrt(vᵀ C v) with C = XᵀX (Eq. 3, p = 2). (n, D) -> (n,) float32.
+class QuadraticForm:
+    """NormSim_2(v) = sqrt(Σ_x <v,x>²) = sqrt(vᵀ C v) with C = XᵀX (Eq. 3, p = 2), for many calls: C is
+    converted to float32 once and the (n, D) product goes into one reused buffer (a fresh 16 MiB array per
+    block costs its page faults every time)."""
 
-    The product runs in float32; pass C as float32 when calling per chunk (converted otherwise)."""
-    v = np.asarray(v, dtype=np.float32)
-    quad = np.einsum("nd,nd->n", v @ moment.astype(np.float32, copy=False), v, dtype=np.float32)
-    return np.sqrt(np.maximum(quad, 0.0, out=quad), out=quad)
+    def __init__(self, moment: np.ndarray):
+        self.moment = np.ascontiguousarray(moment, dtype=np.float32)
+        self._buffer = None
+
+    def __call__(self, v) -> np.ndarray:
+        """(n, D) -> (n,) float32."""
+        v = np.asarray(v, dtype=np.float32)
+        if self._buffer is None or len(self._buffer) < len(v):
+            self._buffer = np.empty((len(v), self.moment.shape[1]), dtype=np.float32)
+        products = np.matmul(v, self.moment, out=self._buffer[:len(v)])
+        quad = np.einsum("nd,nd->n", products, v, dtype=np.float32)
+        return np.sqrt(np.maximum(quad, 0.0, out=quad), out=quad)
+
+
+def normsim_2(v: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """NormSim_2(v) = sqrt(vᵀ C v) (Eq. 3, p = 2), one call; see QuadraticForm. (n, D) -> (n,) float32."""
+    return QuadraticForm(moment)(v)
 
 
 def default_nlist(n_target: int) -> int:
@@ -196,7 +211,7 @@ def normsim_2d(v, iterations: int = 4, final_fraction: float = 0.3, chunk_rows: 
         for part in _chunks(n, chunk_rows):
             rows = np.asarray(v[part], dtype=np.float32)
             second_moment(rows if kept is None else rows[kept[part]], moment)
-        moment = moment.astype(np.float32)  # once per round, not per chunk
+        score = QuadraticForm(moment)  # once per round, not per chunk
         for part in _chunks(n, chunk_rows):
-            scores[part] = normsim_2(v[part], moment)
+            scores[part] = score(v[part])
     return scores

@@ -172,8 +172,7 @@ def _scorer(p: str, index: str, target: np.ndarray, torch_device, dim: int, nlis
         return lambda rows: ns.normsim_inf(rows, faiss_index)
     if len(target) < dim:
         return lambda rows: ns.normsim_2_direct(rows, target)
-    moment = ns.second_moment(target).astype(np.float32)
-    return lambda rows: ns.normsim_2(rows, moment)
+    return ns.QuadraticForm(ns.second_moment(target))
 
 
 def _score_rows(pool: EmbeddingPool, score_chunk, memmap_dir, start: int, stop: int, block_rows: int,
