@@ -317,3 +317,20 @@ def test_score_streams_pool_peak_rss(tmp_path):
     growth = stats["peak"] - stats["before"]
     assert growth < pool_bytes / 2, (growth, pool_bytes, stats)
     assert pq.read_table(tmp_path / "s.parquet").num_rows == n_rows
+
+
+def test_usable_rows_fp16_bit_trick_matches_isfinite_and_nonzero():
+    from curate.stages.score import usable_rows
+
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((400, 9)).astype(np.float16)
+    specials = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 6e-8, -6e-8, 65504.0], dtype=np.float16)
+    mask = rng.random(rows.shape) < 0.05
+    rows[mask] = rng.choice(specials, int(mask.sum()))
+    rows[::37] = 0.0
+    rows[5::41] = -0.0
+    rows[7, :] = 6e-8  # subnormal, not zero
+    want = [all(np.isfinite(float(x)) for x in row) and any(float(x) != 0.0 for x in row) for row in rows]
+    assert usable_rows(rows).tolist() == want
+    assert usable_rows(rows.astype(np.float32)).tolist() == want
+    assert 0 < sum(want) < len(want)

@@ -73,11 +73,26 @@ def pool_location(pool: EmbeddingPool, row: int) -> tuple[Path, int, str]:
     return pool.files[index], within, uid
 
 
+def usable_rows(rows: np.ndarray) -> np.ndarray:
+    """Per row of an (n, D) block: finite and not all zeros.
+
+    For fp16 one integer pass instead of isfinite + any (14x faster: numpy's fp16 ufuncs convert every
+    value): the magnitude bits of an fp16 are >= 0x7C00 exactly for inf and NaN, and a row whose largest
+    magnitude is 0 is all (±)zeros.
+    """
+    if rows.dtype == np.float16 and rows.ndim == 2:
+        magnitude = np.bitwise_and(rows.view(np.uint16), 0x7FFF).max(axis=1, initial=0)
+        return (magnitude < 0x7C00) & (magnitude > 0)
+    return np.isfinite(rows).all(axis=1) & rows.any(axis=1)
+
+
 def check_finite(pool: EmbeddingPool, rows: np.ndarray, first_row: int, column: str) -> None:
     """A non-finite or zero-norm embedding is a user error naming the table and uid (re-embed it or drop the table).
 
     Zero-norm rows are finite but not L2-normalised: every score of them would be a silent 0.
     """
+    if usable_rows(rows).all():  # the usual case, checked cheaply; the messages below need the details
+        return
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
@@ -144,13 +159,7 @@ class PoolRows:
             for offset, a, b in zip(offsets.tolist(), starts.tolist(), ends.tolist()):
                 if preadv(fd, [buffer[a:b]], offset) != b - a:
                     raise CurateError(f"{self.path}: cache file is shorter than expected; delete it and rerun")
-        if out.dtype == np.float16 and out.ndim == 2:
-            # one integer pass instead of isfinite + any (25x faster): the magnitude bits of an fp16 are
-            # >= 0x7C00 exactly for inf and NaN, and a row whose largest magnitude is 0 is all (±)zeros
-            magnitude = np.bitwise_and(out.view(np.uint16), 0x7FFF).max(axis=1, initial=0)
-            usable = (magnitude < 0x7C00) & (magnitude > 0)
-        else:
-            usable = np.isfinite(out).all(axis=1) & out.any(axis=1)
+        usable = usable_rows(out)
         if not usable.all():
             bad = int(np.flatnonzero(~usable)[0])
             check_finite(self.pool, out[bad:bad + 1], int(rows[bad]), self.column)
