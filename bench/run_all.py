@@ -29,7 +29,7 @@ SECTIONS = ("embed", "negclip", "normsim", "export", "memory")
 
 PROFILES = {
     # full: what `make bench` runs (target: <= 15 min on an idle 2-core machine)
-    "full": {"embed_samples": 64, "embed_batch": 32, "negclip_rows": 200_000, "negclip_k": 1,
+    "full": {"embed_samples": 192, "embed_batch": 32, "negclip_rows": 200_000, "negclip_k": 1,
              "negclip_batch": 2048, "normsim_rows": 200_000, "export_samples": 10_000,
              "memory_rows": [250_000, 1_000_000], "memory_batch": 1024, "big_batch": 32768,
              "big_batch_rows": 32768, "filter_rows": 10_000_000, "repeats": 2, "negclip_repeats": 3,
