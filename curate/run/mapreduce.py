@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from curate.errors import CurateError
 from curate.io.atomic import sweep_stale_temps, temp_path, write_text_atomic
 from curate.run.executors import RunReport, make_executor
@@ -38,6 +40,44 @@ class PoolSpanTask:
     cache_dir: str
     fingerprint: str
     parts_dir: str
+
+    def open_pool(self, command: str):
+        """The task's EmbeddingPool; a clear error when its tables changed since the run was planned."""
+        from curate.io.tables import EmbeddingPool
+
+        pool = EmbeddingPool(self.emb_dir)
+        if pool.fingerprint() != self.fingerprint:
+            raise CurateError(f"{self.emb_dir}: the embedding tables changed since this {command} run started "
+                              f"(names, sizes or mtimes differ); rerun `curate {command}` on the final tables")
+        return pool
+
+
+def pool_source(emb_dir) -> str | list[str]:
+    """The pool source as plain strings, so a task pickles the same everywhere."""
+    return [str(f) for f in emb_dir] if isinstance(emb_dir, (list, tuple)) else str(emb_dir)
+
+
+def open_task_output(parts_dir: str | Path, stage: str, name: str, count: int):
+    """Task `name`'s float32 `.npy` output opened after its header (the caller reads and closes it); a
+    missing, unreadable or wrongly shaped file is a clear error saying which file and marker to delete."""
+    path = task_file(parts_dir, name)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); "
+                          f"delete it and {Markers(parts_dir, stage).path(name)}, then rerun") from None
+    try:
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    except ValueError as exc:
+        f.close()
+        raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); "
+                          f"delete it and {Markers(parts_dir, stage).path(name)}, then rerun") from None
+    if dtype != np.float32 or shape != (count,):
+        f.close()
+        raise CurateError(f"{path}: holds {shape} {dtype}, expected ({count},) float32; "
+                          "delete it and its marker, then rerun")
+    return f
 
 
 def parts_root(out: str | Path) -> Path:

@@ -35,8 +35,9 @@ from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
 from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, _column_to_numpy, _require_columns, to_float32
-from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir, parts_root, parts_started,
-                                  start_map, task_file, wants_tasks, write_once)
+from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir,
+                                  open_task_output, parts_root, parts_started, pool_source, start_map, task_file,
+                                  wants_tasks, write_once)
 from curate.run.markers import Markers
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
 
@@ -328,10 +329,7 @@ _TASK_STATE: dict[tuple, tuple[EmbeddingPool, Callable]] = {}
 def _task_state(task: NormsimTask) -> tuple[EmbeddingPool, Callable]:
     key = (str(task.emb_dir), task.fingerprint, task.parts_dir, task.device)
     if key not in _TASK_STATE:
-        pool = EmbeddingPool(task.emb_dir)
-        if pool.fingerprint() != task.fingerprint:
-            raise CurateError(f"{task.emb_dir}: the embedding tables changed since this normsim run started "
-                              "(names, sizes or mtimes differ); rerun `curate normsim` on the final tables")
+        pool = task.open_pool("normsim")
         target_path = Path(task.parts_dir) / TARGET_FILE
         target = np.load(target_path)
         if _target_sha256(target) != task.target_sha256:
@@ -370,19 +368,6 @@ def normsim_map_task(task: NormsimTask, progress: Callable[[int], None] | None =
     markers.mark(task.name, {"device": device, "rows": task.stop - task.start, "start": task.start,
                              "stop": task.stop, "seconds": round(time.perf_counter() - started, 3)})
     return {"task": task.name, "ran": True}
-
-
-def _read_span(parts_dir: Path, name: str, rows: int) -> np.ndarray:
-    path = task_file(parts_dir, name)
-    try:
-        scores = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); delete it "
-                          f"and {Markers(parts_dir, NORMSIM_STAGE).path(name)}, then rerun") from None
-    if scores.dtype != np.float32 or scores.shape != (rows,):
-        raise CurateError(f"{path}: holds {scores.shape} {scores.dtype}, expected ({rows},) float32; "
-                          "delete it and its marker, then rerun")
-    return scores
 
 
 def _plan(pool: EmbeddingPool, target_spec, p: str, out, memmap_dir, index: str, nlist, nprobe, device: str,
@@ -424,7 +409,7 @@ def normsim_distributed(pool: EmbeddingPool, emb_dir, target_spec, p: str, out, 
         write_once(parts_dir / IVF_FILE, lambda tmp: faiss.write_index(
             _ivf_index(target, layout.nlist, layout.nprobe), str(tmp)))
     flat = p == "inf" and index == "flat"
-    source = [str(f) for f in emb_dir] if isinstance(emb_dir, (list, tuple)) else str(emb_dir)
+    source = pool_source(emb_dir)
     device_name = str(torch_device) if flat else "cpu"
     threads = blas_thread_count() or 0
     task_list = [NormsimTask(job.names[i], spans[i][0], spans[i][1], source, str(memmap_dir), layout.fingerprint,
@@ -445,7 +430,8 @@ def normsim_distributed(pool: EmbeddingPool, emb_dir, target_spec, p: str, out, 
         params["device"] = info["device"]
     scores = np.empty(pool.n_rows, dtype=np.float32)
     for name, (start, stop) in zip(job.names, spans):
-        scores[start:stop] = _read_span(parts_dir, name, stop - start)
+        with open_task_output(parts_dir, NORMSIM_STAGE, name, stop - start) as f:
+            scores[start:stop] = np.fromfile(f, np.float32, stop - start)
     return scores, params, info
 
 

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.tables import EmbeddingPool, to_float32, with_meta
-from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_key, layout_parts_dir, parts_started,
-                                  start_map, task_file, wants_tasks)
+from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_key, layout_parts_dir,
+                                  open_task_output, parts_started, pool_source, start_map, task_file, wants_tasks)
 from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
 from curate.run.markers import Markers
 
@@ -277,10 +277,7 @@ _TASK_ROWS: dict[tuple, tuple[PoolRows, PoolRows]] = {}
 def _task_rows(task: NegclipTask) -> tuple[PoolRows, PoolRows]:
     key = _rows_key(task.emb_dir, task.cache_dir, task.fingerprint)
     if key not in _TASK_ROWS:
-        pool = EmbeddingPool(task.emb_dir)
-        if pool.fingerprint() != task.fingerprint:
-            raise CurateError(f"{task.emb_dir}: the embedding tables changed since this score run started "
-                              "(names, sizes or mtimes differ); rerun `curate score` on the final tables")
+        pool = task.open_pool("score")
         for old in _TASK_ROWS.values():
             for rows in old:
                 rows.close()
@@ -292,11 +289,6 @@ def _task_rows(task: NegclipTask) -> tuple[PoolRows, PoolRows]:
 
 def _rows_key(emb_dir, cache_dir, fingerprint: str) -> tuple:
     return (str(emb_dir), str(cache_dir), fingerprint)
-
-
-def _emb_source(emb_dir) -> str | list[str]:
-    """The pool source as plain strings, so a task pickles the same everywhere."""
-    return [str(f) for f in emb_dir] if isinstance(emb_dir, (list, tuple)) else str(emb_dir)
 
 
 def negclip_map_task(task: NegclipTask, progress: Callable[[int], None] | None = None) -> dict:
@@ -339,18 +331,7 @@ class SpanFiles:
 
     def open(self, index: int) -> Callable[[int], np.ndarray]:
         self.close()
-        path = task_file(self.parts_dir, self.names[index])
-        try:
-            self._file = f = open(path, "rb")
-            np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        except (OSError, ValueError) as exc:
-            raise CurateError(f"{path}: map output of a task marked done is missing or unreadable ({exc}); "
-                              f"delete it and {Markers(self.parts_dir, NEGCLIP_STAGE).path(self.names[index])}, "
-                              "then rerun") from None
-        if dtype != np.float32 or shape != (self.counts[index],):
-            raise CurateError(f"{path}: holds {shape} {dtype}, expected ({self.counts[index]},) float32; "
-                              f"delete it and its marker, then rerun")
+        self._file = f = open_task_output(self.parts_dir, NEGCLIP_STAGE, self.names[index], self.counts[index])
         return lambda count: np.fromfile(f, np.float32, count)
 
     def close(self) -> None:
@@ -368,6 +349,8 @@ def negclip_distributed(pool: EmbeddingPool, emb_dir, image: PoolRows, text: Poo
 
     Returns (Σ terms per sample or None when tasks are still missing, info about the tasks and devices).
     """
+    import torch
+
     from curate.metrics.negclip import reduce_span_terms, span_own_count, task_spans
 
     n = pool.n_rows
@@ -377,8 +360,8 @@ def negclip_distributed(pool: EmbeddingPool, emb_dir, image: PoolRows, text: Poo
                     rank, world_size)
     parts_dir, names = job.parts_dir, job.names
     # spawned workers would each start one torch thread per core; Ray sets its workers' own thread count
-    threads = max(1, torch_threads() // workers) if executor == "local" and not job.in_process else 0
-    source = _emb_source(emb_dir)
+    threads = max(1, torch.get_num_threads() // workers) if executor == "local" and not job.in_process else 0
+    source = pool_source(emb_dir)
     task_list = [NegclipTask(names[i], spans[i][0], spans[i][1], source, str(cache), layout.fingerprint,
                              str(parts_dir), layout.logit_scale, int(batch_size), int(seed), str(device),
                              layout.tile_elements, threads)
@@ -403,12 +386,6 @@ def negclip_distributed(pool: EmbeddingPool, emb_dir, image: PoolRows, text: Poo
     finally:
         files.close()
     return sums, info
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def negclip_parts_started(out: str | Path, pool: EmbeddingPool, k: int, batch_size: int, seed: int,
