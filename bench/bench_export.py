@@ -1,7 +1,8 @@
 """Export: `curate export` of a subset vs a raw copy of the same tar bytes.
 
-Corpus: `curate synth` shards with 224-pixel JPEGs (~14 KB per sample with its txt, json and tar headers).
-Subset: every uid of the corpus, so the export writes the same samples (and about the same bytes) that
+Corpora: `curate synth` shards of 1000 samples, run twice: 640-pixel JPEGs (~36 KB per sample with its txt,
+json and tar headers: DataComp's average, 450 TB / 12.8 B samples) and 224-pixel JPEGs (~12 KB per sample,
+where the per-sample work weighs three times more). Subset: every uid of the corpus, so the export writes the same samples (and about the same bytes) that
 it reads. Limit: the input tar files copied byte for byte with `shutil.copyfileobj` (read + write through
 user space, 1 MiB buffers, no parsing) into another directory of the same file system. Throughput is input
 bytes per second; the ratio is stage throughput / copy throughput. Also reported, for context: the same
@@ -19,13 +20,14 @@ from pathlib import Path
 from common import compare
 
 
-def make_corpus_once(path: Path, samples: int, shard_size: int) -> Path:
+def make_corpus_once(path: Path, samples: int, shard_size: int, image_size: int) -> Path:
     from curate.stages.synth import make_corpus
 
     manifest = path / "manifest.json"
     if not manifest.exists() or '"complete": true' not in manifest.read_text():
         shutil.rmtree(path, ignore_errors=True)
-        make_corpus(path, samples, shard_size=shard_size, seed=0, corrupt=0.0, target_samples=0, image_size=224)
+        make_corpus(path, samples, shard_size=shard_size, seed=0, corrupt=0.0, target_samples=0,
+                    image_size=image_size)
     return path
 
 
@@ -56,13 +58,15 @@ def tarfile_copy(shards: list[str], out: Path) -> None:
                 dst.addfile(info, src.extractfile(info))
 
 
-def run(work: Path, samples: int, repeats: int, log=print) -> dict:
+def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640, context: bool = True) -> dict:
+    """`context`: also time the tarfile copy and the export without its fast path (slow: ~100 MB/s)."""
     from curate.io.shards import expand_shards
     from curate.io.uids import write_uid_npy
     from curate.stages.export import export_subset
 
     started = time.perf_counter()
-    corpus = make_corpus_once(work / f"export-corpus-{samples}", samples, shard_size=1000)
+    name = f"export-corpus-{samples}" + ("" if image_size == 224 else f"-{image_size}px")
+    corpus = make_corpus_once(work / name, samples, shard_size=1000, image_size=image_size)
     shards = expand_shards(str(corpus))
     total_bytes = sum(Path(s).stat().st_size for s in shards)
     write_uid_npy(all_uids(shards), work / "export-subset" / "uids.npy")
@@ -77,27 +81,30 @@ def run(work: Path, samples: int, repeats: int, log=print) -> dict:
         written["bytes"] = sum(p.stat().st_size for p in out.glob("*.tar"))
 
     comparison = compare(stage, lambda: raw_copy(shards, work / "export-copy"), repeats, log, "export")
-    tar_times = []
-    for _ in range(repeats):
+    extra: dict = {}
+    if context:
+        tar_times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tarfile_copy(shards, work / "export-tarcopy")
+            tar_times.append(time.perf_counter() - start)
+        shutil.rmtree(work / "export-out-iter-shard", ignore_errors=True)
         start = time.perf_counter()
-        tarfile_copy(shards, work / "export-tarcopy")
-        tar_times.append(time.perf_counter() - start)
-    shutil.rmtree(work / "export-out-iter-shard", ignore_errors=True)
-    start = time.perf_counter()
-    export_subset(str(corpus), work / "export-subset", work / "export-out-iter-shard", shard_size=1000, fast=False)
-    iter_shard_s = time.perf_counter() - start
-    fast_tars = sorted((work / "export-out").glob("*.tar"))
-    slow_tars = sorted((work / "export-out-iter-shard").glob("*.tar"))
-    same = [p.name for p in fast_tars] == [p.name for p in slow_tars] and all(
-        a.read_bytes() == b.read_bytes() for a, b in zip(fast_tars, slow_tars))
-    log(f"  export with iter_shard only: {iter_shard_s:.2f} s, same tars as the fast path: {same}")
+        export_subset(str(corpus), work / "export-subset", work / "export-out-iter-shard", shard_size=1000, fast=False)
+        iter_shard_s = time.perf_counter() - start
+        fast_tars = sorted((work / "export-out").glob("*.tar"))
+        slow_tars = sorted((work / "export-out-iter-shard").glob("*.tar"))
+        same = [p.name for p in fast_tars] == [p.name for p in slow_tars] and all(
+            a.read_bytes() == b.read_bytes() for a, b in zip(fast_tars, slow_tars))
+        log(f"  export with iter_shard only: {iter_shard_s:.2f} s, same tars as the fast path: {same}")
+        mb = total_bytes / 1e6
+        extra = {"tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times),
+                 "iter_shard_export_s": iter_shard_s, "iter_shard_export_mb_s": mb / iter_shard_s,
+                 "iter_shard_same_tars": same}
     for d in ("export-out", "export-copy", "export-tarcopy", "export-out-iter-shard"):
         shutil.rmtree(work / d, ignore_errors=True)
     mb = total_bytes / 1e6
-    return {"samples": samples, "input_bytes": total_bytes, "written_samples": written["samples"],
-            "output_bytes": written["bytes"], **comparison.as_dict(),
+    return {"samples": samples, "image_size": image_size, "shards": len(shards), "input_bytes": total_bytes,
+            "written_samples": written["samples"], "output_bytes": written["bytes"], **comparison.as_dict(),
             "stage_mb_s": mb / comparison.best_stage, "limit_mb_s": mb / comparison.best_limit,
-            "throughput_ratio": comparison.best_limit / comparison.best_stage,
-            "tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times),
-            "iter_shard_export_s": iter_shard_s, "iter_shard_export_mb_s": mb / iter_shard_s,
-            "iter_shard_same_tars": same}
+            "throughput_ratio": comparison.best_limit / comparison.best_stage, **extra}

@@ -266,7 +266,10 @@ def random_sample(rng, i, key):
                                              "\ufeff{}".encode(), b' {"uid": "%s"}\n ' % uid_of(i).encode(),
                                              b'{"uid": "%s", "uid": 5}' % uid_of(i).encode(),  # last one wins
                                              b'{"uid": "%s\\n"}' % uid_of(i).encode(),  # "$" matches before "\n"
-                                             b'{"a": NaN, "uid": "%s"}' % uid_of(i).encode()])
+                                             b'{"a": NaN, "uid": "%s"}' % uid_of(i).encode(),
+                                             # deeper than json's recursion limit, within orjson's 1024 levels
+                                             b'{"uid": "%s", "a": %s}' % (uid_of(i).encode(), b"[" * 1010 + b"]" * 1010),
+                                             b"[" * 3000 + b"]" * 3000])  # too deep for both readers
     if rng.random() < 0.2:
         members[f"{key}.cls"] = b"3"
     if rng.random() < 0.1:
@@ -324,8 +327,8 @@ def count_fast_shards(monkeypatch):
     taken = []
     original = export_module._fast_shard
 
-    def spy(url, subset, problems, shard_buffer, size):
-        run = original(url, subset, problems, shard_buffer, size)
+    def spy(*args):
+        run = original(*args)
         taken.append(run is not None)
         return run
 
@@ -407,6 +410,18 @@ def dirty_variants():
     signed[124:136] = b"+%010o\0" % 4  # tarfile reads it, the fast path does not take it
     signed[148:156] = b"%06o\0 " % (sum(signed[:148]) + 256 + sum(signed[156:512]))
     variants["size with a plus sign"] = signed
+    nested = io.BytesIO()  # a member that is itself a tar: its headers carry the magic too
+    with tarfile.open(fileobj=nested, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("inner.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"inner"))
+    variants["a tar inside a member"] = tar_of(good + [("k2.tar", nested.getvalue())])
+    v7 = tar_of(good)  # headers without the ustar magic (old v7 tars): tarfile reads them the same
+    for block in range(0, len(v7) - 1024, 512):
+        if v7[block + 257:block + 262] == b"ustar":
+            v7[block + 257:block + 265] = bytes(8)
+            v7[block + 148:block + 156] = b"%06o\0 " % (sum(v7[block:block + 148]) + 256 + sum(v7[block + 156:block + 512]))
+    variants["no magic"] = v7
     variants["empty"] = bytearray()
     variants["not a tar"] = bytearray(b"not a tar at all " * 100)
     return variants
@@ -423,8 +438,26 @@ def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_
         count_fast_shards.clear()
         fast, slow = export_both(case / "shards", case / "uids.npy", case / "out", shard_size=2)
         assert_same_outputs(fast, slow)
-        handled = name in ("plain", "size with leading spaces")
+        handled = name in ("plain", "size with leading spaces", "a tar inside a member", "no magic")
         assert count_fast_shards == ([True, True] if handled else [False, True]), name
+
+
+def test_header_chain_from_the_magic_is_the_walked_chain_or_none():
+    """The vectorised chain (blocks with the ustar magic linked by their sizes) never differs from the walk."""
+    magic_used = 0
+    for name, data in dirty_variants().items():
+        total = len(data)
+        table = np.frombuffer(data, dtype=np.uint8, count=total // 512 * 512).reshape(-1, 512)
+        magic = tar_blocks._magic_chain(table, total)
+        if magic is not None:
+            walked = tar_blocks._walk_chain(data, total)
+            assert walked is not None and walked[1] == magic[1] and np.array_equal(walked[0], magic[0]), name
+            magic_used += 1
+        else:
+            assert name in ("a tar inside a member", "no magic", "empty", "not a tar", "truncated",
+                            "no end blocks", "gzip", "zero blocks in the middle", "size with leading spaces",
+                            "size with a plus sign"), name
+    assert magic_used >= 10
 
 
 @pytest.mark.parametrize("mapped", [False, True])

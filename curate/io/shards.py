@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
+import orjson
 from braceexpand import braceexpand
 from PIL import Image
 
@@ -345,17 +346,33 @@ def raw_image_bytes(raw: RawSample) -> bytes | None:
     return None
 
 
+def load_json_object(data) -> dict:
+    """A sample's `.json` bytes as a dict; ValueError (UnicodeDecodeError, JSONDecodeError) saying why not.
+
+    orjson first (strict RFC 8259 and UTF-8, ~3x faster); what it refuses goes to `json.loads`, which also
+    takes NaN/Infinity, lone surrogate escapes and nesting deeper than orjson's 1024 levels. Every reader of
+    sample json calls this, so they all agree on a sample's uid. (orjson reads integers beyond 64 bits as
+    floats; uids are strings.)"""
+    try:
+        meta = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            meta = json.loads(str(data, "utf-8"))
+        except RecursionError:  # json's C scanner recurses per nesting level
+            raise ValueError("nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise ValueError("not an object")
+    return meta
+
+
 def raw_json(raw: RawSample) -> tuple[dict, str | None, list[str]]:
     data = raw.members.get("json")
     if data is None:
         return {}, None, []
     try:
-        text = data.decode("utf-8")
-        meta = json.loads(text)
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
-        return meta, text, []
-    except (UnicodeDecodeError, ValueError) as exc:
+        meta = load_json_object(data)
+        return meta, str(data, "utf-8"), []
+    except ValueError as exc:
         return {}, None, [f"invalid .json ({exc}); ignored"]
 
 

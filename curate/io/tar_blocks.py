@@ -236,13 +236,12 @@ def _numeric_fields(headers: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     return values[0], values[1]
 
 
-def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> PlainTar | None:
-    """The layout of a plain tar held in `buffer[:total]`, or None when anything in it needs the careful
-    reader: see the module docstring. With a result, `iter_shard` would read exactly these members, group them
-    into exactly these samples and report no problem."""
+def _walk_chain(buffer: bytearray, total: int) -> tuple[np.ndarray, int] | None:
+    """(header block indices, end offset) by walking the header chain in Python, the fallback of `_magic_chain`
+    (size: 11 digits, the usual spelling); the caller checks every header strictly."""
     heads = []
     append, offset, last_block = heads.append, 0, total - BLOCK
-    try:  # walk the header chain (size: 11 digits, the usual spelling); every header is checked strictly below
+    try:
         while offset <= last_block and buffer[offset]:
             append(offset)
             offset += BLOCK + max(0, int(buffer[offset + 124:offset + 135], 8) + BLOCK - 1) // BLOCK * BLOCK
@@ -250,12 +249,46 @@ def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> Plai
         return None
     if not heads or offset > total or total - offset < 2 * BLOCK:
         return None
-    data = np.frombuffer(buffer, dtype=np.uint8, count=total)
-    if data[offset:].any():  # a sound end: zero blocks only
+    return np.array(heads, dtype=np.int64) // BLOCK, offset
+
+
+_MAGIC = np.frombuffer(b"ustar", dtype=np.uint8)
+_SIZE_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def _magic_chain(table: np.ndarray, total: int) -> tuple[np.ndarray, int] | None:
+    """The header chain without a per-member loop (~6x faster than the walk): the blocks carrying the ustar
+    magic (USTAR, GNU and PAX headers all do) whose 11-digit sizes link each to the next, from block 0 to the
+    end. That is the chain the walk follows; None (then the walk decides) when any block breaks it, e.g. a
+    data block that looks like a header (a tar inside a member), a header without the magic (v7), or a size
+    not spelled as 11 octal digits."""
+    candidates = np.flatnonzero(table[:, 257] == _MAGIC[0])
+    for offset in range(1, len(_MAGIC)):
+        candidates = candidates[table[candidates, 257 + offset] == _MAGIC[offset]]
+    if not len(candidates) or candidates[0] != 0 or not table[candidates, 0].all():  # the walk stops at a NUL
         return None
-    end = offset
-    head = np.array(heads, dtype=np.int64) // BLOCK
+    digits = table[candidates, 124:135].astype(np.int64) - ord("0")
+    if ((digits < 0) | (digits > 7)).any():
+        return None
+    following = candidates + 1 + (digits @ _SIZE_WEIGHTS + BLOCK - 1) // BLOCK
+    if (candidates[1:] != following[:-1]).any():
+        return None
+    end = int(following[-1]) * BLOCK
+    return (candidates, end) if total - end >= 2 * BLOCK else None
+
+
+def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> PlainTar | None:
+    """The layout of a plain tar held in `buffer[:total]`, or None when anything in it needs the careful
+    reader: see the module docstring. With a result, `iter_shard` would read exactly these members, group them
+    into exactly these samples and report no problem."""
+    data = np.frombuffer(buffer, dtype=np.uint8, count=total)
     table = data[:total // BLOCK * BLOCK].reshape(-1, BLOCK)
+    chain = _magic_chain(table, total) or _walk_chain(buffer, total)
+    if chain is None:
+        return None
+    head, end = chain
+    if data[end:].any():  # a sound end: zero blocks only
+        return None
     headers = table[head]
     values = _numeric_fields(headers)
     if values is None:
@@ -357,11 +390,16 @@ def zero_padding(table: np.ndarray, tar: PlainTar, members: np.ndarray) -> None:
 
 
 class ShardBuffer:
-    """Whole files in memory, one at a time: read into one reused buffer (a fresh 10 MB allocation costs page
+    """Whole files in memory, one at a time: read into one reused buffer (a fresh allocation costs page
     faults and zeroing on every shard), or, above READ_LIMIT, mapped copy-on-write (only the pages that get
-    new headers are copied). A file's bytes stay valid until the next `read`."""
+    new headers are copied). A file's bytes stay valid until the next `read`.
 
-    READ_LIMIT = 64 << 20  # three buffers of this size at most (see export.kept_samples)
+    READ_LIMIT covers img2dataset's 10,000-sample shards of DataComp-sized samples (~350 MB): on 180 MB
+    shards, reading into the reused buffer exported at 0.63x a raw copy's throughput, the mapping at 0.42x
+    (page faults on every page, and a page copy wherever a header is patched). The price is memory: export
+    holds three buffers, up to ~3.4x the largest shard below the limit."""
+
+    READ_LIMIT = 512 << 20
 
     def __init__(self):
         self.data: bytearray | mmap.mmap = bytearray()

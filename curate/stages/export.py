@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from curate.errors import CurateError
@@ -62,7 +63,6 @@ FAST_PATH_MAX_BYTES = 1 << 36  # a larger shard goes through iter_shard
 BACKGROUND_WRITES = True  # False: _TarWriter writes in the calling thread
 NO_UID = "no uid: no valid json uid and no image + caption"
 REPEAT = "uid already exported from an earlier sample; repeat skipped"
-_JSON_DECODER = json.JSONDecoder()  # json.loads' default decoder settings
 ERRORS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("uid", pa.string()),
                            ("reason", pa.string())])
 
@@ -198,14 +198,14 @@ def kept_samples(urls: list[str], subset: SubsetIndex, problems: list[tuple],
             return None
         shard_buffer = shard_buffers[number % 3]
         shard_buffer.wait_for_writes()
-        return reader.submit(shard_buffer.read, urls[number], FAST_PATH_MAX_BYTES)
+        return reader.submit(_read_and_scan, shard_buffer, urls[number])
 
     try:
         ahead = read_ahead(0)
         for number, url in enumerate(urls):
-            size = ahead.result() if ahead is not None else None
+            scanned = ahead.result() if ahead is not None else None
             ahead = read_ahead(number + 1)
-            run = None if size is None else _fast_shard(url, subset, problems, shard_buffers[number % 3], size)
+            run = None if scanned is None else _fast_shard(url, subset, problems, shard_buffers[number % 3], *scanned)
             if run is not None:
                 if len(run.samples):
                     yield run
@@ -237,12 +237,20 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple]) -> Iter
         yield raw
 
 
+def _read_and_scan(shard_buffer: ShardBuffer, url: str) -> tuple[int, PlainTar | None] | None:
+    """(size, layout or None) of a shard read into `shard_buffer`, or None when it could not be read whole.
+    Runs on the reader thread: the numpy scan releases the GIL for most of its time, so it overlaps the
+    main thread's uid parsing of the shard before."""
+    size = shard_buffer.read(url, FAST_PATH_MAX_BYTES)
+    return None if size is None else (size, scan_plain_tar(shard_buffer.data, size, MAX_MEMBER_BYTES))
+
+
 def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], shard_buffer: ShardBuffer,
-                size: int) -> FastRun | None:
-    """The kept samples of a shard read into `shard_buffer` (`size` bytes) when the fast path can take it (see
-    the module docstring), or None, with nothing recorded or marked found, when the shard needs iter_shard."""
+                size: int, tar: PlainTar | None) -> FastRun | None:
+    """The kept samples of a shard read into `shard_buffer` (`size` bytes, layout `tar`) when the fast path can
+    take it (see the module docstring), or None, with nothing recorded or marked found, when the shard needs
+    iter_shard."""
     buffer = shard_buffer.data
-    tar = scan_plain_tar(buffer, size, MAX_MEMBER_BYTES)
     if tar is None or not all(SAFE_EXT.fullmatch(ext) for ext in tar.exts):
         return None
     uids = _shard_uids(url, buffer, tar)
@@ -262,8 +270,8 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], shard_buff
 
 
 def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
-    """sample_uid of every sample of the shard. The usual case (a .json member holding a valid uid) is done
-    here; every other sample goes through sample_uid itself on its members' bytes."""
+    """sample_uid of every sample of the shard. The usual case (a .json member that orjson reads, holding a
+    valid uid) is done here, as load_json_object would; every other sample goes through sample_uid itself."""
     data_start = ((tar.header_block + 1) * BLOCK).tolist()
     size = tar.size.tolist()
     json_member = np.full(tar.samples, -1, dtype=np.int64)
@@ -272,18 +280,14 @@ def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
         json_member[tar.sample[is_json]] = np.flatnonzero(is_json)
     uids: list[str | None] = []
     view = memoryview(buffer)
-    scan, space, uid_match = _JSON_DECODER.scan_once, json.decoder.WHITESPACE.match, UID_RE.fullmatch
+    loads, uid_match = orjson.loads, UID_RE.fullmatch
     for sample, member in enumerate(json_member.tolist()):
         if member >= 0:
             start = data_start[member]
-            # json.loads(text) step by step (what JSONDecoder.decode does), without its per-call overhead;
-            # anything unusual (BOM, extra data, an error) is left to sample_uid
             try:
-                text = buffer[start:start + size[member]].decode("utf-8")
-                meta, end = scan(text, 0 if text[:1] == "{" else space(text, 0).end())
-                whole = (end == len(text) or space(text, end).end() == len(text)) and not text.startswith("\ufeff")
-                uid = meta.get("uid") if whole and type(meta) is dict else None
-            except Exception:  # noqa: BLE001
+                meta = loads(view[start:start + size[member]])
+                uid = meta.get("uid") if type(meta) is dict else None
+            except orjson.JSONDecodeError:
                 uid = None
             if type(uid) is str and uid_match(uid):  # is_uid
                 uids.append(uid)
