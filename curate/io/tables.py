@@ -88,20 +88,22 @@ def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = No
                        row_group_size: int | None = None) -> Path:
     """Write a Parquet file via temp file + rename. Deterministic bytes for identical input.
 
-    Vector (fixed_size_list) columns are written without dictionary encoding: embedding values barely
-    repeat, so the dictionary only costs time; with it, reading an fp16 embedding column was ~4x slower
-    and writing it ~4x slower (bench/results.md). Readers see the same schema either way. Their row
-    groups default to VECTOR_ROW_GROUP_ROWS rows, so that no reader has to hold a huge one.
+    Vector (fixed_size_list) columns are written plain: no dictionary and no compression. Embedding values
+    barely repeat: a dictionary made reading and writing an fp16 column ~4x slower, and zstd saved 9 % of
+    its bytes but tripled the time to read it (164 vs 57 ms per 50k x 512 column; bench/results.md). Both are
+    standard Parquet options, so every reader reads either. Their row groups default to
+    VECTOR_ROW_GROUP_ROWS rows, so that no reader has to hold a huge one. Other columns: dictionary + zstd.
     """
     if meta is not None:
         table = with_meta(table, meta)
     path = Path(path)
-    dictionary_columns = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
-    if row_group_size is None and len(dictionary_columns) < len(table.schema):
+    other_columns = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+    if row_group_size is None and len(other_columns) < len(table.schema):
         row_group_size = VECTOR_ROW_GROUP_ROWS
+    compression = {name: "zstd" if name in other_columns else "none" for name in table.schema.names}
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
-                       write_statistics=False, use_dictionary=dictionary_columns)
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression,
+                       write_statistics=False, use_dictionary=other_columns)
     return path
 
 
