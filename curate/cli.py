@@ -307,14 +307,28 @@ def filter_cmd(
                                                                 "imagenet, or none (with 2d)."),
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
                                                           "score tables record)."),
+    executor: str = EXECUTOR_OPTION,
+    workers: int = typer.Option(1, help="local executor: processes running the map tasks (1: this process)."),
+    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of whole files; "
+                                        "default 32)."),
+    retries: int = RETRIES_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    rank: Optional[int] = RANK_OPTION,
+    world_size: Optional[int] = WORLD_SIZE_OPTION,
 ):
-    """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file."""
+    """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file.
+
+    With --executor ray, --workers N or --tasks T the selection runs as map tasks over row-aligned tables
+    (a radix select per --keep, a few rounds each) without holding the score columns, with the same
+    outputs. --rank/--world-size are refused: one driver process submits every round's tasks.
+    """
     from rich.table import Table
 
     from curate.stages.filter import filter_pool
 
     result = filter_pool(tables, out, keeps=keep, mins=min_, maxs=max_, mode=mode, normsim=normsim,
-                         target=target, emb=emb)
+                         target=target, emb=emb, executor=executor, workers=workers, tasks=tasks, retries=retries,
+                         ray_address=ray_address, rank=rank, world_size=world_size)
     table = Table(title=f"filter ({result.mode}) of a pool of {result.pool}")
     for column in ("step", "rows ranked", "kept", "removed", "cut score", "NaN"):
         table.add_column(column, justify="left" if column == "step" else "right")

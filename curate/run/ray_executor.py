@@ -54,7 +54,7 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self) -> bool:
+    def connect(self) -> bool:
         """Make sure Ray is initialised; True when this call did it (so `run` must shut it down)."""
         ray = self.ray
         if ray.is_initialized():
@@ -88,7 +88,7 @@ class RayExecutor(Executor):
         if not tasks:
             return report
         ray = self.ray
-        started = self._connect()
+        started = self.connect()
         try:
             private = self.address == "local" or (self.address is None and not os.environ.get("RAY_ADDRESS"))
             self._check_gpus(started_locally=started and private)

@@ -20,6 +20,8 @@ table is aligned by one more sort, unless it lists the uids in the pool order (t
 A keep is a linear-time `np.partition` plus a uid sort of the tied rows only. Memory is O(N): uid halves,
 metric columns and index arrays. Measured on 10^7 rows, one table with two float32 metrics,
 `--keep 0.3 --keep 0.2`: 12 s on 2 cores, peak RSS 1.26 GiB (~130 bytes per row; 10^8 rows ~13 GiB).
+With --executor ray, --workers > 1 or --tasks, curate/stages/filter_distributed.py computes the same
+outputs in map tasks over row-aligned tables (radix select), never holding a whole score column.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from curate.errors import CurateError
 from curate.io.atomic import atomic_path, write_text_atomic
 from curate.io.tables import ERRORS_SUFFIX, EmbeddingPool, read_meta, write_table_atomic
 from curate.io.uids import DATACOMP_DTYPE, uid_halves
+from curate.run.mapreduce import check_task_options
 
 MODES = ("sequential", "independent")
 BATCH_ROWS = 1 << 20
@@ -154,8 +157,8 @@ def _numeric_columns(schema: pa.Schema) -> list[str]:
             if f.name != "uid" and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
 
 
-def read_score_table(path: str | Path) -> ScoreTable:
-    """Read `uid` and every numeric column of a table (or of a directory of same-schema tables)."""
+def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """A table argument's files, rows per file and metric names, from the Parquet footers alone."""
     path = Path(path)
     files = table_files(path)
     metric_names: list[str] | None = None
@@ -177,6 +180,13 @@ def read_score_table(path: str | Path) -> ScoreTable:
                               "the tables of one directory must have the same columns")
         rows.append(pf.metadata.num_rows)
     assert metric_names is not None
+    return files, rows, metric_names
+
+
+def read_score_table(path: str | Path) -> ScoreTable:
+    """Read `uid` and every numeric column of a table (or of a directory of same-schema tables)."""
+    path = Path(path)
+    files, rows, metric_names = scan_score_table(path)
     total = sum(rows)
     high, low = np.empty(total, np.uint64), np.empty(total, np.uint64)
     metrics: dict[str, np.ndarray] = {}
@@ -272,17 +282,25 @@ def join_tables(tables: Sequence[ScoreTable]) -> JoinedPool:
         raise CurateError(f"{pool.name}: the score table has no rows; nothing to filter")
     pool_order = uid_order(pool.high, pool.low)
     check_unique(pool, pool_order)
+    sources = metric_sources([(table.name, list(table.metrics)) for table in tables])
     metrics: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
     for table in tables:
         rows = None if table is pool else align_to_pool(pool, pool_order, table)
         for name, values in table.metrics.items():
-            if name in metrics:
-                raise CurateError(f"metric `{name}` is in both {sources[name]} and {table.name}; "
-                                  "give each metric once (rename or drop one of the columns)")
             metrics[name] = values if rows is None else values[rows]
-            sources[name] = table.name
     return JoinedPool(pool.high, pool.low, metrics, sources, pool, pool_order)
+
+
+def metric_sources(tables: Sequence[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """metric -> the table (name) it comes from, in table then column order; a metric twice is an error."""
+    sources: dict[str, str] = {}
+    for table, names in tables:
+        for name in names:
+            if name in sources:
+                raise CurateError(f"metric `{name}` is in both {sources[name]} and {table}; "
+                                  "give each metric once (rename or drop one of the columns)")
+            sources[name] = table
+    return sources
 
 
 # ---------------------------------------------------------------- selection (pure, on arrays)
@@ -314,24 +332,20 @@ def top_rows(scores: np.ndarray, high: np.ndarray, low: np.ndarray, candidates: 
         raise ValueError("count exceeds the rankable rows")
     if count == len(rows):
         cut = values.min() if count else math.nan
-        return np.sort(rows), float(cut), 0
+        return np.sort(rows), float(cut) + 0.0, 0  # + 0.0: either zero at the cut reads +0.0
     cut = np.partition(values, len(values) - count)[len(values) - count]  # the count-th largest score
     above = rows[values > cut]
     tied = rows[values == cut]
     need = count - len(above)
     tied = tied[np.lexsort((low[tied], high[tied]))]
     chosen = np.concatenate([above, tied[:need]])
-    return np.sort(chosen), float(cut), len(tied) - need
+    return np.sort(chosen), float(cut) + 0.0, len(tied) - need
 
 
 def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, keeps: Sequence[KeepStep],
            bounds: Sequence[Bound] = (), mode: str = "sequential") -> tuple[np.ndarray, list[StepStats]]:
     """Apply thresholds then keeps (see the module docstring); returns (kept row indices ascending, stats)."""
-    if mode not in MODES:
-        raise CurateError(f"--mode {mode!r}: choose sequential or independent")
-    for name in [b.metric for b in bounds] + [k.metric for k in keeps]:
-        if name not in metrics:
-            raise CurateError(f"unknown metric {name!r}; the tables have: {', '.join(sorted(metrics)) or 'none'}")
+    check_selection(metrics, keeps, bounds, mode)
     pool_size = len(high)
     rows = np.arange(pool_size)
     stats: list[StepStats] = []
@@ -350,13 +364,7 @@ def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, ke
             scores = scores.astype(np.float64)
         count = k.count(pool_size)
         nan = int(np.isnan(scores[candidates]).sum())
-        if count > len(candidates) - nan:
-            before = "the thresholds and earlier keeps" if mode == "sequential" else "the thresholds"
-            raise CurateError(
-                f"--keep {k.metric}:{_fraction_text(k.fraction)} (step {number}) must keep ceil({_fraction_text(k.fraction)}"
-                f" x {pool_size}) = {count} rows of the pool, but only {len(candidates) - nan} rows with a score "
-                f"are left after {before} ({nan} NaN scores are never kept); fractions are of the whole pool, "
-                "so lower this fraction (in sequential mode each --keep must not exceed the one before)")
+        check_rankable(k, number, pool_size, len(candidates), nan, mode)
         chosen, cut, ties = top_rows(scores, high, low, candidates, count)
         stats.append(StepStats("keep", k.metric, len(candidates), count, len(candidates) - count,
                                fraction=_fraction_text(k.fraction), nan=nan, threshold=cut,
@@ -370,6 +378,27 @@ def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, ke
         for other in kept_sets[1:]:
             rows = np.intersect1d(rows, other, assume_unique=True)
     return rows, stats
+
+
+def check_selection(metrics, keeps: Sequence[KeepStep], bounds: Sequence[Bound], mode: str) -> None:
+    """A known mode, and every metric the steps name among `metrics` (any container of names)."""
+    if mode not in MODES:
+        raise CurateError(f"--mode {mode!r}: choose sequential or independent")
+    for name in [b.metric for b in bounds] + [k.metric for k in keeps]:
+        if name not in metrics:
+            raise CurateError(f"unknown metric {name!r}; the tables have: {', '.join(sorted(metrics)) or 'none'}")
+
+
+def check_rankable(k: KeepStep, number: int, pool_size: int, ranked: int, nan: int, mode: str) -> None:
+    """Keep step `number` must find its count among the `ranked - nan` rows with a score."""
+    count = k.count(pool_size)
+    if count > ranked - nan:
+        before = "the thresholds and earlier keeps" if mode == "sequential" else "the thresholds"
+        raise CurateError(
+            f"--keep {k.metric}:{_fraction_text(k.fraction)} (step {number}) must keep ceil({_fraction_text(k.fraction)}"
+            f" x {pool_size}) = {count} rows of the pool, but only {ranked - nan} rows with a score "
+            f"are left after {before} ({nan} NaN scores are never kept); fractions are of the whole pool, "
+            "so lower this fraction (in sequential mode each --keep must not exceed the one before)")
 
 
 def _fraction_text(fraction: Fraction) -> str:
@@ -429,8 +458,14 @@ def _recorded_embeddings(path: Path) -> str | None:
 def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequence[str] = (),
                 mins: Sequence[str] = (), maxs: Sequence[str] = (), mode: str = "sequential",
                 normsim: str | None = None, target: str | None = None, emb: str | Path | None = None,
-                normsim_fn: Callable | None = None) -> FilterResult:
-    """Read, join, select and write `uids.npy`, `kept.parquet` and `stats.json` (last) into `out_dir`."""
+                normsim_fn: Callable | None = None, *, executor: str = "local", workers: int = 1,
+                tasks: int | None = None, retries: int = 1, ray_address: str | None = None,
+                rank: int | None = None, world_size: int | None = None) -> FilterResult:
+    """Read, join, select and write `uids.npy`, `kept.parquet` and `stats.json` (last) into `out_dir`.
+
+    With --executor ray, --workers > 1 or --tasks the same selection runs as map tasks over row-aligned
+    tables (curate.stages.filter_distributed), with the same outputs.
+    """
     keep_steps = [parse_keep(s) for s in keeps]
     bounds = [parse_bound(s, "min") for s in mins] + [parse_bound(s, "max") for s in maxs]
     if mode not in MODES:
@@ -441,6 +476,25 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
         raise CurateError("--normsim needs --target (an embedding dir, a .npy/.parquet matrix, imagenet or none)")
     if not tables:
         raise CurateError("give at least one score table")
+    if rank is not None or world_size is not None:
+        raise CurateError("curate filter: --rank/--world-size cannot split the filter, whose rounds (one per "
+                          "radix digit of each --keep) each need every task's counts; run one driver with "
+                          "--executor ray (or --workers N, --tasks T): it submits each round's map tasks itself")
+    args = {"tables": [str(t) for t in tables], "keep": list(keeps), "min": list(mins), "max": list(maxs),
+            "mode": mode, "normsim": normsim, "target": target, "emb": str(emb) if emb is not None else None}
+    check_task_options(workers, tasks, retries)
+    if executor not in ("local", "ray"):
+        raise CurateError(f"--executor {executor!r}: choose local or ray")
+    # mapreduce.wants_tasks without ranks: a Slurm array's variables do not switch the filter over
+    if executor != "local" or int(workers) > 1 or tasks is not None:
+        if normsim is not None:
+            raise CurateError("--normsim computes NormSim in memory, which the distributed filter (--executor ray, "
+                              "--workers, --tasks) avoids: run `curate normsim` first and pass its table")
+        from curate.stages.filter_distributed import filter_distributed
+
+        return filter_distributed(tables, out_dir, keep_steps, bounds, mode, args, executor=executor,
+                                  workers=int(workers), tasks=tasks, retries=int(retries), ray_address=ray_address)
+
     score_tables = [read_score_table(t) for t in tables]
     if normsim is not None:
         score_tables.append(inline_normsim(score_tables, normsim, target, emb, normsim_fn))
@@ -451,8 +505,6 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
     out.mkdir(parents=True, exist_ok=True)
     mask = np.zeros(pool.size, dtype=bool)
     mask[rows] = True
-    args = {"tables": [str(t) for t in tables], "keep": list(keeps), "min": list(mins), "max": list(maxs),
-            "mode": mode, "normsim": normsim, "target": target, "emb": str(emb) if emb is not None else None}
     kept = pa.table({"uid": _kept_uids(pool.reference, mask),
                      **{name: values[rows] for name, values in pool.metrics.items()}})
     write_table_atomic(kept, out / "kept.parquet", meta={"filter": args})
@@ -460,14 +512,20 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
         with open(tmp, "wb") as f:
             np.save(f, pool.uid_pairs(mask))
     nan_counts = {name: int(np.isnan(v).sum()) for name, v in pool.metrics.items() if v.dtype.kind == "f"}
-    stats = {"pool": pool.size, "kept": len(rows), "removed": pool.size - len(rows), "mode": mode,
+    return write_stats(out, pool.size, len(rows), mode, pool.sources, nan_counts, steps, args)
+
+
+def write_stats(out: Path, pool_size: int, kept: int, mode: str, sources: dict[str, str],
+                nan_counts: dict[str, int], steps: list[StepStats], args: dict,
+                extra: dict | None = None) -> FilterResult:
+    """Write `stats.json` (last: its presence means the subset is complete) and return the result."""
+    stats = {"pool": pool_size, "kept": kept, "removed": pool_size - kept, "mode": mode,
              "order": "thresholds (--min/--max, in order) then keeps; NaN never kept; ties by uid ascending",
-             "metrics": {name: {"table": pool.sources[name], "nan": nan_counts.get(name, 0)}
-                         for name in pool.metrics},
+             "metrics": {name: {"table": sources[name], "nan": nan_counts.get(name, 0)} for name in sources},
              "steps": [{k: v for k, v in asdict(s).items() if v is not None} for s in steps],
-             "args": args}
+             "args": args, **(extra or {})}
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    return FilterResult(pool.size, len(rows), mode, steps, str(out),
+    return FilterResult(pool_size, kept, mode, steps, str(out),
                         {"uids": str(out / "uids.npy"), "kept": str(out / "kept.parquet"),
                          "stats": str(out / "stats.json")})
 

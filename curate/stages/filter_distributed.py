@@ -1,0 +1,606 @@
+"""`curate filter` as map tasks: the in-memory filter's selection and outputs, without holding the pool.
+
+Runs when --executor ray, --workers > 1 or --tasks is given (curate.stages.filter.filter_pool). One driver
+process runs rounds; each round submits map tasks (runs of whole table files, `--tasks`, default 32) to the
+executor and reduces their small results. Memory per process: a histogram, the rows collected at a cut,
+and one task's files; the driver never holds a score column.
+
+Rules and outputs are those of curate/stages/filter.py (read its docstring), byte for byte: `uids.npy`, the
+rows and values of `kept.parquet` in pool order (its row groups may differ), and `stats.json` (plus a
+`distributed` entry).
+
+Selection (curate.metrics.topk): each --keep is a radix select over the order-preserving integer key of its
+score. A round's map histograms one 16-bit digit of the key over the step's candidate rows whose key has
+the prefix chosen so far; the reduce picks the bucket holding the cut. Once the bucket holds at most
+`collect_rows` rows (default 2^20), or a single key value, the next map collects those rows' keys and uids
+and the reduce finds the exact cut and the uid cut of the tie-break. A finished step is (cut key, uid
+cut): any task re-evaluates "kept by step s" from it without state. Sequential mode runs the steps one
+after the other (step s+1's candidates are the rows kept by steps 1..s); independent mode runs every
+step's rounds together. Typically 2 rounds per step, then a final map.
+Float64 scores (and integer metrics, read as float64) use 64-bit keys, float16 ones 32-bit keys of their
+exact float32 value: every dtype the in-memory filter ranks is ranked exactly here.
+
+Tables: every table argument must have the same number of files, with the same uids in the same order
+file by file (as `curate score` and `curate normsim` write them from one embedding directory). The
+first round checks it, parsing every table's uids (so a bad uid is the in-memory filter's error too);
+otherwise use the in-memory filter, which joins on uid. A table that changes (size or mtime) during the
+run is an error.
+Duplicate uids: refused, as in memory, when the copies lie in one file (each file's uids are sorted in
+the first round) or are both kept (the reduce sorts every kept uid). Two copies in different files of
+which at most one is kept are not detected: that would take a global sort of all N uids.
+Not supported: --rank/--world-size (the rounds need every task's counts: one driver submits them; a
+Slurm array's variables are ignored) and --normsim (in memory: run `curate normsim` first).
+
+Final map: each task writes its kept rows (uid strings and every metric, pool order) as a Parquet part and
+its kept uids sorted, with counts per top uid byte, into `<out>.parts/filter-<hash>/` with markers (a
+rerun reuses finished parts). The reduce streams the parts into `kept.parquet` and merges the uids one
+top byte at a time into `uids.npy` (memory O(kept / 256)), then writes `stats.json` and deletes the parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+from curate.io.atomic import atomic_path
+from curate.io.tables import with_meta
+from curate.io.uids import DATACOMP_DTYPE, uid_halves
+from curate.metrics import topk
+from curate.run.executors import make_executor
+from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
+from curate.run.markers import Markers
+from curate.stages.filter import (Bound, FilterResult, KeepStep, ScoreTable, StepStats, _fraction_text, _to_numpy,
+                                  check_rankable, check_selection, check_unique, metric_sources, scan_score_table,
+                                  sorted_uid_pairs, uid_order, write_stats)
+
+STAGE = "filter"
+DEFAULT_COLLECT_ROWS = 1 << 20  # rows (key + uid, <= 24 B each) a bucket may hold to be collected whole
+UID_BUCKETS = 256  # kept uids are merged one top byte at a time
+
+
+# ---------------------------------------------------------------- what tasks are given
+
+@dataclass(frozen=True)
+class StepCut:
+    """A finished --keep: rows with key > cut, or key == cut and uid <= (uid_high, uid_low), are kept."""
+
+    metric: str
+    cut: int
+    uid_high: int
+    uid_low: int
+
+
+@dataclass(frozen=True)
+class Query:
+    """One step's request of a round: the digit histogram ("hist") or the rows ("collect") of the
+    step's candidates whose key starts with the `bits`-bit `prefix`."""
+
+    step: int
+    kind: str
+    prefix: int
+    bits: int
+
+
+@dataclass
+class SpanTask:
+    """A run of whole files: files[i][t] is file i of table t (row-aligned), with its (size, mtime_ns)."""
+
+    name: str
+    files: list[list[str]]
+    stamps: list[list[tuple[int, int]]]
+    rows: list[int]
+    metric_table: dict[str, int]
+    bounds: list[Bound]
+
+    def check_stamps(self) -> None:
+        for paths, stamps in zip(self.files, self.stamps):
+            for path, stamp in zip(paths, stamps):
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise CurateError(f"{path}: cannot read it any more ({exc}); rerun `curate filter`") from None
+                if (st.st_size, st.st_mtime_ns) != tuple(stamp):
+                    raise CurateError(f"{path}: the score table changed since this filter run started (size or "
+                                      "mtime differ); rerun `curate filter` on the final tables")
+
+
+@dataclass
+class RoundTask(SpanTask):
+    mode: str
+    keep_metrics: list[str]
+    cuts: list[StepCut | None]  # finished steps (sequential: every step before the current one)
+    queries: list[Query]
+    validate: bool  # first round: parse every table's uids, check alignment and per-file uniqueness
+
+
+@dataclass
+class FinalTask(SpanTask):
+    cuts: list[StepCut]
+    columns: list[tuple[str, str]]  # kept.parquet's metric columns: (name, numpy dtype)
+    parts_dir: str
+    validate: bool
+
+
+# ---------------------------------------------------------------- one file of a task
+
+class FileView:
+    """File `index` of a task's span, with its columns read on first use (one file in memory at a time)."""
+
+    def __init__(self, task: SpanTask, index: int):
+        self.task, self.paths, self.n = task, task.files[index], task.rows[index]
+        self._values: dict[str, np.ndarray] = {}
+        self._keys: dict[str, np.ndarray] = {}
+        self._uid: pa.Array | None = None
+        self._halves: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _column(self, table: int, name: str) -> pa.Array:
+        path = self.paths[table]
+        try:
+            column = pq.read_table(path, columns=[name], use_threads=False).column(name).combine_chunks()
+        except (OSError, pa.ArrowInvalid, KeyError) as exc:
+            raise CurateError(f"{path}: cannot read column `{name}` ({exc})") from None
+        if len(column) != self.n:
+            raise CurateError(f"{path}: holds {len(column)} rows, expected {self.n}; rerun `curate filter`")
+        return column
+
+    def values(self, name: str) -> np.ndarray:
+        if name not in self._values:
+            self._values[name] = _to_numpy(self._column(self.task.metric_table[name], name))
+        return self._values[name]
+
+    def keys(self, name: str) -> np.ndarray:
+        if name not in self._keys:
+            values = self.values(name)
+            if values.dtype == np.float16:  # float16 -> float32 is exact and keeps the order
+                values = values.astype(np.float32)
+            self._keys[name] = topk.order_keys(values)
+        return self._keys[name]
+
+    def nan(self, name: str) -> np.ndarray:
+        return np.isnan(self.values(name))
+
+    def uid_column(self) -> pa.Array:
+        if self._uid is None:
+            self._uid = self._column(0, "uid")
+        return self._uid
+
+    def uids(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._halves is None:
+            self._halves = uid_halves(self.uid_column(), self.paths[0])
+        return self._halves
+
+    def passed_bounds(self, stats: list[list[int]] | None = None) -> np.ndarray:
+        """Rows passing every --min/--max in order; `stats` gets [ranked, passed, nan] per bound added."""
+        rows = np.ones(self.n, dtype=bool)
+        for number, b in enumerate(self.task.bounds):
+            values = self.values(b.metric)
+            passed = values >= b.value if b.kind == "min" else values <= b.value  # as filter.select compares
+            if stats is not None:
+                stats[number][0] += int(rows.sum())
+                stats[number][2] += int((rows & np.isnan(values)).sum())
+            rows &= passed
+            if stats is not None:
+                stats[number][1] += int(rows.sum())
+        return rows
+
+    def kept_by(self, cut: StepCut, candidates: np.ndarray) -> np.ndarray:
+        """The candidates a finished step keeps; uids are parsed only when a candidate sits at the cut."""
+        keys = self.keys(cut.metric)
+        valid = candidates & ~self.nan(cut.metric)
+        key = keys.dtype.type(cut.cut)
+        kept = valid & (keys > key)
+        tied = np.flatnonzero(valid & (keys == key))
+        if len(tied):
+            high, low = self.uids()
+            kept[tied] = topk.uid_at_most(high[tied], low[tied], cut.uid_high, cut.uid_low)
+        return kept
+
+    def validate(self) -> None:
+        """Every table's uids parse and equal the pool table's, row by row; no uid twice in the file."""
+        high, low = self.uids()
+        path = self.paths[0]
+        check_unique(ScoreTable(path, [Path(path)], [self.n], high, low, {}), uid_order(high, low))
+        for table, other in enumerate(self.paths[1:], 1):
+            other_high, other_low = uid_halves(self._column(table, "uid"), other)
+            differ = (other_high != high) | (other_low != low)
+            if differ.any():
+                row = int(np.argmax(differ))
+                raise CurateError(
+                    f"{other}: row {row} has uid {other_high[row]:016x}{other_low[row]:016x} where {path} has "
+                    f"{high[row]:016x}{low[row]:016x} ({int(differ.sum())} rows differ); the distributed filter "
+                    "(--executor ray, --workers, --tasks) needs tables row-aligned file by file, as `curate score` "
+                    "and `curate normsim` write them from the same embedding tables; run the in-memory filter "
+                    "(without those options), which joins the tables on uid")
+
+
+def _candidates(view: FileView, task: RoundTask, step: int, passed: np.ndarray) -> np.ndarray:
+    if task.mode == "independent":
+        return passed
+    rows = passed
+    for cut in task.cuts[:step]:
+        rows = view.kept_by(cut, rows)
+    return rows
+
+
+def filter_round_task(task: RoundTask) -> dict:
+    """One round's map over a span: per query, the candidates and NaN counts (first round of a step) and
+    the sparse digit histogram or the collected (key, uid high, uid low) rows."""
+    task.check_stamps()
+    answers = [{"ranked": 0, "nan": 0, "hist": None, "keys": [], "high": [], "low": []} for _ in task.queries]
+    for index in range(len(task.files)):
+        view = FileView(task, index)
+        if task.validate:
+            view.validate()
+        passed = view.passed_bounds()
+        candidates: dict[int, np.ndarray] = {}
+        for query, answer in zip(task.queries, answers):
+            if query.step not in candidates:
+                candidates[query.step] = _candidates(view, task, query.step, passed)
+            cand = candidates[query.step]
+            metric = task.keep_metrics[query.step]
+            nan = view.nan(metric)
+            keys = view.keys(metric)
+            if query.bits == 0:
+                answer["ranked"] += int(cand.sum())
+                answer["nan"] += int((cand & nan).sum())
+            rows = np.flatnonzero(cand & ~nan & topk.in_prefix(keys, query.prefix, query.bits))
+            if query.kind == "hist":
+                hist = topk.digit_histogram(keys[rows], query.bits)
+                answer["hist"] = hist if answer["hist"] is None else answer["hist"] + hist
+            else:
+                high, low = view.uids()
+                answer["keys"].append(keys[rows])
+                answer["high"].append(high[rows])
+                answer["low"].append(low[rows])
+    for answer in answers:  # small to send back: nonzero digits only, arrays joined
+        if answer["hist"] is not None:
+            digits = np.flatnonzero(answer["hist"])
+            answer["hist"] = (digits.astype(np.uint16), answer["hist"][digits])
+        for part in ("keys", "high", "low"):
+            answer[part] = np.concatenate(answer[part]) if answer[part] else None
+    return {"task": task.name, "answers": answers}
+
+
+# ---------------------------------------------------------------- the final map
+
+def part_file(parts_dir: str | Path, name: str) -> Path:
+    return Path(parts_dir) / f"{name}.parquet"
+
+
+def uids_file(parts_dir: str | Path, name: str) -> Path:
+    return Path(parts_dir) / f"{name}.uids.npy"
+
+
+def kept_schema(columns: Sequence[tuple[str, str]]) -> pa.Schema:
+    return pa.schema([("uid", pa.string()), *((name, pa.from_numpy_dtype(np.dtype(dt))) for name, dt in columns)])
+
+
+def filter_final_task(task: FinalTask) -> dict:
+    """Write the span's kept rows (pool order) as a Parquet part and its kept uids sorted, then mark it."""
+    markers = Markers(task.parts_dir, STAGE)
+    if markers.is_done(task.name):
+        return {"task": task.name, "ran": False}
+    task.check_stamps()
+    started = time.perf_counter()
+    bound_stats = [[0, 0, 0] for _ in task.bounds]
+    nan = {name: 0 for name, _ in task.columns}
+    highs, lows = [], []
+    schema = kept_schema(task.columns)
+    with atomic_path(part_file(task.parts_dir, task.name)) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+            for index in range(len(task.files)):
+                view = FileView(task, index)
+                if task.validate:
+                    view.validate()
+                kept = view.passed_bounds(bound_stats)
+                for cut in task.cuts:  # a row is in the subset when it passes the bounds and every keep
+                    kept = view.kept_by(cut, kept)
+                rows = np.flatnonzero(kept)
+                for name, _ in task.columns:
+                    nan[name] += int(view.nan(name).sum())
+                if not len(rows):
+                    continue
+                uid = pc.take(view.uid_column(), pa.array(rows)).cast(pa.string())
+                writer.write_table(pa.Table.from_arrays(
+                    [uid, *(pa.array(view.values(name)[rows]) for name, _ in task.columns)], schema=schema))
+                high, low = view.uids()
+                highs.append(high[rows])
+                lows.append(low[rows])
+    high = np.concatenate(highs) if highs else np.empty(0, np.uint64)
+    low = np.concatenate(lows) if lows else np.empty(0, np.uint64)
+    pairs = sorted_uid_pairs(high, low)
+    with atomic_path(uids_file(task.parts_dir, task.name)) as tmp, open(tmp, "wb") as f:
+        np.save(f, pairs)
+    info = {"kept": len(pairs), "bounds": bound_stats, "nan": nan,
+            "buckets": np.bincount((pairs["f0"] >> np.uint64(56)).astype(np.intp),
+                                   minlength=UID_BUCKETS).tolist(),
+            "seconds": round(time.perf_counter() - started, 3)}
+    markers.mark(task.name, info)
+    return {"task": task.name, "ran": True}
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclass
+class TableInfo:
+    name: str
+    files: list[str]
+    rows: list[int]
+    metrics: list[str]
+    types: list[pa.DataType] = field(repr=False)
+    stamps: list[tuple[int, int]]
+
+
+def _scan(path) -> TableInfo:
+    files, rows, metrics = scan_score_table(path)
+    schema = pq.ParquetFile(files[0]).schema_arrow
+    stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return TableInfo(str(path), [str(f) for f in files], rows, metrics, [schema.field(m).type for m in metrics],
+                     stamps)
+
+
+def _check_aligned(tables: list[TableInfo]) -> None:
+    """The cheap part of the alignment check (file and row counts), before any task runs."""
+    pool = tables[0]
+    for table in tables[1:]:
+        if len(table.files) != len(pool.files) or table.rows != pool.rows:
+            raise CurateError(
+                f"{table.name}: {len(table.files)} files of {table.rows[:5]}{'...' if len(table.rows) > 5 else ''} "
+                f"rows, where {pool.name} has {len(pool.files)} files of {pool.rows[:5]}"
+                f"{'...' if len(pool.rows) > 5 else ''} rows; the distributed filter (--executor ray, --workers, "
+                "--tasks) needs tables row-aligned file by file, as `curate score` and `curate normsim` write them "
+                "from the same embedding tables; run the in-memory filter (without those options), which joins "
+                "the tables on uid")
+
+
+def _numpy_dtype(arrow_type: pa.DataType) -> np.dtype:
+    """The dtype `_to_numpy` gives a column of this type (integers become float64)."""
+    return np.dtype(np.float64) if pa.types.is_integer(arrow_type) else np.dtype(arrow_type.to_pandas_dtype())
+
+
+@dataclass
+class Selection:
+    """The driver's state of one --keep: the key prefix found so far and what ranks above it."""
+
+    number: int  # 1-based, as in error messages
+    step: KeepStep
+    count: int
+    bits_total: int
+    key_dtype: np.dtype
+    kind: str
+    prefix: int = 0
+    bits: int = 0
+    above: int = 0
+    ranked: int | None = None
+    nan: int = 0
+    cut: StepCut | None = None
+    stats: StepStats | None = None
+
+    def query(self, index: int) -> Query:
+        return Query(index, self.kind, self.prefix, self.bits)
+
+
+@contextlib.contextmanager
+def _executor_session(executor: str, ray_address: str | None):
+    """One Ray for all rounds (each round's RayExecutor.run then leaves it up); nothing for local."""
+    if executor != "ray":
+        yield
+        return
+    from curate.run.ray_executor import RayExecutor
+
+    ray_executor = RayExecutor(address=ray_address)
+    started = ray_executor.connect()
+    try:
+        yield
+    finally:
+        if started:
+            ray_executor.ray.shutdown()
+
+
+def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequence[KeepStep],
+                       bounds: Sequence[Bound], mode: str, args: dict, *, executor: str = "local",
+                       workers: int = 1, tasks: int | None = None, retries: int = 1, ray_address: str | None = None,
+                       collect_rows: int | None = None) -> FilterResult:
+    """The selection of `filter_pool` as rounds of map tasks; writes the same three files into `out_dir`."""
+    started = time.perf_counter()
+    collect_rows = DEFAULT_COLLECT_ROWS if collect_rows is None else int(collect_rows)
+    infos = [_scan(t) for t in tables]
+    sources = metric_sources([(t.name, t.metrics) for t in infos])
+    check_selection(sources, keeps, bounds, mode)
+    pool_size = sum(infos[0].rows)
+    if pool_size == 0:
+        raise CurateError(f"{infos[0].name}: the score table has no rows; nothing to filter")
+    _check_aligned(infos)
+    metric_table = {m: t for t, info in enumerate(infos) for m in info.metrics}
+    dtypes = {m: _numpy_dtype(ty) for info in infos for m, ty in zip(info.metrics, info.types)}
+    n_files = len(infos[0].files)
+    count = max(1, min(int(tasks or DEFAULT_TASKS), n_files))
+    cuts = [(i * n_files) // count for i in range(count + 1)]
+    spans = list(zip(cuts[:-1], cuts[1:]))
+
+    def span_fields(first: int, stop: int) -> dict:
+        return {"files": [[t.files[i] for t in infos] for i in range(first, stop)],
+                "stamps": [[t.stamps[i] for t in infos] for i in range(first, stop)],
+                "rows": infos[0].rows[first:stop], "metric_table": metric_table, "bounds": list(bounds)}
+
+    selections = []
+    for number, k in enumerate(keeps, 1):
+        bits = 64 if dtypes[k.metric] == np.float64 else 32
+        selections.append(Selection(number, k, k.count(pool_size), bits,
+                                    np.dtype(np.float64 if bits == 64 else np.float32),
+                                    "collect" if pool_size <= collect_rows else "hist"))
+    rounds = 0
+    with _executor_session(executor, ray_address):
+        run = make_executor(executor, workers=workers, ray_address=ray_address)
+        while True:
+            active = [s for s in selections if s.cut is None]
+            if mode == "sequential":
+                active = active[:1]
+            if not active:
+                break
+            done_cuts = [s.cut for s in selections]
+            round_tasks = [RoundTask(f"round{rounds:02d}-t{i:05d}", **span_fields(a, b), mode=mode,
+                                     keep_metrics=[k.metric for k in keeps], cuts=done_cuts,
+                                     queries=[s.query(s.number - 1) for s in active], validate=rounds == 0)
+                           for i, (a, b) in enumerate(spans)]
+            report = run.run(filter_round_task, round_tasks, retries=retries)
+            report.raise_if_failed(f"filter round {rounds + 1} (map tasks)")
+            rounds += 1
+            for position, selection in enumerate(active):
+                _reduce(selection, [r["answers"][position] for r in report.results], pool_size, mode, collect_rows)
+
+        columns = [(m, dtypes[m].str) for m in sources]
+        final_cuts = [s.cut for s in selections]
+        layout = FilterLayout([[t.name, t.files, t.stamps] for t in infos], [asdict(b) for b in bounds],
+                              [asdict(c) for c in final_cuts], columns, len(spans))
+        parts_dir = layout_parts_dir(out_dir, STAGE, layout)
+        job = start_map(parts_dir, layout, STAGE, len(spans), executor, workers, rank=0, world_size=1)
+        final_tasks = [FinalTask(job.names[i], **span_fields(*spans[i]), cuts=final_cuts, columns=columns,
+                                 parts_dir=str(parts_dir), validate=rounds == 0)
+                       for i in job.todo]
+        report = job.run(final_tasks, filter_final_task, ray_address=ray_address, retries=retries,
+                         label="filter (final map tasks)")
+    markers = job.markers
+    task_infos = [markers.info(name) for name in job.names]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = _write_kept(out, parts_dir, job.names, columns, args)
+    _write_uids(out, parts_dir, job.names, task_infos, kept, infos[0].name)
+
+    steps = []
+    for number, b in enumerate(bounds):
+        ranked, passed, nan = (sum(i["bounds"][number][j] for i in task_infos) for j in range(3))
+        steps.append(StepStats(b.kind, b.metric, ranked, passed, ranked - passed, value=b.value, nan=nan))
+    steps += [s.stats for s in selections]
+    nan_counts = {m: sum(i["nan"][m] for i in task_infos) for m in sources}
+    distributed = {"executor": executor, "workers": workers, "tasks": len(spans), "rounds": rounds,
+                   "ran": sum(1 for r in report.results if r and r["ran"]),
+                   "seconds": round(time.perf_counter() - started, 3)}
+    result = write_stats(out, pool_size, kept, mode, sources, nan_counts, steps, args, {"distributed": distributed})
+    shutil.rmtree(parts_dir, ignore_errors=True)  # the parts are a second copy of the subset
+    with contextlib.suppress(OSError):
+        parts_root(out_dir).rmdir()  # only when no other run's parts are left in it
+    return result
+
+
+@dataclass
+class FilterLayout:
+    """What fixes the final map's outputs; its hash names `<out>.parts/filter-<hash>`."""
+
+    tables: list  # [name, files, (size, mtime_ns) per file]
+    bounds: list
+    cuts: list
+    columns: list
+    tasks: int
+
+
+def _reduce(selection: Selection, answers: list[dict], pool_size: int, mode: str, collect_rows: int) -> None:
+    """Fold one round's answers for a step into its state: a narrower prefix, or the exact cut."""
+    if selection.ranked is None:  # its first round: the counts, and the in-memory filter's shortfall error
+        selection.ranked = sum(a["ranked"] for a in answers)
+        selection.nan = sum(a["nan"] for a in answers)
+        check_rankable(selection.step, selection.number, pool_size, selection.ranked, selection.nan, mode)
+    need = selection.count - selection.above
+    if selection.kind == "hist":
+        hist = np.zeros(topk.DIGITS, np.int64)
+        for a in answers:
+            digits, counts = a["hist"]
+            hist[digits.astype(np.intp)] += counts
+        digit, above = topk.bucket_of_rank(hist, need)
+        selection.above += above
+        selection.prefix = (selection.prefix << topk.DIGIT_BITS) | digit
+        selection.bits += topk.DIGIT_BITS
+        if selection.bits == selection.bits_total or hist[digit] <= collect_rows:
+            selection.kind = "collect"
+        return
+    parts = [a for a in answers if a["keys"] is not None]
+    keys = np.concatenate([a["keys"] for a in parts])
+    high = np.concatenate([a["high"] for a in parts])
+    low = np.concatenate([a["low"] for a in parts])
+    cut, uid_high, uid_low, dropped = topk.exact_cut(keys, high, low, need)
+    k = selection.step
+    selection.cut = StepCut(k.metric, cut, uid_high, uid_low)
+    selection.stats = StepStats("keep", k.metric, selection.ranked, selection.count,
+                                selection.ranked - selection.count, fraction=_fraction_text(k.fraction),
+                                nan=selection.nan, threshold=topk.key_value(cut, selection.key_dtype),
+                                ties_dropped_by_uid=dropped)
+
+
+def _write_kept(out: Path, parts_dir: Path, names: list[str], columns, args: dict) -> int:
+    """Stream the parts, in task order (= pool order), into kept.parquet; returns the rows written."""
+    schema = with_meta(kept_schema(columns).empty_table(), {"filter": args}).schema
+    rows = 0
+    with atomic_path(out / "kept.parquet") as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+            for name in names:
+                part = _open_part(parts_dir, name, part_file)
+                for group in range(part.num_row_groups):
+                    table = part.read_row_group(group)
+                    rows += table.num_rows
+                    writer.write_table(table.replace_schema_metadata(schema.metadata))
+    return rows
+
+
+def _open_part(parts_dir: Path, name: str, which) -> pq.ParquetFile:
+    path = which(parts_dir, name)
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CurateError(f"{path}: output of a task marked done is missing or unreadable ({exc}); delete "
+                          f"{Markers(parts_dir, STAGE).path(name)} and rerun") from None
+
+
+def _write_uids(out: Path, parts_dir: Path, names: list[str], task_infos: list[dict], kept: int,
+                pool_name: str) -> None:
+    """uids.npy: every task's sorted kept uids merged one top byte at a time (DataComp's sorted `u8,u8`)."""
+    parts = []
+    for name, info in zip(names, task_infos):
+        path = uids_file(parts_dir, name)
+        try:
+            pairs = np.load(path, mmap_mode="r") if info["kept"] else np.empty(0, DATACOMP_DTYPE)
+        except (OSError, ValueError) as exc:
+            raise CurateError(f"{path}: output of a task marked done is missing or unreadable ({exc}); delete "
+                              f"{Markers(parts_dir, STAGE).path(name)} and rerun") from None
+        if pairs.dtype != DATACOMP_DTYPE or len(pairs) != info["kept"]:
+            raise CurateError(f"{path}: holds {len(pairs)} {pairs.dtype} uids, expected {info['kept']}; delete it "
+                              f"and {Markers(parts_dir, STAGE).path(name)}, then rerun")
+        parts.append((pairs, np.concatenate([[0], np.cumsum(info["buckets"])])))
+    if sum(len(p) for p, _ in parts) != kept:
+        raise CurateError(f"{parts_dir}: the parts hold {sum(len(p) for p, _ in parts)} uids for {kept} kept rows; "
+                          "delete the directory and rerun")
+    with atomic_path(out / "uids.npy") as tmp:
+        if kept == 0:  # a memory map of 0 bytes cannot be made
+            with open(tmp, "wb") as f:
+                np.save(f, np.empty(0, DATACOMP_DTYPE))
+            return
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=DATACOMP_DTYPE, shape=(kept,))
+        row = 0
+        for bucket in range(UID_BUCKETS):
+            pieces = [pairs[offsets[bucket]:offsets[bucket + 1]] for pairs, offsets in parts]
+            pieces = [p for p in pieces if len(p)]
+            if not pieces:
+                continue
+            merged = np.concatenate(pieces)
+            merged = sorted_uid_pairs(merged["f0"], merged["f1"])
+            same = (merged["f0"][1:] == merged["f0"][:-1]) & (merged["f1"][1:] == merged["f1"][:-1])
+            if same.any():
+                first = merged[int(np.argmax(same))]
+                raise CurateError(
+                    f"{pool_name}: uid {int(first['f0']):016x}{int(first['f1']):016x} appears more than once "
+                    f"({int(same.sum())} duplicate kept rows); a uid must name one sample: deduplicate the table "
+                    "(or the shards it was scored from)")
+            target[row:row + len(merged)] = merged
+            row += len(merged)
+        target.flush()
+        del target

@@ -1,0 +1,272 @@
+"""The distributed `curate filter` (radix select in map tasks): the key and cut math against plain numpy
+and Python oracles, then end to end against the in-memory filter (same uids.npy bytes, kept.parquet
+rows and values, stats), in process, with 2 worker processes and on a local Ray; and its clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.errors import CurateError
+from curate.metrics import topk
+from curate.stages import filter_distributed as fd
+from curate.stages.filter import filter_pool
+
+from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
+
+SPECIAL32 = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, -3.4028235e38, 3.4028235e38, 1.0,
+                      -1.0], np.float32)
+
+
+def random_values(rng, n, dtype):
+    """Heavy ties (a few levels), specials (±0, ±inf, subnormals, extremes) and plain random values."""
+    levels = rng.choice(np.array([-2.5, -0.0, 0.0, 0.25, 0.5, 0.75], dtype), n)
+    specials = rng.choice(SPECIAL32.astype(dtype), n)
+    plain = rng.standard_normal(n).astype(dtype)
+    which = rng.integers(0, 3, n)
+    return np.where(which == 0, levels, np.where(which == 1, specials, plain)).astype(dtype)
+
+
+# ---------------------------------------------------------------- keys
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_order_keys_sort_as_the_floats_and_invert(dtype):
+    rng = np.random.default_rng(0)
+    values = random_values(rng, 300, dtype)
+    keys = topk.order_keys(values)
+    assert keys.dtype == (np.uint32 if dtype == np.float32 else np.uint64)
+    a, b = values[:, None], values[None, :]
+    ka, kb = keys[:, None], keys[None, :]
+    assert np.array_equal(ka < kb, a < b) and np.array_equal(ka == kb, a == b)  # -0.0 == +0.0: one key
+    back = np.array([topk.key_value(int(k), dtype) for k in keys], dtype)
+    assert np.array_equal(back.view(keys.dtype), (values + dtype(0)).view(keys.dtype))  # bits, -0.0 as +0.0
+    assert topk.key_bits(dtype) == 8 * np.dtype(dtype).itemsize
+
+
+def test_histogram_prefix_and_bucket_of_rank_match_loops():
+    rng = np.random.default_rng(1)
+    keys = topk.order_keys(random_values(rng, 500, np.float32))
+    hist = topk.digit_histogram(keys, 0)
+    loop = np.zeros(topk.DIGITS, np.int64)
+    for k in keys:
+        loop[int(k) >> 16] += 1
+    assert np.array_equal(hist, loop)
+    prefix = int(keys[7]) >> 16
+    inside = topk.in_prefix(keys, prefix, 16)
+    assert np.array_equal(inside, np.array([int(k) >> 16 == prefix for k in keys]))
+    low = topk.digit_histogram(keys[inside], 16)
+    assert low.sum() == inside.sum() and low[int(keys[7]) & 0xFFFF] >= 1
+    ordered = sorted((int(k) for k in keys), reverse=True)
+    for need in (1, 2, 17, 250, 499, 500):
+        digit, above = topk.bucket_of_rank(hist, need)
+        assert digit == ordered[need - 1] >> 16  # the bucket of the need-th largest key
+        assert above == sum(1 for k in keys if int(k) >> 16 > digit)
+    with pytest.raises(ValueError):
+        topk.bucket_of_rank(hist, 501)
+
+
+def test_exact_cut_matches_a_sort_by_score_then_uid():
+    rng = np.random.default_rng(2)
+    n = 200
+    values = random_values(rng, n, np.float64)
+    high = rng.integers(0, 3, n).astype(np.uint64)  # shared high halves: the low half decides
+    low = rng.permutation(n).astype(np.uint64)
+    keys = topk.order_keys(values)
+    ranked = sorted(range(n), key=lambda r: (-float(values[r]), int(high[r]), int(low[r])))
+    for need in (1, 5, 60, 133, n):
+        cut, uid_high, uid_low, dropped = topk.exact_cut(keys, high, low, need)
+        last = ranked[need - 1]
+        assert (cut, uid_high, uid_low) == (int(keys[last]), int(high[last]), int(low[last]))
+        at_cut = [r for r in range(n) if values[r] == values[last]]
+        assert dropped == len([r for r in at_cut if r not in ranked[:need]])
+        # (cut, uid cut) describes exactly the chosen rows
+        kept = (keys > keys.dtype.type(cut)) | ((keys == keys.dtype.type(cut))
+                                                & topk.uid_at_most(high, low, uid_high, uid_low))
+        assert sorted(np.flatnonzero(kept).tolist()) == sorted(ranked[:need])
+
+
+# ---------------------------------------------------------------- end to end against the in-memory filter
+
+def write_split(directory: Path, uids: list[str], sizes: list[int], columns: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for index, size in enumerate(sizes):
+        part = {"uid": pa.array(uids[start:start + size], pa.string())}
+        part.update({name: column.slice(start, size) for name, column in columns.items()})
+        pq.write_table(pa.table(part), directory / f"part-{index:05d}.parquet")
+        start += size
+    return directory
+
+
+def make_pool(tmp_path: Path, seed: int, sizes=(37, 0, 50, 41, 22)):
+    """Two row-aligned tables over files of `sizes` rows: a (float32 with NaN, float64, int64 with nulls)
+    and b (float32 and float16 with heavy ties)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    uids = [rng.bytes(16).hex() for _ in range(n)]
+    f32 = random_values(rng, n, np.float32)
+    f32[rng.random(n) < 0.1] = np.nan
+    ints = rng.integers(-3, 4, n)
+    a = write_split(tmp_path / "a", uids, list(sizes), {
+        "s32": pa.array(f32), "s64": pa.array(random_values(rng, n, np.float64)),
+        "count": pa.array(ints, pa.int64(), mask=rng.random(n) < 0.05)})
+    b = write_split(tmp_path / "b", uids, list(sizes), {"tie": pa.array(rng.integers(0, 4, n).astype(np.float32) / 4),
+                                                        "half": pa.array(rng.integers(-9, 9, n).astype(np.float16) / 7)})
+    return a, b
+
+
+def assert_same_outputs(memory: Path, distributed: Path) -> None:
+    assert (memory / "uids.npy").read_bytes() == (distributed / "uids.npy").read_bytes()
+    want, got = pq.read_table(memory / "kept.parquet"), pq.read_table(distributed / "kept.parquet")
+    assert got.schema.equals(want.schema, check_metadata=True)
+    for name in want.column_names:
+        w, g = want.column(name).to_numpy(), got.column(name).to_numpy()
+        if w.dtype.kind == "f":
+            w, g = w.view(f"u{w.itemsize}"), g.view(f"u{g.itemsize}")  # bits: NaN and -0.0 included
+        assert np.array_equal(w, g), name
+    stats_m = json.loads((memory / "stats.json").read_text())
+    stats_d = json.loads((distributed / "stats.json").read_text())
+    assert stats_d.pop("distributed")["tasks"] >= 1
+    assert stats_d == stats_m
+
+
+CASES = [  # keeps, mins, maxs, mode
+    (["tie:0.4"], [], [], "sequential"),
+    (["s32:0.5", "tie:0.2"], ["s64:-1"], [], "sequential"),
+    (["s64:0.6", "count:0.3", "s32:0.1"], [], ["tie:0.75"], "sequential"),
+    (["s32:0.5", "tie:0.5", "count:0.4"], ["count:-2"], [], "independent"),
+    ([], ["s32:0"], ["tie:0.5"], "sequential"),
+    ([], [], ["tie:-1"], "independent"),  # nothing passes the threshold: an empty subset
+    (["half:0.5", "s32:0.2"], [], [], "sequential"),
+]
+
+
+@pytest.mark.parametrize("collect_rows", [3, None])  # 3: histogram rounds down to single keys; None: collect at once
+@pytest.mark.parametrize("keeps,mins,maxs,mode", CASES)
+def test_distributed_equals_in_memory(tmp_path, monkeypatch, keeps, mins, maxs, mode, collect_rows):
+    if collect_rows:
+        monkeypatch.setattr(fd, "DEFAULT_COLLECT_ROWS", collect_rows)
+    a, b = make_pool(tmp_path, seed=len(keeps) + len(mins))
+    options = dict(keeps=keeps, mins=mins, maxs=maxs, mode=mode)
+    filter_pool([a, b], tmp_path / "memory", **options)
+    result = filter_pool([a, b], tmp_path / "dist", tasks=3, **options)
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+    assert not (tmp_path / "dist.parts").exists()  # the parts are removed after the reduce
+    again = filter_pool([a, b], tmp_path / "dist", tasks=2, **options)  # a rerun: same files
+    assert again.kept == result.kept
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+
+
+def test_a_rerun_reuses_the_final_parts_of_an_interrupted_run(tmp_path, monkeypatch):
+    a, b = make_pool(tmp_path, seed=6)
+    options = dict(keeps=["s32:0.4"], maxs=["tie:0.5"], tasks=3)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fd, "_write_kept", killed)  # the final map finished, the reduce did not
+    with pytest.raises(KeyboardInterrupt):
+        filter_pool([a, b], tmp_path / "dist", **options)
+    assert (tmp_path / "dist.parts").exists() and not (tmp_path / "dist" / "stats.json").exists()
+    monkeypatch.undo()
+    filter_pool([a, b], tmp_path / "dist", **options)
+    assert json.loads((tmp_path / "dist" / "stats.json").read_text())["distributed"]["ran"] == 0
+    options.pop("tasks")
+    filter_pool([a, b], tmp_path / "memory", **options)
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+
+
+def test_two_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(fd, "DEFAULT_COLLECT_ROWS", 10)
+    a, b = make_pool(tmp_path, seed=7)
+    options = dict(keeps=["s32:0.5", "tie:0.3"], mins=["count:-3"])
+    filter_pool([a, b], tmp_path / "memory", **options)
+    filter_pool([a, b], tmp_path / "dist", workers=2, **options)
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+
+
+def test_local_ray(tmp_path, ray_session):  # noqa: F811 - the fixture
+    a, b = make_pool(tmp_path, seed=8)
+    options = dict(keeps=["tie:0.5", "s64:0.2"], mode="independent")
+    filter_pool([a, b], tmp_path / "memory", **options)
+    filter_pool([a, b], tmp_path / "dist", executor="ray", tasks=4, **options)
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+
+
+def test_a_keep_larger_than_the_candidates_is_the_in_memory_error(tmp_path):
+    a, b = make_pool(tmp_path, seed=9)
+    errors = []
+    for extra in ({}, {"tasks": 2}):
+        with pytest.raises(CurateError) as exc:
+            filter_pool([a, b], tmp_path / "o", keeps=["tie:0.3", "s32:0.4"], **extra)
+        errors.append(str(exc.value))
+    assert errors[0] == errors[1] and "step 2" in errors[0]
+
+
+# ---------------------------------------------------------------- errors through the CLI
+
+def run_cli(monkeypatch, *args):
+    from curate import cli
+
+    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code
+
+
+def cli_error(monkeypatch, capsys, *args) -> str:
+    assert run_cli(monkeypatch, "filter", *args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_misaligned_tables_are_refused(tmp_path, monkeypatch, capsys):
+    a, _ = make_pool(tmp_path, seed=10)
+    table = pq.read_table(a / "part-00002.parquet")
+    other = tmp_path / "other"
+    for f in sorted(a.glob("*.parquet")):  # same files, rows of one file shuffled
+        t = pq.read_table(f)
+        other.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"uid": t.column("uid"), "z": t.column("s32")}), other / f.name)
+    pq.write_table(pa.table({"uid": table.column("uid").take(list(range(49, -1, -1))),
+                             "z": table.column("s32")}), other / "part-00002.parquet")
+    err = cli_error(monkeypatch, capsys, a, other, "--keep", "z:0.3", "--out", tmp_path / "o", "--tasks", "2")
+    assert "part-00002.parquet: row 0 has uid" in err and "row-aligned" in err and "in-memory filter" in err
+    assert run_cli(monkeypatch, "filter", a, other, "--keep", "z:0.3", "--out", tmp_path / "o") == 0  # joins on uid
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    pq.write_table(pq.read_table(other), merged / "all.parquet")  # one file where the pool has five
+    err = cli_error(monkeypatch, capsys, a, merged, "--keep", "z:0.3", "--out", tmp_path / "o", "--workers", "2")
+    assert "1 files of [150] rows" in err and "5 files" in err
+
+
+def test_duplicate_uids_are_refused(tmp_path, monkeypatch, capsys):
+    uids = [f"{i:032x}" for i in range(20)]
+    scores = pa.array(np.arange(20, dtype=np.float32))
+    one_file = write_split(tmp_path / "one", uids[:19] + uids[3:4], [20], {"m": scores})
+    err = cli_error(monkeypatch, capsys, one_file, "--keep", "m:0.5", "--out", tmp_path / "o", "--tasks", "1")
+    assert f"part-00000.parquet: uid {uids[3]} appears more than once" in err
+    values = np.arange(20, dtype=np.float32)
+    values[9] = 100  # row 9 repeats row 19's uid in the other file; both are in the top 10
+    two_files = write_split(tmp_path / "two", uids[:9] + uids[19:] + uids[10:], [10, 10], {"m": pa.array(values)})
+    err = cli_error(monkeypatch, capsys, two_files, "--keep", "m:0.5", "--out", tmp_path / "o", "--tasks", "2")
+    assert f"uid {uids[19]} appears more than once (1 duplicate kept rows)" in err
+    assert not (tmp_path / "o" / "stats.json").exists()
+
+
+def test_rank_and_inline_normsim_are_refused(tmp_path, monkeypatch, capsys):
+    a, _ = make_pool(tmp_path, seed=11)
+    err = cli_error(monkeypatch, capsys, a, "--keep", "s32:0.3", "--out", tmp_path / "o", "--rank", "0",
+                    "--world-size", "2")
+    assert "--rank/--world-size cannot split the filter" in err and "--executor ray" in err
+    err = cli_error(monkeypatch, capsys, a, "--keep", "s32:0.3", "--out", tmp_path / "o", "--workers", "2",
+                    "--normsim", "inf", "--target", "imagenet")
+    assert "run `curate normsim` first and pass its table" in err
