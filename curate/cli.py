@@ -309,7 +309,7 @@ def filter_cmd(
                                                           "score tables record)."),
     executor: str = EXECUTOR_OPTION,
     workers: int = typer.Option(1, help="local executor: processes running the map tasks (1: this process)."),
-    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of whole files; "
+    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of row groups; "
                                         "default 32)."),
     retries: int = RETRIES_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,

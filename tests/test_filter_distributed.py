@@ -238,14 +238,14 @@ def test_misaligned_tables_are_refused(tmp_path, monkeypatch, capsys):
     pq.write_table(pa.table({"uid": table.column("uid").take(list(range(49, -1, -1))),
                              "z": table.column("s32")}), other / "part-00002.parquet")
     err = cli_error(monkeypatch, capsys, a, other, "--keep", "z:0.3", "--out", tmp_path / "o", "--tasks", "2")
-    assert "part-00002.parquet: row 0 has uid" in err and "row-aligned" in err and "in-memory filter" in err
+    assert "part-00002.parquet: row 0 of row group 0 has uid" in err and "row-aligned" in err and "in-memory filter" in err
     assert run_cli(monkeypatch, "filter", a, other, "--keep", "z:0.3", "--out", tmp_path / "o") == 0  # joins on uid
     capsys.readouterr()
     merged = tmp_path / "merged"
     merged.mkdir()
     pq.write_table(pq.read_table(other), merged / "all.parquet")  # one file where the pool has five
     err = cli_error(monkeypatch, capsys, a, merged, "--keep", "z:0.3", "--out", tmp_path / "o", "--workers", "2")
-    assert "1 files of [150] rows" in err and "5 files" in err
+    assert "1 files with row groups of [150] rows" in err and "5 files" in err
 
 
 def test_duplicate_uids_are_refused(tmp_path, monkeypatch, capsys):
@@ -270,3 +270,25 @@ def test_rank_and_inline_normsim_are_refused(tmp_path, monkeypatch, capsys):
     err = cli_error(monkeypatch, capsys, a, "--keep", "s32:0.3", "--out", tmp_path / "o", "--workers", "2",
                     "--normsim", "inf", "--target", "imagenet")
     assert "run `curate normsim` first and pass its table" in err
+
+
+def test_one_file_of_many_row_groups_splits_into_tasks(tmp_path, monkeypatch, capsys):
+    """`curate score`/`normsim` write one file with a row group per embedding table: tasks are row groups."""
+    a, b = make_pool(tmp_path, seed=12)
+    single = {}
+    for name, source in (("a1", a), ("b1", b)):
+        single[name] = tmp_path / name
+        single[name].mkdir()
+        pq.write_table(pq.read_table(source), single[name] / "all.parquet", row_group_size=20)  # 150 rows: 8 groups
+    options = dict(keeps=["s32:0.5", "tie:0.3"], mins=["count:-3"])
+    filter_pool([single["a1"], single["b1"]], tmp_path / "memory", **options)
+    result = filter_pool([single["a1"], single["b1"]], tmp_path / "dist", tasks=4, **options)
+    assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
+    assert json.loads((tmp_path / "dist" / "stats.json").read_text())["distributed"]["tasks"] == 4
+    assert result.kept > 0
+    other = tmp_path / "b2"
+    other.mkdir()
+    pq.write_table(pq.read_table(b), other / "all.parquet", row_group_size=30)  # same rows, other row groups
+    err = cli_error(monkeypatch, capsys, single["a1"], other, "--keep", "s32:0.3", "--out", tmp_path / "o",
+                    "--tasks", "2")
+    assert "row groups of [30, 30, 30, 30, 30] rows" in err and "row-aligned" in err

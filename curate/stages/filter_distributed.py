@@ -1,9 +1,10 @@
 """`curate filter` as map tasks: the in-memory filter's selection and outputs, without holding the pool.
 
 Runs when --executor ray, --workers > 1 or --tasks is given (curate.stages.filter.filter_pool). One driver
-process runs rounds; each round submits map tasks (runs of whole table files, `--tasks`, default 32) to the
+process runs rounds; each round submits map tasks (runs of row groups, `--tasks`, default 32) to the
 executor and reduces their small results. Memory per process: a histogram, the rows collected at a cut,
-and one task's files; the driver never holds a score column.
+and one row group; the driver never holds a score column. (`curate score` and `curate normsim` write one
+row group per embedding table, so even their single-file tables split into many tasks.)
 
 Rules and outputs are those of curate/stages/filter.py (read its docstring), byte for byte: `uids.npy`, the
 rows and values of `kept.parquet` in pool order (its row groups may differ), and `stats.json` (plus a
@@ -20,14 +21,15 @@ step's rounds together. Typically 2 rounds per step, then a final map.
 Float64 scores (and integer metrics, read as float64) use 64-bit keys, float16 ones 32-bit keys of their
 exact float32 value: every dtype the in-memory filter ranks is ranked exactly here.
 
-Tables: every table argument must have the same number of files, with the same uids in the same order
-file by file (as `curate score` and `curate normsim` write them from one embedding directory). The
+Tables: every table argument must have the same row groups (files, and row groups per file, of the same
+sizes), with the same uids in the same order (as `curate score` and `curate normsim` write them from one
+embedding directory). The
 first round checks it, parsing every table's uids (so a bad uid is the in-memory filter's error too);
 otherwise use the in-memory filter, which joins on uid. A table that changes (size or mtime) during the
 run is an error.
-Duplicate uids: refused, as in memory, when the copies lie in one file (each file's uids are sorted in
-the first round) or are both kept (the reduce sorts every kept uid). Two copies in different files of
-which at most one is kept are not detected: that would take a global sort of all N uids.
+Duplicate uids: refused, as in memory, when the copies lie in one row group (each group's uids are sorted
+in the first round) or are both kept (the reduce sorts every kept uid). Two copies in different row groups
+of which at most one is kept are not detected: that would take a global sort of all N uids.
 Not supported: --rank/--world-size (the rounds need every task's counts: one driver submits them; a
 Slurm array's variables are ignored) and --normsim (in memory: run `curate normsim` first).
 
@@ -94,10 +96,12 @@ class Query:
 
 @dataclass
 class SpanTask:
-    """A run of whole files: files[i][t] is file i of table t (row-aligned), with its (size, mtime_ns)."""
+    """A run of row groups: unit i is row group groups[i] of file files[i][t] of table t (row-aligned), whose
+    (size, mtime_ns) is stamps[i][t]."""
 
     name: str
     files: list[list[str]]
+    groups: list[int]
     stamps: list[list[tuple[int, int]]]
     rows: list[int]
     metric_table: dict[str, int]
@@ -132,13 +136,15 @@ class FinalTask(SpanTask):
     validate: bool
 
 
-# ---------------------------------------------------------------- one file of a task
+# ---------------------------------------------------------------- one row group of a task
 
-class FileView:
-    """File `index` of a task's span, with its columns read on first use (one file in memory at a time)."""
+class GroupView:
+    """Unit `index` (one row group) of a task's span, with its columns read on first use (one unit in memory
+    at a time)."""
 
     def __init__(self, task: SpanTask, index: int):
         self.task, self.paths, self.n = task, task.files[index], task.rows[index]
+        self.group = task.groups[index]
         self._values: dict[str, np.ndarray] = {}
         self._keys: dict[str, np.ndarray] = {}
         self._uid: pa.Array | None = None
@@ -147,7 +153,8 @@ class FileView:
     def _column(self, table: int, name: str) -> pa.Array:
         path = self.paths[table]
         try:
-            column = pq.read_table(path, columns=[name], use_threads=False).column(name).combine_chunks()
+            column = (pq.ParquetFile(path).read_row_group(self.group, columns=[name], use_threads=False)
+                      .column(name).combine_chunks())
         except (OSError, pa.ArrowInvalid, KeyError) as exc:
             raise CurateError(f"{path}: cannot read column `{name}` ({exc})") from None
         if len(column) != self.n:
@@ -207,7 +214,7 @@ class FileView:
         return kept
 
     def validate(self) -> None:
-        """Every table's uids parse and equal the pool table's, row by row; no uid twice in the file."""
+        """Every table's uids parse and equal the pool table's, row by row; no uid twice in the row group."""
         high, low = self.uids()
         path = self.paths[0]
         check_unique(ScoreTable(path, [Path(path)], [self.n], high, low, {}), uid_order(high, low))
@@ -217,14 +224,15 @@ class FileView:
             if differ.any():
                 row = int(np.argmax(differ))
                 raise CurateError(
-                    f"{other}: row {row} has uid {other_high[row]:016x}{other_low[row]:016x} where {path} has "
+                    f"{other}: row {row} of row group {self.group} has uid {other_high[row]:016x}{other_low[row]:016x} "
+                    f"where {path} has "
                     f"{high[row]:016x}{low[row]:016x} ({int(differ.sum())} rows differ); the distributed filter "
                     "(--executor ray, --workers, --tasks) needs tables row-aligned file by file, as `curate score` "
                     "and `curate normsim` write them from the same embedding tables; run the in-memory filter "
                     "(without those options), which joins the tables on uid")
 
 
-def _candidates(view: FileView, task: RoundTask, step: int, passed: np.ndarray) -> np.ndarray:
+def _candidates(view: GroupView, task: RoundTask, step: int, passed: np.ndarray) -> np.ndarray:
     if task.mode == "independent":
         return passed
     rows = passed
@@ -239,7 +247,7 @@ def filter_round_task(task: RoundTask) -> dict:
     task.check_stamps()
     answers = [{"ranked": 0, "nan": 0, "hist": None, "keys": [], "high": [], "low": []} for _ in task.queries]
     for index in range(len(task.files)):
-        view = FileView(task, index)
+        view = GroupView(task, index)
         if task.validate:
             view.validate()
         passed = view.passed_bounds()
@@ -300,7 +308,7 @@ def filter_final_task(task: FinalTask) -> dict:
     with atomic_path(part_file(task.parts_dir, task.name)) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
             for index in range(len(task.files)):
-                view = FileView(task, index)
+                view = GroupView(task, index)
                 if task.validate:
                     view.validate()
                 kept = view.passed_bounds(bound_stats)
@@ -334,31 +342,45 @@ def filter_final_task(task: FinalTask) -> dict:
 
 @dataclass
 class TableInfo:
+    """A table argument's row groups (the units tasks are made of), from the Parquet footers."""
+
     name: str
     files: list[str]
-    rows: list[int]
+    rows: list[int]  # per file
     metrics: list[str]
     types: list[pa.DataType] = field(repr=False)
-    stamps: list[tuple[int, int]]
+    stamps: list[tuple[int, int]]  # per file
+    unit_file: list[int]  # per row group: its file's index
+    unit_group: list[int]  # per row group: its index in the file
+    unit_rows: list[int]
 
 
 def _scan(path) -> TableInfo:
     files, rows, metrics = scan_score_table(path)
     schema = pq.ParquetFile(files[0]).schema_arrow
     stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    unit_file, unit_group, unit_rows = [], [], []
+    for index, f in enumerate(files):
+        meta = pq.ParquetFile(f).metadata
+        for group in range(meta.num_row_groups):
+            unit_file.append(index)
+            unit_group.append(group)
+            unit_rows.append(meta.row_group(group).num_rows)
     return TableInfo(str(path), [str(f) for f in files], rows, metrics, [schema.field(m).type for m in metrics],
-                     stamps)
+                     stamps, unit_file, unit_group, unit_rows)
 
 
 def _check_aligned(tables: list[TableInfo]) -> None:
-    """The cheap part of the alignment check (file and row counts), before any task runs."""
+    """The cheap part of the alignment check (files, row groups and their sizes), before any task runs."""
     pool = tables[0]
     for table in tables[1:]:
-        if len(table.files) != len(pool.files) or table.rows != pool.rows:
+        if (len(table.files) != len(pool.files) or table.unit_file != pool.unit_file
+                or table.unit_rows != pool.unit_rows):
             raise CurateError(
-                f"{table.name}: {len(table.files)} files of {table.rows[:5]}{'...' if len(table.rows) > 5 else ''} "
-                f"rows, where {pool.name} has {len(pool.files)} files of {pool.rows[:5]}"
-                f"{'...' if len(pool.rows) > 5 else ''} rows; the distributed filter (--executor ray, --workers, "
+                f"{table.name}: {len(table.files)} files with row groups of {table.unit_rows[:5]}"
+                f"{'...' if len(table.unit_rows) > 5 else ''} rows, where {pool.name} has {len(pool.files)} files "
+                f"with row groups of {pool.unit_rows[:5]}{'...' if len(pool.unit_rows) > 5 else ''} rows; "
+                "the distributed filter (--executor ray, --workers, "
                 "--tasks) needs tables row-aligned file by file, as `curate score` and `curate normsim` write them "
                 "from the same embedding tables; run the in-memory filter (without those options), which joins "
                 "the tables on uid")
@@ -424,15 +446,18 @@ def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps:
     _check_aligned(infos)
     metric_table = {m: t for t, info in enumerate(infos) for m in info.metrics}
     dtypes = {m: _numpy_dtype(ty) for info in infos for m, ty in zip(info.metrics, info.types)}
-    n_files = len(infos[0].files)
-    count = max(1, min(int(tasks or DEFAULT_TASKS), n_files))
-    cuts = [(i * n_files) // count for i in range(count + 1)]
+    pool = infos[0]
+    n_units = len(pool.unit_rows)
+    count = max(1, min(int(tasks or DEFAULT_TASKS), n_units))
+    cuts = [(i * n_units) // count for i in range(count + 1)]
     spans = list(zip(cuts[:-1], cuts[1:]))
 
     def span_fields(first: int, stop: int) -> dict:
-        return {"files": [[t.files[i] for t in infos] for i in range(first, stop)],
-                "stamps": [[t.stamps[i] for t in infos] for i in range(first, stop)],
-                "rows": infos[0].rows[first:stop], "metric_table": metric_table, "bounds": list(bounds)}
+        units = range(first, stop)
+        return {"files": [[t.files[pool.unit_file[u]] for t in infos] for u in units],
+                "groups": pool.unit_group[first:stop],
+                "stamps": [[t.stamps[pool.unit_file[u]] for t in infos] for u in units],
+                "rows": pool.unit_rows[first:stop], "metric_table": metric_table, "bounds": list(bounds)}
 
     selections = []
     for number, k in enumerate(keeps, 1):
