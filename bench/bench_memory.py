@@ -116,11 +116,16 @@ def filter_direct(work: Path, n_rows: int, log=print) -> dict:
     log(f"  memory: score tables {n_rows:,} rows ready ({time.perf_counter() - started:.1f} s)")
     out = work / f"filter-direct-{n_rows}"
     shutil.rmtree(out, ignore_errors=True)
-    stats = peak_rss(SETUP, f"filter_pool([{str(scores)!r}, {str(normsims)!r}], {str(out)!r}, "
-                            "keeps=['negclip:0.3', 'normsim_inf:0.2'])")
+    call = f"filter_pool([{str(scores)!r}, {str(normsims)!r}], {str(out)!r}, keeps=['negclip:0.3', 'normsim_inf:0.2']"
+    stats = peak_rss(SETUP, call + ")")
     shutil.rmtree(out, ignore_errors=True)
     log(f"  memory: filter at N={n_rows:,}: peak {stats['peak'] / 2**20:.0f} MiB, {stats['seconds']:.1f} s")
-    return {"n_rows": n_rows, **stats}
+    # the same selection as map tasks over the 1M-row files, run in this one process (--tasks 10)
+    tasks = peak_rss(SETUP, call + ", tasks=10)")
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"  memory: filter as map tasks at N={n_rows:,}: peak {tasks['peak'] / 2**20:.0f} MiB, "
+        f"{tasks['seconds']:.1f} s")
+    return {"n_rows": n_rows, **stats, "map_tasks": tasks}
 
 
 def extrapolate(results: dict, stage: str, rows: int) -> tuple[float, float]:
