@@ -186,7 +186,7 @@ def test_ray_matches_in_process(tmp_path, ray_session, p, index):  # noqa: F811 
 BLAS_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    from curate.stages.normsim import blas_thread_count, blas_threads
+    from curate.run.threads import blas_thread_count, blas_threads
     data = np.load(sys.argv[1])
     plain = data["v"] @ data["x"]
     with blas_threads(int(sys.argv[2])):
@@ -198,7 +198,7 @@ BLAS_SCRIPT = textwrap.dedent("""
 def test_a_one_thread_worker_pinned_to_the_drivers_blas_threads_gives_its_bits(tmp_path):
     """OpenBLAS sgemm rounds differently with 1 and 2 threads; Ray starts workers with one thread, so tasks pin
     the driver's count. Checked here in a process started with OPENBLAS_NUM_THREADS=1, as Ray's workers are."""
-    from curate.stages.normsim import blas_thread_count, blas_threads
+    from curate.run.threads import blas_thread_count, blas_threads
 
     threads = blas_thread_count()
     if not threads or threads < 2:

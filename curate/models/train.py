@@ -17,12 +17,13 @@ loop calls when present:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from curate.run.threads import torch_threads
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
 
@@ -102,20 +103,6 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily set torch's intra-op threads (None: leave as is)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------- the loop

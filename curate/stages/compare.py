@@ -527,7 +527,7 @@ def finished_run(spec: RunSpec) -> dict | None:
 
 def run_one(spec: RunSpec, pairs, eval_data) -> dict:
     """Train and evaluate one student; returns (and writes) its run.json record."""
-    from curate.models.train import torch_threads
+    from curate.run.threads import torch_threads
 
     run_dir = Path(spec.run_dir)
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -20,7 +20,6 @@ Output: `uid` + `normsim_inf` | `normsim_2` | `normsim_2d` (float32), one row gr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -39,6 +38,7 @@ from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_option
                                   open_task_output, parts_root, parts_started, pool_source, start_map, task_file,
                                   wants_tasks, write_once)
 from curate.run.markers import Markers
+from curate.run.threads import blas_thread_count, blas_threads, torch_threads
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
 
 P_VALUES = ("inf", "2", "2d")
@@ -188,21 +188,6 @@ def _score_rows(pool: EmbeddingPool, score_chunk, memmap_dir, start: int, stop: 
             if progress:
                 progress(len(rows))
     return scores
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's CPU threads set to `count` inside the block. Here torch only converts fp16 blocks (read ahead
-    in another thread) while numpy's BLAS runs the products: with torch's own thread team spinning beside
-    BLAS's on the same cores, the products ran 20-30 % slower (measured on 2 cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def image_source(pool: EmbeddingPool, memmap_dir: str | Path | None) -> str:
@@ -442,29 +427,6 @@ def _ivf_index(target: np.ndarray, nlist: int, nprobe: int):
 
 
 # ---------------------------------------------------------------- BLAS threads
-
-def blas_thread_count() -> int | None:
-    """Threads of the BLAS numpy uses (threadpoolctl), or None when no BLAS library is found."""
-    from threadpoolctl import threadpool_info
-
-    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    return max(counts) if counts else None
-
-
-@contextlib.contextmanager
-def blas_threads(count: int):
-    """The BLAS libraries with `count` threads inside the block (0: unchanged).
-
-    OpenBLAS sgemm results depend on its thread count; Ray starts workers with one thread
-    (OMP_NUM_THREADS=1), so a task pins the driver's count to give the driver's bits."""
-    if not count:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=int(count), user_api="blas"):
-        yield
-
 
 # ---------------------------------------------------------------- the stage
 

@@ -113,7 +113,8 @@ def train_teacher(corpus: str, out: str | Path, config: TeacherTrainConfig | Non
                   on_log: Callable[[dict], None] | None = None) -> dict:
     """Train `config.model` from scratch on `corpus` and save a checkpoint at `out`; return a summary."""
     from curate.models.teacher import create_model, eval_transform, model_config, save_checkpoint
-    from curate.models.train import torch_threads, train_clip
+    from curate.models.train import train_clip
+    from curate.run.threads import torch_threads
 
     import open_clip
 
