@@ -127,6 +127,7 @@ WORLD_SIZE_OPTION = typer.Option(None, "--world-size", help="Number of ranks (de
 EXECUTOR_OPTION = typer.Option("local", help="local or ray.")
 RETRIES_OPTION = typer.Option(1, help="Retries per failed task.")
 RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="auto or HOST:PORT; local Ray when absent.")
+MAP_WORKERS_OPTION = typer.Option(1, help="local executor: processes running the map tasks (1: this process).")
 
 
 @app.command("embed")
@@ -183,7 +184,7 @@ def score_cmd(
     rank: Optional[int] = RANK_OPTION,
     world_size: Optional[int] = WORLD_SIZE_OPTION,
     executor: str = EXECUTOR_OPTION,
-    workers: int = typer.Option(1, help="local executor: processes running negclip map tasks (1: this process)."),
+    workers: int = MAP_WORKERS_OPTION,
     tasks: Optional[int] = typer.Option(None, help="negclip: map tasks the K x ceil(N/B) batches are cut into, "
                                         "the same for every rank (default 32)."),
     retries: int = RETRIES_OPTION,
@@ -241,7 +242,7 @@ def normsim_cmd(
     rank: Optional[int] = RANK_OPTION,
     world_size: Optional[int] = WORLD_SIZE_OPTION,
     executor: str = EXECUTOR_OPTION,
-    workers: int = typer.Option(1, help="local executor: processes running normsim map tasks (1: this process)."),
+    workers: int = MAP_WORKERS_OPTION,
     tasks: Optional[int] = typer.Option(None, help="p=inf/2: map tasks the tables are cut into (runs of whole "
                                         "tables), the same for every rank (default 32)."),
     retries: int = RETRIES_OPTION,
@@ -308,7 +309,7 @@ def filter_cmd(
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
                                                           "score tables record)."),
     executor: str = EXECUTOR_OPTION,
-    workers: int = typer.Option(1, help="local executor: processes running the map tasks (1: this process)."),
+    workers: int = MAP_WORKERS_OPTION,
     tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of row groups; "
                                         "default 32)."),
     retries: int = RETRIES_OPTION,
