@@ -243,8 +243,8 @@ def normsim_cmd(
     world_size: Optional[int] = WORLD_SIZE_OPTION,
     executor: str = EXECUTOR_OPTION,
     workers: int = MAP_WORKERS_OPTION,
-    tasks: Optional[int] = typer.Option(None, help="p=inf/2: map tasks the tables are cut into (runs of whole "
-                                        "tables), the same for every rank (default 32)."),
+    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of whole tables), "
+                                        "the same for every rank (default 32); p=2d's float64 sums follow them."),
     retries: int = RETRIES_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
@@ -252,8 +252,9 @@ def normsim_cmd(
 
     With --rank/--world-size (or a Slurm array), --executor ray, --workers N or --tasks T, p=inf and p=2 run
     as map tasks (runs of whole tables) with completion markers under OUT.parts/; the rank that finishes
-    last writes the table, byte-identical to a one-process run. p=2d is one global pass: it refuses a rank
-    split and runs in this process under --executor/--workers.
+    last writes the table, byte-identical to a one-process run. p=2d is one driver running rounds of map
+    tasks (partial second moments, scores, an exact top-fraction select): in this process, or spread by
+    --executor ray / --workers N, with the same bytes; it refuses a rank split.
     """
     from curate.stages.normsim import normsim
     from curate.ui import sample_progress

@@ -222,15 +222,15 @@ def test_a_one_thread_worker_pinned_to_the_drivers_blas_threads_gives_its_bits(t
 
 # ---------------------------------------------------------------- p = 2d, stale parts, options
 
-def test_2d_refuses_a_rank_split_and_runs_in_process_under_executor_options(pool, tmp_path):
+def test_2d_refuses_a_rank_split_and_runs_its_map_tasks_under_executor_options(pool, tmp_path):
     want = in_process(pool, "none", "2d", tmp_path / "one" / "n.parquet")
-    for options in ({"rank": 0, "world_size": 2}, {"tasks": 4}):
-        with pytest.raises(CurateError, match="--p 2d is one global pass"):
-            run(pool, "none", "2d", tmp_path / "split" / "n.parquet", **options)
-    out = tmp_path / "workers" / "n.parquet"
-    result = run(pool, "none", "2d", out, workers=2)
-    assert "ran in this process" in result["note"] and not parts_root(out).exists()
-    assert out.read_bytes() == want
+    with pytest.raises(CurateError, match="--p 2d cannot be split into ranks"):
+        run(pool, "none", "2d", tmp_path / "split" / "n.parquet", rank=0, world_size=2)
+    for options in ({"workers": 2}, {"tasks": 5}):  # 5 tables: the default spans
+        out = tmp_path / "-".join(options) / "n.parquet"
+        result = run(pool, "none", "2d", out, **options)
+        assert result["normsim_2d_tasks"]["tasks"] == 5 and not parts_root(out).exists()
+        assert out.read_bytes() == want
 
 
 def test_a_changed_target_never_reuses_old_scores(pool, tmp_path):
@@ -300,4 +300,5 @@ def test_recipe_runs_normsim_with_the_run_executor_settings(pool, tmp_path):
     assert result["normsim_tasks"]["ran"] == 5  # 5 tables, 2 worker processes
     assert Path(result["out"]).read_bytes() == in_process(pool, target, "2", tmp_path / "one" / "n.parquet")
     result = normsim_steps("none", "2d")["normsim:2d"].run()
-    assert "ran in this process" in result["note"] and "normsim_tasks" not in result
+    assert result["normsim_2d_tasks"]["workers"] == 2 and "normsim_tasks" not in result
+    assert Path(result["out"]).read_bytes() == in_process(pool, "none", "2d", tmp_path / "one2d" / "n.parquet")

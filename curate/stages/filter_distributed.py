@@ -59,7 +59,7 @@ from curate.io.atomic import atomic_path
 from curate.io.tables import with_meta
 from curate.io.uids import DATACOMP_DTYPE, uid_halves
 from curate.metrics import topk
-from curate.run.executors import make_executor
+from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
 from curate.run.markers import Markers
 from curate.stages.filter import (Bound, FilterResult, KeepStep, ScoreTable, StepStats, _fraction_text, _to_numpy,
@@ -413,23 +413,6 @@ class Selection:
         return Query(index, self.kind, self.prefix, self.bits)
 
 
-@contextlib.contextmanager
-def _executor_session(executor: str, ray_address: str | None):
-    """One Ray for all rounds (each round's RayExecutor.run then leaves it up); nothing for local."""
-    if executor != "ray":
-        yield
-        return
-    from curate.run.ray_executor import RayExecutor
-
-    ray_executor = RayExecutor(address=ray_address)
-    started = ray_executor.connect()
-    try:
-        yield
-    finally:
-        if started:
-            ray_executor.ray.shutdown()
-
-
 def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequence[KeepStep],
                        bounds: Sequence[Bound], mode: str, args: dict, *, executor: str = "local",
                        workers: int = 1, tasks: int | None = None, retries: int = 1, ray_address: str | None = None,
@@ -466,8 +449,7 @@ def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps:
                                     np.dtype(np.float64 if bits == 64 else np.float32),
                                     "collect" if pool_size <= collect_rows else "hist"))
     rounds = 0
-    with _executor_session(executor, ray_address):
-        run = make_executor(executor, workers=workers, ray_address=ray_address)
+    with executor_session(executor, workers=workers, ray_address=ray_address) as run:
         while True:
             active = [s for s in selections if s.cut is None]
             if mode == "sequential":

@@ -12,9 +12,11 @@ Passes over the pool:
   (OpenBLAS rounds differently with other counts), against the target (and ivf index) the first rank
   stored in the parts directory, so the table is byte-identical to a one-process run.
 * p = 2d: the pool is its own target, refined over T rounds (curate.metrics.normsim.normsim_2d), which reads
-  the fp16 memory-mapped image column 2T times (one second-moment pass and one scoring pass per round).
-  This is a global step, run in one process: each second moment could be a per-shard partial sum (map)
-  added up (reduce), but the keep threshold between rounds needs the global score column.
+  the image column 2T times (one second-moment pass and one scoring pass per round; from the fp16 cache,
+  built first). Always one driver running rounds of map tasks over runs of whole tables
+  (curate/stages/normsim_2d.py): partial moments summed in task order, scores written as parts, the keep
+  threshold by an exact radix select over them. In process by default, in worker processes or on Ray
+  under --workers/--executor, with the same bytes; a rank split (--rank/--world-size, Slurm) is refused.
 Output: `uid` + `normsim_inf` | `normsim_2` | `normsim_2d` (float32), one row group per input table.
 """
 
@@ -84,11 +86,10 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     """NormSim_p of every pool row against `target_spec`, float32 in pool order (for `curate filter` too).
 
     `cache_dir`: where the imagenet target is cached (default ~/.cache/curate or $CURATE_CACHE).
-    `memmap_dir`: where p=2d keeps the pool's fp16 memmap (default: cache_dir, else `<pool dir>/.curate-cache`).
+    `memmap_dir`: where p=2d keeps the pool's fp16 cache and its round files (default: cache_dir, else
+    `<pool dir>/.curate-cache`).
     `info`, when given, receives what was used (target rows and hash, index parameters) for metadata.
     """
-    from curate.metrics import normsim as ns
-
     p = parse_p(p)
     _check_options(p, target_spec, index, iterations, final_fraction)
     info = {} if info is None else info
@@ -96,11 +97,18 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     if n == 0:
         raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")
     if p == "2d":
-        memmap_dir = memmap_dir or cache_dir or pool.files[0].parent / ".curate-cache"
-        rows = PoolRows(pool, "image_embedding", memmap_dir)
-        scores = ns.normsim_2d(rows, int(iterations), float(final_fraction))
-        info.update({"target": "none", "iterations": int(iterations), "final_fraction": float(final_fraction),
-                     "kept_fractions": ns.normsim_2d_fractions(int(iterations), float(final_fraction))})
+        import tempfile
+
+        from curate.stages.normsim_2d import remove_parts
+
+        memmap_dir = Path(memmap_dir or cache_dir or pool.files[0].parent / ".curate-cache")
+        memmap_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=".normsim_2d-", dir=memmap_dir))  # no `out` here to put parts beside
+        try:
+            parts, _ = _normsim_2d(pool, pool.files, memmap_dir, root, iterations, final_fraction, info)
+            scores = parts.to_array()
+        finally:
+            remove_parts(root)
         if progress:
             progress(n)
         return scores
@@ -109,6 +117,20 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     info.update(_scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe))
     score_chunk = _scorer(p, index, target, torch_device, pool.dim, nlist=nlist, nprobe=nprobe)
     return _score_rows(pool, score_chunk, memmap_dir, 0, n, READ_BATCH_ROWS, progress)
+
+
+def _normsim_2d(pool: EmbeddingPool, emb_dir, memmap_dir, root, iterations: int, final_fraction: float,
+                info: dict, **options):
+    """NormSim_2-D by the rounds of curate/stages/normsim_2d.py (every mode runs them, for the same bits)."""
+    from curate.metrics import normsim as ns
+    from curate.stages.normsim_2d import normsim_2d_rounds
+
+    pool.matrix("image_embedding", memmap_dir)  # the fp16 cache: 2T passes read it instead of decoding Parquet
+    parts, ran = normsim_2d_rounds(pool, emb_dir, memmap_dir, root, int(iterations), float(final_fraction),
+                                   block_rows=READ_BATCH_ROWS, **options)
+    info.update({"target": "none", "iterations": int(iterations), "final_fraction": float(final_fraction),
+                 "kept_fractions": ns.normsim_2d_fractions(int(iterations), float(final_fraction))})
+    return parts, ran
 
 
 def _load_target(pool: EmbeddingPool, target_spec, p: str, index: str, device: str, cache_dir, templates: str,
@@ -441,26 +463,28 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
 
     p = inf and 2 run as map tasks (curate.run.mapreduce) when any of executor/workers/rank/world_size/tasks
     (or a Slurm array) asks for them, or finished tasks of the same layout lie beside `out`; `out` is None
-    in the summary while other ranks' tasks are missing, and `normsim_tasks` says how many. p = 2d is one
-    global pass: a rank split (rank/world_size/tasks, Slurm) is an error; executor/workers alone run it here.
+    in the summary while other ranks' tasks are missing, and `normsim_tasks` says how many. p = 2d is always
+    one driver running rounds of map tasks (curate/stages/normsim_2d.py; `normsim_2d_tasks` says what ran),
+    in this process unless executor/workers say otherwise; a rank split (rank/world_size, Slurm) is an error.
     """
     started = time.perf_counter()
     p = parse_p(p)
     check_task_options(workers, tasks, retries)
     pool = EmbeddingPool(emb_dir)
     memmap_dir = cache_dir if cache_dir is not None else default_cache_dir(out)
-    split = (tasks is not None or rank is not None or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ)
     summary: dict = {}
-    if p == "2d" and split:
-        raise CurateError("--p 2d is one global pass (each round's keep threshold needs every row's score), so it "
-                          "cannot be split into ranks or tasks: run it in one process, without --rank/--world-size/"
-                          "--tasks and outside a Slurm array")
-    if p == "2d" and wants_tasks(executor, workers, tasks, rank, world_size):
-        summary["note"] = "p=2d is one global pass: it ran in this process (--executor/--workers apply to p=inf and 2)"
+    if p == "2d" and (rank is not None or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ):
+        raise CurateError("--p 2d cannot be split into ranks: each of its rounds needs every map task's result, so "
+                          "one driver submits them all. Leave out --rank/--world-size and run it outside a Slurm "
+                          "array; --executor ray, --workers N and --tasks T spread its map tasks")
     if executor not in ("local", "ray"):
         raise CurateError(f"--executor {executor!r}: choose local or ray")
-    distributed = p != "2d" and wants_tasks(executor, workers, tasks, rank, world_size)
-    if p != "2d" and not distributed and parts_root(out).exists():
+    if p == "2d":
+        return _normsim_2d_stage(pool, emb_dir, target, out, memmap_dir, iterations, final_fraction, progress, started,
+                                 executor=executor, workers=int(workers), tasks=tasks, retries=int(retries),
+                                 ray_address=ray_address)
+    distributed = wants_tasks(executor, workers, tasks, rank, world_size)
+    if not distributed and parts_root(out).exists():
         _check_options(p, target, index, iterations, final_fraction)
         if pool.n_rows:  # finished tasks of this layout beside `out`: a plain rerun completes them
             _, parts_dir, *_ = _plan(pool, target, p, out, memmap_dir, index, nlist, nprobe, device, cache_dir,
@@ -492,3 +516,33 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     return {"out": str(out), "rows": pool.n_rows, "column": name, "seconds": seconds,
             "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"), "params": params,
             "missing": int(np.isnan(scores).sum()), **summary}
+
+
+def _normsim_2d_stage(pool: EmbeddingPool, emb_dir, target, out, memmap_dir, iterations: int, final_fraction: float,
+                      progress, started: float, **options) -> dict:
+    """`normsim` for p = 2d: the rounds with their parts in `<out>.parts/`, then the table from the parts."""
+    from curate.stages.normsim_2d import remove_parts
+
+    _check_options("2d", target, "flat", iterations, final_fraction)
+    if pool.n_rows == 0:
+        raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")
+    info: dict = {}
+    parts, ran = _normsim_2d(pool, emb_dir, memmap_dir, parts_root(out), iterations, final_fraction, info,
+                             **options)
+    params = {"p": "2d", **info}
+    meta = {"stage": "normsim", "teacher": pool.teacher.to_dict(), "source": str(emb_dir),
+            "n_rows": pool.n_rows, "params": params}
+    try:
+        write_score_table(pool, {column_name("2d"): parts}, out, meta)  # one table at a time from the parts
+    finally:
+        remove_parts(parts.parts_dir, parts_root(out))
+    if progress:
+        progress(pool.n_rows)
+    seconds = time.perf_counter() - started
+    summary = {"out": str(out), "rows": pool.n_rows, "column": column_name("2d"), "seconds": seconds,
+               "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"), "params": params, "missing": 0,
+               "normsim_2d_tasks": ran}
+    if ran["executor"] != "local" or ran["workers"] > 1:
+        where = "ray" if ran["executor"] == "ray" else f"{ran['workers']} worker processes"
+        summary["note"] = f"{ran['map_rounds']} rounds of map tasks over {ran['tasks']} runs of tables ({where})"
+    return summary
