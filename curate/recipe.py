@@ -136,7 +136,8 @@ def _validate(path: Path, section: str, table: Any) -> dict:
 
 
 def executor_options(run: dict) -> dict:
-    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages (score, normsim)."""
+    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages (score, normsim,
+    filter)."""
     return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
             "ray_address": run["ray_address"] or None}
 
@@ -259,8 +260,10 @@ def plan(recipe: dict) -> list[Step]:
         def run_filter(f=f, out=out):
             from curate.stages.filter import filter_pool
 
+            # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
+            executor = {} if f["normsim"] else executor_options(run)
             result = filter_pool(score_tables, out, f["keep"], f["min"], f["max"], f["mode"],
-                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb)
+                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor)
             return {"kept": getattr(result, "kept", None), "pool": getattr(result, "pool_size", None)}
         add(f"filter:{f['name']}", "filter", f, list(score_tables), [out], run_filter)
 

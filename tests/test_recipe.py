@@ -109,3 +109,24 @@ def test_cli_dry_run_and_error_exit(tmp_path):
     bad = write(tmp_path, "[score]\nkk = 1\n")
     res = subprocess.run(cli + ["run", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown key 'kk'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_run_executor_settings_reach_the_filter_unless_it_computes_normsim_inline(tmp_path, monkeypatch):
+    """[run] workers / executor make the recipe's filter the map-task filter (same outputs, bounded memory);
+    a filter with inline NormSim stays in memory, which the map-task filter refuses."""
+    import curate.stages.filter as filter_module
+
+    calls = []
+    monkeypatch.setattr(filter_module, "filter_pool", lambda *args, **kwargs: calls.append(kwargs))
+    text = "workers = 2\nretries = 3\n" + SMALL + """
+[[filter]]
+name = "inline"
+keep = ["negclip:0.5"]
+normsim = "inf"
+target = "target_emb"
+"""
+    steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
+    steps["filter:both"].run()
+    steps["filter:inline"].run()
+    assert calls[0] == {"executor": "local", "workers": 2, "retries": 3, "ray_address": None}
+    assert calls[1] == {}
