@@ -448,8 +448,6 @@ def _ivf_index(target: np.ndarray, nlist: int, nprobe: int):
     return ns.build_ivf_index(target, nlist, nprobe)
 
 
-# ---------------------------------------------------------------- BLAS threads
-
 # ---------------------------------------------------------------- the stage
 
 def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: str = "flat",
