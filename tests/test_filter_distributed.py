@@ -57,6 +57,9 @@ def test_histogram_prefix_and_bucket_of_rank_match_loops():
     for k in keys:
         loop[int(k) >> 16] += 1
     assert np.array_equal(hist, loop)
+    parts = [topk.sparse_histogram(topk.digit_histogram(keys[i::3], 0)) for i in range(3)]  # three tasks' answers
+    assert all(len(digits) == np.count_nonzero(counts) for digits, counts in parts)
+    assert np.array_equal(topk.sum_histograms(parts), loop)
     prefix = int(keys[7]) >> 16
     inside = topk.in_prefix(keys, prefix, 16)
     assert np.array_equal(inside, np.array([int(k) >> 16 == prefix for k in keys]))

@@ -65,6 +65,20 @@ def digit_histogram(keys: np.ndarray, bits: int) -> np.ndarray:
     return np.bincount(digits, minlength=DIGITS).astype(np.int64)
 
 
+def sparse_histogram(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(digits, counts) of the nonzero buckets: what a map task sends back instead of 65,536 counts."""
+    digits = np.flatnonzero(hist)
+    return digits.astype(np.uint16), hist[digits]
+
+
+def sum_histograms(parts) -> np.ndarray:
+    """The dense histogram (int64, 65536) of many `sparse_histogram` results."""
+    hist = np.zeros(DIGITS, np.int64)
+    for digits, counts in parts:
+        hist[digits.astype(np.intp)] += counts
+    return hist
+
+
 def bucket_of_rank(hist: np.ndarray, need: int) -> tuple[int, int]:
     """The digit whose bucket holds the `need`-th largest key (1-based), and how many keys lie above it."""
     hist = np.asarray(hist, dtype=np.int64)

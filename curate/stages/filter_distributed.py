@@ -273,8 +273,7 @@ def filter_round_task(task: RoundTask) -> dict:
                 answer["low"].append(low[rows])
     for answer in answers:  # small to send back: nonzero digits only, arrays joined
         if answer["hist"] is not None:
-            digits = np.flatnonzero(answer["hist"])
-            answer["hist"] = (digits.astype(np.uint16), answer["hist"][digits])
+            answer["hist"] = topk.sparse_histogram(answer["hist"])
         for part in ("keys", "high", "low"):
             answer[part] = np.concatenate(answer[part]) if answer[part] else None
     return {"task": task.name, "answers": answers}
@@ -520,10 +519,7 @@ def _reduce(selection: Selection, answers: list[dict], pool_size: int, mode: str
         check_rankable(selection.step, selection.number, pool_size, selection.ranked, selection.nan, mode)
     need = selection.count - selection.above
     if selection.kind == "hist":
-        hist = np.zeros(topk.DIGITS, np.int64)
-        for a in answers:
-            digits, counts = a["hist"]
-            hist[digits.astype(np.intp)] += counts
+        hist = topk.sum_histograms(a["hist"] for a in answers)
         digit, above = topk.bucket_of_rank(hist, need)
         selection.above += above
         selection.prefix = (selection.prefix << topk.DIGIT_BITS) | digit

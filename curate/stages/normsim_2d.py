@@ -116,11 +116,6 @@ def kept_rows(keys: np.ndarray, rows: np.ndarray, cut_key: int, cut_row: int) ->
     return (keys > key) | ((keys == key) & (rows <= cut_row))
 
 
-def _sparse(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    digits = np.flatnonzero(hist)  # small to send back: nonzero digits only
-    return digits.astype(np.uint16), hist[digits]
-
-
 # ---------------------------------------------------------------- the tasks
 
 _POOLS: dict[tuple, EmbeddingPool] = {}  # one open pool per process: a worker runs many tasks
@@ -215,13 +210,13 @@ def answer_query(keys: np.ndarray, start: int, query: tuple) -> dict:
         return {"row": start + int(tied[number - 1])}
     rows = np.flatnonzero(topk.in_prefix(keys, value, number))
     if kind == "hist":
-        return {"hist": _sparse(topk.digit_histogram(keys[rows], number))}
+        return {"hist": topk.sparse_histogram(topk.digit_histogram(keys[rows], number))}
     return {"keys": keys[rows], "rows": start + rows.astype(np.int64)}
 
 
 def score_histogram(scores: np.ndarray) -> dict:
     """The score map's answer: the first 16-bit digit of every row's order key."""
-    return {"hist": _sparse(topk.digit_histogram(topk.order_keys(scores), 0))}
+    return {"hist": topk.sparse_histogram(topk.digit_histogram(topk.order_keys(scores), 0))}
 
 
 # ---------------------------------------------------------------- the driver
@@ -251,14 +246,6 @@ class ScoreParts:
         return self[0:self.n]
 
 
-def _sum_hist(answers: list[dict]) -> np.ndarray:
-    hist = np.zeros(topk.DIGITS, np.int64)
-    for answer in answers:
-        digits, counts = answer["hist"]
-        hist[digits.astype(np.intp)] += counts
-    return hist
-
-
 def _count_at(answer: dict, digit: int) -> int:
     digits, counts = answer["hist"]
     at = np.flatnonzero(digits == digit)
@@ -271,7 +258,7 @@ def select_cut(answers: list[dict], count: int, collect_rows: int, ask: Callable
     map's digit histograms (`answers`, one per task); `ask(task indices, query)` runs a select map."""
     prefix = bits = above = 0
     while True:
-        hist = _sum_hist(answers)
+        hist = topk.sum_histograms(a["hist"] for a in answers)
         digit, more = topk.bucket_of_rank(hist, count - above)
         above += more
         prefix, bits = (prefix << topk.DIGIT_BITS) | digit, bits + topk.DIGIT_BITS
