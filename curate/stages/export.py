@@ -20,7 +20,8 @@
   remote, damaged, odd names or member types, an unexportable extension, over FAST_PATH_MAX_BYTES) goes
   through `iter_shard`. Both give the same bytes and records; the decision is made per shard before anything
   of it is written. Reading the next shard and writing the tars run on two helper threads (system calls
-  release the GIL), so they overlap the scan and the uid parsing of the current shard.
+  release the GIL; the reader also scans the shard it read), so they overlap the uid parsing of the
+  current shard.
 - Resume: every tar is written under a temp name and renamed, so a tar under its final name is complete.
   A rerun with the same shards, subset and shard size re-reads the input but does not rewrite finished
   tars; a rerun after a complete export is a no-op. Another export's directory is refused.
@@ -239,8 +240,8 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple]) -> Iter
 
 def _read_and_scan(shard_buffer: ShardBuffer, url: str) -> tuple[int, PlainTar | None] | None:
     """(size, layout or None) of a shard read into `shard_buffer`, or None when it could not be read whole.
-    Runs on the reader thread: the numpy scan releases the GIL for most of its time, so it overlaps the
-    main thread's uid parsing of the shard before."""
+    Runs on the reader thread, beside the main thread's uid parsing of the shard before (numpy releases the
+    GIL inside its larger operations; the overlap is partial)."""
     size = shard_buffer.read(url, FAST_PATH_MAX_BYTES)
     return None if size is None else (size, scan_plain_tar(shard_buffer.data, size, MAX_MEMBER_BYTES))
 
