@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
 
@@ -41,3 +43,13 @@ def record_robustness(config, name: str, data: dict) -> None:
     cache = getattr(config, "cache", None)
     if cache is not None:
         cache.set(f"curate/robustness/{name}", data)
+
+
+def run_cli(monkeypatch, *args):
+    """`curate ARGS` through cli.main() in this process; its SystemExit code."""
+    from curate import cli
+
+    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -20,7 +19,7 @@ from curate.errors import CurateError
 from curate.io.uids import read_uid_npy
 from curate.stages.filter import KeepStep, Bound, filter_pool, parse_keep, select, uid_halves
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_cli
 
 
 def random_uids(rng, n):
@@ -372,15 +371,6 @@ def test_keep_step_count_is_exact_fraction_arithmetic():
 
 
 # ---------------------------------------------------------------- CLI
-
-def run_cli(monkeypatch, *args):
-    from curate import cli
-
-    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code
-
 
 def test_cli_filter_and_its_one_line_error(tmp_path, monkeypatch, capsys):
     t = write_scores(tmp_path / "s.parquet", [f"{i:032x}" for i in range(10)], negclip=np.arange(10.0))

@@ -5,7 +5,6 @@ rows and values, stats), in process, with 2 worker processes and on a local Ray;
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from curate.metrics import topk
 from curate.stages import filter_distributed as fd
 from curate.stages.filter import filter_pool
 
+from conftest import run_cli
 from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
 
 SPECIAL32 = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, -3.4028235e38, 3.4028235e38, 1.0,
@@ -213,15 +213,6 @@ def test_a_keep_larger_than_the_candidates_is_the_in_memory_error(tmp_path):
 
 
 # ---------------------------------------------------------------- errors through the CLI
-
-def run_cli(monkeypatch, *args):
-    from curate import cli
-
-    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code
-
 
 def cli_error(monkeypatch, capsys, *args) -> str:
     assert run_cli(monkeypatch, "filter", *args) == 2

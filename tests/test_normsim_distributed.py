@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_cli
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.run.mapreduce import parts_root
@@ -268,17 +268,12 @@ def test_option_errors(pool, tmp_path):
 # ---------------------------------------------------------------- command line
 
 def test_cli_ranks_print_who_writes_the_table(pool, tmp_path, monkeypatch, capsys):
-    from curate import cli
-
     target = target_file(tmp_path, 100)
     out = tmp_path / "n.parquet"
-    common = ["curate", "normsim", str(pool), "--target", target, "--p", "inf", "--out", str(out),
+    common = ["normsim", str(pool), "--target", target, "--p", "inf", "--out", str(out),
               "--device", "cpu", "--world-size", "2", "--tasks", "3"]
     for rank in ("0", "1"):
-        monkeypatch.setattr(sys, "argv", common + ["--rank", rank])
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-        assert exit_info.value.code in (0, None)
+        assert run_cli(monkeypatch, *common, "--rank", rank) in (0, None)
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "rank 0 of 2 done" in err and "1 of 3 tasks still missing" in err and "rerun without --rank" in err
     assert "260 rows" in err and "3 map tasks" in err

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_cli
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.metrics.negclip import (batch_lse, negclip_lse_sum, reduce_span_terms, span_own_count, span_terms,
@@ -290,16 +290,11 @@ def test_option_errors(pool, tmp_path):
 # ---------------------------------------------------------------- command line
 
 def test_cli_ranks_print_who_writes_the_table(pool, tmp_path, monkeypatch, capsys):
-    from curate import cli
-
     out = tmp_path / "s.parquet"
-    common = ["curate", "score", str(pool), "--out", str(out), "--k", "2", "--batch-size", "7", "--device", "cpu",
+    common = ["score", str(pool), "--out", str(out), "--k", "2", "--batch-size", "7", "--device", "cpu",
               "--world-size", "2", "--tasks", "3"]
     for rank in ("0", "1"):
-        monkeypatch.setattr(sys, "argv", common + ["--rank", rank])
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-        assert exit_info.value.code in (0, None)
+        assert run_cli(monkeypatch, *common, "--rank", rank) in (0, None)
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "rank 0 of 2 done" in err and "1 of 3 tasks still missing" in err and "rerun without --rank" in err
     assert "29 rows" in err and "3 map tasks" in err
