@@ -348,12 +348,13 @@ def test_max_abs_scorer_reused_across_calls_of_any_size():
 
 @pytest.mark.parametrize("target_rows", [3, 9])  # below D: the direct V Xᵀ route; above: the second moment
 def test_stage_blocks_from_tables_and_cache_match_reference(tmp_path, monkeypatch, target_rows):
-    """Many blocks per file (ring buffers reused while the next block is read ahead), both sources."""
+    """Many blocks per file (shared out to worker threads), both sources."""
     import curate.io.tables as tables
     import curate.stages.normsim as stage
 
     monkeypatch.setattr(tables, "READ_BATCH_ROWS", 4)
     monkeypatch.setattr(stage, "READ_BATCH_ROWS", 4)
+    monkeypatch.setattr(stage, "CPU_BLOCK_ROWS", 4)
     emb = make_embedding_dir(tmp_path / "emb", [11, 9, 15], dim=6, seed=16)
     target = random_unit(target_rows, 6, np.random.default_rng(17))
     np.save(tmp_path / "target.npy", target)
@@ -368,3 +369,59 @@ def test_stage_blocks_from_tables_and_cache_match_reference(tmp_path, monkeypatc
             np.testing.assert_allclose(got, want, atol=1e-5)
             if p == "2":
                 assert result["params"]["route"] == ("direct" if target_rows < 6 else "second moment")
+
+
+@pytest.mark.parametrize("source", ["tables", "cache"])
+def test_scoring_threads_same_bits_for_any_thread_count(tmp_path, source):
+    """The CPU products run one BLAS thread per block, so 1, 2 or 5 worker threads (and the pending form,
+    sliced table by table as the table writer does) give identical bits, equal to the plain loops."""
+    from curate.metrics.normsim import MaxAbsInnerProduct, QuadraticForm
+    from curate.stages.normsim import _score_rows, table_starts
+
+    emb = make_embedding_dir(tmp_path / "emb", [37, 5, 60], dim=8, seed=21)
+    pool = EmbeddingPool(emb)
+    cache = None
+    if source == "cache":
+        cache = tmp_path / "cache"
+        pool.matrix("image_embedding", cache)
+    v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()]).astype(np.float32)
+    target = random_unit(11, 8, np.random.default_rng(22))
+    for p, scorer in (("inf", MaxAbsInnerProduct(target, tile_elements=33)), ("2", QuadraticForm(second_moment(target)))):
+        runs = [_score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=t) for t in (1, 2, 5)]
+        starts = table_starts(pool)
+        with _score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=2, pending=True) as scoring:
+            runs.append(np.concatenate([scoring[a:b] for a, b in zip(starts[:-1], starts[1:])]))
+            runs.append(scoring.result())
+        for run in runs[1:]:
+            np.testing.assert_array_equal(run, runs[0])
+        np.testing.assert_allclose(runs[0], reference_normsim(v, target, float(p)), atol=1e-5)
+        # a span of whole tables (a map task) gives the same rows
+        np.testing.assert_array_equal(_score_rows(pool, scorer, cache, starts[1], starts[3], 6, threads=2),
+                                      runs[0][starts[1]:])
+
+
+def test_scoring_threads_raise_a_worker_error_and_restore_thread_settings(tmp_path):
+    from curate.run.threads import blas_thread_count
+    from curate.stages.normsim import _score_rows
+
+    import torch
+
+    emb = make_embedding_dir(tmp_path / "emb", [40, 40], dim=4, seed=5)
+    pool = EmbeddingPool(emb)
+    calls = []
+
+    def scorer(rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise RuntimeError("scorer broke on block 3")
+        return rows[:, 0].copy()
+
+    before = (torch.get_num_threads(), blas_thread_count())
+    with pytest.raises(RuntimeError, match="scorer broke on block 3"):
+        _score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2)
+    assert len(calls) < 20  # the workers stopped instead of scoring the other 17 blocks
+    calls.clear()
+    with pytest.raises(RuntimeError, match="scorer broke on block 3"):
+        with _score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2, pending=True) as scoring:
+            scoring[0:80]
+    assert (torch.get_num_threads(), blas_thread_count()) == before

@@ -16,6 +16,7 @@ NormSim_p(v) = ( Σ_{x∈X} |<v, x>|^p )^{1/p}   (Wang et al., NeurIPS 2024, Eq.
 from __future__ import annotations
 
 import math
+import threading
 from fractions import Fraction
 from typing import Iterator
 
@@ -43,21 +44,32 @@ def second_moment(x: np.ndarray, moment: np.ndarray | None = None, chunk_rows: i
     return moment
 
 
+class _ThreadBuffers:
+    """One reused float32 work buffer per calling thread (a fresh 16 MiB array per block costs its page faults
+    every time; a scorer may be called from several threads at once)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, rows: int, columns: int) -> np.ndarray:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != columns:
+            buffer = self._local.buffer = np.empty((rows, columns), dtype=np.float32)
+        return buffer[:rows]
+
+
 class QuadraticForm:
     """NormSim_2(v) = sqrt(Σ_x <v,x>²) = sqrt(vᵀ C v) with C = XᵀX (Eq. 3, p = 2), for many calls: C is
-    converted to float32 once and the (n, D) product goes into one reused buffer (a fresh 16 MiB array per
-    block costs its page faults every time)."""
+    converted to float32 once and the (n, D) product goes into a reused buffer per thread."""
 
     def __init__(self, moment: np.ndarray):
         self.moment = np.ascontiguousarray(moment, dtype=np.float32)
-        self._buffer = None
+        self._buffers = _ThreadBuffers()
 
     def __call__(self, v) -> np.ndarray:
         """(n, D) -> (n,) float32."""
         v = np.asarray(v, dtype=np.float32)
-        if self._buffer is None or len(self._buffer) < len(v):
-            self._buffer = np.empty((len(v), self.moment.shape[1]), dtype=np.float32)
-        products = np.matmul(v, self.moment, out=self._buffer[:len(v)])
+        products = np.matmul(v, self.moment, out=self._buffers.get(len(v), self.moment.shape[1]))
         quad = np.einsum("nd,nd->n", products, v, dtype=np.float32)
         return np.sqrt(np.maximum(quad, 0.0, out=quad), out=quad)
 
@@ -80,7 +92,7 @@ def default_nprobe(nlist: int) -> int:
 class MaxAbsInnerProduct:
     """NormSim_∞(v) = max_x |<v, x>| (Eq. 3, p → ∞), exact, with the target prepared once for many calls.
 
-    float32 V Xᵀ in row tiles into one reused buffer, then |.| in place and a row max (two passes over
+    float32 V Xᵀ in row tiles into a reused buffer (per thread), then |.| in place and a row max (two passes over
     the tile, as FAISS's top-1 scan after its sgemm). `target`: (M, D) numpy array or torch tensor; a
     tensor on the GPU computes there (torch, aminmax), in tiles of 2^24 products; on the CPU numpy
     tiles of 2^22 products (16 MiB, cache-resident).
@@ -98,7 +110,7 @@ class MaxAbsInnerProduct:
         if tile_elements is None:
             tile_elements = 1 << 24 if self.on_gpu else 1 << 22
         self.step = max(1, int(tile_elements) // max(1, self.x_t.shape[1]))
-        self._buffer = None  # a fresh 16 MiB array per tile would cost page faults every time
+        self._buffers = _ThreadBuffers()
 
     def __call__(self, v) -> np.ndarray:
         """(n, D) -> (n,) float32."""
@@ -112,12 +124,10 @@ class MaxAbsInnerProduct:
                 low, high = torch.aminmax(products, dim=1)
                 out[start:start + self.step] = torch.maximum(high, -low).cpu().numpy()
             return out
-        rows_per_tile = min(self.step, len(rows))
-        if self._buffer is None or len(self._buffer) < rows_per_tile:
-            self._buffer = np.empty((rows_per_tile, self.x_t.shape[1]), dtype=np.float32)
+        buffer = self._buffers.get(min(self.step, len(rows)), self.x_t.shape[1])
         for start in range(0, len(rows), self.step):
             block = rows[start:start + self.step]
-            products = np.matmul(block, self.x_t, out=self._buffer[:len(block)])
+            products = np.matmul(block, self.x_t, out=buffer[:len(block)])
             np.abs(products, out=products).max(axis=1, out=out[start:start + len(block)])
         return out
 

@@ -1,16 +1,18 @@
 """`curate normsim`: NormSim_∞ / NormSim_2 / NormSim_2-D of a pool's image embeddings -> Parquet table.
 
 Passes over the pool:
-* p = inf and p = 2: one streaming pass in bounded blocks (per table, READ_BATCH_ROWS each), from the tables
+* p = inf and p = 2: one streaming pass in bounded blocks (per table, CPU_BLOCK_ROWS each for the CPU
+  products, which worker threads share out, READ_BATCH_ROWS on the GPU and for IVF), from the tables
   or from the pool's fp16 `.npy` image cache when `curate score` already built one in the cache directory.
   The target is small: for inf the (M, D) matrix on the device (exact, tiled V Xᵀ with a max-|.| reduction)
   or a FAISS IVF index over ±X (`--index ivf`); for 2 the D×D second moment.
   The scores are per row, so distributed (--rank/--world-size or a Slurm array, --executor, --workers,
   --tasks) the pool is cut into T runs of whole tables (map tasks, curate.run.mapreduce): each writes its
   float32 scores to `<out>.parts/normsim_<p>-<layout hash>/tNNNNN.npy`, then a marker; the reduce is a
-  concatenation. Tasks read the same blocks as one process and run BLAS with the driver's thread count
-  (OpenBLAS rounds differently with other counts), against the target (and ivf index) the first rank
-  stored in the parts directory, so the table is byte-identical to a one-process run.
+  concatenation. Tasks read the same blocks as one process (the CPU products run one BLAS thread per
+  block, whatever the thread count; the rest runs BLAS with the driver's count, as OpenBLAS rounds
+  differently with other counts), against the target (and ivf index) the first rank stored in the parts
+  directory, so the table is byte-identical to a one-process run.
 * p = 2d: the pool is its own target, refined over T rounds (curate.metrics.normsim.normsim_2d), which reads
   the image column 2T times (one second-moment pass and one scoring pass per round; from the fp16 cache,
   built first). Always one driver running rounds of map tasks over runs of whole tables
@@ -22,9 +24,13 @@ Output: `uid` + `normsim_inf` | `normsim_2` | `normsim_2d` (float32), one row gr
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -82,13 +88,14 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
                    final_fraction: float = DEFAULT_FINAL_FRACTION, device: str = "auto",
                    cache_dir: str | Path | None = None, templates: str = "openai",
                    progress: Callable[[int], None] | None = None, info: dict | None = None,
-                   memmap_dir: str | Path | None = None) -> np.ndarray:
+                   memmap_dir: str | Path | None = None, pending: bool = False) -> "np.ndarray | ScoringThreads":
     """NormSim_p of every pool row against `target_spec`, float32 in pool order (for `curate filter` too).
 
     `cache_dir`: where the imagenet target is cached (default ~/.cache/curate or $CURATE_CACHE).
     `memmap_dir`: where p=2d keeps the pool's fp16 cache and its round files (default: cache_dir, else
     `<pool dir>/.curate-cache`).
     `info`, when given, receives what was used (target rows and hash, index parameters) for metadata.
+    `pending`: may return a `ScoringThreads` still running (see `_score_rows`).
     """
     p = parse_p(p)
     _check_options(p, target_spec, index, iterations, final_fraction)
@@ -114,9 +121,11 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
         return scores
 
     target, torch_device = _load_target(pool, target_spec, p, index, device, cache_dir, templates, info)
-    info.update(_scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe))
+    params = _scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe)
+    info.update(params)
     score_chunk = _scorer(p, index, target, torch_device, pool.dim, nlist=nlist, nprobe=nprobe)
-    return _score_rows(pool, score_chunk, memmap_dir, 0, n, READ_BATCH_ROWS, progress)
+    threads = _score_threads(p, index, torch_device and torch_device.type, blas_thread_count())
+    return _score_rows(pool, score_chunk, memmap_dir, 0, n, _block_rows(p, params), progress, threads, pending)
 
 
 def _normsim_2d(pool: EmbeddingPool, emb_dir, memmap_dir, root, iterations: int, final_fraction: float,
@@ -198,18 +207,142 @@ def _scorer(p: str, index: str, target: np.ndarray, torch_device, dim: int, nlis
     return ns.QuadraticForm(ns.second_moment(target))
 
 
+CPU_BLOCK_ROWS = 1024  # CPU products: cache-resident blocks, and a short tail when one thread finishes last
+
+
+def _cpu_products(p: str, index: str, device_type: str | None) -> bool:
+    """Whether the scorer is a numpy product on the CPU (safe to call from several threads), not FAISS IVF
+    (which runs its own OpenMP threads) or torch on a GPU."""
+    return p == "2" or (index == "flat" and device_type == "cpu")
+
+
+def _block_rows(p: str, params: dict) -> int:
+    """Rows per block for the scoring route `params` (`_scorer_params`); a row's bits depend on it."""
+    return CPU_BLOCK_ROWS if _cpu_products(p, params.get("index", "flat"), params.get("device")) else READ_BATCH_ROWS
+
+
+def _score_threads(p: str, index: str, device_type: str | None, cpu_threads: int | None) -> int | None:
+    """Worker threads for `_score_rows`: `cpu_threads` (BLAS's count) for the CPU products, else None."""
+    return max(1, int(cpu_threads or 1)) if _cpu_products(p, index, device_type) else None
+
+
 def _score_rows(pool: EmbeddingPool, score_chunk, memmap_dir, start: int, stop: int, block_rows: int,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """NormSim of pool rows start..stop-1, block by block (`_image_blocks`), float32."""
+                progress: Callable[[int], None] | None = None, threads: int | None = None,
+                pending: bool = False) -> "np.ndarray | ScoringThreads":
+    """NormSim of pool rows start..stop-1, block by block (`_half_blocks`), float32.
+
+    `threads` (a CPU scorer that can be called from several threads): `ScoringThreads` with that many
+    workers, returned still running when `pending` (slicing it waits for the rows asked for), else its
+    finished scores. None: blocks read ahead by one thread for a scorer that runs its own threads (FAISS,
+    the GPU).
+    """
+    blocks = _half_blocks(pool, memmap_dir, start, stop, block_rows)
+    if threads is not None:
+        scoring = ScoringThreads(blocks, score_chunk, start, stop, pool.dim, block_rows, threads, progress)
+        if pending:
+            return scoring
+        with scoring:
+            return scoring.result()
     scores = np.empty(stop - start, dtype=np.float32)
     row = 0
-    with torch_threads(1):
-        for rows in prefetch(_image_blocks(pool, memmap_dir, start, stop, block_rows)):
+    with torch_threads(1), blocks as half_blocks:
+        for rows in prefetch(_float32_blocks(half_blocks, pool.dim, block_rows)):
             scores[row:row + len(rows)] = score_chunk(rows)
             row += len(rows)
             if progress:
                 progress(len(rows))
     return scores
+
+
+class ScoringThreads:
+    """Scores of pool rows start..stop-1 computed by worker threads, each taking the next block, reading and
+    converting it and scoring it with single-threaded BLAS.
+
+    On 2 cores this beats one 2-thread BLAS fed by a read-ahead thread by ~10 %: BLAS splits each product
+    evenly between its threads, so any other work on a core (reading, fp16 conversion, the per-row max)
+    stalls both, where whole blocks per thread balance themselves. A block's bits do not depend on the
+    thread count (one BLAS thread each time). Slicing waits until the rows asked for are scored, so the
+    score table's first row groups are written while later blocks are scored. Use as a context manager:
+    leaving it stops the workers (after their current block) and restores the thread settings.
+    """
+
+    def __init__(self, blocks: contextlib.AbstractContextManager, score_chunk, start: int, stop: int, dim: int,
+                 block_rows: int, threads: int, progress: Callable[[int], None] | None = None):
+        """`blocks`: `_half_blocks(...)`, entered here and left when the workers are done."""
+        self.scores = np.empty(stop - start, dtype=np.float32)
+        self.start = start
+        self._score_chunk, self._progress = score_chunk, progress
+        self._changed = threading.Condition()  # guards everything below and the generator `blocks`
+        self._ends: list[int | None] = []  # per block handed out: its end (relative row) once scored
+        self._prefix = 0  # blocks scored in a row from the first
+        self._error: BaseException | None = None
+        self._stop = False
+        self._settings = contextlib.ExitStack()  # left in reverse: thread settings, then the block source
+        self._blocks = self._settings.enter_context(blocks)
+        self._settings.enter_context(torch_threads(1))
+        self._settings.enter_context(blas_threads(1))
+        self._workers = ThreadPoolExecutor(threads, thread_name_prefix="curate-normsim")
+        self._running = [self._workers.submit(self._work, dim, block_rows) for _ in range(threads)]
+
+    def _work(self, dim: int, block_rows: int) -> None:
+        half = np.empty((block_rows, dim), dtype=np.float16)
+        full = np.empty((block_rows, dim), dtype=np.float32)
+        try:
+            while True:
+                with self._changed:  # the generator advances under the lock; a cache read runs outside it
+                    if self._stop or self._error is not None:
+                        return
+                    row, read = next(self._blocks, (None, None))
+                    if read is None:
+                        return
+                    number = len(self._ends)
+                    self._ends.append(None)
+                rows = to_float32(read(half), out=full)
+                first = row - self.start
+                self.scores[first:first + len(rows)] = self._score_chunk(rows)
+                with self._changed:
+                    self._ends[number] = first + len(rows)
+                    while self._prefix < len(self._ends) and self._ends[self._prefix] is not None:
+                        self._prefix += 1
+                    self._changed.notify_all()
+                    if self._progress:
+                        self._progress(len(rows))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by _wait_for
+            with self._changed:
+                self._error = self._error or exc
+                self._changed.notify_all()
+
+    def _wait_for(self, rows: int) -> None:
+        """Block until the first `rows` rows are scored (or all workers stopped); a worker's error is raised."""
+        with self._changed:
+            while (self._error is None and (self._ends[self._prefix - 1] if self._prefix else 0) < rows
+                   and not all(done.done() for done in self._running)):
+                self._changed.wait(timeout=1.0)  # the timeout also notices workers that returned
+            if self._error is not None:
+                raise self._error
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        self._wait_for(range(len(self.scores))[index].stop if isinstance(index, slice) else len(self.scores))
+        return self.scores[index]
+
+    def result(self) -> np.ndarray:
+        """All the scores, once every worker is done."""
+        for done in self._running:
+            done.result()
+        self._wait_for(len(self.scores))
+        return self.scores
+
+    def __enter__(self) -> "ScoringThreads":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._changed:
+            self._stop = True
+        self._workers.shutdown(wait=True)
+        self._settings.close()
 
 
 def image_source(pool: EmbeddingPool, memmap_dir: str | Path | None) -> str:
@@ -224,16 +357,18 @@ def table_starts(pool: EmbeddingPool) -> list[int]:
     return [0] + np.cumsum(pool.file_rows, dtype=np.int64).tolist()
 
 
-def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
-                  block_rows: int | None = None, source: str | None = None) -> Iterator[np.ndarray]:
-    """The image embeddings of pool rows start..stop-1 as float32 blocks in pool order, each checked
-    (finite, non-zero). `start` and `stop` must be table starts (`table_starts`).
+@contextlib.contextmanager
+def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
+                 block_rows: int | None = None, source: str | None = None) -> Iterator[Iterator[tuple[int, Callable]]]:
+    """A context giving the image embeddings of pool rows start..stop-1 in blocks in pool order, as
+    (first pool row, read): `read(out)` returns the block as fp16 rows, checked (finite, non-zero), in `out`
+    (a (block_rows, D) float16 buffer) or in an array of its own, until the context is left. `start` and
+    `stop` must be table starts (`table_starts`).
 
     From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
-    `curate score` for negclip): sequential reads, far cheaper than decoding the Parquet list column.
-    Otherwise streamed from the tables; no cache is built for this one pass. Blocks are converted into a
-    ring of 3 reused buffers (the caller's block, the next one, the one being read ahead by `prefetch`):
-    a block is valid until the caller asks for the block after the next.
+    `curate score` for negclip): positional reads, done by `read` itself (so several threads can read at
+    once), far cheaper than decoding the Parquet list column. Otherwise streamed from the tables (decoded as
+    the iterator advances); no cache is built for this one pass.
     Both sources give the same blocks (per table, `block_rows` each): a BLAS product's rounding can depend
     on the block's row count, and both sources, and map tasks over any span of tables, must give the
     one-process bytes.
@@ -241,31 +376,58 @@ def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int
     block_rows = int(block_rows or READ_BATCH_ROWS)
     stop = pool.n_rows if stop is None else int(stop)
     source = source or image_source(pool, memmap_dir)
-    ring = [np.empty((block_rows, pool.dim), dtype=np.float32) for _ in range(3)]
     spans = [(index, first) for index, first in enumerate(table_starts(pool)[:-1]) if start <= first < stop]
     column = "image_embedding"
-    rows = PoolRows(pool, column, memmap_dir) if source == "cache" else None  # PoolRows checks every read
-    number = 0
-    try:
+
+    def from_tables() -> Iterator[tuple[int, Callable]]:
         for index, first in spans:
-            if rows is not None:
-                for offset in range(0, pool.file_rows[index], block_rows):
-                    count = min(block_rows, pool.file_rows[index] - offset)
-                    yield to_float32(rows[first + offset:first + offset + count], out=ring[number % 3])
-                    number += 1
-                continue
             parquet = pq.ParquetFile(pool.files[index])
             _require_columns(pool.files[index], parquet.schema_arrow, [column])
             row = first
             for batch in parquet.iter_batches(batch_size=block_rows, columns=[column], use_threads=False):
-                block = _column_to_numpy(batch.column(column), np.float16)
-                check_finite(pool, block, row, column)
-                row += len(block)
-                yield to_float32(block, out=ring[number % 3])
-                number += 1
+                half = _column_to_numpy(batch.column(column), np.float16)
+                yield row, functools.partial(_checked, pool, half, row, column)
+                row += len(half)
+
+    def from_cache(rows: PoolRows) -> Iterator[tuple[int, Callable]]:
+        for index, first in spans:
+            n = pool.file_rows[index]
+            for offset in range(0, n, block_rows):
+                block = slice(first + offset, first + min(offset + block_rows, n))
+                yield first + offset, functools.partial(rows.read, block)
+
+    if source != "cache":
+        yield from_tables()
+        return
+    rows = PoolRows(pool, column, memmap_dir)  # PoolRows checks every read
+    try:
+        yield from_cache(rows)
     finally:
-        if rows is not None:
-            rows.close()
+        rows.close()
+
+
+def _checked(pool: EmbeddingPool, rows: np.ndarray, first_row: int, column: str, out=None) -> np.ndarray:
+    """`rows` once check_finite passed (`out` unused: the rows are already in memory)."""
+    check_finite(pool, rows, first_row, column)
+    return rows
+
+
+def _float32_blocks(blocks: Iterator[tuple[int, Callable]], dim: int, block_rows: int) -> Iterator[np.ndarray]:
+    """The blocks of `_half_blocks` as float32, converted into a ring of 3 reused buffers (the caller's block,
+    the next one, the one being read ahead by `prefetch`): a block is valid until the caller asks for the
+    block after the next."""
+    half = np.empty((block_rows, dim), dtype=np.float16)
+    ring = [np.empty((block_rows, dim), dtype=np.float32) for _ in range(3)]
+    for number, (_, read) in enumerate(blocks):
+        yield to_float32(read(half), out=ring[number % 3])
+
+
+def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
+                  block_rows: int | None = None, source: str | None = None) -> Iterator[np.ndarray]:
+    """The blocks of `_half_blocks` as float32 (see `_float32_blocks`)."""
+    block_rows = int(block_rows or READ_BATCH_ROWS)
+    with _half_blocks(pool, memmap_dir, start, stop, block_rows, source) as blocks:
+        yield from _float32_blocks(blocks, pool.dim, block_rows)
 
 
 # ---------------------------------------------------------------- p = inf and 2 as map tasks + a reduce
@@ -367,8 +529,9 @@ def normsim_map_task(task: NormsimTask, progress: Callable[[int], None] | None =
     with blas_threads(task.blas_threads):  # the scorer (e.g. the second moment) is BLAS too
         pool, score_chunk = _task_state(task)
         # the cache when this process finds it, else the tables: the same blocks, the same bytes
+        threads = _score_threads(task.p, task.index, task.device.split(":")[0], task.blas_threads or blas_thread_count())
         scores = _score_rows(pool, score_chunk, task.cache_dir, task.start, task.stop, task.block_rows,
-                             progress)
+                             progress, threads)
     with atomic_path(task_file(task.parts_dir, task.name)) as tmp, open(tmp, "wb") as f:
         np.save(f, scores)
     device = task.device.split(":")[0]  # the device type, as the one-process metadata records it
@@ -383,7 +546,7 @@ def _plan(pool: EmbeddingPool, target_spec, p: str, out, memmap_dir, index: str,
     params: dict = {}
     target, torch_device = _load_target(pool, target_spec, p, index, device, cache_dir, templates, params)
     params.update(_scorer_params(p, index, len(target), pool.dim, torch_device, nlist, nprobe))
-    layout = normsim_layout(pool, p, params, READ_BATCH_ROWS, tasks)
+    layout = normsim_layout(pool, p, params, _block_rows(p, params), tasks)
     return layout, layout_parts_dir(out, f"normsim_{p}", layout), target, torch_device, params
 
 
@@ -504,12 +667,14 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     else:
         info = {}
         scores = normsim_scores(pool, target, p, index, nlist, nprobe, iterations, final_fraction, device,
-                                cache_dir, templates, progress, info, memmap_dir=memmap_dir)
+                                cache_dir, templates, progress, info, memmap_dir=memmap_dir, pending=True)
     name = column_name(p)
     params = {"p": p, **info}
     meta = {"stage": "normsim", "teacher": pool.teacher.to_dict(), "source": str(emb_dir),
             "n_rows": pool.n_rows, "params": params}
-    write_score_table(pool, {name: scores}, out, meta)
+    with scores if isinstance(scores, ScoringThreads) else contextlib.nullcontext():
+        write_score_table(pool, {name: scores}, out, meta)  # a table's rows as soon as they are scored
+        scores = scores.result() if isinstance(scores, ScoringThreads) else scores
     seconds = time.perf_counter() - started
     return {"out": str(out), "rows": pool.n_rows, "column": name, "seconds": seconds,
             "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"), "params": params,

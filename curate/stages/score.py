@@ -140,6 +140,11 @@ class PoolRows:
         self.close()
 
     def __getitem__(self, index) -> np.ndarray:
+        return self.read(index)
+
+    def read(self, index, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `index` (a step-1 slice or an index array), read into `out` (reused: a fresh array of a few MiB
+        costs more in page faults than its reads) or a new array; returns the filled rows."""
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
             if step != 1:
@@ -147,7 +152,12 @@ class PoolRows:
             rows = np.arange(start, max(start, stop))
         else:
             rows = np.asarray(index, dtype=np.int64)
-        out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
+        if out is None:
+            out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
+        else:
+            out = out[:len(rows)]
+            if out.dtype != self.dtype or out.shape[1:] != tuple(self.shape[1:]) or not out.flags.c_contiguous:
+                raise ValueError(f"out must be C-contiguous {self.dtype} rows of shape {self.shape[1:]}")
         if len(rows):
             buffer, fd, preadv = memoryview(out).cast("B"), self._fd, os.preadv
             # runs of consecutive rows: file offsets and output byte ranges computed in numpy, so that the
