@@ -58,8 +58,11 @@ def tarfile_copy(shards: list[str], out: Path) -> None:
                 dst.addfile(info, src.extractfile(info))
 
 
-def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640, context: bool = True) -> dict:
-    """`context`: also time the tarfile copy and the export without its fast path (slow: ~100 MB/s)."""
+def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640, context: bool = True,
+        map_tasks: bool = False) -> dict:
+    """`context`: also time the tarfile copy and the export without its fast path (slow: ~100 MB/s).
+    `map_tasks`: also time the export as map tasks (`workers=2, tasks=4`: two worker processes, each input
+    shard read twice) and check it writes the stage's tars."""
     from curate.io.shards import expand_shards
     from curate.io.uids import write_uid_npy
     from curate.stages.export import export_subset
@@ -82,6 +85,18 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
 
     comparison = compare(stage, lambda: raw_copy(shards, work / "export-copy"), repeats, log, "export")
     extra: dict = {}
+    if map_tasks:
+        task_times = []
+        for _ in range(repeats):
+            shutil.rmtree(work / "export-out-tasks", ignore_errors=True)
+            start = time.perf_counter()
+            export_subset(str(corpus), work / "export-subset", work / "export-out-tasks", shard_size=1000, workers=2,
+                          tasks=4)
+            task_times.append(time.perf_counter() - start)
+        same = all(a.read_bytes() == b.read_bytes() for a, b in zip(sorted((work / "export-out").glob("*.tar")),
+                                                                     sorted((work / "export-out-tasks").glob("*.tar"))))
+        log(f"  export as map tasks (2 workers, 4 tasks): best {min(task_times):.2f} s, same tars: {same}")
+        extra.update(map_tasks_s=task_times, map_tasks_mb_s=total_bytes / 1e6 / min(task_times), map_tasks_same_tars=same)
     if context:
         tar_times = []
         for _ in range(repeats):
@@ -101,7 +116,7 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
         extra = {"tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times),
                  "iter_shard_export_s": iter_shard_s, "iter_shard_export_mb_s": mb / iter_shard_s,
                  "iter_shard_same_tars": same}
-    for d in ("export-out", "export-copy", "export-tarcopy", "export-out-iter-shard"):
+    for d in ("export-out", "export-copy", "export-tarcopy", "export-out-iter-shard", "export-out-tasks"):
         shutil.rmtree(work / d, ignore_errors=True)
     mb = total_bytes / 1e6
     return {"samples": samples, "image_size": image_size, "shards": len(shards), "input_bytes": total_bytes,

@@ -193,6 +193,12 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
                      f"re-write headers, no uid lookup): {x['tarfile_copy_mb_s']:.0f} MB/s; the export with its fast "
                      f"path off (every shard through `iter_shard`): {x['iter_shard_export_mb_s']:.0f} MB/s; the two "
                      f"exports wrote {'identical' if x['iter_shard_same_tars'] else 'DIFFERENT'} tars")
+        if "map_tasks_mb_s" in x:
+            L.append(f"  - the same export as map tasks (`workers=2, tasks=4`: two worker processes started per run, "
+                     f"every input shard read twice, in the find and the write pass): {x['map_tasks_mb_s']:.0f} MB/s "
+                     f"({x['map_tasks_mb_s'] / x['limit_mb_s']:.2f}x the copy), "
+                     f"{'identical' if x['map_tasks_same_tars'] else 'DIFFERENT'} tars; the way to spread an export "
+                     "over machines, not a speed-up on one")
     if exports:
         L += ["- where the time goes (curate/io/tar_blocks.py, curate/stages/export.py): a reader thread reads each "
               "shard whole into one of three reused buffers and scans its headers with numpy (the ustar-magic blocks "
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
 
         log("export")
         res["export"] = bench_export.run(work, cfg["export_samples"], cfg["fast_repeats"], log, image_size=640,
-                                         context=False)
+                                         context=False, map_tasks=True)
         log("export, small samples")
         res["export_small"] = bench_export.run(work, cfg["export_small_samples"], cfg["fast_repeats"], log,
                                                image_size=224)

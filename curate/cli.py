@@ -348,11 +348,22 @@ def export_cmd(
     subset: Path = typer.Option(..., "--subset", help="A `curate filter` output directory or a DataComp uids .npy."),
     out: Path = typer.Option(..., "--out", help="Output directory for NNNNN.tar shards."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
+    executor: str = EXECUTOR_OPTION,
+    workers: int = MAP_WORKERS_OPTION,
+    tasks: Optional[int] = typer.Option(None, help="Map tasks per pass (runs of input shards, then of output "
+                                        "tars; default 32)."),
+    retries: int = RETRIES_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
-    """Copy the subset's samples (all members, input order) into new tar shards."""
+    """Copy the subset's samples (all members, input order) into new tar shards.
+
+    With --executor ray, --workers N or --tasks T the export runs as two passes of map tasks (find the kept
+    samples per input shard, then write the output tars) around a small reduce, with the same outputs.
+    """
     from curate.stages.export import ERRORS, MISSING, export_subset
 
-    report = export_subset(shards, subset, out, shard_size)
+    report = export_subset(shards, subset, out, shard_size, executor=executor, workers=workers, tasks=tasks,
+                           retries=retries, ray_address=ray_address)
     if report.noop:
         console.print(f"{out}: export already complete ({report.written} samples); nothing to do")
         return

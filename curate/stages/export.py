@@ -463,11 +463,18 @@ def _check_out_dir(out: Path, config: dict) -> dict | None:
 
 
 def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_size: int = 10_000,
-                  fast: bool = True) -> ExportReport:
+                  fast: bool = True, *, executor: str = "local", workers: int = 1, tasks: int | None = None,
+                  retries: int = 1, ray_address: str | None = None) -> ExportReport:
     """Write the subset's samples into OUT_DIR/NNNNN.tar (see the module docstring). `fast=False` reads every
-    shard with iter_shard (the reference the fast path is tested against)."""
+    shard with iter_shard (the reference the fast path is tested against). `executor` ray, `workers` > 1 or
+    `tasks`: the same outputs from map tasks (curate/stages/export_distributed.py)."""
+    from curate.run.mapreduce import check_task_options
+
     if shard_size < 1:
         raise CurateError(f"--shard-size {shard_size}: must be >= 1")
+    if executor not in ("local", "ray"):
+        raise CurateError(f"--executor {executor!r}: choose local or ray")
+    check_task_options(workers, tasks, retries)
     uid_file = subset_file(subset)
     pairs = load_subset(uid_file)
     urls = expand_shards(shards_spec)
@@ -480,6 +487,11 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
         return ExportReport(**{**earlier["report"], "noop": True})
     if earlier is None:
         write_text_atomic(out / MANIFEST, json.dumps({"complete": False, "config": config}, indent=2) + "\n")
+    if executor != "local" or int(workers) > 1 or tasks is not None:  # (a Slurm array runs one export per task)
+        from curate.stages.export_distributed import export_distributed
+
+        return export_distributed(urls, uid_file, out, config, shard_size, fast, executor, int(workers), tasks,
+                                  int(retries), ray_address)
 
     index = SubsetIndex(pairs)
     problems: list[tuple] = []
@@ -518,6 +530,13 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
     finally:
         tars.close()
 
+    return write_records(out, index, problems, config, report)
+
+
+def write_records(out: Path, index: SubsetIndex, problems: list[tuple], config: dict,
+                  report: ExportReport) -> ExportReport:
+    """The end of an export: `missing_uids.npy`, `export.errors.parquet` (`problems`: (shard, key, uid, reason)
+    rows) and the complete manifest; fills in the report's missing and problem counts."""
     with atomic_path(out / MISSING) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, index.missing_pairs())

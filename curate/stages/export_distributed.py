@@ -1,0 +1,324 @@
+"""`curate export` as map tasks (`--executor ray`, `--workers N`, `--tasks T`): the same tars and records as
+the one-process export (curate/stages/export.py), from any number of processes or Ray workers.
+
+The output numbering is global (output sample i is the i-th kept sample in input order, tar k holds samples
+k·S .. k·S+S-1), so a shard's samples can be placed only once the kept counts of every earlier shard are
+known, and "a uid found twice is exported once, the first time" is a question about the whole input. Hence
+two map passes around a small reduce:
+
+1. find (map, T spans of input shards): read each shard (the fast path's whole read and scan when it is a
+   plain local tar, else `iter_shard`), and record every sample whose uid is in the subset (its number in
+   the shard, its subset position, its key) and the problems met, each with the number of samples before
+   it in the shard. Output: `find-tNNNNN.parquet` + `problems-tNNNNN.parquet`, then a marker.
+2. reduce (the driver): the candidates in input order; the first of each subset position is kept, the rest
+   are repeats (recorded). Writes `kept_shard.npy` / `kept_sample.npy` (input shard and sample number of
+   every output sample, in output order) and the per-shard facts the writers check (fast or not, size,
+   mtime).
+3. write (map, T spans of output tars): each task writes its tars, reading the input shards they draw from
+   again (block ranges with patched headers for plain shards, `iter_shard` otherwise: the one-process
+   code), skipping tars already under their final name (resume).
+4. the driver writes `missing_uids.npy`, `export.errors.parquet` (problems in input order: shard, then the
+   sample they precede, as the one-process export meets them) and `export_manifest.json`, then deletes the
+   parts (`OUT.parts/export-<hash>/`).
+
+Input shards are read twice (find, write), and a shard that feeds two output tars of different tasks is
+read by both. The driver holds the candidates' subset positions (8 bytes per kept sample) and each task the
+subset index (16 bytes per subset uid, as the one-process export). Not supported: --rank/--world-size (the
+write pass needs the reduce's placement: one driver submits both passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.errors import CurateError
+from curate.io.atomic import atomic_path
+from curate.io.shards import ShardReadError, iter_shard, sample_uid
+from curate.io.tables import write_table_atomic
+from curate.io.tar_blocks import DeterministicTarWriter, ShardBuffer
+from curate.run.executors import executor_session
+from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
+from curate.run.markers import Markers
+from curate.stages import export as one
+from curate.stages.export import (ERRORS_SCHEMA, KEY_DIGITS, NO_UID, REPEAT, TAR_FORMAT, ExportReport, FastRun,
+                                  SubsetIndex, load_subset)
+
+FIND, WRITE = "export-find", "export-write"
+CANDIDATES_SCHEMA = pa.schema([("shard", pa.int64()), ("sample", pa.int64()), ("position", pa.int64()),
+                               ("key", pa.string())])
+# `before`: samples of the shard yielded before the problem (its place in the one-process order); `phase` 0
+# for what reading a shard reports, 1 for the verdict on a sample (no uid, repeat, a member not exported)
+PROBLEMS_SCHEMA = pa.schema([("shard_number", pa.int64()), ("before", pa.int64()), ("phase", pa.int8()),
+                             *ERRORS_SCHEMA])
+
+
+@dataclass
+class ExportLayout:
+    """What fixes the map outputs; its hash names `<out>.parts/export-<hash>`."""
+
+    config: dict  # the manifest's: shards, subset sha256, shard size
+    fast: bool
+    tasks: int
+
+
+@dataclass
+class FindTask:
+    name: str
+    parts_dir: str
+    subset_path: str
+    subset_sha256: str
+    shards: list  # [(shard number, url)]
+    fast: bool
+
+
+@dataclass
+class WriteTask:
+    name: str
+    parts_dir: str
+    out_dir: str
+    tars: list  # output tar numbers
+    shard_size: int
+    shards: dict  # shard number -> [url, fast, size, mtime_ns] for the shards these tars draw from
+
+
+_SUBSET: dict[tuple[str, str], SubsetIndex] = {}  # one subset index per process (a worker runs several tasks)
+
+
+def _subset(path: str, sha256: str) -> SubsetIndex:
+    """The subset index of the uid file `path` as planned (`sha256`): a file changed since is an error."""
+    if (path, sha256) not in _SUBSET:
+        if one._file_sha256(Path(path)) != sha256:
+            raise CurateError(f"{path}: the subset file changed since this export started; rerun the export")
+        _SUBSET.clear()
+        _SUBSET[path, sha256] = SubsetIndex(load_subset(Path(path)))
+    return _SUBSET[path, sha256]
+
+
+def _stamp(url: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a local shard, to notice one that changes between the passes; (-1, -1) otherwise."""
+    try:
+        stat = os.stat(url) if "://" not in url else None
+    except OSError:  # the readers report an unreadable shard themselves
+        stat = None
+    return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+
+
+def _read_plain(buffer: ShardBuffer, url: str, fast: bool):
+    """(size, layout) when the fast path takes the shard (read whole into `buffer`), else None."""
+    if not fast or "://" in url:
+        return None
+    scanned = one._read_and_scan(buffer, url)
+    if scanned is None or scanned[1] is None or not all(one.SAFE_EXT.fullmatch(ext) for ext in scanned[1].exts):
+        return None
+    return scanned
+
+
+def export_find_task(task: FindTask) -> dict:
+    """Candidates and problems of the task's shards (see the module docstring, step 1)."""
+    subset = _subset(task.subset_path, task.subset_sha256)
+    parts = Path(task.parts_dir)
+    candidates: list[tuple] = []
+    problems: list[tuple] = []
+    facts = {}
+    buffer = ShardBuffer()
+    for number, url in task.shards:
+        size, mtime = _stamp(url)
+        scanned = _read_plain(buffer, url, task.fast)
+        if scanned is not None:
+            tar = scanned[1]
+            uids = one._shard_uids(url, buffer.data, tar)
+            for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids))):
+                if position >= 0:
+                    candidates.append((number, sample, position, tar.key(sample)))
+                elif uid is None:
+                    problems.append((number, sample, 1, url, tar.key(sample), None, NO_UID))
+        else:
+            yielded = 0
+
+            def note(key, reason, url=url, number=number):
+                problems.append((number, yielded, 0, url, key, None, reason))
+
+            try:
+                for raw in iter_shard(url, note):
+                    uid = sample_uid(raw)
+                    position = -1 if uid is None else subset.position(uid)
+                    if position >= 0:
+                        candidates.append((number, yielded, position, raw.key))
+                    elif uid is None:
+                        problems.append((number, yielded, 1, url, raw.key, None, NO_UID))
+                    yielded += 1
+            except ShardReadError as exc:  # not bad data: the task fails, the run reports it
+                raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
+        facts[str(number)] = [scanned is not None, size, mtime]
+    _write_rows(parts / f"find-{task.name}.parquet", CANDIDATES_SCHEMA, candidates)
+    _write_rows(_problems_file(parts, FIND, task.name), PROBLEMS_SCHEMA, problems)
+    Markers(parts, FIND).mark(task.name, {"shards": facts, "candidates": len(candidates)})
+    return {"task": task.name, "ran": True}
+
+
+def _problems_file(parts_dir: Path, stage: str, name: str) -> Path:
+    return parts_dir / f"{stage}-problems-{name}.parquet"
+
+
+def _write_rows(path: Path, schema: pa.Schema, rows: list[tuple]) -> None:
+    columns = list(zip(*rows)) if rows else [[] for _ in schema]
+    write_table_atomic(pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema),
+                       path)
+
+
+def export_write_task(task: WriteTask) -> dict:
+    """The task's output tars (see the module docstring, step 3); finished ones are skipped."""
+    parts, out = Path(task.parts_dir), Path(task.out_dir)
+    kept_shard = np.load(parts / "kept_shard.npy", mmap_mode="r")
+    kept_sample = np.load(parts / "kept_sample.npy", mmap_mode="r")
+    problems: list[tuple] = []
+    buffer, loaded = ShardBuffer(), None  # the shard in `buffer`: (number, size, layout)
+    reused = 0
+    for tar_number in task.tars:
+        path = out / f"{tar_number:05d}.tar"
+        if path.exists():  # written by an interrupted run (either way of running): identical bytes
+            reused += 1
+            continue
+        first = tar_number * task.shard_size
+        shards = np.asarray(kept_shard[first:first + task.shard_size])
+        samples = np.asarray(kept_sample[first:first + task.shard_size])
+        breaks = np.flatnonzero(np.diff(shards) != 0) + 1
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            writer = DeterministicTarWriter(f, TAR_FORMAT)
+            index = first
+            for run_shards, run_samples in zip(np.split(shards, breaks), np.split(samples, breaks)):
+                number = int(run_shards[0])
+                url, fast, size, mtime = task.shards[str(number)]
+                if [size, mtime] != list(_stamp(url)):
+                    raise CurateError(f"{url}: the shard changed since this export started (size or mtime); "
+                                      "rerun the export")
+                if fast:
+                    if loaded is None or loaded[0] != number:
+                        scanned = _read_plain(buffer, url, True)
+                        if scanned is None:
+                            raise CurateError(f"{url}: the shard no longer reads as a plain tar; rerun the export")
+                        loaded = (number, *scanned)
+                    one._write_run(writer, index, FastRun(url, buffer, loaded[1], loaded[2], run_samples.astype(np.int64)))
+                else:
+                    _write_slow(writer, index, url, number, run_samples, problems)
+                index += len(run_samples)
+            writer.close()
+    _write_rows(_problems_file(parts, WRITE, task.name), PROBLEMS_SCHEMA, problems)
+    Markers(parts, WRITE).mark(task.name, {"tars_reused": reused})
+    return {"task": task.name, "ran": True}
+
+
+def _write_slow(writer: DeterministicTarWriter, index: int, url: str, number: int, samples: np.ndarray,
+                problems: list[tuple]) -> None:
+    """The samples (yield numbers of iter_shard, ascending) of a shard the fast path does not take."""
+    wanted = iter(samples.tolist())
+    want = next(wanted, None)
+    shard_problems: list[tuple] = []
+    try:
+        for yielded, raw in enumerate(iter_shard(url, lambda key, reason: None)):
+            if yielded != want:
+                continue
+            shard_problems.clear()
+            one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw, shard_problems)
+            problems.extend((number, yielded, 1, *p) for p in shard_problems)
+            index += 1
+            want = next(wanted, None)
+            if want is None:
+                return
+    except ShardReadError as exc:
+        raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
+    raise CurateError(f"{url}: the shard has fewer samples than when this export started; rerun the export")
+
+
+def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict, shard_size: int, fast: bool,
+                       executor: str, workers: int, tasks: int | None, retries: int,
+                       ray_address: str | None) -> ExportReport:
+    """Steps 1-4 of the module docstring; `out` is checked and its manifest started by the caller."""
+    count = max(1, min(int(tasks or DEFAULT_TASKS), len(urls))) if urls else 1
+    layout = ExportLayout(config, bool(fast), count)
+    parts_dir = layout_parts_dir(out, "export", layout)
+    with executor_session(executor, workers=workers, ray_address=ray_address) as run:
+        job = start_map(parts_dir, layout, FIND, count, executor, workers, rank=0, world_size=1)
+        cuts = [(i * len(urls)) // count for i in range(count + 1)]
+        find_tasks = [FindTask(job.names[i], str(parts_dir), str(uid_file), config["subset_sha256"],
+                               [(n, urls[n]) for n in range(cuts[i], cuts[i + 1])], bool(fast)) for i in job.todo]
+        report = run.run(export_find_task, find_tasks, retries=retries)
+        report.raise_if_failed("export (find map tasks)")
+        facts, problems, tar_count, written, index = _reduce(parts_dir, job.names, urls, uid_file, shard_size)
+        write_job = start_map(parts_dir, layout, WRITE, count, executor, workers, rank=0, world_size=1)
+        tar_cuts = [(i * tar_count) // count for i in range(count + 1)]
+        write_tasks = []
+        for i in write_job.todo:
+            tars = list(range(tar_cuts[i], tar_cuts[i + 1]))
+            shards = _shards_of(parts_dir, tars, shard_size)
+            write_tasks.append(WriteTask(write_job.names[i], str(parts_dir), str(out), tars, shard_size,
+                                         {str(n): [urls[n], *facts[str(n)]] for n in shards}))
+        report = run.run(export_write_task, write_tasks, retries=retries)
+        report.raise_if_failed("export (write map tasks)")
+    markers = write_job.markers
+    problems += [row for name in write_job.names for row in _read_rows(_problems_file(parts_dir, WRITE, name))]
+    problems.sort(key=lambda row: row[:3])  # stable: input order, as the one-process export meets them
+    tars_reused = sum(markers.info(name).get("tars_reused", 0) for name in write_job.names)
+    shards = [{"name": f"{k:05d}.tar", "samples": min(shard_size, written - k * shard_size)} for k in range(tar_count)]
+    result = one.write_records(out, index, [row[3:] for row in problems], config,
+                               ExportReport(written=written, subset=len(index), input_shards=len(urls),
+                                            tars_reused=tars_reused, shards=shards, out_dir=str(out)))
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        parts_root(out).rmdir()  # only when no other run's parts are left in it
+    return result
+
+
+def _read_rows(path: Path) -> list[tuple]:
+    table = pq.read_table(path, schema=PROBLEMS_SCHEMA)
+    return list(zip(*(table.column(name).to_pylist() for name in PROBLEMS_SCHEMA.names)))
+
+
+def _reduce(parts_dir: Path, names: list[str], urls: list[str], uid_file: Path, shard_size: int):
+    """Step 2: kept samples in output order (written to the parts dir), repeats recorded, subset marked found.
+    Returns (per-shard facts, problems so far, output tar count, samples written, subset index)."""
+    markers = Markers(parts_dir, FIND)
+    facts: dict = {}
+    for name in names:
+        facts.update(markers.info(name)["shards"])
+    files = [parts_dir / f"find-{name}.parquet" for name in names]
+    numbers = [pq.read_table(f, columns=["shard", "sample", "position"]) for f in files]
+    shard, sample, position = (np.concatenate([t.column(c).to_numpy() for t in numbers]) if numbers
+                               else np.empty(0, np.int64) for c in ("shard", "sample", "position"))
+    first = np.zeros(len(position), dtype=bool)
+    first[np.unique(position, return_index=True)[1]] = True  # the first occurrence of each subset uid
+    index = SubsetIndex(load_subset(uid_file))
+    index.found[position[first]] = True
+    problems = [row for name in names for row in _read_rows(_problems_file(parts_dir, FIND, name))]
+    repeats = np.flatnonzero(~first)
+    if len(repeats):  # keys only for these (a key column of every candidate could be large)
+        starts = np.cumsum([0] + [t.num_rows for t in numbers])
+        owner = np.searchsorted(starts, repeats, side="right") - 1
+        for part in np.unique(owner).tolist():
+            rows = repeats[owner == part]
+            keys = pq.read_table(files[part], columns=["key"]).column("key").take(pa.array(rows - starts[part]))
+            for row, key in zip(rows.tolist(), keys.to_pylist()):
+                p = int(position[row])
+                uid = f"{int(index.high[p]):016x}{int(index.low[p]):016x}"
+                problems.append((int(shard[row]), int(sample[row]), 1, urls[int(shard[row])], key, uid, REPEAT))
+    for name, values in (("kept_shard", shard[first]), ("kept_sample", sample[first])):
+        with atomic_path(parts_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(values, dtype=np.int64))
+    written = int(first.sum())
+    return facts, problems, -(-written // shard_size), written, index
+
+
+def _shards_of(parts_dir: Path, tars: list[int], shard_size: int) -> list[int]:
+    """The input shards the output tars `tars` (consecutive) draw from."""
+    if not tars:
+        return []
+    kept_shard = np.load(parts_dir / "kept_shard.npy", mmap_mode="r")
+    return np.unique(np.asarray(kept_shard[tars[0] * shard_size:(tars[-1] + 1) * shard_size])).tolist()

@@ -1,0 +1,115 @@
+"""`curate export` as map tasks: the same tars, records and manifest as the one-process export, resumable."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
+from test_export import dirty_variants, uid_of, write_random_corpus
+from curate.errors import CurateError
+from curate.io.uids import write_uid_npy
+from curate.stages import export_distributed
+from curate.stages.export import MANIFEST, export_subset
+
+
+def outputs(directory):
+    """file name -> bytes, and the manifest without its out_dir."""
+    files = {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    manifest = json.loads(files.pop(MANIFEST))
+    manifest["report"].pop("out_dir")
+    return files, manifest
+
+
+def dirty_corpus(root, seed):
+    """write_random_corpus's shards (repeated uids, odd json, no-uid samples) plus three damaged or unusual
+    shards the fast path leaves to iter_shard."""
+    subset = write_random_corpus(root / "shards", seed, shards=5)
+    variants = dirty_variants()
+    for number, name in enumerate(random.Random(seed).sample(sorted(variants), 3)):
+        (root / "shards" / f"9{number}.tar").write_bytes(bytes(variants[name]))
+    write_uid_npy(subset + [uid_of(1), uid_of(2)], root / "uids.npy")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_map_tasks_write_the_one_process_bytes(tmp_path, seed):
+    dirty_corpus(tmp_path, seed)
+    for shard_size in (1, 3):
+        one = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / f"one{shard_size}",
+                            shard_size=shard_size)
+        want = outputs(tmp_path / f"one{shard_size}")
+        assert one.problems and "export.errors.parquet" in want[0]  # the records are part of the comparison
+        for tasks in (1, 2, 5):
+            out = tmp_path / f"tasks{tasks}-{shard_size}"
+            report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", out, shard_size=shard_size,
+                                   tasks=tasks, fast=seed % 2 == 0)
+            assert outputs(out) == want, (tasks, shard_size)
+            assert report.written == one.written and report.shards == one.shards
+            assert not (tmp_path / f"{out.name}.parts").exists()  # the parts are deleted
+
+
+def test_worker_processes_and_a_rerun(tmp_path):
+    dirty_corpus(tmp_path, 7)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=2)
+    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "two", shard_size=2,
+                           workers=2, tasks=3)
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
+    again = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "two", shard_size=2,
+                          workers=2, tasks=3)
+    assert again.noop and again.written == report.written
+
+
+def test_local_ray(tmp_path, ray_session):  # noqa: F811 - the fixture
+    dirty_corpus(tmp_path, 8)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=3)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "ray", shard_size=3,
+                  executor="ray", tasks=3)
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "one")
+
+
+def test_a_killed_write_pass_resumes_without_rewriting_finished_tars(tmp_path, monkeypatch):
+    dirty_corpus(tmp_path, 9)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=1)
+    original = export_distributed.export_write_task
+    calls = []
+
+    def dies_on_the_second_task(task):
+        calls.append(task.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not retried: the run stops, as a killed process would
+        return original(task)
+
+    monkeypatch.setattr(export_distributed, "export_write_task", dies_on_the_second_task)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", out, shard_size=1, tasks=4)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert finished and not json.loads((out / MANIFEST).read_text())["complete"]
+    monkeypatch.setattr(export_distributed, "export_write_task", original)
+    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", out, shard_size=1, tasks=4)
+    assert report.tars_reused == 0  # the first task is marked done: its tars are not even looked at again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in finished} == finished
+    assert outputs(out) == outputs(tmp_path / "one")
+
+
+def test_options_are_checked(tmp_path):
+    dirty_corpus(tmp_path, 1)
+    for options, message in (({"workers": 0}, "--workers must be >= 1"), ({"tasks": 0}, "--tasks must be >= 1"),
+                             ({"executor": "slurm"}, "choose local or ray")):
+        with pytest.raises(CurateError, match=message):
+            export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "o", **options)
+
+
+def test_cli_export_with_tasks(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    dirty_corpus(tmp_path, 2)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=4)
+    code = run_cli(monkeypatch, "export", tmp_path / "shards", "--subset", tmp_path / "uids.npy",
+                   "--out", tmp_path / "cli", "--shard-size", "4", "--tasks", "3")
+    text = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert code == 0, text
+    assert "exported" in text and "problems recorded" in text
+    assert outputs(tmp_path / "cli") == outputs(tmp_path / "one")
