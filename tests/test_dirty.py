@@ -915,3 +915,24 @@ def test_a_pretrained_name_offline_is_a_one_line_error(tmp_path, monkeypatch, ca
     assert attempts  # it did try the hub, and only because a pretrained name was asked for
     assert seconds < 30, seconds
     assert not (tmp_path / "emb" / "a.parquet").exists()
+
+
+def test_export_as_map_tasks_names_an_unreadable_shard_and_resumes(tmp_path, monkeypatch, capsys):
+    """The find pass fails on the shard (no tar is written before every shard was read), a rerun finishes."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(tar_bytes(good("a0", 1) + good("a1", 2)))
+    (shards / "b.tar").mkdir()
+    (shards / "c.tar").write_bytes(tar_bytes(good("c0", 3)))
+    uids = [content_uid(image_bytes(scene(s)), f"a good caption number {s}") for s in (1, 2, 3)]
+    write_uid_npy(uids, tmp_path / "uids.npy")
+    args = ["export", shards, "--subset", tmp_path / "uids.npy", "--out", tmp_path / "out", "--shard-size", "1",
+            "--tasks", "3", "--retries", "0"]
+    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard-map-tasks")
+    assert_one_line_error(code, text, r"find map tasks", r"b\.tar: cannot open shard", r"rerun to resume")
+    assert not json.loads((tmp_path / "out" / "export_manifest.json").read_text())["complete"]
+    assert not list((tmp_path / "out").glob("*.tar"))
+    (shards / "b.tar").rmdir()
+    (shards / "b.tar").write_bytes(tar_bytes([]))
+    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard-map-tasks-fixed")
+    assert code == 0 and "exported 3 of the subset's 3 samples into 3 shards" in text, text
