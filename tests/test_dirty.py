@@ -556,7 +556,10 @@ def test_an_unreadable_shard_fails_after_retries_and_the_rest_finish(tmp_path, m
     assert {p.stem for p in (out / "_markers" / "embed").glob("*.done")} == {"a", "b", "c"}
 
 
-def test_export_stops_at_an_unreadable_shard_and_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("map_tasks", [False, True])
+def test_export_stops_at_an_unreadable_shard_and_resumes(tmp_path, monkeypatch, capsys, map_tasks):
+    """One process keeps the tars written before the shard; as map tasks the find pass fails on it before
+    any tar is written. Either way a rerun finishes."""
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.tar").write_bytes(tar_bytes(good("a0", 1) + good("a1", 2)))
@@ -565,14 +568,17 @@ def test_export_stops_at_an_unreadable_shard_and_resumes(tmp_path, monkeypatch, 
     uids = [content_uid(image_bytes(scene(s)), f"a good caption number {s}") for s in (1, 2, 3)]
     write_uid_npy(uids, tmp_path / "uids.npy")
     args = ["export", shards, "--subset", tmp_path / "uids.npy", "--out", tmp_path / "out", "--shard-size", "1"]
-    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard")
+    args += ["--tasks", "3", "--retries", "0"] if map_tasks else []
+    case = "export/unreadable-shard" + ("-map-tasks" if map_tasks else "")
+    code, text = run_cli(monkeypatch, capsys, *args, case=case)
     assert_one_line_error(code, text, r"b\.tar: cannot open shard", r"rerun to resume")
     assert not json.loads((tmp_path / "out" / "export_manifest.json").read_text())["complete"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ([] if map_tasks else ["00000.tar", "00001.tar"])
     (shards / "b.tar").rmdir()
     (shards / "b.tar").write_bytes(tar_bytes([]))
-    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard-fixed")
-    assert code == 0 and "exported 3 of the subset's 3 samples" in text and "2 finished tars" in text, text
+    code, text = run_cli(monkeypatch, capsys, *args, case=case + "-fixed")
+    assert code == 0 and "exported 3 of the subset's 3 samples" in text, text
+    assert map_tasks or "2 finished tars" in text, text
 
 
 # ---------------------------------------------------------------- tables
@@ -916,23 +922,3 @@ def test_a_pretrained_name_offline_is_a_one_line_error(tmp_path, monkeypatch, ca
     assert seconds < 30, seconds
     assert not (tmp_path / "emb" / "a.parquet").exists()
 
-
-def test_export_as_map_tasks_names_an_unreadable_shard_and_resumes(tmp_path, monkeypatch, capsys):
-    """The find pass fails on the shard (no tar is written before every shard was read), a rerun finishes."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "a.tar").write_bytes(tar_bytes(good("a0", 1) + good("a1", 2)))
-    (shards / "b.tar").mkdir()
-    (shards / "c.tar").write_bytes(tar_bytes(good("c0", 3)))
-    uids = [content_uid(image_bytes(scene(s)), f"a good caption number {s}") for s in (1, 2, 3)]
-    write_uid_npy(uids, tmp_path / "uids.npy")
-    args = ["export", shards, "--subset", tmp_path / "uids.npy", "--out", tmp_path / "out", "--shard-size", "1",
-            "--tasks", "3", "--retries", "0"]
-    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard-map-tasks")
-    assert_one_line_error(code, text, r"find map tasks", r"b\.tar: cannot open shard", r"rerun to resume")
-    assert not json.loads((tmp_path / "out" / "export_manifest.json").read_text())["complete"]
-    assert not list((tmp_path / "out").glob("*.tar"))
-    (shards / "b.tar").rmdir()
-    (shards / "b.tar").write_bytes(tar_bytes([]))
-    code, text = run_cli(monkeypatch, capsys, *args, case="export/unreadable-shard-map-tasks-fixed")
-    assert code == 0 and "exported 3 of the subset's 3 samples into 3 shards" in text, text
