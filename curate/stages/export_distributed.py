@@ -22,9 +22,9 @@ two map passes around a small reduce:
    parts (`OUT.parts/export-<hash>/`).
 
 Input shards are read twice (find, write), and a shard that feeds two output tars of different tasks is
-read by both. The driver holds the candidates' subset positions (8 bytes per kept sample) and each task the
-subset index (16 bytes per subset uid, as the one-process export). Not supported: --rank/--world-size (the
-write pass needs the reduce's placement: one driver submits both passes).
+read by both. The driver holds the candidates' shard, sample and subset position (24 bytes each), and each
+task the subset index (16 bytes per subset uid, as the one-process export). Not supported:
+--rank/--world-size (the write pass needs the reduce's placement: one driver submits both passes).
 """
 
 from __future__ import annotations
