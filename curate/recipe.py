@@ -137,7 +137,7 @@ def _validate(path: Path, section: str, table: Any) -> dict:
 
 def executor_options(run: dict) -> dict:
     """The recipe's [run] executor settings as keyword arguments of the map/reduce stages (score, normsim,
-    filter)."""
+    filter, export)."""
     return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
             "ray_address": run["ray_address"] or None}
 
@@ -288,7 +288,7 @@ def plan(recipe: dict) -> list[Step]:
         def run_export(x=x, shards=shards, out=out):
             from curate.stages.export import export_subset
 
-            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"])
+            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"], **executor_options(run))
             return {k: v for k, v in vars(report).items() if isinstance(v, (int, float, str))}
         add("export", "export", x, [shards, subsets[x["subset"]]], [out], run_export)
 

@@ -130,3 +130,15 @@ target = "target_emb"
     steps["filter:inline"].run()
     assert calls[0] == {"executor": "local", "workers": 2, "retries": 3, "ray_address": None}
     assert calls[1] == {}
+
+
+def test_the_run_executor_settings_reach_the_export(tmp_path, monkeypatch):
+    import curate.stages.export as export_module
+
+    calls = []
+    monkeypatch.setattr(export_module, "export_subset",
+                        lambda *args, **kwargs: calls.append(kwargs) or export_module.ExportReport())
+    text = "executor = \"ray\"\nray_address = \"auto\"\n" + SMALL
+    steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
+    steps["export"].run()
+    assert calls == [{"executor": "ray", "workers": 1, "retries": 1, "ray_address": "auto"}]
