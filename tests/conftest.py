@@ -11,6 +11,17 @@ import pytest
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
 
 
+SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+              "SLURM_ARRAY_TASK_MAX")
+
+
+@pytest.fixture
+def no_slurm(monkeypatch):
+    """No Slurm array variables, whatever the environment the tests run in (they would split tasks into ranks)."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 def make_embedding_dir(path, n_rows_per_file: list[int], dim: int, seed: int, logit_scale: float = 100.0,
                        model: str = "test", pretrained: str = "none") -> Path:
     """Write a small embedding directory like `curate embed` makes: one table per fake shard.

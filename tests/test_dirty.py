@@ -505,7 +505,7 @@ def test_export_of_the_dirty_corpus_keeps_every_good_sample_inside_out(dirty_run
     assert code == 0 and "Traceback" not in text, text
     created = {p for p in root.rglob("*")} - before
     assert all(p == root / "export" or (root / "export") in p.parents for p in created), created
-    names, exported_uids = [], []
+    names = []
     for tar_path in sorted((root / "export").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for info in tar.getmembers():

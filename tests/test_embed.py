@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-import shutil
 import tarfile
 
 import numpy as np

@@ -22,8 +22,6 @@ from curate.run.markers import Markers
 from curate.run.ranks import resolve_rank, split_for_rank
 
 TESTS_DIR = Path(__file__).resolve().parent
-SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
-              "SLURM_ARRAY_TASK_MAX")
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,6 @@ def ray_session():
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}})
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture
-def no_slurm(monkeypatch):
-    for name in SLURM_VARS:
-        monkeypatch.delenv(name, raising=False)
 
 
 def executor_of(kind: str, request):

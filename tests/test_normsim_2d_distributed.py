@@ -18,14 +18,11 @@ from curate.metrics.normsim import keep_count, top_fraction_mask
 from curate.run.mapreduce import parts_root
 from curate.stages import normsim_2d as stage2d
 from curate.stages.normsim import normsim
-from test_executors import SLURM_VARS, ray_session  # noqa: F401 - the fixture, shared with that module
+from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 from test_normsim import reference_normsim_2d, write_pool
 
 
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch):
-    for name in SLURM_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_slurm")
 
 
 def run(pool, out, **options) -> dict:

@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_embedding_dir, run_cli
+from conftest import SLURM_VARS, make_embedding_dir, run_cli
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.run.mapreduce import parts_root
 from curate.run.markers import MARKER_DIR
 from curate.stages.normsim import NORMSIM_STAGE, normsim, normsim_layout, normsim_task_spans, table_starts
-from test_executors import SLURM_VARS, ray_session  # noqa: F401 - the fixture, shared with that module
+from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 DIM = 64
 TABLE_ROWS = [60, 45, 70, 30, 55]  # 5 tables: 5 map tasks by default (tasks never split a table)
@@ -31,10 +31,7 @@ TABLE_ROWS = [60, 45, 70, 30, 55]  # 5 tables: 5 map tasks by default (tasks nev
 CASES = [("inf", "flat", 100), ("inf", "ivf", 100), ("2", "flat", 100), ("2", "flat", 20)]
 
 
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch):
-    for name in SLURM_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_slurm")
 
 
 @pytest.fixture

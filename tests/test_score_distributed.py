@@ -17,22 +17,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_embedding_dir, run_cli
+from conftest import SLURM_VARS, make_embedding_dir, run_cli
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.metrics.negclip import (batch_lse, negclip_lse_sum, reduce_span_terms, span_own_count, span_terms,
                                     task_spans)
 from curate.run.markers import MARKER_DIR
 from curate.stages.score import NEGCLIP_STAGE, parts_root, score
-from test_executors import SLURM_VARS, ray_session  # noqa: F401 - the fixture, shared with that module
+from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 PARAMS = {"metrics": "clipscore,negclip", "k": 3, "batch_size": 7, "seed": 3, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch):
-    for name in SLURM_VARS:
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_slurm")
 
 
 @pytest.fixture
