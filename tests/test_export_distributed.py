@@ -113,3 +113,30 @@ def test_cli_export_with_tasks(tmp_path, monkeypatch, capsys):
     assert code == 0, text
     assert "exported" in text and "problems recorded" in text
     assert outputs(tmp_path / "cli") == outputs(tmp_path / "one")
+
+
+def test_a_shard_or_subset_changed_between_the_passes_is_a_clear_error(tmp_path, monkeypatch):
+    dirty_corpus(tmp_path, 3)
+    original_reduce = export_distributed._reduce
+
+    def reduce_then_touch(*args, **kwargs):
+        result = original_reduce(*args, **kwargs)
+        shard = sorted((tmp_path / "shards").glob("0*.tar"))[0]
+        shard.write_bytes(shard.read_bytes() + bytes(512))  # a shard grows after the find pass
+        return result
+
+    monkeypatch.setattr(export_distributed, "_reduce", reduce_then_touch)
+    with pytest.raises(CurateError, match=r"00000\.tar: the shard changed since this export started"):
+        export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "a", shard_size=2, tasks=2)
+    monkeypatch.undo()
+
+    original_find = export_distributed.export_find_task
+
+    def rewrite_subset_then_find(task):
+        write_uid_npy([uid_of(5)], tmp_path / "uids.npy")
+        export_distributed._SUBSET.clear()
+        return original_find(task)
+
+    monkeypatch.setattr(export_distributed, "export_find_task", rewrite_subset_then_find)
+    with pytest.raises(CurateError, match=r"uids\.npy: the subset file changed since this export started"):
+        export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "b", shard_size=2, tasks=2)
