@@ -121,7 +121,7 @@ def teacher_tiny_cmd(
 
 # ---------------------------------------------------------------- embed (issue 4)
 
-# Options every sharded stage shares (embed, score, normsim): one definition, the same help everywhere.
+# Options the stages that run tasks share (embed, score, normsim, filter, export): one definition, the same help.
 RANK_OPTION = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0).")
 WORLD_SIZE_OPTION = typer.Option(None, "--world-size", help="Number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1).")
 EXECUTOR_OPTION = typer.Option("local", help="local or ray.")
