@@ -20,7 +20,7 @@ from curate.io import tar_blocks
 from curate.io.shards import RawSample, base_plus_ext, sample_uid
 from curate.io.uids import content_uid, read_uid_npy, uids_to_pairs, write_uid_npy
 from curate.stages import export as export_module
-from curate.stages.export import MANIFEST, SubsetIndex, export_subset
+from curate.stages.export import CARRY_BYTES, MANIFEST, PIECE_BYTES, SubsetIndex, export_subset
 
 
 def uid_of(i: int) -> str:
@@ -323,23 +323,25 @@ def assert_same_outputs(fast, slow):
 
 @pytest.fixture
 def count_fast_shards(monkeypatch):
-    """How many shards the fast path took (it returns None for a shard it leaves to iter_shard)."""
+    """For each local shard: whether the fast path read it to the end (else it handed it to iter_shard)."""
     taken = []
-    original = export_module._fast_shard
+    original = export_module._stream_shard
 
     def spy(*args):
-        run = original(*args)
-        taken.append(run is not None)
-        return run
+        result = yield from original(*args)
+        taken.append(result is None)
+        return result
 
-    monkeypatch.setattr(export_module, "_fast_shard", spy)
+    monkeypatch.setattr(export_module, "_stream_shard", spy)
     return taken
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_path_writes_the_same_bytes_and_records_as_iter_shard(tmp_path, seed, count_fast_shards, monkeypatch):
     monkeypatch.setattr(export_module, "BACKGROUND_WRITES", seed % 2 == 0)  # both ways of writing
-    monkeypatch.setattr(tar_blocks.ShardBuffer, "READ_LIMIT", 0 if seed % 3 == 0 else 64 << 20)  # mapped or read
+    # pieces from one block (most samples span pieces; carries beyond the carry room) to whole shards
+    monkeypatch.setattr(export_module, "PIECE_BYTES", (512, 1024, 3072, 1 << 20)[seed % 4])
+    monkeypatch.setattr(export_module, "CARRY_BYTES", (512, 4096, 1 << 20)[seed % 3])
     subset = write_random_corpus(tmp_path / "shards", seed)
     write_uid_npy(subset, tmp_path / "uids.npy")
     inputs = {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
@@ -422,12 +424,24 @@ def dirty_variants():
             v7[block + 257:block + 265] = bytes(8)
             v7[block + 148:block + 156] = b"%06o\0 " % (sum(v7[block:block + 148]) + 256 + sum(v7[block + 156:block + 512]))
     variants["no magic"] = v7
+    one_v7 = tar_of(good)  # only the fourth header lost its magic: the chain from the magic breaks there
+    block = 512 * 6
+    assert one_v7[block + 257:block + 262] == b"ustar"
+    one_v7[block + 257:block + 265] = bytes(8)
+    one_v7[block + 148:block + 156] = b"%06o\0 " % (sum(one_v7[block:block + 148]) + 256 + sum(one_v7[block + 156:block + 512]))
+    variants["one header without magic"] = one_v7
     variants["empty"] = bytearray()
     variants["not a tar"] = bytearray(b"not a tar at all " * 100)
     return variants
 
 
-def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_path, count_fast_shards):
+@pytest.mark.parametrize("piece", [512, 1536, 1 << 20])
+def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_path, count_fast_shards, piece,
+                                                                            monkeypatch):
+    """Each variant either streams to its end or goes on in iter_shard from the samples committed so far
+    (the bad part may come pieces after them); both ways give the bytes of iter_shard alone."""
+    monkeypatch.setattr(export_module, "PIECE_BYTES", piece)
+    monkeypatch.setattr(export_module, "CARRY_BYTES", 1024)
     variants = dirty_variants()
     for name, data in variants.items():
         case = tmp_path / name.replace(" ", "_")
@@ -438,7 +452,8 @@ def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_
         count_fast_shards.clear()
         fast, slow = export_both(case / "shards", case / "uids.npy", case / "out", shard_size=2)
         assert_same_outputs(fast, slow)
-        handled = name in ("plain", "size with leading spaces", "a tar inside a member", "no magic")
+        handled = name in ("plain", "size with leading spaces", "a tar inside a member", "no magic",
+                           "one header without magic")
         assert count_fast_shards == ([True, True] if handled else [False, True]), name
 
 
@@ -454,26 +469,31 @@ def test_header_chain_from_the_magic_is_the_walked_chain_or_none():
             assert walked is not None and walked[1] == magic[1] and np.array_equal(walked[0], magic[0]), name
             magic_used += 1
         else:
-            assert name in ("a tar inside a member", "no magic", "empty", "not a tar", "truncated",
+            assert name in ("a tar inside a member", "no magic", "one header without magic", "empty", "not a tar",
+                            "truncated",
                             "no end blocks", "gzip", "zero blocks in the middle", "size with leading spaces",
                             "size with a plus sign"), name
     assert magic_used >= 10
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch, mapped):
+@pytest.mark.parametrize("mode", ["small pieces", "one piece", "map tasks, shard mapped"])
+def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch, mode):
     """Bytes the readers ignore (member padding) must not reach the output, nor the input file change."""
-    if mapped:
+    if mode == "small pieces":
+        monkeypatch.setattr(export_module, "PIECE_BYTES", 512)
+    options = {}
+    if mode == "map tasks, shard mapped":  # map tasks read whole shards; this one mapped copy-on-write
         monkeypatch.setattr(tar_blocks.ShardBuffer, "READ_LIMIT", 0)
+        options["tasks"] = 1
     members = [("k1.jpg", b"img" * 100), ("k1.json", json.dumps({"uid": uid_of(1)}).encode())]
     data = bytearray(tarfile_writer_bytes(members, tarfile.GNU_FORMAT))
     data[512 + 300:1024] = b"\x07" * (1024 - 512 - 300)  # padding after the jpg's 300 bytes
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "00000.tar").write_bytes(bytes(data))
     write_uid_npy([uid_of(1)], tmp_path / "uids.npy")
-    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=5)
+    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=5, **options)
     assert_same_outputs(fast, slow)
-    assert count_fast_shards == [True]
+    assert count_fast_shards == ([] if options else [True])
     assert fast[0]["00000.tar"] == tarfile_writer_bytes([("000000000.jpg", b"img" * 100), ("000000000.json",
                                                           members[1][1])], tarfile.GNU_FORMAT)
     assert (tmp_path / "shards" / "00000.tar").read_bytes() == bytes(data)
@@ -481,10 +501,12 @@ def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch,
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3 * 512 * 8 - 1), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(1, 3))
-def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_path_factory, damage, shard_size):
+       st.integers(1, 3), st.sampled_from([512, 1024, 2560, 1 << 20]))
+def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_path_factory, damage, shard_size,
+                                                                         piece):
     """Whatever bytes are changed, the fast path either handles the shard exactly like iter_shard or leaves
-    it to iter_shard."""
+    it to iter_shard (from the samples it committed before the damage, when read in pieces)."""
+    export_module.PIECE_BYTES, export_module.CARRY_BYTES = piece, 1024  # (hypothesis: no monkeypatch fixture)
     members = []
     for i in range(3):
         members += [(f"k{i}.jpg", bytes([i]) * (100 + 400 * i)), (f"k{i}.txt", f"cap {i}".encode()),
@@ -496,8 +518,55 @@ def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_pa
     (root / "shards").mkdir()
     (root / "shards" / "00000.tar").write_bytes(bytes(data))
     write_uid_npy([uid_of(i) for i in range(3)] + [content_uid(bytes([1]) * 500, "cap 1")], root / "uids.npy")
-    fast, slow = export_both(root / "shards", root / "uids.npy", root / "out", shard_size=shard_size)
+    try:
+        fast, slow = export_both(root / "shards", root / "uids.npy", root / "out", shard_size=shard_size)
+    finally:
+        export_module.PIECE_BYTES, export_module.CARRY_BYTES = PIECE_BYTES, CARRY_BYTES
     assert_same_outputs(fast, slow)
+
+
+def test_members_larger_than_a_piece_are_carried_over_in_a_growing_buffer(tmp_path, count_fast_shards, monkeypatch):
+    """A member many pieces long (and longer than the room for carried bytes) is read into a buffer of its own
+    that doubles as pieces arrive; the samples around it keep their bytes."""
+    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(export_module, "CARRY_BYTES", 512)
+    rng = random.Random(5)
+    samples = [sample(f"k{i}", i, {f"k{i}.jpg": rng.randbytes(size)})
+               for i, size in enumerate([100, 70_000, 3000, 1, 200_000, 512, 40])]
+    (tmp_path / "shards").mkdir()
+    make_shard(tmp_path / "shards" / "00000.tar", samples)
+    write_uid_npy([uid_of(i) for i in range(len(samples))], tmp_path / "uids.npy")
+    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=3)
+    assert_same_outputs(fast, slow)
+    assert count_fast_shards == [True] and fast[2].written == len(samples)
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_a_shard_that_changes_while_read_in_pieces_goes_on_in_iter_shard(tmp_path, monkeypatch, change):
+    """The reader checks the end of a shard against its size when opened: a file that grew or shrank meanwhile
+    is handed to iter_shard (which reads what is there now) from the samples already committed."""
+    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(export_module, "READ_AHEAD", 0)  # one piece read at a time: the change lands in between
+    path = tmp_path / "00000.tar"
+    make_shard(path, [sample(f"k{i}", i, {f"k{i}.jpg": bytes(900)}) for i in range(6)])
+    original = path.read_bytes()
+    reader = export_module._PieceReader([str(path)], [0])
+    try:
+        first = reader.next()
+        assert first.number == 0 and first.length == 1024 and not first.error
+        if change == "grows":
+            with open(path, "ab") as f:
+                f.write(bytes(10240))
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(len(original) - 10240)
+        pieces = [reader.next()]
+        while not (pieces[-1].final or pieces[-1].error):
+            pieces.append(reader.next())
+        assert pieces[-1].error and not any(p.final for p in pieces)
+        assert reader.next() is None
+    finally:
+        reader.close()
 
 
 def test_fast_path_resume_reuses_finished_tars_and_matches_a_fresh_export(tmp_path):

@@ -215,8 +215,7 @@ def _numeric_fields(headers: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     """(sizes, checksums) of n headers, or None when one of their numeric fields is not in the accepted form."""
     parts = [headers[:, 100:156], headers[:, 329:345]]  # the numeric fields: two runs of columns
     digit = [(part - np.uint8(ord("0"))) < 8 for part in parts]
-    if all((d == d[0]).all() and (np.where(d, 0, part) == np.where(d[0], 0, part[0])).all()
-           for d, part in zip(digit, parts)):
+    if all((d == d[0]).all() and ((part == part[0]) | d).all() for d, part in zip(digit, parts)):
         # the usual case: every header spells its numbers alike (digits in the same places, same fillers)
         layouts, layout_of = _BYTE_CLASS[headers[:1, _NUMERIC_COLUMNS]], None
     else:
@@ -232,22 +231,25 @@ def _numeric_fields(headers: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     for field in (_SIZE_FIELD, _CHECKSUM_FIELD):
         (start, stop), column = _NUMERIC_FIELDS[field], _FIELD_STARTS[field]
         digits = headers[:, start:stop].astype(np.int64) - ord("0")
-        values.append((digits * weights[:, column:column + stop - start]).sum(axis=1))
+        field_weights = weights[:, column:column + stop - start]
+        values.append(digits @ field_weights[0] if len(field_weights) == 1 else (digits * field_weights).sum(axis=1))
     return values[0], values[1]
 
 
-def _walk_chain(buffer: bytearray, total: int) -> tuple[np.ndarray, int] | None:
+def _walk_chain(buffer, total: int, final: bool = True) -> tuple[np.ndarray, int] | None:
     """(header block indices, end offset) by walking the header chain in Python, the fallback of `_magic_chain`
-    (size: 11 digits, the usual spelling); the caller checks every header strictly."""
+    (size: 11 digits, the usual spelling); the caller checks every header strictly. `final=False`: `buffer`
+    holds the start of a longer archive; the walk stops at the end of the buffer (the last member's data may
+    run past it: end > total) or at a block starting with NUL."""
     heads = []
     append, offset, last_block = heads.append, 0, total - BLOCK
     try:
         while offset <= last_block and buffer[offset]:
             append(offset)
-            offset += BLOCK + max(0, int(buffer[offset + 124:offset + 135], 8) + BLOCK - 1) // BLOCK * BLOCK
+            offset += BLOCK + max(0, int(bytes(buffer[offset + 124:offset + 135]), 8) + BLOCK - 1) // BLOCK * BLOCK
     except ValueError:
         return None
-    if not heads or offset > total or total - offset < 2 * BLOCK:
+    if not heads or (final and (offset > total or total - offset < 2 * BLOCK)):
         return None
     return np.array(heads, dtype=np.int64) // BLOCK, offset
 
@@ -256,12 +258,12 @@ _MAGIC = np.frombuffer(b"ustar", dtype=np.uint8)
 _SIZE_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 
 
-def _magic_chain(table: np.ndarray, total: int) -> tuple[np.ndarray, int] | None:
+def _magic_chain(table: np.ndarray, total: int, final: bool = True) -> tuple[np.ndarray, int] | None:
     """The header chain without a per-member loop (~6x faster than the walk): the blocks carrying the ustar
     magic (USTAR, GNU and PAX headers all do) whose 11-digit sizes link each to the next, from block 0 to the
     end. That is the chain the walk follows; None (then the walk decides) when any block breaks it, e.g. a
     data block that looks like a header (a tar inside a member), a header without the magic (v7), or a size
-    not spelled as 11 octal digits."""
+    not spelled as 11 octal digits. `final=False`: as `_walk_chain`'s."""
     candidates = np.flatnonzero(table[:, 257] == _MAGIC[0])
     for offset in range(1, len(_MAGIC)):
         candidates = candidates[table[candidates, 257 + offset] == _MAGIC[offset]]
@@ -271,24 +273,47 @@ def _magic_chain(table: np.ndarray, total: int) -> tuple[np.ndarray, int] | None
     if ((digits < 0) | (digits > 7)).any():
         return None
     following = candidates + 1 + (digits @ _SIZE_WEIGHTS + BLOCK - 1) // BLOCK
-    if (candidates[1:] != following[:-1]).any():
-        return None
-    end = int(following[-1]) * BLOCK
-    return (candidates, end) if total - end >= 2 * BLOCK else None
+    if final:
+        if (candidates[1:] != following[:-1]).any():
+            return None
+        end = int(following[-1]) * BLOCK
+        return (candidates, end) if total - end >= 2 * BLOCK else None
+    # the start of a longer archive: the chain runs until a successor lies past the table or is a block
+    # starting with NUL (where the walk stops too)
+    breaks = np.flatnonzero(candidates[1:] != following[:-1])
+    length = int(breaks[0]) + 1 if len(breaks) else len(candidates)
+    successor = int(following[length - 1])
+    if length < len(candidates) and int(candidates[length]) < successor:
+        return None  # a magic block inside a member's data: the walk decides
+    if successor < len(table) and table[successor, 0]:
+        return None  # a successor without the magic (v7 header, garbage): the walk decides
+    return candidates[:length], successor * BLOCK
 
 
-def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> PlainTar | None:
+def scan_plain_tar(buffer, total: int, max_member_bytes: int, final: bool = True) -> PlainTar | None:
     """The layout of a plain tar held in `buffer[:total]`, or None when anything in it needs the careful
     reader: see the module docstring. With a result, `iter_shard` would read exactly these members, group them
-    into exactly these samples and report no problem."""
+    into exactly these samples and report no problem.
+
+    `final=False`: `buffer[:total]` is only the start of the archive (read in pieces). The result then holds
+    the samples that are complete for sure: every sample but the last one whose members lie wholly in the
+    buffer (more members of it may follow), and `end` is where that last sample starts: the next piece of
+    the archive is scanned from there. Those samples are exactly the ones `iter_shard` reads first, whatever
+    follows: their members and the header after them passed every check. No sample yet (e.g. a member
+    larger than the buffer): a result with 0 samples and end 0."""
     data = np.frombuffer(buffer, dtype=np.uint8, count=total)
     table = data[:total // BLOCK * BLOCK].reshape(-1, BLOCK)
-    chain = _magic_chain(table, total) or _walk_chain(buffer, total)
+    chain = _magic_chain(table, total, final) or _walk_chain(buffer, total, final)
     if chain is None:
         return None
     head, end = chain
-    if data[end:].any():  # a sound end: zero blocks only
-        return None
+    if final:
+        if data[end:].any():  # a sound end: zero blocks only
+            return None
+    elif end > total:  # the last member's data runs past the buffer: left for the next piece
+        head, end = head[:-1], int(head[-1]) * BLOCK
+        if not len(head):
+            return _no_samples()
     headers = table[head]
     values = _numeric_fields(headers)
     if values is None:
@@ -302,7 +327,8 @@ def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> Plai
     unsigned = headers.sum(axis=1, dtype=np.uint32) - headers[:, 148:156].sum(axis=1, dtype=np.uint32) + 8 * ord(" ")
     if (unsigned != checksum).any():
         return None  # (tarfile also accepts a signed-byte checksum: left to it)
-    if not np.isin(headers[:, 156], (ord("0"), 0)).all() or headers[:, 345].any():
+    type_flag = headers[:, 156]
+    if not ((type_flag == ord("0")) | (type_flag == 0)).all() or headers[:, 345].any():
         return None  # only regular files, and no ustar name prefix
     nul = headers[:, :NAME_FIELD] == 0
     length = np.where(nul.any(axis=1), np.argmax(nul, axis=1), NAME_FIELD)
@@ -353,10 +379,26 @@ def scan_plain_tar(buffer: bytearray, total: int, max_member_bytes: int) -> Plai
     if np.bincount(sample * len(exts) + ext_id).max() > 1:
         return None  # a repeated extension within a sample: the careful reader records it
     first = np.append(np.flatnonzero(new_sample), len(head))
+    key_length = dot[new_sample].astype(np.int64)
+    if not final:  # the last sample may go on in the next piece
+        samples = len(first) - 2
+        if samples == 0:
+            return _no_samples()
+        members = int(first[samples])
+        end = int(head[members]) * BLOCK
+        head, size, sample, ext_id, headers = (head[:members], size[:members], sample[:members],
+                                               ext_id[:members], headers[:members])
+        first, key_length = first[:samples + 1], key_length[:samples]
     return PlainTar(header_block=head, size=size, sample=sample, ext_id=ext_id, exts=exts,
-                    first=first, key_length=dot[new_sample].astype(np.int64), names=headers[:, :NAME_FIELD],
+                    first=first, key_length=key_length, names=headers[:, :NAME_FIELD],
                     end=end,
                     dirty_padding=_dirty_padding(table, head, size))
+
+
+def _no_samples() -> PlainTar:
+    empty = np.zeros(0, dtype=np.int64)
+    return PlainTar(header_block=empty, size=empty, sample=empty, ext_id=empty, exts=[], first=np.zeros(1, np.int64),
+                    key_length=empty, names=np.zeros((0, NAME_FIELD), dtype=np.uint8), end=0, dirty_padding=False)
 
 
 def _last_blocks(header_block: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,7 +414,7 @@ def _dirty_padding(table: np.ndarray, header_block: np.ndarray, size: np.ndarray
         return False
     words = table[last].view("<u8")  # (n, 64): eight bytes at a time
     shared = tail // 8  # the word where the data ends and the padding starts
-    if np.any(words, where=np.arange(BLOCK // 8)[None, :] > shared[:, None]):
+    if ((words != 0) & (np.arange(BLOCK // 8)[None, :] > shared[:, None])).any():
         return True
     keep = (np.uint64(1) << (np.uint64(8) * (tail % 8).astype(np.uint64))) - np.uint64(1)  # the data's bytes
     return bool((words[np.arange(len(last)), shared] & ~keep).any())
@@ -396,8 +438,9 @@ class ShardBuffer:
 
     READ_LIMIT covers img2dataset's 10,000-sample shards of DataComp-sized samples (~350 MB): on 180 MB
     shards, reading into the reused buffer exported at 0.63x a raw copy's throughput, the mapping at 0.42x
-    (page faults on every page, and a page copy wherever a header is patched). The price is memory: export
-    holds three buffers, up to ~3.4x the largest shard below the limit."""
+    (page faults on every page, and a page copy wherever a header is patched). Used by the export's map
+    tasks (the one-process export reads shards in pieces); the price is memory, ~1.1x the largest shard below
+    the limit per process. Its `data` also serves as a reused piece buffer, with `last_write`."""
 
     READ_LIMIT = 512 << 20
 

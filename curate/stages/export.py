@@ -14,14 +14,15 @@
   (unreadable members, corrupt shards, samples without a uid, repeats), and `export_manifest.json`, written
   first with `complete: false` and last with the report. A shard that cannot be opened or read at all (I/O,
   not bad data) stops the export with an error naming it; the finished tars are kept and a rerun resumes.
-- Speed: a plain, local tar shard that `curate.io.tar_blocks.scan_plain_tar` fully understands (clean headers,
-  nothing iter_shard would report) is read whole (mapped when large) and its kept samples are written as
-  block ranges with new headers patched in, without per-member Python work; any other shard (compressed,
-  remote, damaged, odd names or member types, an unexportable extension, over FAST_PATH_MAX_BYTES) goes
-  through `iter_shard`. Both give the same bytes and records; the decision is made per shard before anything
-  of it is written. Reading the next shard and writing the tars run on two helper threads (system calls
-  release the GIL; the reader also scans the shard it read), so they overlap the uid parsing of the
-  current shard.
+- Speed: local shards are read in pieces of PIECE_BYTES (4 MiB) by a reader thread; each piece is scanned
+  (`curate.io.tar_blocks.scan_plain_tar`, vectorised over the headers), its complete samples' uids looked
+  up, new headers patched in and its kept samples written as block ranges by a writer thread, all while the
+  piece is in the CPU cache, with no per-member Python work. A sample still open at a piece's end is carried
+  into the next piece. As long as the shard is plain (clean headers, nothing iter_shard would report) it
+  stays on this path; at the first piece that is not (compressed, damaged, odd names or member types, an
+  unexportable extension, a file that changed while read), the shard goes on in `iter_shard` from the first
+  sample not yet committed. Remote shards go through `iter_shard`. Both paths give the same bytes and
+  records. Memory: READ_AHEAD + 3 pieces (~25 MiB), plus a buffer for a sample larger than CARRY_BYTES.
 - Resume: every tar is written under a temp name and renamed, so a tar under its final name is complete.
   A rerun with the same shards, subset and shard size re-reads the input but does not rewrite finished
   tars; a rerun after a complete export is a no-op. Another export's directory is refused.
@@ -162,68 +163,212 @@ def _file_sha256(path: Path) -> str:
 
 @dataclass
 class FastRun:
-    """Kept samples of one shard read by the fast path: the shard's bytes, its layout and the kept sample
-    numbers (input order). Written by patching new headers into `buffer` and copying block ranges."""
+    """Kept samples of one shard (or of one piece of it) read by the fast path: its bytes, its layout and the
+    kept sample numbers (input order). Written by patching new headers into `buffer` and copying block
+    ranges."""
 
     url: str
-    source: ShardBuffer  # the shard's bytes are source.data[:size], valid until source reads another shard
+    source: ShardBuffer  # holds the bytes; a buffer is refilled only once `source.last_write` is done
     size: int
     tar: PlainTar
     samples: np.ndarray  # int64
+    view: memoryview | None = None  # the bytes when they are a part of source.data (a piece), else source.data
 
     @property
-    def buffer(self) -> bytearray:
-        return self.source.data
+    def buffer(self):
+        return self.source.data if self.view is None else self.view
 
     def split(self, count: int) -> tuple["FastRun", "FastRun"]:
-        return (FastRun(self.url, self.source, self.size, self.tar, self.samples[:count]),
-                FastRun(self.url, self.source, self.size, self.tar, self.samples[count:]))
+        return (FastRun(self.url, self.source, self.size, self.tar, self.samples[:count], self.view),
+                FastRun(self.url, self.source, self.size, self.tar, self.samples[count:], self.view))
 
 
 KeptUnit = Union[RawSample, FastRun]
+PIECE_BYTES = 4 << 20  # the fast path reads shards in pieces this large: scanned and written while in cache
+CARRY_BYTES = 1 << 20  # room before each piece for the end of the piece before (a sample not yet complete)
+READ_AHEAD = 2  # pieces read ahead by the reader thread
+WRITE_BEHIND = 1  # pieces whose writes may still be queued when their buffer comes round again
+
+
+@dataclass
+class _Piece:
+    number: int  # the shard's index in urls
+    slot: ShardBuffer  # the bytes are slot.data[CARRY_BYTES:CARRY_BYTES + length]
+    length: int
+    final: bool  # the last piece of the shard (its end verified)
+    error: bool = False  # the shard could not be read to its end in pieces: iter_shard decides
+
+
+class _PieceReader:
+    """The local shards of `urls` (in order) read piece by piece on one helper thread, READ_AHEAD pieces ahead
+    of the consumer. A slot (buffer) is refilled only after the writes queued from it are done."""
+
+    def __init__(self, urls: list[str], numbers: list[int]):
+        self.urls, self.todo = urls, list(numbers)  # shard numbers still to read, in order
+        # + the piece in use, the one before it (its end is carried over) and WRITE_BEHIND being written
+        self.slots = [ShardBuffer() for _ in range(READ_AHEAD + 2 + WRITE_BEHIND)]
+        self.queued: list[Future] = []
+        self.submitted = 0
+        self.file, self.number, self.offset, self.size = None, -1, 0, 0  # reader-thread state
+        self.abandoned = -1  # shards up to this number are no longer read
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-export-reader")
+
+    def next(self) -> _Piece | None:
+        """The next piece of the stream (None when every shard is read)."""
+        while len(self.queued) < READ_AHEAD + 1:
+            slot = self.slots[self.submitted % len(self.slots)]
+            self.queued.append(self.executor.submit(self._read, slot))
+            self.submitted += 1
+        return self.queued.pop(0).result()
+
+    def abandon(self, number: int) -> None:
+        """Read no more of shard `number` (pieces already read are skipped by the consumer)."""
+        self.abandoned = number
+
+    def _read(self, slot: ShardBuffer) -> _Piece | None:
+        try:
+            while self.file is None or self.number <= self.abandoned:
+                self._close()
+                if not self.todo:
+                    return None
+                self.number, self.offset = self.todo.pop(0), 0
+                try:
+                    self.file = open(self.urls[self.number], "rb", buffering=0)
+                    self.size = os.fstat(self.file.fileno()).st_size
+                except OSError:
+                    self._close()
+                    return _Piece(self.number, slot, 0, False, error=True)
+            length = min(PIECE_BYTES, self.size - self.offset)
+            slot.wait_for_writes()
+            if len(slot.data) < CARRY_BYTES + PIECE_BYTES:
+                slot.data = bytearray(CARRY_BYTES + PIECE_BYTES)
+            view = memoryview(slot.data)[CARRY_BYTES:CARRY_BYTES + length]
+            done = os.preadv(self.file.fileno(), [view], self.offset) if length else 0
+            while 0 < done < length:
+                more = os.preadv(self.file.fileno(), [view[done:]], self.offset + done)
+                if not more:
+                    break
+                done += more
+            view.release()
+            self.offset += done
+            final = self.offset == self.size
+            piece = _Piece(self.number, slot, done, final)
+            if done < length or (final and os.pread(self.file.fileno(), 1, self.offset)):  # shrank or grew
+                piece.error, piece.final = True, False
+            if piece.final or piece.error:
+                self._close()
+            return piece
+        except (OSError, ValueError):
+            number = self.number
+            self._close()
+            return _Piece(number, slot, 0, False, error=True)
+
+    def _close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = None
+
+    def close(self) -> None:
+        """Stop: no wait (this can run in the reader's own thread when a generator is collected there); a read
+        still running only fills a buffer nobody uses, and the thread closes its file when it ends."""
+        for future in self.queued:
+            future.cancel()
+        self.todo, self.abandoned = [], 1 << 62
+        self.executor.submit(self._close)
+        self.executor.shutdown(wait=False)
 
 
 def kept_samples(urls: list[str], subset: SubsetIndex, problems: list[tuple],
                  fast: bool = True) -> Iterator[KeptUnit]:
     """The input samples whose uid is in the subset, in input order, each uid once: one RawSample at a time,
-    or a FastRun with the kept samples of a whole shard (`fast=False`: RawSamples only).
+    or FastRuns with the kept samples of a piece of a shard (`fast=False`: RawSamples only).
 
-    A reader thread reads the next local shard while this one is scanned. Three buffers are used in turn:
-    one shard's samples may still be being written (by _TarWriter's thread) while the next is scanned and
-    the one after it read; a buffer is refilled only once the writes from it are done."""
-    shard_buffers = [ShardBuffer(), ShardBuffer(), ShardBuffer()]
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-export-reader")
-
-    def read_ahead(number: int) -> Future | None:
-        if not fast or number >= len(urls) or "://" in urls[number]:
-            return None
-        shard_buffer = shard_buffers[number % 3]
-        shard_buffer.wait_for_writes()
-        return reader.submit(_read_and_scan, shard_buffer, urls[number])
-
+    Local shards are read in pieces (PIECE_BYTES) by a reader thread (_PieceReader) and scanned piece by
+    piece (`scan_plain_tar(final=False)`), so that a piece is read, scanned, patched and written while it is
+    in the cache. The samples a piece completes are committed (uids looked up, marked found, yielded); a
+    sample still open at the piece's end is carried over to the next piece. When a piece is not plain, the
+    shard goes on in iter_shard, which skips the samples already committed: they are exactly the samples
+    iter_shard reads first (see scan_plain_tar)."""
+    local = [n for n, url in enumerate(urls) if fast and "://" not in url]
+    pieces = _PieceReader(urls, local) if local else None
     try:
-        ahead = read_ahead(0)
         for number, url in enumerate(urls):
-            scanned = ahead.result() if ahead is not None else None
-            ahead = read_ahead(number + 1)
-            run = None if scanned is None else _fast_shard(url, subset, problems, shard_buffers[number % 3], *scanned)
-            if run is not None:
-                if len(run.samples):
-                    yield run
-                continue
+            committed = 0
+            if pieces is not None and "://" not in url:
+                committed = yield from _stream_shard(url, number, pieces, subset, problems)
+                if committed is None:
+                    continue
             try:
-                yield from _kept_of_shard(url, subset, problems)
+                yield from _kept_of_shard(url, subset, problems, skip=committed)
             except ShardReadError as exc:  # not bad data but an unreadable shard: stop, so that a rerun can resume
                 raise CurateError(f"{exc}; export stopped at this shard (the tars written so far are complete and "
                                   "kept): make the shard readable and rerun to resume") from None
-    finally:  # no wait: this can run in any thread (a generator left unfinished is closed by the garbage
-        # collector), the reader's own included; a read still running only fills a buffer nobody uses
-        reader.shutdown(wait=False, cancel_futures=True)
+    finally:
+        if pieces is not None:
+            pieces.close()
 
 
-def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple]) -> Iterator[RawSample]:
-    """The kept samples of one shard (see kept_samples)."""
+def _stream_shard(url: str, number: int, pieces: _PieceReader, subset: SubsetIndex,
+                  problems: list[tuple]) -> Iterator[FastRun]:
+    """The fast path over one shard, piece by piece (see kept_samples). Returns None when the whole shard was
+    read, else the number of samples committed before the piece that needs iter_shard."""
+    committed = 0
+    carry = None  # the open sample at the end of the piece before: a view, or (grown buffer, length)
+    while True:
+        piece = pieces.next()
+        while piece is not None and piece.number < number:  # the rest of a shard given up on: skipped
+            piece = pieces.next()
+        if piece is None or piece.number != number or piece.error:
+            pieces.abandon(number)
+            return committed  # (piece.number > number: the shard could not be opened)
+        source, region, grown = _region(carry, piece)
+        total = len(region)
+        tar = scan_plain_tar(region, total, MAX_MEMBER_BYTES, final=piece.final)
+        if tar is None or not all(SAFE_EXT.fullmatch(ext) for ext in tar.exts):
+            pieces.abandon(number)
+            return committed
+        if tar.samples:
+            run = _fast_shard(url, subset, problems, source, region, total, tar)
+            committed += tar.samples
+            if len(run.samples):
+                yield run
+        if piece.final:
+            return None
+        # nothing committed from a grown region: it grows in place; else the rest is carried (copied)
+        carry = (source, total) if grown and not tar.samples else region[tar.end:]
+
+
+def _region(carry, piece: _Piece) -> tuple[ShardBuffer, memoryview, bool]:
+    """(buffer, bytes to scan, whether the buffer is a grown one): the bytes carried over from the piece
+    before (a view to copy, or (grown buffer, length) to extend), followed by the piece. A carry up to
+    CARRY_BYTES goes into the room before the piece; a larger one (a big sample, or no sample complete yet)
+    into a buffer of its own, doubled as needed so that a huge member costs O(size) copying."""
+    data = piece.slot.data
+    if carry is None:
+        return piece.slot, memoryview(data)[CARRY_BYTES:CARRY_BYTES + piece.length], False
+    if isinstance(carry, memoryview) and len(carry) <= CARRY_BYTES:
+        start = CARRY_BYTES - len(carry)
+        data[start:CARRY_BYTES] = carry
+        return piece.slot, memoryview(data)[start:CARRY_BYTES + piece.length], False
+    if isinstance(carry, memoryview):  # a new buffer: the old one may hold samples still to be written
+        grown, length = ShardBuffer(), len(carry)
+        grown.data = bytearray(2 * (length + piece.length))
+        grown.data[:length] = carry
+    else:
+        grown, length = carry
+    if len(grown.data) < length + piece.length:
+        bigger = bytearray(2 * (length + piece.length))
+        bigger[:length] = memoryview(grown.data)[:length]
+        grown.data = bigger
+    grown.data[length:length + piece.length] = memoryview(data)[CARRY_BYTES:CARRY_BYTES + piece.length]
+    return grown, memoryview(grown.data)[:length + piece.length], True
+
+
+def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple], skip: int = 0) -> Iterator[RawSample]:
+    """The kept samples of one shard (see kept_samples), after its first `skip` samples."""
     for raw in iter_shard(url, lambda key, reason, url=url: problems.append((url, key, None, reason))):
+        if raw.index < skip:
+            continue
         uid = sample_uid(raw)
         if uid is None:
             problems.append((url, raw.key, None, NO_UID))
@@ -239,21 +384,16 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple]) -> Iter
 
 
 def _read_and_scan(shard_buffer: ShardBuffer, url: str) -> tuple[int, PlainTar | None] | None:
-    """(size, layout or None) of a shard read into `shard_buffer`, or None when it could not be read whole.
-    Runs on the reader thread, beside the main thread's uid parsing of the shard before (numpy releases the
-    GIL inside its larger operations; the overlap is partial)."""
+    """(size, layout or None) of a whole shard read into `shard_buffer`, or None when it could not be read
+    whole (export as map tasks)."""
     size = shard_buffer.read(url, FAST_PATH_MAX_BYTES)
     return None if size is None else (size, scan_plain_tar(shard_buffer.data, size, MAX_MEMBER_BYTES))
 
 
-def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], shard_buffer: ShardBuffer,
-                size: int, tar: PlainTar | None) -> FastRun | None:
-    """The kept samples of a shard read into `shard_buffer` (`size` bytes, layout `tar`) when the fast path can
-    take it (see the module docstring), or None, with nothing recorded or marked found, when the shard needs
-    iter_shard."""
-    buffer = shard_buffer.data
-    if tar is None or not all(SAFE_EXT.fullmatch(ext) for ext in tar.exts):
-        return None
+def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: ShardBuffer, buffer, size: int,
+                tar: PlainTar) -> FastRun:
+    """The kept samples of a plain shard or piece (`buffer[:size]`, layout `tar`): uids looked up, repeats and
+    samples without a uid recorded, kept samples marked found."""
     uids = _shard_uids(url, buffer, tar)
     kept = []
     found = subset.found
@@ -267,7 +407,8 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], shard_buff
             continue
         found[position] = True
         kept.append(sample)
-    return FastRun(url, shard_buffer, size, tar, np.array(kept, dtype=np.int64))
+    return FastRun(url, source, size, tar, np.array(kept, dtype=np.int64),
+                   None if buffer is source.data else buffer)
 
 
 def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
