@@ -105,9 +105,9 @@ class SubsetIndex:
             i += 1
         return -1
 
-    def positions(self, uids: list[str | None]) -> list[int]:
-        """`position` of each uid (-1 for None), vectorized."""
-        result = [-1] * len(uids)
+    def positions(self, uids: list[str | None]) -> np.ndarray:
+        """`position` of each uid (-1 for None), vectorized: an int64 array."""
+        result = np.full(len(uids), -1, dtype=np.int64)
         where = [i for i, uid in enumerate(uids) if uid is not None]
         if not where or not len(self.high):
             return result
@@ -115,13 +115,11 @@ class SubsetIndex:
         high, low = halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
         left = np.searchsorted(self.high, high, side="left")
         right = np.searchsorted(self.high, high, side="right")
-        single = right - left == 1
-        hit = single & (self.low[np.minimum(left, len(self.low) - 1)] == low)
-        for i, n, is_hit, spot in zip(where, (right - left).tolist(), hit.tolist(), left.tolist()):
-            if is_hit:
-                result[i] = spot
-            elif n > 1:  # several subset uids share the high half: look among them
-                result[i] = self.position(uids[i])
+        hit = (right - left == 1) & (self.low[np.minimum(left, len(self.low) - 1)] == low)
+        where = np.array(where, dtype=np.int64)
+        result[where[hit]] = left[hit]
+        for i in where[~hit & (right - left > 1)].tolist():  # several subset uids share the high half
+            result[i] = self.position(uids[i])
         return result
 
     def missing_pairs(self) -> np.ndarray:
@@ -395,48 +393,48 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: Sh
     """The kept samples of a plain shard or piece (`buffer[:size]`, layout `tar`): uids looked up, repeats and
     samples without a uid recorded, kept samples marked found."""
     uids = _shard_uids(url, buffer, tar)
-    kept = []
-    found = subset.found
-    for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids))):
-        if position < 0:
-            if uid is None:
-                problems.append((url, tar.key(sample), None, NO_UID))
-            continue
-        if found[position]:
-            problems.append((url, tar.key(sample), uid, REPEAT))
-            continue
-        found[position] = True
-        kept.append(sample)
-    return FastRun(url, source, size, tar, np.array(kept, dtype=np.int64),
-                   None if buffer is source.data else buffer)
+    position = subset.positions(uids)
+    in_subset = np.flatnonzero(position >= 0)
+    first = np.zeros(len(in_subset), dtype=bool)  # the first sample of each uid in this piece
+    first[np.unique(position[in_subset], return_index=True)[1]] = True
+    new = first & ~subset.found[position[in_subset]]
+    kept = in_subset[new]
+    subset.found[position[kept]] = True
+    repeats = in_subset[~new].tolist()
+    if repeats or len(in_subset) < len(uids):  # problems, in sample order (rare)
+        no_uid = [sample for sample, uid in enumerate(uids) if uid is None]
+        for sample in sorted(repeats + no_uid):
+            uid = uids[sample]
+            problems.append((url, tar.key(sample), uid, NO_UID if uid is None else REPEAT))
+    return FastRun(url, source, size, tar, kept, None if buffer is source.data else buffer)
 
 
 def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
     """sample_uid of every sample of the shard. The usual case (a .json member that orjson reads, holding a
     valid uid) is done here, as load_json_object would; every other sample goes through sample_uid itself."""
-    data_start = ((tar.header_block + 1) * BLOCK).tolist()
-    size = tar.size.tolist()
     json_member = np.full(tar.samples, -1, dtype=np.int64)
     if "json" in tar.exts:
         is_json = tar.ext_id == tar.exts.index("json")
         json_member[tar.sample[is_json]] = np.flatnonzero(is_json)
+    json_start = np.where(json_member >= 0, (tar.header_block[json_member] + 1) * BLOCK, 0)
+    json_end = np.where(json_member >= 0, json_start + tar.size[json_member], -1)
     uids: list[str | None] = []
     view = memoryview(buffer)
-    loads, uid_match = orjson.loads, UID_RE.fullmatch
-    for sample, member in enumerate(json_member.tolist()):
-        if member >= 0:
-            start = data_start[member]
+    loads, uid_match, append = orjson.loads, UID_RE.fullmatch, uids.append
+    for sample, (start, end) in enumerate(zip(json_start.tolist(), json_end.tolist())):
+        if end >= 0:
             try:
-                meta = loads(view[start:start + size[member]])
+                meta = loads(view[start:end])
                 uid = meta.get("uid") if type(meta) is dict else None
             except orjson.JSONDecodeError:
                 uid = None
             if type(uid) is str and uid_match(uid):  # is_uid
-                uids.append(uid)
+                append(uid)
                 continue
         members = {}
         for m in range(int(tar.first[sample]), int(tar.first[sample + 1])):
-            ext, data = tar.exts[tar.ext_id[m]], view[data_start[m]:data_start[m] + size[m]]
+            data_start = (int(tar.header_block[m]) + 1) * BLOCK
+            ext, data = tar.exts[tar.ext_id[m]], view[data_start:data_start + int(tar.size[m])]
             members[ext] = bytes(data) if ext in ("json", CAPTION_EXT) else data  # sample_uid decodes these two
         uids.append(sample_uid(RawSample(tar.key(sample), members, url, sample)))
     return uids

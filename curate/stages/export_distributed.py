@@ -135,7 +135,7 @@ def export_find_task(task: FindTask) -> dict:
         if scanned is not None:
             tar = scanned[1]
             uids = one._shard_uids(url, buffer.data, tar)
-            for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids))):
+            for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
                 if position >= 0:
                     candidates.append((number, sample, position, tar.key(sample)))
                 elif uid is None:
