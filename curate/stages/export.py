@@ -22,7 +22,8 @@
   stays on this path; at the first piece that is not (compressed, damaged, odd names or member types, an
   unexportable extension, a file that changed while read), the shard goes on in `iter_shard` from the first
   sample not yet committed. Remote shards go through `iter_shard`. Both paths give the same bytes and
-  records. Memory: READ_AHEAD + 3 pieces (~25 MiB), plus a buffer for a sample larger than CARRY_BYTES.
+  records. Memory: READ_AHEAD + 2 + WRITE_BEHIND piece buffers (5 × 5 MiB), plus one for a sample larger
+  than CARRY_BYTES.
 - Resume: every tar is written under a temp name and renamed, so a tar under its final name is complete.
   A rerun with the same shards, subset and shard size re-reads the input but does not rewrite finished
   tars; a rerun after a complete export is a no-op. Another export's directory is refused.
