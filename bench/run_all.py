@@ -210,135 +210,16 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               "shards in 4 MiB pieces; the main thread scans each piece's headers with numpy (the ustar-magic blocks "
               "linked by their sizes), parses each `.json` for the uid with orjson (~1 µs per sample) and patches "
               "new headers; a writer thread writes block ranges, while the piece is still in the CPU cache. The "
-              "main thread's work is per member (~1.2 µs per header scanned, ~2 µs per sample for the uid): on 12 KB "
-              "samples it, not the copying, sets the pace. Tried and dropped: whole-shard buffers (the design "
-              "before the pieces: 0.70-0.75x / 0.44-0.51x, every shard moved through DRAM twice), mapping the "
-              "shards (page faults on every page, a page copy per patched header: 0.42x vs 0.63x on 180 MB shards), "
-              "huge pages for the buffers (slower), writev of header + data pieces from a mapping (slower), a second "
-              "reader thread (no change), a two-pass chunked design (scan in pieces keeping only headers, then read, "
-              "patch and write: 0.65-0.72x, as every byte is read twice), one I/O thread doing both reads and "
-              "writes (no change), pieces of 2, 8 or 16 MiB (no clear difference from 4 MiB on 36 KB samples; "
-              "4 MiB did best on 12 KB samples).", ""]
-    if m:
-        from bench_memory import extrapolate
-
-        largest = max(m["sizes"])
-        stages = ("score", "normsim_inf", "normsim_2")
-        worst = max(m["sizes"][size]["stages"][s]["peak"] for size in m["sizes"] for s in stages)
-        projected = max(extrapolate(m, s, 10_000_000)[1] for s in stages)
-        sizes_text = " / ".join(f"{size / 1e6:g} M" for size in sorted(m["sizes"]))
-        at_10m = ("10 M measured directly" if largest >= 10_000_000 else
-                  f"{gib(projected)} projected at 10 M (linear fit, see below)")
-        summary.append(f"| memory: score, normsim (streaming), d = 512 | 10 M × 512 pool | ≤ 2 GiB + O(B²) | "
-                       f"peak ≤ {gib(worst)} at N = {sizes_text}; {at_10m}; score at "
-                       f"b = {m['big_batch']['batch_size']}: {gib(m['big_batch']['score']['peak'])} | — | "
-                       f"{status(max(worst, projected) <= 2 * 2**30)}"
-                       f"{'' if largest >= 10_000_000 else ' (projected)'} |")
-        fd = m.get("filter_direct")
-        if fd:
-            filter_peaks = [fd["peak"]]
-            text = f"peak {gib(fd['peak'])} at {fd['n_rows'] / 1e6:g} M (two synthetic score tables)"
-            if largest >= 10_000_000:
-                pool_filter = m["sizes"][largest]["stages"]["filter"]["peak"]
-                filter_peaks.append(pool_filter)
-                text += f"; {gib(pool_filter)} on the {largest / 1e6:g} M pool's score + normsim tables"
-            summary.append(f"| memory: filter in memory (O(N) score columns), 2 tables | {fd['n_rows'] / 1e6:g} M rows "
-                           f"| ≤ 2 GiB | {text} | — | {status(max(filter_peaks) <= 2 * 2**30)} |")
-            mt = fd.get("map_tasks")
-            if mt:
-                summary.append(f"| memory: filter as map tasks (`--tasks 10`, one process), 2 tables | "
-                               f"{fd['n_rows'] / 1e6:g} M rows | ≤ 2 GiB | peak {gib(mt['peak'])} (O(one 1M-row row group "
-                               f"+ histograms)) | — | {status(mt['peak'] <= 2 * 2**30)} |")
-    L += ["## Summary", ""] + summary + [""]
-
-    if e:
-        L += ["## embed", "",
-              f"Corpus: `curate synth` shards, {e['samples']} samples, 224-px JPEGs. Stage: `embed()` with "
-              f"`EmbedConfig(model={e['model']!r}, pretrained='none', device={e['device']!r}, batch_size={e['batch_size']}, "
-              f"workers={e['workers']})`. Limit: the same teacher object's `encode_image` + `encode_text` per batch on "
-              "tensors decoded, preprocessed and tokenised beforehand, plus the copy to host. Steady state = rows after "
-              "the first batch / time from the end of the first batch to the end of the last (the stage's includes "
-              "writing the table and marker).", "",
-              f"- steady-state samples/s, stage: {', '.join(f'{v:.2f}' for v in e['stage_steady_sps'])}; "
-              f"limit: {', '.join(f'{v:.2f}' for v in e['limit_steady_sps'])}",
-              f"- end to end (stage includes teacher load, worker start-up): stage {e['stage_end_to_end_sps']:.2f}, "
-              f"limit {e['limit_end_to_end_sps']:.2f} samples/s; wall s stage {fmt_list(e['stage_s'])}, limit {fmt_list(e['limit_s'])}; "
-              f"CPU s stage {fmt_list(e['stage_cpu_s'])}, limit {fmt_list(e['limit_cpu_s'])}",
-              f"- JPEG decode + preprocess + tokenise, one process, one torch thread (as a DataLoader worker): {e['decode_s_per_sample'] * 1e3:.1f} ms/sample "
-              "(done by the DataLoader workers in the stage)", ""]
-    if n:
-        L += ["## negclip", "",
-              f"Pool: {n['n_rows']:,} × {n['dim']} random unit vectors (fp16 Parquet, 50k-row tables). "
-              f"K = {n['k']}, b = {n['batch_size']}, seed 0, device {n['device']}: a small K and b keep the CPU run short; "
-              "the stage's fixed per-sample costs (clipscore, table reads, gathers, output) weigh relatively less at "
-              "the default K = 10, b = 32768, whose products cost 160× more per sample.",
-              "Limit: `partition_batches` (the stage's own partition scheme), then per batch `index_select` of both "
-              "float32 columns in RAM, one full b×b matmul of the scaled logits, `torch.logsumexp` over both dims, "
-              "`index_add_`; plus s_ii. Stage: `score(pool, 'negclip', k, batch_size, device, cache_dir)` with the "
-              "fp16 caches already built (the cold first run that builds them is listed).", "",
-              f"- wall s stage {fmt_list(n['stage_s'])}, limit {fmt_list(n['limit_s'])}; CPU s stage "
-              f"{fmt_list(n['stage_cpu_s'])}, limit {fmt_list(n['limit_cpu_s'])} (CPU ratio {n['cpu_ratio']:.2f}×)",
-              f"- cold first run (builds both fp16 caches from Parquet): {n['cold_s']:.1f} s",
-              f"- products: {n['flops']:.2e} FLOPs: stage {n['stage_gflops']:.1f} GFLOP/s, limit {n['limit_gflops']:.1f} GFLOP/s",
-              f"- scores of stage and limit agree to {n['max_abs_diff']:.1e} (max abs difference)",
-              f"- gather from the page-cached fp16 caches (one thread, both columns): {n['gather']['rows_per_s']:,.0f} rows/s, "
-              f"{n['gather']['mb_per_s']:.0f} MB/s", ""]
-    if ns:
-        L += ["## normsim", "",
-              "Pool: the same kind of pool as negclip, image column only; target: 1000 random unit rows "
-              "(ImageNet-sized) in a `.npy`. Limits: FAISS `IndexFlatIP` over X, `search(V, 1)`; numpy "
-              "`sqrt(einsum(V @ (XᵀX), V))`; V in RAM as float32. The stage computes max |<v,x>| (the paper's "
-              "definition) from the same single product V Xᵀ (max and min per row), so the work is the same as "
-              "the top-1 search; `check` is how far the stage falls below the limit's max <v,x> (must be ~0) for "
-              "inf and the max abs difference for 2.", ""]
-        for key, r in ns.items():
-            L.append(f"- {key} ({r['source']}): wall s stage {fmt_list(r['stage_s'])}, limit {fmt_list(r['limit_s'])}; "
-                     f"CPU s stage {fmt_list(r['stage_cpu_s'])}, limit {fmt_list(r['limit_cpu_s'])} "
-                     f"(CPU ratio {r['cpu_ratio']:.2f}×); check {r['check']:.1e}")
-        L += ["", "The stage runs its CPU products on worker threads (as many as BLAS has), each taking the next "
-              "1024-row block, reading and converting it and scoring it with one BLAS thread; the score table's row "
-              "groups are written while later blocks are scored. (Before: one 2-thread BLAS product fed by a "
-              "read-ahead thread: 1.14-1.17x and 1.22-1.30x from the cache, since BLAS splits a product evenly "
-              "between its threads and any other work on a core stalls both.) "
-              "Streaming from Parquet pays for decoding the fp16 list columns (~1.1 µs of one core per 512-d row, "
-              "see the format note below), which the two cores share with the products; "
-              "from the `.npy` cache that `curate score` builds for negclip, reading is a sequential copy.", ""]
-    if exports:
-        L += ["## export", "",
-              "Subset: every uid of the corpus (the export writes the bytes it reads). Limit: `shutil.copyfileobj` of "
-              "the tar files (1 MiB buffers). Both read from the page cache and write to the same file system. Two "
-              "corpora of 1000-sample shards: 640-px JPEGs, ~36 KB per sample as in DataComp (450 TB / 12.8 B "
-              "samples), and 224-px JPEGs, ~12 KB per sample.", ""]
-    for x in exports:
-        L.append(f"- {x['samples']:,} samples of {x['input_bytes'] / x['samples'] / 1e3:.0f} KB in {x['shards']} shards "
-                 f"({x['written_samples']:,} written, {x['output_bytes'] / 1e6:.0f} MB out of "
-                 f"{x['input_bytes'] / 1e6:.0f} MB in): wall s stage {fmt_list(x['stage_s'])}, limit "
-                 f"{fmt_list(x['limit_s'])}; CPU s stage {fmt_list(x['stage_cpu_s'])}, limit "
-                 f"{fmt_list(x['limit_cpu_s'])}; {min(x['stage_cpu_s']) / x['written_samples'] * 1e6:.1f} µs of CPU "
-                 "per sample")
-        if "tarfile_copy_mb_s" in x:
-            L.append(f"  - for context, the same tars copied member by member with Python's `tarfile` (parse and "
-                     f"re-write headers, no uid lookup): {x['tarfile_copy_mb_s']:.0f} MB/s; the export with its fast "
-                     f"path off (every shard through `iter_shard`): {x['iter_shard_export_mb_s']:.0f} MB/s; the two "
-                     f"exports wrote {'identical' if x['iter_shard_same_tars'] else 'DIFFERENT'} tars")
-        if "map_tasks_mb_s" in x:
-            L.append(f"  - the same export as map tasks (`workers=2, tasks=4`: two worker processes started per run, "
-                     f"every input shard read twice, in the find and the write pass): {x['map_tasks_mb_s']:.0f} MB/s "
-                     f"({x['map_tasks_mb_s'] / x['limit_mb_s']:.2f}x the copy), "
-                     f"{'identical' if x['map_tasks_same_tars'] else 'DIFFERENT'} tars; the way to spread an export "
-                     "over machines, not a speed-up on one")
-    if exports:
-        L += ["- where the time goes (curate/io/tar_blocks.py, curate/stages/export.py): a reader thread reads each "
-              "shard whole into one of three reused buffers and scans its headers with numpy (the ustar-magic blocks "
-              "linked by their sizes); the main thread parses each `.json` for the uid with orjson (~1 µs per sample) "
-              "and patches new headers; a writer thread writes block ranges. Against a copy that streams through one "
-              "cache-resident 1 MiB buffer, the export moves every shard through DRAM twice (into the buffer, out of "
-              "it) and runs three threads on two cores. Tried and dropped: mapping the shards (page faults on every "
-              "page, a page copy per patched header: 0.42x vs 0.63x on 180 MB shards), huge pages for the buffers "
-              "(slower), writev of header + data pieces from a mapping (slower), a second reader thread (no "
-              "change: the run is CPU-bound, and the two copying threads slow each other), a two-pass chunked "
-              "design (scan in 1-4 MiB pieces keeping only headers and the blocks after them, then read, patch and "
-              "write in pieces: 0.65-0.72x, as every byte is read twice).", ""]
+              "main thread's work is per member (~1.2 µs per header scanned, ~2 µs per sample for the uid, ~1 µs to "
+              "patch and place it): on 12 KB samples it, not the copying, sets the pace. Tried and dropped: "
+              "whole-shard buffers (the design before the pieces: 0.70-0.75x / 0.44-0.51x, every shard moved "
+              "through DRAM twice), mapping the shards (page faults on every page, a page copy per patched header: "
+              "0.42x vs 0.63x on 180 MB shards), huge pages for the buffers (slower), writev of header + data "
+              "pieces from a mapping (slower), a second reader thread (no change), a two-pass chunked design (scan "
+              "in pieces keeping only headers, then read, patch and write: 0.65-0.72x, as every byte is read "
+              "twice), one I/O thread doing both reads and writes (no change), pieces of 2, 8 or 16 MiB (no clear "
+              "difference from 4 MiB on 36 KB samples; 4 MiB did best on 12 KB samples), a header 'template' "
+              "check (numpy's per-row cost on (n, k) slices ate the gain).", ""]
     if m:
         from bench_memory import extrapolate
 
