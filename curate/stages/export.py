@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -203,7 +204,7 @@ class _PieceReader:
     of the consumer. A slot (buffer) is refilled only after the writes queued from it are done."""
 
     def __init__(self, urls: list[str], numbers: list[int]):
-        self.urls, self.todo = urls, list(numbers)  # shard numbers still to read, in order
+        self.urls, self.todo = urls, collections.deque(numbers)  # shard numbers still to read, in order
         # + the piece in use, the one before it (its end is carried over) and WRITE_BEHIND being written
         self.slots = [ShardBuffer() for _ in range(READ_AHEAD + 2 + WRITE_BEHIND)]
         self.queued: list[Future] = []
@@ -230,7 +231,7 @@ class _PieceReader:
                 self._close()
                 if not self.todo:
                     return None
-                self.number, self.offset = self.todo.pop(0), 0
+                self.number, self.offset = self.todo.popleft(), 0
                 try:
                     self.file = open(self.urls[self.number], "rb", buffering=0)
                     self.size = os.fstat(self.file.fileno()).st_size
@@ -272,7 +273,7 @@ class _PieceReader:
         still running only fills a buffer nobody uses, and the thread closes its file when it ends."""
         for future in self.queued:
             future.cancel()
-        self.todo, self.abandoned = [], 1 << 62
+        self.todo, self.abandoned = collections.deque(), 1 << 62
         self.executor.submit(self._close)
         self.executor.shutdown(wait=False)
 
