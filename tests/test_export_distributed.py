@@ -11,6 +11,7 @@ from test_executors import ray_session  # noqa: F401 - the module-scoped local R
 from test_export import dirty_variants, uid_of, write_random_corpus
 from curate.errors import CurateError
 from curate.io.uids import write_uid_npy
+from curate.stages import export as export_module
 from curate.stages import export_distributed
 from curate.stages.export import MANIFEST, export_subset
 
@@ -34,13 +35,17 @@ def dirty_corpus(root, seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_map_tasks_write_the_one_process_bytes(tmp_path, seed):
+def test_map_tasks_write_the_one_process_bytes(tmp_path, seed, monkeypatch):
     dirty_corpus(tmp_path, seed)
     for shard_size in (1, 3):
         one = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / f"one{shard_size}",
                             shard_size=shard_size)
         want = outputs(tmp_path / f"one{shard_size}")
         assert one.problems and "export.errors.parquet" in want[0]  # the records are part of the comparison
+        # map tasks read in other pieces (from one block up): shards span pieces, samples are carried over,
+        # and iter_shard takes over at other places than in the one-process run
+        monkeypatch.setattr(export_module, "PIECE_BYTES", (512, 1536, 4096, 1 << 20)[seed])
+        monkeypatch.setattr(export_module, "CARRY_BYTES", 1024)
         for tasks in (1, 2, 5):
             out = tmp_path / f"tasks{tasks}-{shard_size}"
             report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", out, shard_size=shard_size,
@@ -48,6 +53,7 @@ def test_map_tasks_write_the_one_process_bytes(tmp_path, seed):
             assert outputs(out) == want, (tasks, shard_size)
             assert report.written == one.written and report.shards == one.shards
             assert not (tmp_path / f"{out.name}.parts").exists()  # the parts are deleted
+        monkeypatch.undo()
 
 
 def test_worker_processes_and_a_rerun(tmp_path):

@@ -18,8 +18,6 @@ general (slow, careful) reader instead.
 from __future__ import annotations
 
 import functools
-import mmap
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,51 +427,3 @@ def zero_padding(table: np.ndarray, tar: PlainTar, members: np.ndarray) -> None:
     rows = table[last]
     rows[np.arange(BLOCK)[None, :] >= tail[:, None]] = 0
     table[last] = rows
-
-
-class ShardBuffer:
-    """Whole files in memory, one at a time: read into one reused buffer (a fresh allocation costs page
-    faults and zeroing on every shard), or, above READ_LIMIT, mapped copy-on-write (only the pages that get
-    new headers are copied). A file's bytes stay valid until the next `read`.
-
-    READ_LIMIT covers img2dataset's 10,000-sample shards of DataComp-sized samples (~350 MB): on 180 MB
-    shards, reading into the reused buffer exported at 0.63x a raw copy's throughput, the mapping at 0.42x
-    (page faults on every page, and a page copy wherever a header is patched). Used by the export's map
-    tasks (the one-process export reads shards in pieces); the price is memory, ~1.1x the largest shard below
-    the limit per process. Its `data` also serves as a reused piece buffer, with `last_write`."""
-
-    READ_LIMIT = 512 << 20
-
-    def __init__(self):
-        self.data: bytearray | mmap.mmap = bytearray()
-        self.last_write = None  # a Future: the last queued write of these bytes, when they are written elsewhere
-
-    def wait_for_writes(self) -> None:
-        if self.last_write is not None:
-            self.last_write.result()
-            self.last_write = None
-
-    def read(self, path: str, size_limit: int) -> int | None:
-        """Bring the file into `data[:size]` and return its size, or None when it is larger than `size_limit`
-        or cannot be read in one go (the careful reader then reads it and reports what is wrong)."""
-        try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > size_limit:
-                    return None
-                if size > self.READ_LIMIT:
-                    self.data = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-                    return size
-                if not isinstance(self.data, bytearray) or len(self.data) < size + 1:
-                    self.data = bytearray(size + size // 8 + BLOCK)  # + room: the next shard may be a bit larger
-                view = memoryview(self.data)
-                done = 0
-                while done <= size:  # one byte more than the size: the file must end there
-                    n = f.readinto(view[done:size + 1])
-                    if not n:
-                        break
-                    done += n
-                view.release()
-                return size if done == size else None
-        except (OSError, ValueError):
-            return None

@@ -53,7 +53,7 @@ from curate.io.shards import (CAPTION_EXT, MAX_MEMBER_BYTES, RawSample, ShardRea
                                sample_uid)
 from curate.io.tables import ERRORS_SUFFIX, write_table_atomic
 from curate.io.tar_blocks import (BLOCK, NAME_FIELD, DeterministicTarWriter, PlainTar, header_blocks,
-                                  ShardBuffer, scan_plain_tar, zero_padding)
+                                  scan_plain_tar, zero_padding)
 from curate.io.uids import DATACOMP_DTYPE, UID_RE
 from curate.stages.filter import sorted_uid_pairs
 
@@ -63,7 +63,6 @@ ERRORS = f"export{ERRORS_SUFFIX}"
 KEY_DIGITS = 9
 SAFE_EXT = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
 TAR_FORMAT = tarfile.GNU_FORMAT
-FAST_PATH_MAX_BYTES = 1 << 36  # a larger shard goes through iter_shard
 BACKGROUND_WRITES = True  # False: _TarWriter writes in the calling thread
 NO_UID = "no uid: no valid json uid and no image + caption"
 REPEAT = "uid already exported from an earlier sample; repeat skipped"
@@ -161,6 +160,20 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class PieceBuffer:
+    """Bytes that the writer thread writes from: refilled only once the writes queued from them are done
+    (`last_write`, the Future of the last one)."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.last_write: Future | None = None
+
+    def wait_for_writes(self) -> None:
+        if self.last_write is not None:
+            self.last_write.result()
+            self.last_write = None
+
+
 @dataclass
 class FastRun:
     """Kept samples of one shard (or of one piece of it) read by the fast path: its bytes, its layout and the
@@ -168,7 +181,7 @@ class FastRun:
     ranges."""
 
     url: str
-    source: ShardBuffer  # holds the bytes; a buffer is refilled only once `source.last_write` is done
+    source: PieceBuffer  # holds the bytes; a buffer is refilled only once `source.last_write` is done
     size: int
     tar: PlainTar
     samples: np.ndarray  # int64
@@ -193,7 +206,7 @@ WRITE_BEHIND = 1  # pieces whose writes may still be queued when their buffer co
 @dataclass
 class _Piece:
     number: int  # the shard's index in urls
-    slot: ShardBuffer  # the bytes are slot.data[CARRY_BYTES:CARRY_BYTES + length]
+    slot: PieceBuffer  # the bytes are slot.data[CARRY_BYTES:CARRY_BYTES + length]
     length: int
     final: bool  # the last piece of the shard (its end verified)
     error: bool = False  # the shard could not be read to its end in pieces: iter_shard decides
@@ -206,7 +219,7 @@ class _PieceReader:
     def __init__(self, urls: list[str], numbers: list[int]):
         self.urls, self.todo = urls, collections.deque(numbers)  # shard numbers still to read, in order
         # + the piece in use, the one before it (its end is carried over) and WRITE_BEHIND being written
-        self.slots = [ShardBuffer() for _ in range(READ_AHEAD + 2 + WRITE_BEHIND)]
+        self.slots = [PieceBuffer() for _ in range(READ_AHEAD + 2 + WRITE_BEHIND)]
         self.queued: list[Future] = []
         self.submitted = 0
         self.file, self.number, self.offset, self.size = None, -1, 0, 0  # reader-thread state
@@ -225,7 +238,7 @@ class _PieceReader:
         """Read no more of shard `number` (pieces already read are skipped by the consumer)."""
         self.abandoned = number
 
-    def _read(self, slot: ShardBuffer) -> _Piece | None:
+    def _read(self, slot: PieceBuffer) -> _Piece | None:
         try:
             while self.file is None or self.number <= self.abandoned:
                 self._close()
@@ -312,6 +325,22 @@ def _stream_shard(url: str, number: int, pieces: _PieceReader, subset: SubsetInd
                   problems: list[tuple]) -> Iterator[FastRun]:
     """The fast path over one shard, piece by piece (see kept_samples). Returns None when the whole shard was
     read, else the number of samples committed before the piece that needs iter_shard."""
+    walk = plain_pieces(number, pieces)
+    while True:
+        try:
+            source, region, tar = next(walk)
+        except StopIteration as stop:
+            return stop.value
+        run = _fast_shard(url, subset, problems, source, region, len(region), tar)
+        if len(run.samples):
+            yield run
+
+
+def plain_pieces(number: int, pieces: _PieceReader) -> Iterator[tuple[PieceBuffer, memoryview, PlainTar]]:
+    """Shard `number` of the reader's stream, scanned piece by piece: (buffer, bytes, layout) of each piece
+    that completes samples (its samples follow those of the pieces before). Returns None when the whole shard
+    was read, else the number of samples yielded before the first piece that is not plain: from there on,
+    iter_shard must read the shard (skipping that many samples, which are exactly its first ones)."""
     committed = 0
     carry = None  # the open sample at the end of the piece before: a view, or (grown buffer, length)
     while True:
@@ -328,17 +357,15 @@ def _stream_shard(url: str, number: int, pieces: _PieceReader, subset: SubsetInd
             pieces.abandon(number)
             return committed
         if tar.samples:
-            run = _fast_shard(url, subset, problems, source, region, total, tar)
+            yield source, region, tar
             committed += tar.samples
-            if len(run.samples):
-                yield run
         if piece.final:
             return None
         # nothing committed from a grown region: it grows in place; else the rest is carried (copied)
         carry = (source, total) if grown and not tar.samples else region[tar.end:]
 
 
-def _region(carry, piece: _Piece) -> tuple[ShardBuffer, memoryview, bool]:
+def _region(carry, piece: _Piece) -> tuple[PieceBuffer, memoryview, bool]:
     """(buffer, bytes to scan, whether the buffer is a grown one): the bytes carried over from the piece
     before (a view to copy, or (grown buffer, length) to extend), followed by the piece. A carry up to
     CARRY_BYTES goes into the room before the piece; a larger one (a big sample, or no sample complete yet)
@@ -351,7 +378,7 @@ def _region(carry, piece: _Piece) -> tuple[ShardBuffer, memoryview, bool]:
         data[start:CARRY_BYTES] = carry
         return piece.slot, memoryview(data)[start:CARRY_BYTES + piece.length], False
     if isinstance(carry, memoryview):  # a new buffer: the old one may hold samples still to be written
-        grown, length = ShardBuffer(), len(carry)
+        grown, length = PieceBuffer(), len(carry)
         grown.data = bytearray(2 * (length + piece.length))
         grown.data[:length] = carry
     else:
@@ -383,14 +410,7 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple], skip: i
         yield raw
 
 
-def _read_and_scan(shard_buffer: ShardBuffer, url: str) -> tuple[int, PlainTar | None] | None:
-    """(size, layout or None) of a whole shard read into `shard_buffer`, or None when it could not be read
-    whole (export as map tasks)."""
-    size = shard_buffer.read(url, FAST_PATH_MAX_BYTES)
-    return None if size is None else (size, scan_plain_tar(shard_buffer.data, size, MAX_MEMBER_BYTES))
-
-
-def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: ShardBuffer, buffer, size: int,
+def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: PieceBuffer, buffer, size: int,
                 tar: PlainTar) -> FastRun:
     """The kept samples of a plain shard or piece (`buffer[:size]`, layout `tar`): uids looked up, repeats and
     samples without a uid recorded, kept samples marked found."""

@@ -6,24 +6,27 @@ k·S .. k·S+S-1), so a shard's samples can be placed only once the kept counts 
 known, and "a uid found twice is exported once, the first time" is a question about the whole input. Hence
 two map passes around a small reduce:
 
-1. find (map, T spans of input shards): read each shard (the fast path's whole read and scan when it is a
-   plain local tar, else `iter_shard`), and record every sample whose uid is in the subset (its number in
-   the shard, its subset position, its key) and the problems met, each with the number of samples before
-   it in the shard. Output: `find-tNNNNN.parquet` + `problems-tNNNNN.parquet`, then a marker.
+1. find (map, T spans of input shards): read each shard (in pieces by the fast path while it reads as a
+   plain local tar, then `iter_shard`, as the one-process export), and record every sample whose uid is in
+   the subset (its number in the shard, its subset position, its key) and the problems met, each with the
+   number of samples before it in the shard. Output: `find-tNNNNN.parquet` + `problems-tNNNNN.parquet`,
+   then a marker.
 2. reduce (the driver): the candidates in input order; the first of each subset position is kept, the rest
    are repeats (recorded). Writes `kept_shard.npy` / `kept_sample.npy` (input shard and sample number of
    every output sample, in output order) and the per-shard facts the writers check (fast or not, size,
    mtime).
 3. write (map, T spans of output tars): each task writes its tars, reading the input shards they draw from
-   again (block ranges with patched headers for plain shards, `iter_shard` otherwise: the one-process
-   code), skipping tars already under their final name (resume).
+   again, forward only (block ranges with patched headers from the pieces of the fast path, `iter_shard`
+   from where a shard stops reading plain: the one-process code; sample numbers agree either way),
+   skipping tars already under their final name (resume).
 4. the driver writes `missing_uids.npy`, `export.errors.parquet` (problems in input order: shard, then the
    sample they precede, as the one-process export meets them) and `export_manifest.json`, then deletes the
    parts (`OUT.parts/export-<hash>/`).
 
 Input shards are read twice (find, write), and a shard that feeds two output tars of different tasks is
 read by both. The driver holds the candidates' shard, sample and subset position (24 bytes each), and each
-task the subset index (16 bytes per subset uid, as the one-process export). Not supported:
+task the subset index (16 bytes per subset uid, as the one-process export) and the piece buffers (~25 MiB,
+as the one-process export). Not supported:
 --rank/--world-size (the write pass needs the reduce's placement: one driver submits both passes).
 """
 
@@ -43,7 +46,7 @@ from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.shards import ShardReadError, iter_shard, sample_uid
 from curate.io.tables import write_table_atomic
-from curate.io.tar_blocks import DeterministicTarWriter, ShardBuffer
+from curate.io.tar_blocks import DeterministicTarWriter
 from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
 from curate.run.markers import Markers
@@ -86,7 +89,8 @@ class WriteTask:
     out_dir: str
     tars: list  # output tar numbers
     shard_size: int
-    shards: dict  # shard number -> [url, fast, size, mtime_ns] for the shards these tars draw from
+    shards: dict  # shard number -> [url, size, mtime_ns] for the shards these tars draw from
+    fast: bool
 
 
 _SUBSET: dict[tuple[str, str], SubsetIndex] = {}  # one subset index per process (a worker runs several tasks)
@@ -111,16 +115,6 @@ def _stamp(url: str) -> tuple[int, int]:
     return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
 
 
-def _read_plain(buffer: ShardBuffer, url: str, fast: bool):
-    """(size, layout) when the fast path takes the shard (read whole into `buffer`), else None."""
-    if not fast or "://" in url:
-        return None
-    scanned = one._read_and_scan(buffer, url)
-    if scanned is None or scanned[1] is None or not all(one.SAFE_EXT.fullmatch(ext) for ext in scanned[1].exts):
-        return None
-    return scanned
-
-
 def export_find_task(task: FindTask) -> dict:
     """Candidates and problems of the task's shards (see the module docstring, step 1)."""
     subset = _subset(task.subset_path, task.subset_sha256)
@@ -128,40 +122,61 @@ def export_find_task(task: FindTask) -> dict:
     candidates: list[tuple] = []
     problems: list[tuple] = []
     facts = {}
-    buffer = ShardBuffer()
-    for number, url in task.shards:
-        size, mtime = _stamp(url)
-        scanned = _read_plain(buffer, url, task.fast)
-        if scanned is not None:
-            tar = scanned[1]
-            uids = one._shard_uids(url, buffer.data, tar)
-            for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
-                if position >= 0:
-                    candidates.append((number, sample, position, tar.key(sample)))
-                elif uid is None:
-                    problems.append((number, sample, 1, url, tar.key(sample), None, NO_UID))
-        else:
-            yielded = 0
-
-            def note(key, reason, url=url, number=number):
-                problems.append((number, yielded, 0, url, key, None, reason))
-
-            try:
-                for raw in iter_shard(url, note):
-                    uid = sample_uid(raw)
-                    position = -1 if uid is None else subset.position(uid)
-                    if position >= 0:
-                        candidates.append((number, yielded, position, raw.key))
-                    elif uid is None:
-                        problems.append((number, yielded, 1, url, raw.key, None, NO_UID))
-                    yielded += 1
-            except ShardReadError as exc:  # not bad data: the task fails, the run reports it
-                raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
-        facts[str(number)] = [scanned is not None, size, mtime]
+    local = {number: url for number, url in task.shards if task.fast and "://" not in url}
+    pieces = one._PieceReader(local, list(local)) if local else None
+    try:
+        for number, url in task.shards:
+            size, mtime = _stamp(url)
+            skip = _find_plain(url, number, pieces, subset, candidates, problems) if number in local else 0
+            if skip is not None:
+                _find_slow(url, number, skip, subset, candidates, problems)
+            facts[str(number)] = [size, mtime]
+    finally:
+        if pieces is not None:
+            pieces.close()
     _write_rows(parts / f"find-{task.name}.parquet", CANDIDATES_SCHEMA, candidates)
     _write_rows(_problems_file(parts, FIND, task.name), PROBLEMS_SCHEMA, problems)
     Markers(parts, FIND).mark(task.name, {"shards": facts, "candidates": len(candidates)})
     return {"task": task.name, "ran": True}
+
+
+def _find_plain(url: str, number: int, pieces, subset: SubsetIndex, candidates: list, problems: list) -> int | None:
+    """The candidates of a local shard read in pieces by the fast path; returns None when it read the whole
+    shard, else the number of samples after which iter_shard must go on (`plain_pieces`)."""
+    walk, first = one.plain_pieces(number, pieces), 0
+    while True:
+        try:
+            _, region, tar = next(walk)
+        except StopIteration as stop:
+            return stop.value
+        uids = one._shard_uids(url, region, tar)
+        for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
+            if position >= 0:
+                candidates.append((number, first + sample, position, tar.key(sample)))
+            elif uid is None:
+                problems.append((number, first + sample, 1, url, tar.key(sample), None, NO_UID))
+        first += tar.samples
+
+
+def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates: list, problems: list) -> None:
+    """The candidates of a shard read by iter_shard, after its first `skip` samples (read by the fast path)."""
+    yielded = 0
+
+    def note(key, reason):
+        problems.append((number, yielded, 0, url, key, None, reason))
+
+    try:
+        for raw in iter_shard(url, note):
+            if yielded >= skip:
+                uid = sample_uid(raw)
+                position = -1 if uid is None else subset.position(uid)
+                if position >= 0:
+                    candidates.append((number, yielded, position, raw.key))
+                elif uid is None:
+                    problems.append((number, yielded, 1, url, raw.key, None, NO_UID))
+            yielded += 1
+    except ShardReadError as exc:  # not bad data: the task fails, the run reports it
+        raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
 
 
 def _problems_file(parts_dir: Path, stage: str, name: str) -> Path:
@@ -179,63 +194,101 @@ def export_write_task(task: WriteTask) -> dict:
     parts, out = Path(task.parts_dir), Path(task.out_dir)
     kept_shard = np.load(parts / "kept_shard.npy", mmap_mode="r")
     kept_sample = np.load(parts / "kept_sample.npy", mmap_mode="r")
-    problems: list[tuple] = []
-    buffer, loaded = ShardBuffer(), None  # the shard in `buffer`: (number, size, layout)
-    reused = 0
-    for tar_number in task.tars:
-        path = out / f"{tar_number:05d}.tar"
-        if path.exists():  # written by an interrupted run (either way of running): identical bytes
-            reused += 1
-            continue
+    todo = [t for t in task.tars if not (out / f"{t:05d}.tar").exists()]  # others: written by an interrupted run
+    runs = {}  # tar number -> [(input shard, its samples)]
+    for tar_number in todo:
         first = tar_number * task.shard_size
         shards = np.asarray(kept_shard[first:first + task.shard_size])
-        samples = np.asarray(kept_sample[first:first + task.shard_size])
+        samples = np.asarray(kept_sample[first:first + task.shard_size]).astype(np.int64)
         breaks = np.flatnonzero(np.diff(shards) != 0) + 1
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            writer = DeterministicTarWriter(f, TAR_FORMAT)
-            index = first
-            for run_shards, run_samples in zip(np.split(shards, breaks), np.split(samples, breaks)):
-                number = int(run_shards[0])
-                url, fast, size, mtime = task.shards[str(number)]
-                if [size, mtime] != list(_stamp(url)):
-                    raise CurateError(f"{url}: the shard changed since this export started (size or mtime); "
-                                      "rerun the export")
-                if fast:
-                    if loaded is None or loaded[0] != number:
-                        scanned = _read_plain(buffer, url, True)
-                        if scanned is None:
-                            raise CurateError(f"{url}: the shard no longer reads as a plain tar; rerun the export")
-                        loaded = (number, *scanned)
-                    one._write_run(writer, index, FastRun(url, buffer, loaded[1], loaded[2], run_samples.astype(np.int64)))
-                else:
-                    _write_slow(writer, index, url, number, run_samples, problems)
-                index += len(run_samples)
-            writer.close()
+        runs[tar_number] = [(int(s[0]), part) for s, part in zip(np.split(shards, breaks), np.split(samples, breaks))]
+    order = list(dict.fromkeys(number for tar_runs in runs.values() for number, _ in tar_runs))
+    local = {n: task.shards[str(n)][0] for n in order if task.fast and "://" not in task.shards[str(n)][0]}
+    pieces = one._PieceReader(local, list(local)) if local else None
+    problems: list[tuple] = []
+    cursor = None
+    try:
+        for tar_number in todo:
+            path = out / f"{tar_number:05d}.tar"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                writer = DeterministicTarWriter(f, TAR_FORMAT)
+                index = tar_number * task.shard_size
+                for number, samples in runs[tar_number]:
+                    url, size, mtime = task.shards[str(number)]
+                    if [size, mtime] != list(_stamp(url)):
+                        raise CurateError(f"{url}: the shard changed since this export started (size or mtime); "
+                                          "rerun the export")
+                    if cursor is None or cursor.number != number:
+                        if cursor is not None and cursor.number in local:
+                            pieces.abandon(cursor.number)  # the rest of it is not needed here
+                        cursor = _ShardCursor(url, number, pieces if number in local else None)
+                    cursor.write(writer, index, samples, problems)
+                    index += len(samples)
+                writer.close()
+    finally:
+        if pieces is not None:
+            pieces.close()
     _write_rows(_problems_file(parts, WRITE, task.name), PROBLEMS_SCHEMA, problems)
-    Markers(parts, WRITE).mark(task.name, {"tars_reused": reused})
+    Markers(parts, WRITE).mark(task.name, {"tars_reused": len(task.tars) - len(todo)})
     return {"task": task.name, "ran": True}
 
 
-def _write_slow(writer: DeterministicTarWriter, index: int, url: str, number: int, samples: np.ndarray,
-                problems: list[tuple]) -> None:
-    """The samples (yield numbers of iter_shard, ascending) of a shard the fast path does not take."""
-    wanted = iter(samples.tolist())
-    want = next(wanted, None)
-    shard_problems: list[tuple] = []
-    try:
-        for yielded, raw in enumerate(iter_shard(url, lambda key, reason: None)):
-            if yielded != want:
-                continue
-            shard_problems.clear()
-            one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw, shard_problems)
-            problems.extend((number, yielded, 1, *p) for p in shard_problems)
-            index += 1
-            want = next(wanted, None)
-            if want is None:
+class _ShardCursor:
+    """One input shard's samples for the write pass, asked for in ascending order: from the pieces of the fast
+    path while the shard reads plain (block ranges with new headers), then from iter_shard (the one-process
+    code). Sample numbers are iter_shard's, which the fast path's equal (see `plain_pieces`)."""
+
+    def __init__(self, url: str, number: int, pieces):
+        self.url, self.number = url, number
+        self.walk = one.plain_pieces(number, pieces) if pieces is not None else None
+        self.piece = None  # (buffer, bytes, layout) of the current piece
+        self.first = 0  # the sample number of the current piece's first sample
+        self.slow = None if self.walk is not None else self._slow(0)
+
+    def write(self, writer: DeterministicTarWriter, index: int, samples: np.ndarray, problems: list) -> None:
+        done = 0
+        while done < len(samples):
+            if self.walk is None:
+                for sample in samples[done:].tolist():
+                    self._write_slow(writer, index + done, sample, problems)
+                    done += 1
                 return
-    except ShardReadError as exc:
-        raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
-    raise CurateError(f"{url}: the shard has fewer samples than when this export started; rerun the export")
+            if self.piece is not None and samples[done] < self.first + self.piece[2].samples:
+                source, region, tar = self.piece
+                stop = int(np.searchsorted(samples, self.first + tar.samples))
+                one._write_run(writer, index + done, FastRun(self.url, source, len(region), tar,
+                                                             samples[done:stop] - self.first, region))
+                done = stop
+                continue
+            if self.piece is not None:
+                self.first += self.piece[2].samples
+            try:
+                self.piece = next(self.walk)
+            except StopIteration as stop:  # the shard read to its end, or iter_shard takes over
+                self.walk, self.piece = None, None
+                if stop.value is None:
+                    raise CurateError(f"{self.url}: the shard has fewer samples than when this export started; "
+                                      "rerun the export") from None
+                self.slow = self._slow(stop.value)
+
+    def _slow(self, skip: int):
+        """iter_shard's samples numbered from `skip` on."""
+        try:
+            for yielded, raw in enumerate(iter_shard(self.url, lambda key, reason: None)):
+                if yielded >= skip:
+                    yield yielded, raw
+        except ShardReadError as exc:
+            raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
+
+    def _write_slow(self, writer: DeterministicTarWriter, index: int, sample: int, problems: list) -> None:
+        for yielded, raw in self.slow:
+            if yielded == sample:
+                shard_problems: list[tuple] = []
+                one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw, shard_problems)
+                problems.extend((self.number, yielded, 1, *p) for p in shard_problems)
+                return
+        raise CurateError(f"{self.url}: the shard has fewer samples than when this export started; rerun the "
+                          "export")
 
 
 def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict, shard_size: int, fast: bool,
@@ -260,7 +313,7 @@ def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict,
             tars = list(range(tar_cuts[i], tar_cuts[i + 1]))
             shards = _shards_of(parts_dir, tars, shard_size)
             write_tasks.append(WriteTask(write_job.names[i], str(parts_dir), str(out), tars, shard_size,
-                                         {str(n): [urls[n], *facts[str(n)]] for n in shards}))
+                                         {str(n): [urls[n], *facts[str(n)]] for n in shards}, bool(fast)))
         report = run.run(export_write_task, write_tasks, retries=retries)
         report.raise_if_failed("export (write map tasks)")
     markers = write_job.markers
