@@ -407,7 +407,16 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple], skip: i
             problems.append((url, raw.key, uid, REPEAT))
             continue
         subset.found[position] = True
+        problems.extend((url, raw.key, None, reason) for reason in unexported_members(raw))
         yield raw
+
+
+def unexported_members(raw: RawSample) -> list[str]:
+    """The reason, per member of a kept sample, why it is not exported (an extension outside [a-z0-9._-]).
+    Recorded when the sample is selected, so that a resumed export, which skips finished tars, records them
+    too."""
+    return [f"member extension {ext[:80]!r} is not [a-z0-9._-]; not exported"
+            for ext in raw.members if not SAFE_EXT.fullmatch(ext)]
 
 
 def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: PieceBuffer, buffer, size: int,
@@ -462,12 +471,11 @@ def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
     return uids
 
 
-def _write_raw(writer: DeterministicTarWriter, key: str, raw: RawSample, problems: list[tuple]) -> None:
+def _write_raw(writer: DeterministicTarWriter, key: str, raw: RawSample) -> None:
+    """The sample's members under the output key, but those `unexported_members` names."""
     for ext, data in raw.members.items():
-        if not SAFE_EXT.fullmatch(ext):
-            problems.append((raw.shard, raw.key, None, f"member extension {ext[:80]!r} is not [a-z0-9._-]; not exported"))
-            continue
-        writer.add(f"{key}.{ext}", data)
+        if SAFE_EXT.fullmatch(ext):
+            writer.add(f"{key}.{ext}", data)
 
 
 def _write_run(writer: DeterministicTarWriter, first_index: int, run: FastRun) -> None:
@@ -680,7 +688,7 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
                         _write_run(writer, report.written, unit)
                         unit.source.last_write = tars.flush()
                     else:
-                        _write_raw(writer, f"{report.written:0{KEY_DIGITS}d}", unit, problems)
+                        _write_raw(writer, f"{report.written:0{KEY_DIGITS}d}", unit)
                     report.written += _unit_samples(unit)
                     room = shard_size - (report.written - start)
                     unit = stream.next_unit(room) if room else None

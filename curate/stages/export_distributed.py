@@ -58,7 +58,8 @@ FIND, WRITE = "export-find", "export-write"
 CANDIDATES_SCHEMA = pa.schema([("shard", pa.int64()), ("sample", pa.int64()), ("position", pa.int64()),
                                ("key", pa.string())])
 # `before`: samples of the shard yielded before the problem (its place in the one-process order); `phase` 0
-# for what reading a shard reports, 1 for the verdict on a sample (no uid, repeat, a member not exported)
+# for what reading a shard reports, 1 for the verdict on a sample (no uid, repeat, a member not exported), 2
+# for a member that will not be exported if the sample is kept (the reduce decides; then it becomes 1)
 PROBLEMS_SCHEMA = pa.schema([("shard_number", pa.int64()), ("before", pa.int64()), ("phase", pa.int8()),
                              *ERRORS_SCHEMA])
 
@@ -172,6 +173,8 @@ def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates
                 position = -1 if uid is None else subset.position(uid)
                 if position >= 0:
                     candidates.append((number, yielded, position, raw.key))
+                    problems.extend((number, yielded, 2, url, raw.key, None, reason)
+                                    for reason in one.unexported_members(raw))
                 elif uid is None:
                     problems.append((number, yielded, 1, url, raw.key, None, NO_UID))
             yielded += 1
@@ -205,7 +208,6 @@ def export_write_task(task: WriteTask) -> dict:
     order = list(dict.fromkeys(number for tar_runs in runs.values() for number, _ in tar_runs))
     local = {n: task.shards[str(n)][0] for n in order if task.fast and "://" not in task.shards[str(n)][0]}
     pieces = one._PieceReader(local, list(local)) if local else None
-    problems: list[tuple] = []
     cursor = None
     try:
         for tar_number in todo:
@@ -222,13 +224,12 @@ def export_write_task(task: WriteTask) -> dict:
                         if cursor is not None and cursor.number in local:
                             pieces.abandon(cursor.number)  # the rest of it is not needed here
                         cursor = _ShardCursor(url, number, pieces if number in local else None)
-                    cursor.write(writer, index, samples, problems)
+                    cursor.write(writer, index, samples)
                     index += len(samples)
                 writer.close()
     finally:
         if pieces is not None:
             pieces.close()
-    _write_rows(_problems_file(parts, WRITE, task.name), PROBLEMS_SCHEMA, problems)
     Markers(parts, WRITE).mark(task.name, {"tars_reused": len(task.tars) - len(todo)})
     return {"task": task.name, "ran": True}
 
@@ -245,12 +246,12 @@ class _ShardCursor:
         self.first = 0  # the sample number of the current piece's first sample
         self.slow = None if self.walk is not None else self._slow(0)
 
-    def write(self, writer: DeterministicTarWriter, index: int, samples: np.ndarray, problems: list) -> None:
+    def write(self, writer: DeterministicTarWriter, index: int, samples: np.ndarray) -> None:
         done = 0
         while done < len(samples):
             if self.walk is None:
                 for sample in samples[done:].tolist():
-                    self._write_slow(writer, index + done, sample, problems)
+                    self._write_slow(writer, index + done, sample)
                     done += 1
                 return
             if self.piece is not None and samples[done] < self.first + self.piece[2].samples:
@@ -280,12 +281,10 @@ class _ShardCursor:
         except ShardReadError as exc:
             raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
 
-    def _write_slow(self, writer: DeterministicTarWriter, index: int, sample: int, problems: list) -> None:
+    def _write_slow(self, writer: DeterministicTarWriter, index: int, sample: int) -> None:
         for yielded, raw in self.slow:
             if yielded == sample:
-                shard_problems: list[tuple] = []
-                one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw, shard_problems)
-                problems.extend((self.number, yielded, 1, *p) for p in shard_problems)
+                one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw)
                 return
         raise CurateError(f"{self.url}: the shard has fewer samples than when this export started; rerun the "
                           "export")
@@ -317,7 +316,6 @@ def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict,
         report = run.run(export_write_task, write_tasks, retries=retries)
         report.raise_if_failed("export (write map tasks)")
     markers = write_job.markers
-    problems += [row for name in write_job.names for row in _read_rows(_problems_file(parts_dir, WRITE, name))]
     problems.sort(key=lambda row: row[:3])  # stable: input order, as the one-process export meets them
     tars_reused = sum(markers.info(name).get("tars_reused", 0) for name in write_job.names)
     shards = [{"name": f"{k:05d}.tar", "samples": min(shard_size, written - k * shard_size)} for k in range(tar_count)]
@@ -351,6 +349,12 @@ def _reduce(parts_dir: Path, names: list[str], urls: list[str], uid_file: Path, 
     index = SubsetIndex(load_subset(uid_file))
     index.found[position[first]] = True
     problems = [row for name in names for row in _read_rows(_problems_file(parts_dir, FIND, name))]
+    if_kept = [row for row in problems if row[2] == 2]
+    if if_kept:  # members not exported: recorded for the kept samples only
+        pair = shard.astype(np.int64) << 32 | sample.astype(np.int64)
+        kept = np.isin(np.array([row[0] << 32 | row[1] for row in if_kept], dtype=np.int64), pair[first])
+        problems = [row for row in problems if row[2] != 2] + [(*row[:2], 1, *row[3:])
+                                                               for row, k in zip(if_kept, kept.tolist()) if k]
     repeats = np.flatnonzero(~first)
     if len(repeats):  # keys only for these (a key column of every candidate could be large)
         starts = np.cumsum([0] + [t.num_rows for t in numbers])
