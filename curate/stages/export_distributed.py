@@ -12,9 +12,9 @@ two map passes around a small reduce:
    number of samples before it in the shard. Output: `find-tNNNNN.parquet` + `problems-tNNNNN.parquet`,
    then a marker.
 2. reduce (the driver): the candidates in input order; the first of each subset position is kept, the rest
-   are repeats (recorded). Writes `kept_shard.npy` / `kept_sample.npy` (input shard and sample number of
-   every output sample, in output order) and the per-shard facts the writers check (fast or not, size,
-   mtime).
+   are repeats (recorded), and the members a kept sample cannot export are recorded (the find pass noted
+   them for every candidate). Writes `kept_shard.npy` / `kept_sample.npy` (input shard and sample number of
+   every output sample, in output order) and the per-shard facts the writers check (size, mtime).
 3. write (map, T spans of output tars): each task writes its tars, reading the input shards they draw from
    again, forward only (block ranges with patched headers from the pieces of the fast path, `iter_shard`
    from where a shard stops reading plain: the one-process code; sample numbers agree either way),
