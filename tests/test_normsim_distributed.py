@@ -22,6 +22,7 @@ from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.run.mapreduce import parts_root
 from curate.run.markers import MARKER_DIR
+from curate.stages import normsim as stage
 from curate.stages.normsim import NORMSIM_STAGE, normsim, normsim_layout, normsim_task_spans, table_starts
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
@@ -90,8 +91,6 @@ def test_three_ranks_give_the_in_process_table_byte_for_byte(pool, tmp_path, p, 
 
 def test_ranks_reading_the_fp16_cache_give_the_table_streamed_from_parquet(pool, tmp_path, monkeypatch):
     """Several blocks per table (ring buffers reused), tasks over the cache; the one-process run streams."""
-    import curate.stages.normsim as stage
-
     monkeypatch.setattr(stage, "READ_BATCH_ROWS", 16)
     target = target_file(tmp_path, 100)
     want = in_process(pool, target, "inf", tmp_path / "one" / "n.parquet")
@@ -102,7 +101,7 @@ def test_ranks_reading_the_fp16_cache_give_the_table_streamed_from_parquet(pool,
     assert result["normsim_tasks"]["tasks"] == 3 and out.read_bytes() == want
 
 
-def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp_path):
+def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp_path, monkeypatch):
     target = target_file(tmp_path, 100)
     want = in_process(pool, target, "2", tmp_path / "one" / "n.parquet")
     out = tmp_path / "ranks" / "n.parquet"
@@ -113,12 +112,16 @@ def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tm
     assert marker_names(out) == set(task_files(out)) == everything - rank1
     before = task_files(out)
     # the same command without --rank/--world-size: finds the started parts, runs what is missing, reduces
+    # and, as the only driver, deletes the parts once the table is written (seen here just before)
+    seen = {}
+    remove = stage.remove_single_driver_parts
+    monkeypatch.setattr(stage, "remove_single_driver_parts", lambda *a: (seen.update(task_files(out)), remove(*a)))
     result = run(pool, target, "2", out)
     info = result["normsim_tasks"]
     assert result["out"] == str(out) and info["ran"] == 2 and info["already_done"] == 3
-    after = task_files(out)
-    assert {name for name in after if after[name] != before.get(name)} == rank1  # the others were not rewritten
+    assert {name for name in seen if seen[name] != before.get(name)} == rank1  # the others were not rewritten
     assert out.read_bytes() == want
+    assert not parts_root(out).exists()
 
 
 def test_slurm_array_variables_choose_the_rank(pool, tmp_path, monkeypatch):
@@ -233,11 +236,13 @@ def test_2d_refuses_a_rank_split_and_runs_its_map_tasks_under_executor_options(p
 def test_a_changed_target_never_reuses_old_scores(pool, tmp_path):
     out = tmp_path / "n.parquet"
     first = target_file(tmp_path, 100, seed=1)
-    run(pool, first, "inf", out, tasks=2)
+    for rank in range(2):  # a rank split keeps its parts (another rank may still be reducing from them)
+        old = run(pool, first, "inf", out, tasks=2, rank=rank, world_size=2)["normsim_tasks"]["parts_dir"]
     second = target_file(tmp_path, 100, seed=2)
     result = run(pool, second, "inf", out, tasks=2)
-    assert result["normsim_tasks"]["ran"] == 2 and len(list(parts_root(out).glob("normsim_inf-*"))) == 2
+    assert result["normsim_tasks"]["ran"] == 2 and result["normsim_tasks"]["parts_dir"] != old
     assert out.read_bytes() == in_process(pool, second, "inf", tmp_path / "one" / "n.parquet")
+    assert list(parts_root(out).iterdir()) == [Path(old)]  # the single driver deleted only its own parts
 
 
 def test_a_marked_task_whose_output_is_gone_is_a_clear_error(pool, tmp_path):

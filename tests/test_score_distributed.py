@@ -23,6 +23,7 @@ from curate.io.tables import EmbeddingPool
 from curate.metrics.negclip import (batch_lse, negclip_lse_sum, reduce_span_terms, span_own_count, span_terms,
                                     task_spans)
 from curate.run.markers import MARKER_DIR
+from curate.stages import score as score_module
 from curate.stages.score import NEGCLIP_STAGE, parts_root, score
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
@@ -74,7 +75,7 @@ def test_three_ranks_give_the_in_process_table_byte_for_byte(pool, tmp_path):
     assert out.read_bytes() == want
 
 
-def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp_path):
+def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp_path, monkeypatch):
     want = in_process(pool, tmp_path / "one" / "s.parquet")
     out = tmp_path / "ranks" / "s.parquet"
     for rank in (0, 2):  # rank 1 "was killed" before it started
@@ -85,12 +86,17 @@ def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp
     assert marker_names(out) == set(task_files(out)) == everything - rank1
     before = task_files(out)
     # the same command without --rank/--world-size: finds the started parts, runs what is missing, reduces
+    # and, as the only driver, deletes the parts once the table is written (seen here just before)
+    seen = {}
+    remove = score_module.remove_single_driver_parts
+    monkeypatch.setattr(score_module, "remove_single_driver_parts",
+                        lambda *a: (seen.update(task_files(out)), remove(*a)))
     result = score(pool, out=out, **PARAMS)
     info = result["negclip_tasks"]
     assert result["out"] == str(out) and info["ran"] == len(rank1) and info["already_done"] == len(everything - rank1)
-    after = task_files(out)
-    assert {name for name in after if after[name] != before.get(name)} == rank1  # the others were not rewritten
+    assert {name for name in seen if seen[name] != before.get(name)} == rank1  # the others were not rewritten
     assert out.read_bytes() == want
+    assert not parts_root(out).exists()
 
 
 def test_slurm_array_variables_choose_the_rank(pool, tmp_path, monkeypatch):
@@ -260,11 +266,13 @@ def test_batch_lse_is_bitwise_equal_in_a_one_thread_process_and_a_two_thread_one
 def test_a_changed_pool_never_reuses_old_terms(tmp_path):
     emb = make_embedding_dir(tmp_path / "emb", [9, 14, 6], dim=8, seed=2, logit_scale=30.0)
     out = tmp_path / "s.parquet"
-    score(emb, out=out, tasks=4, **PARAMS)
+    for rank in range(2):  # a rank split keeps its parts (another rank may still be reducing from them)
+        old = score(emb, out=out, tasks=4, rank=rank, world_size=2, **PARAMS)["negclip_tasks"]["parts_dir"]
     make_embedding_dir(tmp_path / "emb", [9, 14, 6], dim=8, seed=5, logit_scale=30.0)  # re-embedded tables
     result = score(emb, out=out, tasks=4, **PARAMS)
-    assert result["negclip_tasks"]["ran"] == 4 and len(list(parts_root(out).glob("negclip-*"))) == 2
+    assert result["negclip_tasks"]["ran"] == 4 and result["negclip_tasks"]["parts_dir"] != old
     assert out.read_bytes() == in_process(emb, tmp_path / "one" / "s.parquet")
+    assert list(parts_root(out).iterdir()) == [Path(old)]  # the single driver deleted only its own parts
 
 
 def test_a_marked_task_whose_output_is_gone_is_a_clear_error(pool, tmp_path):

@@ -10,9 +10,11 @@ are missing. What each task computes, and the reduce, stay in the stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,6 +91,23 @@ def parts_root(out: str | Path) -> Path:
 def layout_key(layout) -> str:
     """16 hex digits of the sha256 of the layout dataclass as sorted JSON."""
     return hashlib.sha256(json.dumps(asdict(layout), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remove_parts(parts_dir: str | Path, root: str | Path | None = None) -> None:
+    """Delete a run's parts once its output is written (they are a copy of it), and `root` (`<out>.parts/`)
+    too when no other run's parts are left in it."""
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    if root is not None:
+        with contextlib.suppress(OSError):
+            Path(root).rmdir()
+
+
+def remove_single_driver_parts(tasks_info: dict | None, out: str | Path) -> None:
+    """After a map/reduce stage wrote `out`: delete its parts when this run was the only driver (no rank
+    split). With ranks (Slurm arrays, --rank/--world-size) they stay: another rank that found every task
+    done may be reducing from them at this moment; they are safe to delete once `out` exists."""
+    if tasks_info is not None and tasks_info.get("world_size") == 1:
+        remove_parts(tasks_info["parts_dir"], parts_root(out))
 
 
 def layout_parts_dir(out: str | Path, prefix: str, layout) -> Path:

@@ -32,9 +32,7 @@ as the one-process export). Not supported:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +46,7 @@ from curate.io.shards import ShardReadError, iter_shard, sample_uid
 from curate.io.tables import write_table_atomic
 from curate.io.tar_blocks import DeterministicTarWriter
 from curate.run.executors import executor_session
-from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
+from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, remove_parts, start_map
 from curate.run.markers import Markers
 from curate.stages import export as one
 from curate.stages.export import (ERRORS_SCHEMA, KEY_DIGITS, NO_UID, REPEAT, TAR_FORMAT, ExportReport, FastRun,
@@ -322,9 +320,7 @@ def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict,
     result = one.write_records(out, index, [row[3:] for row in problems], config,
                                ExportReport(written=written, subset=len(index), input_shards=len(urls),
                                             tars_reused=tars_reused, shards=shards, out_dir=str(out)))
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        parts_root(out).rmdir()  # only when no other run's parts are left in it
+    remove_parts(parts_dir, parts_root(out))
     return result
 
 

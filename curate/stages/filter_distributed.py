@@ -41,9 +41,7 @@ top byte at a time into `uids.npy` (memory O(kept / 256)), then writes `stats.js
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +58,7 @@ from curate.io.tables import with_meta
 from curate.io.uids import DATACOMP_DTYPE, uid_halves
 from curate.metrics import topk
 from curate.run.executors import executor_session
-from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, start_map
+from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, remove_parts, start_map
 from curate.run.markers import Markers
 from curate.stages.filter import (Bound, FilterResult, KeepStep, ScoreTable, StepStats, _fraction_text, _to_numpy,
                                   check_rankable, check_selection, check_unique, metric_sources, scan_score_table,
@@ -494,9 +492,7 @@ def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps:
                    "ran": sum(1 for r in report.results if r and r["ran"]),
                    "seconds": round(time.perf_counter() - started, 3)}
     result = write_stats(out, pool_size, kept, mode, sources, nan_counts, steps, args, {"distributed": distributed})
-    shutil.rmtree(parts_dir, ignore_errors=True)  # the parts are a second copy of the subset
-    with contextlib.suppress(OSError):
-        parts_root(out_dir).rmdir()  # only when no other run's parts are left in it
+    remove_parts(parts_dir, parts_root(out_dir))  # the parts are a second copy of the subset
     return result
 
 

@@ -43,8 +43,8 @@ from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
 from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, _column_to_numpy, _require_columns, to_float32
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir,
-                                  open_task_output, parts_root, parts_started, pool_source, start_map, task_file,
-                                  wants_tasks, write_once)
+                                  open_task_output, parts_root, parts_started, pool_source, remove_parts, start_map,
+                                  remove_single_driver_parts, task_file, wants_tasks, write_once)
 from curate.run.markers import Markers
 from curate.run.threads import blas_thread_count, blas_threads, torch_threads
 from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
@@ -106,7 +106,6 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     if p == "2d":
         import tempfile
 
-        from curate.stages.normsim_2d import remove_parts
 
         memmap_dir = Path(memmap_dir or cache_dir or pool.files[0].parent / ".curate-cache")
         memmap_dir.mkdir(parents=True, exist_ok=True)
@@ -675,6 +674,7 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     with scores if isinstance(scores, ScoringThreads) else contextlib.nullcontext():
         write_score_table(pool, {name: scores}, out, meta)  # a table's rows as soon as they are scored
         scores = scores.result() if isinstance(scores, ScoringThreads) else scores
+    remove_single_driver_parts(summary.get("normsim_tasks"), out)
     seconds = time.perf_counter() - started
     return {"out": str(out), "rows": pool.n_rows, "column": name, "seconds": seconds,
             "rows_per_s": pool.n_rows / seconds if seconds > 0 else float("inf"), "params": params,
@@ -684,8 +684,6 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
 def _normsim_2d_stage(pool: EmbeddingPool, emb_dir, target, out, memmap_dir, iterations: int, final_fraction: float,
                       progress, started: float, **options) -> dict:
     """`normsim` for p = 2d: the rounds with their parts in `<out>.parts/`, then the table from the parts."""
-    from curate.stages.normsim_2d import remove_parts
-
     _check_options("2d", target, "flat", iterations, final_fraction)
     if pool.n_rows == 0:
         raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")

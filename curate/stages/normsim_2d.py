@@ -27,8 +27,6 @@ run is rerun from the start (every task overwrites its files atomically).
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool
 from curate.metrics import topk
 from curate.metrics.normsim import QuadraticForm, keep_count, normsim_2d_fractions, second_moment
 from curate.run.executors import executor_session
-from curate.run.mapreduce import DEFAULT_TASKS, PoolSpanTask, layout_key, pool_source, task_names
+from curate.run.mapreduce import DEFAULT_TASKS, PoolSpanTask, layout_key, pool_source, remove_parts, task_names
 from curate.run.threads import blas_thread_count, blas_threads
 
 STAGE = "normsim_2d"
@@ -353,11 +351,3 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, iter
     info = {"executor": executor, "workers": int(workers), "tasks": len(spans), "map_rounds": map_rounds,
             "kept_rows": kept, "seconds": round(time.perf_counter() - started, 3)}
     return ScoreParts(parts_dir, len(fractions) - 1, names, spans), info
-
-
-def remove_parts(parts_dir: Path, root=None) -> None:
-    """Delete a run's parts (a copy of the table once it is written), and `root` too when left empty."""
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    if root is not None:
-        with contextlib.suppress(OSError):
-            Path(root).rmdir()

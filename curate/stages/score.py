@@ -40,6 +40,7 @@ from curate.io.tables import EmbeddingPool, to_float32, with_meta
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_key, layout_parts_dir,
                                   open_task_output, parts_started, pool_source, start_map, task_file, wants_tasks)
 from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
+from curate.run.mapreduce import remove_single_driver_parts
 from curate.run.markers import Markers
 
 METRICS = ("clipscore", "negclip")
@@ -476,6 +477,7 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     meta = {"stage": "score", "teacher": pool.teacher.to_dict(), "source": str(emb_dir), "n_rows": n,
             "params": params}
     write_score_table(pool, columns, out, meta)
+    remove_single_driver_parts(summary.get("negclip_tasks"), out)
     seconds = time.perf_counter() - started
     return {"out": str(out), "rows": n, "metrics": names, "seconds": seconds,
             "rows_per_s": n / seconds if seconds > 0 else float("inf"), "params": params,
