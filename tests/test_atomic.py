@@ -71,12 +71,13 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
     out = tmp_path / "scores" / "s.parquet"
     stale = [plant(out.parent), plant(out.parent / ".curate-cache")]
     parts = out.parent / "s.parquet.parts"
-    score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3)  # tasks: map/reduce parts
+    for rank in range(2):  # map/reduce parts, kept by a rank split
+        score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3, rank=rank, world_size=2)
     assert pq.read_table(out).num_rows == 35
     part_dirs = [d for d in parts.iterdir() if d.is_dir()]
     stale += [plant(part_dirs[0]), plant(part_dirs[0] / "_markers" / "negclip")]
-    score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3)
-    assert not [s for s in stale if s.exists()]
+    score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3, rank=0, world_size=2)
+    assert part_dirs[0].is_dir() and not [s for s in stale if s.exists()]
 
     (tmp_path / "shards").mkdir()
     make_shard(tmp_path / "shards" / "00000.tar", [sample(f"k{i}", i) for i in range(5)])
