@@ -610,6 +610,43 @@ def test_a_resumed_export_records_what_a_fresh_one_does(tmp_path, tasks):
     assert (part / "missing_uids.npy").read_bytes() == (tmp_path / "full" / "missing_uids.npy").read_bytes()
 
 
+@pytest.mark.parametrize("tasks", [None, 2])
+def test_fsspec_urls_take_the_fast_path_with_the_bytes_of_local_files(tmp_path, count_fast_shards, monkeypatch,
+                                                                      tasks):
+    """Shards behind an fsspec URL (here memory://, as s3:// or gs:// would be) are read in pieces too, and give
+    the tars and records of the same files read locally."""
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
+    subset = write_random_corpus(tmp_path / "shards", 6, shards=3)
+    variants = dirty_variants()
+    for name in ("truncated", "plain"):
+        (tmp_path / "shards" / f"9-{name}.tar").write_bytes(bytes(variants[name]))
+    write_uid_npy(subset + [uid_of(1), uid_of(2)], tmp_path / "uids.npy")
+    memory = fsspec.filesystem("memory")
+    root = f"curate-test-{tmp_path.name}"
+    for path in sorted((tmp_path / "shards").iterdir()):
+        memory.pipe(f"/{root}/{path.name}", path.read_bytes())
+    try:
+        local = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "local", shard_size=2,
+                              tasks=tasks)
+        count_fast_shards.clear()
+        remote = export_subset(f"memory://{root}/*.tar", tmp_path / "uids.npy", tmp_path / "remote", shard_size=2,
+                               tasks=tasks)
+    finally:
+        memory.rm(f"/{root}", recursive=True)
+    if tasks is None:  # (map tasks read in the find and write passes; the spy sees the one-process path only)
+        assert count_fast_shards == [True, True, True, True, False]  # "9-truncated" goes on in iter_shard
+    assert remote.written == local.written and remote.problems == local.problems > 0
+    for tar in sorted((tmp_path / "local").glob("*.tar")):
+        assert (tmp_path / "remote" / tar.name).read_bytes() == tar.read_bytes()
+
+    def records(directory):
+        rows = pq.read_table(directory / "export.errors.parquet").to_pylist()
+        return [{**row, "shard": row["shard"].rsplit("/", 1)[-1]} for row in rows]
+
+    assert records(tmp_path / "remote") == records(tmp_path / "local")
+
+
 def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monkeypatch):
     subset = write_random_corpus(tmp_path / "shards", 3, shards=4)
     write_uid_npy(subset, tmp_path / "uids.npy")

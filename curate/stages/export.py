@@ -14,16 +14,16 @@
   (unreadable members, corrupt shards, samples without a uid, repeats), and `export_manifest.json`, written
   first with `complete: false` and last with the report. A shard that cannot be opened or read at all (I/O,
   not bad data) stops the export with an error naming it; the finished tars are kept and a rerun resumes.
-- Speed: local shards are read in pieces of PIECE_BYTES (4 MiB) by a reader thread; each piece is scanned
-  (`curate.io.tar_blocks.scan_plain_tar`, vectorised over the headers), its complete samples' uids looked
-  up, new headers patched in and its kept samples written as block ranges by a writer thread, all while the
-  piece is in the CPU cache, with no per-member Python work. A sample still open at a piece's end is carried
-  into the next piece. As long as the shard is plain (clean headers, nothing iter_shard would report) it
-  stays on this path; at the first piece that is not (compressed, damaged, odd names or member types, an
-  unexportable extension, a file that changed while read), the shard goes on in `iter_shard` from the first
-  sample not yet committed. Remote shards go through `iter_shard`. Both paths give the same bytes and
-  records. Memory: READ_AHEAD + 2 + WRITE_BEHIND piece buffers (5 × 5 MiB), plus one for a sample larger
-  than CARRY_BYTES.
+- Speed: shards (local files, or fsspec URLs: s3://, gs://, http://, ...) are read in pieces of
+  PIECE_BYTES (4 MiB) by a reader thread; each piece is scanned (`curate.io.tar_blocks.scan_plain_tar`,
+  vectorised over the headers), its complete samples' uids looked up, new headers patched in and its kept
+  samples written as block ranges by a writer thread, all while the piece is in the CPU cache, with no
+  per-member Python work. A sample still open at a piece's end is carried into the next piece. As long as
+  the shard is plain (clean headers, nothing iter_shard would report) it stays on this path; at the first
+  piece that is not (compressed, damaged, odd names or member types, an unexportable extension, a file that
+  changed while read), the shard goes on in `iter_shard` from the first sample not yet committed. Both
+  paths give the same bytes and records. Memory: READ_AHEAD + 2 + WRITE_BEHIND piece buffers (5 × 5 MiB),
+  plus one for a sample larger than CARRY_BYTES.
 - Resume: every tar is written under a temp name and renamed, so a tar under its final name is complete.
   A rerun with the same shards, subset and shard size re-reads the input but does not rewrite finished
   tars; a rerun after a complete export is a no-op. Another export's directory is refused.
@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+import fsspec
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -213,10 +215,11 @@ class _Piece:
 
 
 class _PieceReader:
-    """The local shards of `urls` (in order) read piece by piece on one helper thread, READ_AHEAD pieces ahead
-    of the consumer. A slot (buffer) is refilled only after the writes queued from it are done."""
+    """The shards `urls[n]` for n in `numbers` (in order) read piece by piece on one helper thread, READ_AHEAD
+    pieces ahead of the consumer: local files with plain reads, fsspec URLs (s3://, gs://, http://, ...)
+    through fsspec. A slot (buffer) is refilled only after the writes queued from it are done."""
 
-    def __init__(self, urls: list[str], numbers: list[int]):
+    def __init__(self, urls, numbers: list[int]):
         self.urls, self.todo = urls, collections.deque(numbers)  # shard numbers still to read, in order
         # + the piece in use, the one before it (its end is carried over) and WRITE_BEHIND being written
         self.slots = [PieceBuffer() for _ in range(READ_AHEAD + 2 + WRITE_BEHIND)]
@@ -238,7 +241,19 @@ class _PieceReader:
         """Read no more of shard `number` (pieces already read are skipped by the consumer)."""
         self.abandoned = number
 
+    def _open(self, url: str) -> None:
+        if "://" in url:
+            self.file = fsspec.open(url, "rb").open()
+            self.size = self.file.size
+            if not isinstance(self.size, int):
+                raise OSError(f"{url}: size unknown")
+        else:
+            self.file = open(url, "rb", buffering=0)
+            self.size = os.fstat(self.file.fileno()).st_size
+
     def _read(self, slot: PieceBuffer) -> _Piece | None:
+        # any failure (a local OSError, or whatever an fsspec back end raises) makes an error piece: iter_shard
+        # then reads the shard and reports what is wrong
         try:
             while self.file is None or self.number <= self.abandoned:
                 self._close()
@@ -246,9 +261,8 @@ class _PieceReader:
                     return None
                 self.number, self.offset = self.todo.popleft(), 0
                 try:
-                    self.file = open(self.urls[self.number], "rb", buffering=0)
-                    self.size = os.fstat(self.file.fileno()).st_size
-                except OSError:
+                    self._open(self.urls[self.number])
+                except Exception:  # noqa: BLE001 - see above
                     self._close()
                     return _Piece(self.number, slot, 0, False, error=True)
             length = min(PIECE_BYTES, self.size - self.offset)
@@ -256,9 +270,9 @@ class _PieceReader:
             if len(slot.data) < CARRY_BYTES + PIECE_BYTES:
                 slot.data = bytearray(CARRY_BYTES + PIECE_BYTES)
             view = memoryview(slot.data)[CARRY_BYTES:CARRY_BYTES + length]
-            done = os.preadv(self.file.fileno(), [view], self.offset) if length else 0
-            while 0 < done < length:
-                more = os.preadv(self.file.fileno(), [view[done:]], self.offset + done)
+            done = 0
+            while done < length:
+                more = self.file.readinto(view[done:])
                 if not more:
                     break
                 done += more
@@ -266,19 +280,20 @@ class _PieceReader:
             self.offset += done
             final = self.offset == self.size
             piece = _Piece(self.number, slot, done, final)
-            if done < length or (final and os.pread(self.file.fileno(), 1, self.offset)):  # shrank or grew
+            if done < length or (final and self.file.read(1)):  # the file shrank or grew while read
                 piece.error, piece.final = True, False
             if piece.final or piece.error:
                 self._close()
             return piece
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - see above
             number = self.number
             self._close()
             return _Piece(number, slot, 0, False, error=True)
 
     def _close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(Exception):  # (a remote file's close may fail too; nothing is lost)
+                self.file.close()
         self.file = None
 
     def close(self) -> None:
@@ -296,18 +311,18 @@ def kept_samples(urls: list[str], subset: SubsetIndex, problems: list[tuple],
     """The input samples whose uid is in the subset, in input order, each uid once: one RawSample at a time,
     or FastRuns with the kept samples of a piece of a shard (`fast=False`: RawSamples only).
 
-    Local shards are read in pieces (PIECE_BYTES) by a reader thread (_PieceReader) and scanned piece by
-    piece (`scan_plain_tar(final=False)`), so that a piece is read, scanned, patched and written while it is
-    in the cache. The samples a piece completes are committed (uids looked up, marked found, yielded); a
-    sample still open at the piece's end is carried over to the next piece. When a piece is not plain, the
-    shard goes on in iter_shard, which skips the samples already committed: they are exactly the samples
+    Shards (local files or fsspec URLs) are read in pieces (PIECE_BYTES) by a reader thread (_PieceReader)
+    and scanned piece by piece (`scan_plain_tar(final=False)`), so that a piece is read, scanned, patched and
+    written while it is in the cache. The samples a piece completes are committed (uids looked up, marked
+    found, yielded); a sample still open at the piece's end is carried over to the next piece. When a piece
+    is not plain, the shard goes on in iter_shard, which skips the samples already committed: they are
+    exactly the samples
     iter_shard reads first (see scan_plain_tar)."""
-    local = [n for n, url in enumerate(urls) if fast and "://" not in url]
-    pieces = _PieceReader(urls, local) if local else None
+    pieces = _PieceReader(urls, list(range(len(urls)))) if fast and urls else None
     try:
         for number, url in enumerate(urls):
             committed = 0
-            if pieces is not None and "://" not in url:
+            if pieces is not None:
                 committed = yield from _stream_shard(url, number, pieces, subset, problems)
                 if committed is None:
                     continue

@@ -121,12 +121,12 @@ def export_find_task(task: FindTask) -> dict:
     candidates: list[tuple] = []
     problems: list[tuple] = []
     facts = {}
-    local = {number: url for number, url in task.shards if task.fast and "://" not in url}
-    pieces = one._PieceReader(local, list(local)) if local else None
+    streamed = {number: url for number, url in task.shards if task.fast}
+    pieces = one._PieceReader(streamed, list(streamed)) if streamed else None
     try:
         for number, url in task.shards:
             size, mtime = _stamp(url)
-            skip = _find_plain(url, number, pieces, subset, candidates, problems) if number in local else 0
+            skip = _find_plain(url, number, pieces, subset, candidates, problems) if number in streamed else 0
             if skip is not None:
                 _find_slow(url, number, skip, subset, candidates, problems)
             facts[str(number)] = [size, mtime]
@@ -204,8 +204,8 @@ def export_write_task(task: WriteTask) -> dict:
         breaks = np.flatnonzero(np.diff(shards) != 0) + 1
         runs[tar_number] = [(int(s[0]), part) for s, part in zip(np.split(shards, breaks), np.split(samples, breaks))]
     order = list(dict.fromkeys(number for tar_runs in runs.values() for number, _ in tar_runs))
-    local = {n: task.shards[str(n)][0] for n in order if task.fast and "://" not in task.shards[str(n)][0]}
-    pieces = one._PieceReader(local, list(local)) if local else None
+    streamed = {n: task.shards[str(n)][0] for n in order if task.fast}
+    pieces = one._PieceReader(streamed, list(streamed)) if streamed else None
     cursor = None
     try:
         for tar_number in todo:
@@ -219,9 +219,9 @@ def export_write_task(task: WriteTask) -> dict:
                         raise CurateError(f"{url}: the shard changed since this export started (size or mtime); "
                                           "rerun the export")
                     if cursor is None or cursor.number != number:
-                        if cursor is not None and cursor.number in local:
+                        if cursor is not None and cursor.number in streamed:
                             pieces.abandon(cursor.number)  # the rest of it is not needed here
-                        cursor = _ShardCursor(url, number, pieces if number in local else None)
+                        cursor = _ShardCursor(url, number, pieces if number in streamed else None)
                     cursor.write(writer, index, samples)
                     index += len(samples)
                 writer.close()
