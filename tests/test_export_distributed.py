@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 
@@ -146,3 +147,27 @@ def test_a_shard_or_subset_changed_between_the_passes_is_a_clear_error(tmp_path,
     monkeypatch.setattr(export_distributed, "export_find_task", rewrite_subset_then_find)
     with pytest.raises(CurateError, match=r"uids\.npy: the subset file changed since this export started"):
         export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "b", shard_size=2, tasks=2)
+
+
+def test_an_fsspec_shard_rewritten_between_the_passes_is_a_clear_error(tmp_path, monkeypatch):
+    """Behind a URL the back end's modification time (or ETag) stands for the file's mtime: an object
+    rewritten with bytes of the same size is noticed too."""
+    fsspec = pytest.importorskip("fsspec")
+    dirty_corpus(tmp_path, 3)
+    memory, root = fsspec.filesystem("memory"), f"curate-test-{tmp_path.name}"
+    for path in sorted((tmp_path / "shards").iterdir()):
+        memory.pipe(f"/{root}/{path.name}", path.read_bytes())
+    original_reduce = export_distributed._reduce
+
+    def reduce_then_rewrite(*args, **kwargs):
+        result = original_reduce(*args, **kwargs)
+        time.sleep(0.01)  # a later creation time
+        memory.pipe(f"/{root}/00000.tar", memory.cat(f"/{root}/00000.tar"))  # same bytes, a new object
+        return result
+
+    monkeypatch.setattr(export_distributed, "_reduce", reduce_then_rewrite)
+    try:
+        with pytest.raises(CurateError, match=r"00000\.tar: the shard changed since this export started"):
+            export_subset(f"memory://{root}/*.tar", tmp_path / "uids.npy", tmp_path / "a", shard_size=2, tasks=2)
+    finally:
+        memory.rm(f"/{root}", recursive=True)

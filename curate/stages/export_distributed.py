@@ -14,7 +14,7 @@ two map passes around a small reduce:
 2. reduce (the driver): the candidates in input order; the first of each subset position is kept, the rest
    are repeats (recorded), and the members a kept sample cannot export are recorded (the find pass noted
    them for every candidate). Writes `kept_shard.npy` / `kept_sample.npy` (input shard and sample number of
-   every output sample, in output order) and the per-shard facts the writers check (size, mtime).
+   every output sample, in output order) and the per-shard facts the writers check (size, version).
 3. write (map, T spans of output tars): each task writes its tars, reading the input shards they draw from
    again, forward only (block ranges with patched headers from the pieces of the fast path, `iter_shard`
    from where a shard stops reading plain: the one-process code; sample numbers agree either way),
@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,7 +89,7 @@ class WriteTask:
     out_dir: str
     tars: list  # output tar numbers
     shard_size: int
-    shards: dict  # shard number -> [url, size, mtime_ns] for the shards these tars draw from
+    shards: dict  # shard number -> [url, size, version] (`_stamp`) for the shards these tars draw from
     fast: bool
 
 
@@ -105,13 +106,24 @@ def _subset(path: str, sha256: str) -> SubsetIndex:
     return _SUBSET[path, sha256]
 
 
-def _stamp(url: str) -> tuple[int, int]:
-    """(size, mtime_ns) of a local shard, to notice one that changes between the passes; (-1, -1) otherwise."""
+# what fsspec back ends report that changes when an object is rewritten (the first one present is used)
+_VERSION_KEYS = ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "created")
+
+
+def _stamp(url: str) -> list:
+    """[size, version] of a shard, to notice one that changes between the passes: the mtime in ns of a local
+    file, else what the fsspec back end reports (modification time or ETag); [-1, -1] when unknown (the
+    readers report an unreadable shard themselves)."""
     try:
-        stat = os.stat(url) if "://" not in url else None
-    except OSError:  # the readers report an unreadable shard themselves
-        stat = None
-    return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+        if "://" not in url:
+            stat = os.stat(url)
+            return [stat.st_size, stat.st_mtime_ns]
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except Exception:  # noqa: BLE001 - OSError locally; fsspec back ends raise many types
+        return [-1, -1]
+    version = next((info[key] for key in _VERSION_KEYS if info.get(key) is not None), -1)
+    return [info.get("size", -1), version if isinstance(version, (int, float)) else str(version)]
 
 
 def export_find_task(task: FindTask) -> dict:
@@ -125,11 +137,11 @@ def export_find_task(task: FindTask) -> dict:
     pieces = one._PieceReader(streamed, list(streamed)) if streamed else None
     try:
         for number, url in task.shards:
-            size, mtime = _stamp(url)
+            stamp = _stamp(url)  # before reading: a change while it is read shows in the write pass
             skip = _find_plain(url, number, pieces, subset, candidates, problems) if number in streamed else 0
             if skip is not None:
                 _find_slow(url, number, skip, subset, candidates, problems)
-            facts[str(number)] = [size, mtime]
+            facts[str(number)] = stamp
     finally:
         if pieces is not None:
             pieces.close()
@@ -214,10 +226,10 @@ def export_write_task(task: WriteTask) -> dict:
                 writer = DeterministicTarWriter(f, TAR_FORMAT)
                 index = tar_number * task.shard_size
                 for number, samples in runs[tar_number]:
-                    url, size, mtime = task.shards[str(number)]
-                    if [size, mtime] != list(_stamp(url)):
-                        raise CurateError(f"{url}: the shard changed since this export started (size or mtime); "
-                                          "rerun the export")
+                    url, *stamp = task.shards[str(number)]
+                    if stamp != _stamp(url):
+                        raise CurateError(f"{url}: the shard changed since this export started (size, modification "
+                                          "time or ETag); rerun the export")
                     if cursor is None or cursor.number != number:
                         if cursor is not None and cursor.number in streamed:
                             pieces.abandon(cursor.number)  # the rest of it is not needed here
