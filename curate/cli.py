@@ -361,9 +361,11 @@ def export_cmd(
     samples per input shard, then write the output tars) around a small reduce, with the same outputs.
     """
     from curate.stages.export import ERRORS, MISSING, export_subset
+    from curate.ui import sample_progress
 
-    report = export_subset(shards, subset, out, shard_size, executor=executor, workers=workers, tasks=tasks,
-                           retries=retries, ray_address=ray_address)
+    with sample_progress("export") as advance:
+        report = export_subset(shards, subset, out, shard_size, executor=executor, workers=workers, tasks=tasks,
+                               retries=retries, ray_address=ray_address, progress=advance)
     if report.noop:
         console.print(f"{out}: export already complete ({report.written} samples); nothing to do")
         return

@@ -647,6 +647,17 @@ def test_fsspec_urls_take_the_fast_path_with_the_bytes_of_local_files(tmp_path, 
     assert records(tmp_path / "remote") == records(tmp_path / "local")
 
 
+@pytest.mark.parametrize("tasks", [None, 2])
+def test_progress_counts_every_sample_in_a_finished_tar(tmp_path, tasks):
+    subset = write_random_corpus(tmp_path / "shards", 8, shards=3)
+    write_uid_npy(subset, tmp_path / "uids.npy")
+    seen = []
+    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2,
+                           tasks=tasks, progress=seen.append)
+    assert report.written > 2 and sum(seen) == report.written
+    assert len(seen) == (1 if tasks else len(report.shards))  # per tar in one process; map tasks: at the end
+
+
 def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monkeypatch):
     subset = write_random_corpus(tmp_path / "shards", 3, shards=4)
     write_uid_npy(subset, tmp_path / "uids.npy")

@@ -42,7 +42,7 @@ import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import fsspec
 import numpy as np
@@ -648,10 +648,12 @@ def _check_out_dir(out: Path, config: dict) -> dict | None:
 
 def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_size: int = 10_000,
                   fast: bool = True, *, executor: str = "local", workers: int = 1, tasks: int | None = None,
-                  retries: int = 1, ray_address: str | None = None) -> ExportReport:
+                  retries: int = 1, ray_address: str | None = None,
+                  progress: Callable[[int], None] | None = None) -> ExportReport:
     """Write the subset's samples into OUT_DIR/NNNNN.tar (see the module docstring). `fast=False` reads every
     shard with iter_shard (the reference the fast path is tested against). `executor` ray, `workers` > 1 or
-    `tasks`: the same outputs from map tasks (curate/stages/export_distributed.py)."""
+    `tasks`: the same outputs from map tasks (curate/stages/export_distributed.py). `progress(n)`: n more
+    samples are in finished tars (once per output tar; as map tasks, once at the end)."""
     from curate.run.mapreduce import check_task_options
 
     if shard_size < 1:
@@ -674,8 +676,11 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
     if executor != "local" or int(workers) > 1 or tasks is not None:  # (a Slurm array runs one export per task)
         from curate.stages.export_distributed import export_distributed
 
-        return export_distributed(urls, uid_file, out, config, shard_size, fast, executor, int(workers), tasks,
-                                  int(retries), ray_address)
+        result = export_distributed(urls, uid_file, out, config, shard_size, fast, executor, int(workers), tasks,
+                                    int(retries), ray_address)
+        if progress:
+            progress(result.written)
+        return result
 
     index = SubsetIndex(pairs)
     problems: list[tuple] = []
@@ -710,6 +715,8 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
                 writer.close()
                 tars.finish(tmp, path)
             report.shards.append({"name": path.name, "samples": report.written - start})
+            if progress:
+                progress(report.written - start)
         tars.wait()
     finally:
         tars.close()
