@@ -340,44 +340,49 @@ def _stream_shard(url: str, number: int, pieces: _PieceReader, subset: SubsetInd
                   problems: list[tuple]) -> Iterator[FastRun]:
     """The fast path over one shard, piece by piece (see kept_samples). Returns None when the whole shard was
     read, else the number of samples committed before the piece that needs iter_shard."""
-    walk = plain_pieces(number, pieces)
-    while True:
-        try:
-            source, region, tar = next(walk)
-        except StopIteration as stop:
-            return stop.value
+    walk = PlainPieces(number, pieces)
+    for source, region, tar, _ in walk:
         run = _fast_shard(url, subset, problems, source, region, len(region), tar)
         if len(run.samples):
             yield run
+    return walk.rest
 
 
-def plain_pieces(number: int, pieces: _PieceReader) -> Iterator[tuple[PieceBuffer, memoryview, PlainTar]]:
-    """Shard `number` of the reader's stream, scanned piece by piece: (buffer, bytes, layout) of each piece
-    that completes samples (its samples follow those of the pieces before). Returns None when the whole shard
-    was read, else the number of samples yielded before the first piece that is not plain: from there on,
-    iter_shard must read the shard (skipping that many samples, which are exactly its first ones)."""
-    committed = 0
-    carry = None  # the open sample at the end of the piece before: a view, or (grown buffer, length)
-    while True:
-        piece = pieces.next()
-        while piece is not None and piece.number < number:  # the rest of a shard given up on: skipped
+class PlainPieces:
+    """Shard `number` of the reader's stream, scanned piece by piece. Iterating gives (buffer, bytes, layout,
+    number of its first sample in the shard) for each piece that completes samples. Then `rest` is None when
+    the whole shard was read, else the number of samples given before the first piece that is not plain: from
+    there on, iter_shard must read the shard (skipping that many samples, which are exactly its first ones)."""
+
+    def __init__(self, number: int, pieces: _PieceReader):
+        self.number, self.pieces, self.rest = number, pieces, None
+
+    def __iter__(self) -> Iterator[tuple[PieceBuffer, memoryview, PlainTar, int]]:
+        number, pieces, committed = self.number, self.pieces, 0
+        carry = None  # the open sample at the end of the piece before: a view, or (grown buffer, length)
+        while True:
             piece = pieces.next()
-        if piece is None or piece.number != number or piece.error:
-            pieces.abandon(number)
-            return committed  # (piece.number > number: the shard could not be opened)
-        source, region, grown = _region(carry, piece)
-        total = len(region)
-        tar = scan_plain_tar(region, total, MAX_MEMBER_BYTES, final=piece.final)
-        if tar is None or not all(SAFE_EXT.fullmatch(ext) for ext in tar.exts):
-            pieces.abandon(number)
-            return committed
-        if tar.samples:
-            yield source, region, tar
-            committed += tar.samples
-        if piece.final:
-            return None
-        # nothing committed from a grown region: it grows in place; else the rest is carried (copied)
-        carry = (source, total) if grown and not tar.samples else region[tar.end:]
+            while piece is not None and piece.number < number:  # the rest of a shard given up on: skipped
+                piece = pieces.next()
+            if piece is None or piece.number != number or piece.error:
+                pieces.abandon(number)
+                self.rest = committed  # (piece.number > number: the shard could not be opened)
+                return
+            source, region, grown = _region(carry, piece)
+            total = len(region)
+            tar = scan_plain_tar(region, total, MAX_MEMBER_BYTES, final=piece.final)
+            if tar is None or not all(SAFE_EXT.fullmatch(ext) for ext in tar.exts):
+                pieces.abandon(number)
+                self.rest = committed
+                return
+            if tar.samples:
+                yield source, region, tar, committed
+                committed += tar.samples
+            if piece.final:
+                self.rest = None
+                return
+            # nothing committed from a grown region: it grows in place; else the rest is carried (copied)
+            carry = (source, total) if grown and not tar.samples else region[tar.end:]
 
 
 def _region(carry, piece: _Piece) -> tuple[PieceBuffer, memoryview, bool]:

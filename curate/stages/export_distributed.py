@@ -153,20 +153,16 @@ def export_find_task(task: FindTask) -> dict:
 
 def _find_plain(url: str, number: int, pieces, subset: SubsetIndex, candidates: list, problems: list) -> int | None:
     """The candidates of a local shard read in pieces by the fast path; returns None when it read the whole
-    shard, else the number of samples after which iter_shard must go on (`plain_pieces`)."""
-    walk, first = one.plain_pieces(number, pieces), 0
-    while True:
-        try:
-            _, region, tar = next(walk)
-        except StopIteration as stop:
-            return stop.value
+    shard, else the number of samples after which iter_shard must go on (`PlainPieces.rest`)."""
+    walk = one.PlainPieces(number, pieces)
+    for _, region, tar, first in walk:
         uids = one._shard_uids(url, region, tar)
         for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
             if position >= 0:
                 candidates.append((number, first + sample, position, tar.key(sample)))
             elif uid is None:
                 problems.append((number, first + sample, 1, url, tar.key(sample), None, NO_UID))
-        first += tar.samples
+    return walk.rest
 
 
 def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates: list, problems: list) -> None:
@@ -247,13 +243,13 @@ def export_write_task(task: WriteTask) -> dict:
 class _ShardCursor:
     """One input shard's samples for the write pass, asked for in ascending order: from the pieces of the fast
     path while the shard reads plain (block ranges with new headers), then from iter_shard (the one-process
-    code). Sample numbers are iter_shard's, which the fast path's equal (see `plain_pieces`)."""
+    code). Sample numbers are iter_shard's, which the fast path's equal (see `PlainPieces`)."""
 
     def __init__(self, url: str, number: int, pieces):
         self.url, self.number = url, number
-        self.walk = one.plain_pieces(number, pieces) if pieces is not None else None
-        self.piece = None  # (buffer, bytes, layout) of the current piece
-        self.first = 0  # the sample number of the current piece's first sample
+        self.plain = one.PlainPieces(number, pieces) if pieces is not None else None
+        self.walk = iter(self.plain) if self.plain is not None else None
+        self.piece = None  # (buffer, bytes, layout, number of its first sample) of the current piece
         self.slow = None if self.walk is not None else self._slow(0)
 
     def write(self, writer: DeterministicTarWriter, index: int, samples: np.ndarray) -> None:
@@ -264,23 +260,20 @@ class _ShardCursor:
                     self._write_slow(writer, index + done, sample)
                     done += 1
                 return
-            if self.piece is not None and samples[done] < self.first + self.piece[2].samples:
-                source, region, tar = self.piece
-                stop = int(np.searchsorted(samples, self.first + tar.samples))
+            if self.piece is not None and samples[done] < self.piece[3] + self.piece[2].samples:
+                source, region, tar, first = self.piece
+                stop = int(np.searchsorted(samples, first + tar.samples))
                 one._write_run(writer, index + done, FastRun(self.url, source, len(region), tar,
-                                                             samples[done:stop] - self.first, region))
+                                                             samples[done:stop] - first, region))
                 done = stop
                 continue
-            if self.piece is not None:
-                self.first += self.piece[2].samples
-            try:
-                self.piece = next(self.walk)
-            except StopIteration as stop:  # the shard read to its end, or iter_shard takes over
-                self.walk, self.piece = None, None
-                if stop.value is None:
+            self.piece = next(self.walk, None)
+            if self.piece is None:  # the shard read to its end, or iter_shard takes over
+                self.walk = None
+                if self.plain.rest is None:
                     raise CurateError(f"{self.url}: the shard has fewer samples than when this export started; "
-                                      "rerun the export") from None
-                self.slow = self._slow(stop.value)
+                                      "rerun the export")
+                self.slow = self._slow(self.plain.rest)
 
     def _slow(self, skip: int):
         """iter_shard's samples numbered from `skip` on."""
