@@ -246,6 +246,28 @@ def test_subset_positions_match_the_one_by_one_lookup():
     assert SubsetIndex(uids_to_pairs([])).positions(["0" * 32]).tolist() == [-1]
 
 
+def test_a_sorted_subset_is_used_as_it_is_and_looked_up_alike():
+    """A sorted subset without repeats (what `curate filter` writes) is not copied; any other is sorted and
+    deduplicated first; lookups agree. Chunk boundaries of the sortedness check fall anywhere."""
+    rng = np.random.default_rng(0)
+    highs = rng.integers(0, 2 ** 62, 300)
+    uids = sorted({f"{int(h):016x}{int(low):016x}" for h in highs for low in rng.integers(0, 4, 2)})  # shared highs
+    pairs = uids_to_pairs(uids)
+    assert all(export_module.is_sorted_unique(pairs, chunk) for chunk in (1, 7, 1 << 24))
+    index = SubsetIndex(pairs)
+    assert np.shares_memory(index.high, pairs) and np.shares_memory(index.low, pairs)
+    shuffled = pairs[rng.permutation(len(pairs))]
+    repeated = np.concatenate([pairs[:40], pairs[39:]])  # one uid twice, in order
+    for other in (shuffled, repeated):
+        assert not any(export_module.is_sorted_unique(other, chunk) for chunk in (1, 7, 1 << 24))
+    queries = uids[::3] + [f"{i:032x}" for i in range(5)] + [None]
+    want = index.positions(queries).tolist()
+    assert want == [index.position(u) if u is not None else -1 for u in queries]
+    for other in (shuffled, repeated):
+        assert SubsetIndex(other).positions(queries).tolist() == want
+    assert SubsetIndex(pairs, track_found=False).found is None
+
+
 def random_sample(rng, i, key):
     """A sample of a random shape: json uid valid / invalid / absent, images of various extensions,
     captions (some not UTF-8), extra members, upper-case extensions, directories in keys."""

@@ -86,14 +86,20 @@ class ExportReport:
 
 
 class SubsetIndex:
-    """The subset's uids as sorted (high, low) uint64 halves: 16 bytes per uid, binary search per sample."""
+    """The subset's uids as sorted (high, low) uint64 halves, binary search per sample: 16 bytes per uid. A
+    subset already sorted without repeats (as `curate filter` and DataComp write them) is used as it is; any
+    other is sorted and deduplicated first (a few copies at once: ~4x the file at the peak). `found` (a byte
+    per uid, which uids were exported) only with `track_found`."""
 
-    def __init__(self, pairs: np.ndarray):
-        pairs = sorted_uid_pairs(pairs["f0"], pairs["f1"])
-        if len(pairs) > 1:  # a repeated uid in the file would otherwise be reported missing
-            pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
-        self.high, self.low = pairs["f0"].copy(), pairs["f1"].copy()
-        self.found = np.zeros(len(pairs), dtype=bool)
+    def __init__(self, pairs: np.ndarray, sorted_unique: bool | None = None, track_found: bool = True):
+        if sorted_unique is None:
+            sorted_unique = is_sorted_unique(pairs)
+        if not sorted_unique:
+            pairs = sorted_uid_pairs(pairs["f0"], pairs["f1"])
+            if len(pairs) > 1:  # a repeated uid in the file would otherwise be reported missing
+                pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+        self.high, self.low = pairs["f0"], pairs["f1"]  # views: of the file, or of the sorted copy
+        self.found = np.zeros(len(pairs), dtype=bool) if track_found else None
 
     def __len__(self) -> int:
         return len(self.high)
@@ -141,8 +147,20 @@ def subset_file(subset: str | Path) -> Path:
     return path
 
 
+def is_sorted_unique(pairs: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether the (high, low) pairs are strictly increasing (checked in chunks: no temporaries the size of a
+    billion-uid subset)."""
+    for start in range(0, max(len(pairs) - 1, 0), chunk):
+        part = np.asarray(pairs[start:start + chunk + 1])
+        high, low = part["f0"], part["f1"]
+        if not ((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] > low[:-1]))).all():
+            return False
+    return True
+
+
 def load_subset(path: Path) -> np.ndarray:
-    """A DataComp subset file: structured `u8,u8` (high, low); any other dtype is a clear error."""
+    """A DataComp subset file: structured `u8,u8` (high, low); any other dtype is a clear error. (Read into
+    memory rather than mapped: a mapped file truncated by its owner meanwhile would kill the process.)"""
     try:
         pairs = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:

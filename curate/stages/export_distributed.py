@@ -102,7 +102,7 @@ def _subset(path: str, sha256: str) -> SubsetIndex:
         if one._file_sha256(Path(path)) != sha256:
             raise CurateError(f"{path}: the subset file changed since this export started; rerun the export")
         _SUBSET.clear()
-        _SUBSET[path, sha256] = SubsetIndex(load_subset(Path(path)))
+        _SUBSET[path, sha256] = SubsetIndex(load_subset(Path(path)), track_found=False)  # (the reduce marks)
     return _SUBSET[path, sha256]
 
 
