@@ -6,6 +6,7 @@ import json
 import random
 import time
 
+import numpy as np
 import pytest
 
 from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
@@ -14,7 +15,7 @@ from curate.errors import CurateError
 from curate.io.uids import write_uid_npy
 from curate.stages import export as export_module
 from curate.stages import export_distributed
-from curate.stages.export import MANIFEST, export_subset
+from curate.stages.export import MANIFEST, export_subset, is_sorted_unique
 
 
 def outputs(directory):
@@ -55,6 +56,22 @@ def test_map_tasks_write_the_one_process_bytes(tmp_path, seed, monkeypatch):
             assert report.written == one.written and report.shards == one.shards
             assert not (tmp_path / f"{out.name}.parts").exists()  # the parts are deleted
         monkeypatch.undo()
+
+
+def test_find_tasks_map_a_sorted_snapshot_of_the_subset(tmp_path):
+    """The tasks read the parts dir's sorted, deduplicated copy of the subset memory-mapped (no copy per
+    process); the user's file here is unsorted with repeats, and the outputs are the one-process ones."""
+    dirty_corpus(tmp_path, 2)
+    pairs = np.load(tmp_path / "uids.npy")
+    assert not is_sorted_unique(pairs)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=2)
+    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "tasks", shard_size=2, tasks=3)
+    assert outputs(tmp_path / "tasks") == outputs(tmp_path / "one")
+    (index,) = export_distributed._SUBSET.values()
+    assert isinstance(index.high, np.memmap) and isinstance(index.low, np.memmap) and index.found is None
+    snapshot = np.empty(len(index), dtype=pairs.dtype)
+    snapshot["f0"], snapshot["f1"] = index.high, index.low
+    assert np.array_equal(snapshot, np.unique(pairs))  # sorted by (high, low), each uid once
 
 
 def test_worker_processes_and_a_rerun(tmp_path):

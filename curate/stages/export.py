@@ -95,9 +95,7 @@ class SubsetIndex:
         if sorted_unique is None:
             sorted_unique = is_sorted_unique(pairs)
         if not sorted_unique:
-            pairs = sorted_uid_pairs(pairs["f0"], pairs["f1"])
-            if len(pairs) > 1:  # a repeated uid in the file would otherwise be reported missing
-                pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+            pairs = sorted_unique_pairs(pairs)
         self.high, self.low = pairs["f0"], pairs["f1"]  # views: of the file, or of the sorted copy
         self.found = np.zeros(len(pairs), dtype=bool) if track_found else None
 
@@ -147,6 +145,14 @@ def subset_file(subset: str | Path) -> Path:
     return path
 
 
+def sorted_unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The subset sorted, each uid once (a repeated uid in the file would otherwise be reported missing)."""
+    pairs = sorted_uid_pairs(pairs["f0"], pairs["f1"])
+    if len(pairs) > 1:
+        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+    return pairs
+
+
 def is_sorted_unique(pairs: np.ndarray, chunk: int = 1 << 24) -> bool:
     """Whether the (high, low) pairs are strictly increasing (checked in chunks: no temporaries the size of a
     billion-uid subset)."""
@@ -158,11 +164,12 @@ def is_sorted_unique(pairs: np.ndarray, chunk: int = 1 << 24) -> bool:
     return True
 
 
-def load_subset(path: Path) -> np.ndarray:
-    """A DataComp subset file: structured `u8,u8` (high, low); any other dtype is a clear error. (Read into
-    memory rather than mapped: a mapped file truncated by its owner meanwhile would kill the process.)"""
+def load_subset(path: Path, mmap: bool = False) -> np.ndarray:
+    """A DataComp subset file: structured `u8,u8` (high, low); any other dtype is a clear error. Read into
+    memory unless `mmap` (a mapped file that its owner truncates meanwhile would kill the process: map only
+    files of this export's own, or only to check the header)."""
     try:
-        pairs = np.load(path, allow_pickle=False)
+        pairs = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CurateError(f"{path}: cannot read as a .npy uid file ({exc})") from None
     if pairs.dtype != DATACOMP_DTYPE or pairs.ndim != 1:
@@ -685,7 +692,7 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
         raise CurateError(f"--executor {executor!r}: choose local or ray")
     check_task_options(workers, tasks, retries)
     uid_file = subset_file(subset)
-    pairs = load_subset(uid_file)
+    load_subset(uid_file, mmap=True)  # a bad file is an error now (only its header is read here)
     urls = expand_shards(shards_spec)
     out = Path(out_dir)
     config = {"shards": urls, "subset_sha256": _file_sha256(uid_file), "shard_size": shard_size}
@@ -705,7 +712,7 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
             progress(result.written)
         return result
 
-    index = SubsetIndex(pairs)
+    index = SubsetIndex(load_subset(uid_file))
     problems: list[tuple] = []
     report = ExportReport(subset=len(index), input_shards=len(urls), out_dir=str(out))
     stream = _KeptStream(kept_samples(urls, index, problems, fast=fast))

@@ -24,9 +24,10 @@ two map passes around a small reduce:
    parts (`OUT.parts/export-<hash>/`).
 
 Input shards are read twice (find, write), and a shard that feeds two output tars of different tasks is
-read by both. The driver holds the candidates' shard, sample and subset position (24 bytes each), and each
-task the subset index (16 bytes per subset uid, as the one-process export) and the piece buffers (~25 MiB,
-as the one-process export). Not supported:
+read by both. The driver writes the subset once, sorted and without repeats, into the parts dir
+(`subset.npy`); the tasks map it (the processes of one machine share its pages) and check that the user's
+file kept its size and mtime. The driver holds the candidates' shard, sample and subset position (24 bytes
+each) and a found flag per subset uid; each task its piece buffers (~25 MiB). Not supported:
 --rank/--world-size (the write pass needs the reduce's placement: one driver submits both passes).
 """
 
@@ -51,7 +52,7 @@ from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, re
 from curate.run.markers import Markers
 from curate.stages import export as one
 from curate.stages.export import (ERRORS_SCHEMA, KEY_DIGITS, NO_UID, REPEAT, TAR_FORMAT, ExportReport, FastRun,
-                                  SubsetIndex, load_subset)
+                                  SubsetIndex, is_sorted_unique, load_subset, sorted_unique_pairs)
 
 FIND, WRITE = "export-find", "export-write"
 CANDIDATES_SCHEMA = pa.schema([("shard", pa.int64()), ("sample", pa.int64()), ("position", pa.int64()),
@@ -76,8 +77,8 @@ class ExportLayout:
 class FindTask:
     name: str
     parts_dir: str
-    subset_path: str
-    subset_sha256: str
+    subset_path: str  # the user's file (checked unchanged); the tasks read the parts dir's snapshot
+    subset_stamp: list
     shards: list  # [(shard number, url)]
     fast: bool
 
@@ -93,17 +94,36 @@ class WriteTask:
     fast: bool
 
 
-_SUBSET: dict[tuple[str, str], SubsetIndex] = {}  # one subset index per process (a worker runs several tasks)
+SUBSET_SNAPSHOT = "subset.npy"  # the subset sorted, each uid once, as the export found it at its start
+_SUBSET: dict[str, SubsetIndex] = {}  # one subset index per process (a worker runs several tasks)
 
 
-def _subset(path: str, sha256: str) -> SubsetIndex:
-    """The subset index of the uid file `path` as planned (`sha256`): a file changed since is an error."""
-    if (path, sha256) not in _SUBSET:
-        if one._file_sha256(Path(path)) != sha256:
-            raise CurateError(f"{path}: the subset file changed since this export started; rerun the export")
+def _write_snapshot(uid_file: Path, parts_dir: Path) -> None:
+    """The parts dir's copy of the subset, sorted and without repeats (as `curate filter` writes it already),
+    once per export: the tasks map it instead of each loading and sorting the user's file."""
+    snapshot = parts_dir / SUBSET_SNAPSHOT
+    if snapshot.exists():
+        return
+    pairs = load_subset(uid_file)
+    if not is_sorted_unique(pairs):
+        pairs = sorted_unique_pairs(pairs)
+    with atomic_path(snapshot) as tmp, open(tmp, "wb") as f:
+        np.save(f, pairs)
+
+
+def _subset(task: "FindTask") -> SubsetIndex:
+    """The subset snapshot, memory-mapped: processes on one machine share its pages, none holds a copy (only
+    this export writes the file, so nobody truncates it under the mapping). The user's file changed since the
+    export started is an error."""
+    if _stamp(task.subset_path) != task.subset_stamp:
+        raise CurateError(f"{task.subset_path}: the subset file changed since this export started; rerun the "
+                          "export")
+    snapshot = str(Path(task.parts_dir) / SUBSET_SNAPSHOT)
+    if snapshot not in _SUBSET:
         _SUBSET.clear()
-        _SUBSET[path, sha256] = SubsetIndex(load_subset(Path(path)), track_found=False)  # (the reduce marks)
-    return _SUBSET[path, sha256]
+        _SUBSET[snapshot] = SubsetIndex(load_subset(Path(snapshot), mmap=True), sorted_unique=True,
+                                        track_found=False)  # (the reduce marks what is found)
+    return _SUBSET[snapshot]
 
 
 # what fsspec back ends report that changes when an object is rewritten (the first one present is used)
@@ -128,7 +148,7 @@ def _stamp(url: str) -> list:
 
 def export_find_task(task: FindTask) -> dict:
     """Candidates and problems of the task's shards (see the module docstring, step 1)."""
-    subset = _subset(task.subset_path, task.subset_sha256)
+    subset = _subset(task)
     parts = Path(task.parts_dir)
     candidates: list[tuple] = []
     problems: list[tuple] = []
@@ -302,12 +322,14 @@ def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict,
     parts_dir = layout_parts_dir(out, "export", layout)
     with executor_session(executor, workers=workers, ray_address=ray_address) as run:
         job = start_map(parts_dir, layout, FIND, count, executor, workers, rank=0, world_size=1)
+        stamp = _stamp(str(uid_file))  # before the snapshot is read from it
+        _write_snapshot(uid_file, parts_dir)
         cuts = [(i * len(urls)) // count for i in range(count + 1)]
-        find_tasks = [FindTask(job.names[i], str(parts_dir), str(uid_file), config["subset_sha256"],
+        find_tasks = [FindTask(job.names[i], str(parts_dir), str(uid_file), stamp,
                                [(n, urls[n]) for n in range(cuts[i], cuts[i + 1])], bool(fast)) for i in job.todo]
         report = run.run(export_find_task, find_tasks, retries=retries)
         report.raise_if_failed("export (find map tasks)")
-        facts, problems, tar_count, written, index = _reduce(parts_dir, job.names, urls, uid_file, shard_size)
+        facts, problems, tar_count, written, index = _reduce(parts_dir, job.names, urls, shard_size)
         write_job = start_map(parts_dir, layout, WRITE, count, executor, workers, rank=0, world_size=1)
         tar_cuts = [(i * tar_count) // count for i in range(count + 1)]
         write_tasks = []
@@ -334,7 +356,7 @@ def _read_rows(path: Path) -> list[tuple]:
     return list(zip(*(table.column(name).to_pylist() for name in PROBLEMS_SCHEMA.names)))
 
 
-def _reduce(parts_dir: Path, names: list[str], urls: list[str], uid_file: Path, shard_size: int):
+def _reduce(parts_dir: Path, names: list[str], urls: list[str], shard_size: int):
     """Step 2: kept samples in output order (written to the parts dir), repeats recorded, subset marked found.
     Returns (per-shard facts, problems so far, output tar count, samples written, subset index)."""
     markers = Markers(parts_dir, FIND)
@@ -347,7 +369,7 @@ def _reduce(parts_dir: Path, names: list[str], urls: list[str], uid_file: Path, 
                                else np.empty(0, np.int64) for c in ("shard", "sample", "position"))
     first = np.zeros(len(position), dtype=bool)
     first[np.unique(position, return_index=True)[1]] = True  # the first occurrence of each subset uid
-    index = SubsetIndex(load_subset(uid_file))
+    index = SubsetIndex(load_subset(parts_dir / SUBSET_SNAPSHOT, mmap=True), sorted_unique=True)
     index.found[position[first]] = True
     problems = [row for name in names for row in _read_rows(_problems_file(parts_dir, FIND, name))]
     if_kept = [row for row in problems if row[2] == 2]
