@@ -40,7 +40,7 @@ import os
 import re
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -203,24 +203,18 @@ class PieceBuffer:
 
 @dataclass
 class FastRun:
-    """Kept samples of one shard (or of one piece of it) read by the fast path: its bytes, its layout and the
-    kept sample numbers (input order). Written by patching new headers into `buffer` and copying block
-    ranges."""
+    """Kept samples of one piece of a shard read by the fast path: its bytes, its layout and the kept sample
+    numbers (input order). Written by patching new headers into `buffer` and copying block ranges."""
 
     url: str
     source: PieceBuffer  # holds the bytes; a buffer is refilled only once `source.last_write` is done
-    size: int
+    buffer: memoryview  # the piece (with what was carried into it): a part of source.data
     tar: PlainTar
     samples: np.ndarray  # int64
-    view: memoryview | None = None  # the bytes when they are a part of source.data (a piece), else source.data
-
-    @property
-    def buffer(self):
-        return self.source.data if self.view is None else self.view
 
     def split(self, count: int) -> tuple["FastRun", "FastRun"]:
-        return (FastRun(self.url, self.source, self.size, self.tar, self.samples[:count], self.view),
-                FastRun(self.url, self.source, self.size, self.tar, self.samples[count:], self.view))
+        return (replace(self, samples=self.samples[:count]),
+                replace(self, samples=self.samples[count:]))
 
 
 KeptUnit = Union[RawSample, FastRun]
@@ -341,8 +335,7 @@ def kept_samples(urls: list[str], subset: SubsetIndex, problems: list[tuple],
     written while it is in the cache. The samples a piece completes are committed (uids looked up, marked
     found, yielded); a sample still open at the piece's end is carried over to the next piece. When a piece
     is not plain, the shard goes on in iter_shard, which skips the samples already committed: they are
-    exactly the samples
-    iter_shard reads first (see scan_plain_tar)."""
+    exactly the samples iter_shard reads first (see scan_plain_tar)."""
     pieces = _PieceReader(urls, list(range(len(urls)))) if fast and urls else None
     try:
         for number, url in enumerate(urls):
@@ -367,7 +360,7 @@ def _stream_shard(url: str, number: int, pieces: _PieceReader, subset: SubsetInd
     read, else the number of samples committed before the piece that needs iter_shard."""
     walk = PlainPieces(number, pieces)
     for source, region, tar, _ in walk:
-        run = _fast_shard(url, subset, problems, source, region, len(region), tar)
+        run = _fast_shard(url, subset, problems, source, region, tar)
         if len(run.samples):
             yield run
     return walk.rest
@@ -464,10 +457,10 @@ def unexported_members(raw: RawSample) -> list[str]:
             for ext in raw.members if not SAFE_EXT.fullmatch(ext)]
 
 
-def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: PieceBuffer, buffer, size: int,
+def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: PieceBuffer, buffer: memoryview,
                 tar: PlainTar) -> FastRun:
-    """The kept samples of a plain shard or piece (`buffer[:size]`, layout `tar`): uids looked up, repeats and
-    samples without a uid recorded, kept samples marked found."""
+    """The kept samples of a plain piece (`buffer`, layout `tar`): uids looked up, repeats and samples without a
+    uid recorded, kept samples marked found."""
     uids = _shard_uids(url, buffer, tar)
     position = subset.positions(uids)
     in_subset = np.flatnonzero(position >= 0)
@@ -482,7 +475,7 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: Pi
         for sample in sorted(repeats + no_uid):
             uid = uids[sample]
             problems.append((url, tar.key(sample), uid, NO_UID if uid is None else REPEAT))
-    return FastRun(url, source, size, tar, kept, None if buffer is source.data else buffer)
+    return FastRun(url, source, buffer, tar, kept)
 
 
 def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
@@ -525,13 +518,13 @@ def _write_raw(writer: DeterministicTarWriter, key: str, raw: RawSample) -> None
 
 def _write_run(writer: DeterministicTarWriter, first_index: int, run: FastRun) -> None:
     """The run's samples as output samples first_index, first_index + 1, ...: new headers are patched into the
-    shard's buffer and the samples' block ranges written as they are (their extensions are all safe)."""
+    piece's buffer and the samples' block ranges written as they are (their extensions are all safe)."""
     tar, samples = run.tar, run.samples
     counts = tar.first[samples + 1] - tar.first[samples]
     members = np.repeat(tar.first[samples] - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
     running = first_index + np.repeat(np.arange(len(samples)), counts)
     if first_index + len(samples) > 10 ** KEY_DIGITS:  # keys would need more digits: plain member writes
-        view = memoryview(run.buffer)
+        view = run.buffer
         for m, index in zip(members.tolist(), running.tolist()):
             start = (int(tar.header_block[m]) + 1) * BLOCK
             writer.add(f"{index:0{KEY_DIGITS}d}.{tar.exts[tar.ext_id[m]]}", view[start:start + int(tar.size[m])])
@@ -543,14 +536,13 @@ def _write_run(writer: DeterministicTarWriter, first_index: int, run: FastRun) -
     names[:, :KEY_DIGITS] = running[:, None] // 10 ** np.arange(KEY_DIGITS - 1, -1, -1, dtype=np.int64) % 10 + ord("0")
     names[:, KEY_DIGITS] = ord(".")
     names[:, KEY_DIGITS + 1:] = ext_table[tar.ext_id[members]]
-    table = np.frombuffer(run.buffer, dtype=np.uint8, count=run.size // BLOCK * BLOCK).reshape(-1, BLOCK)
+    table = np.frombuffer(run.buffer, dtype=np.uint8, count=len(run.buffer) // BLOCK * BLOCK).reshape(-1, BLOCK)
     table[tar.header_block[members]] = header_blocks(names, tar.size[members], writer.format)
     zero_padding(table, tar, members)
     starts, ends = tar.sample_blocks()
     breaks = np.flatnonzero(np.diff(samples) != 1) + 1
-    view = memoryview(run.buffer)
     for piece in np.split(samples, breaks):
-        writer.add_blocks(view[int(starts[piece[0]]) * BLOCK:int(ends[piece[-1]]) * BLOCK])
+        writer.add_blocks(run.buffer[int(starts[piece[0]]) * BLOCK:int(ends[piece[-1]]) * BLOCK])
 
 
 class _TarWriter:

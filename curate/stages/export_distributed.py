@@ -7,7 +7,7 @@ known, and "a uid found twice is exported once, the first time" is a question ab
 two map passes around a small reduce:
 
 1. find (map, T spans of input shards): read each shard (in pieces by the fast path while it reads as a
-   plain local tar, then `iter_shard`, as the one-process export), and record every sample whose uid is in
+   plain tar, then `iter_shard`, as the one-process export), and record every sample whose uid is in
    the subset (its number in the shard, its subset position, its key) and the problems met, each with the
    number of samples before it in the shard. Output: `find-tNNNNN.parquet` + `problems-tNNNNN.parquet`,
    then a marker.
@@ -166,7 +166,7 @@ def export_find_task(task: FindTask) -> dict:
         if pieces is not None:
             pieces.close()
     _write_rows(parts / f"find-{task.name}.parquet", CANDIDATES_SCHEMA, candidates)
-    _write_rows(_problems_file(parts, FIND, task.name), PROBLEMS_SCHEMA, problems)
+    _write_rows(_problems_file(parts, task.name), PROBLEMS_SCHEMA, problems)
     Markers(parts, FIND).mark(task.name, {"shards": facts, "candidates": len(candidates)})
     return {"task": task.name, "ran": True}
 
@@ -208,8 +208,9 @@ def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates
         raise CurateError(f"{exc}; make the shard readable and rerun to resume") from None
 
 
-def _problems_file(parts_dir: Path, stage: str, name: str) -> Path:
-    return parts_dir / f"{stage}-problems-{name}.parquet"
+def _problems_file(parts_dir: Path, name: str) -> Path:
+    """The problems a find task met (the write pass records none)."""
+    return parts_dir / f"{FIND}-problems-{name}.parquet"
 
 
 def _write_rows(path: Path, schema: pa.Schema, rows: list[tuple]) -> None:
@@ -283,8 +284,7 @@ class _ShardCursor:
             if self.piece is not None and samples[done] < self.piece[3] + self.piece[2].samples:
                 source, region, tar, first = self.piece
                 stop = int(np.searchsorted(samples, first + tar.samples))
-                one._write_run(writer, index + done, FastRun(self.url, source, len(region), tar,
-                                                             samples[done:stop] - first, region))
+                one._write_run(writer, index + done, FastRun(self.url, source, region, tar, samples[done:stop] - first))
                 done = stop
                 continue
             self.piece = next(self.walk, None)
@@ -371,7 +371,7 @@ def _reduce(parts_dir: Path, names: list[str], urls: list[str], shard_size: int)
     first[np.unique(position, return_index=True)[1]] = True  # the first occurrence of each subset uid
     index = SubsetIndex(load_subset(parts_dir / SUBSET_SNAPSHOT, mmap=True), sorted_unique=True)
     index.found[position[first]] = True
-    problems = [row for name in names for row in _read_rows(_problems_file(parts_dir, FIND, name))]
+    problems = [row for name in names for row in _read_rows(_problems_file(parts_dir, name))]
     if_kept = [row for row in problems if row[2] == 2]
     if if_kept:  # members not exported: recorded for the kept samples only
         pair = shard.astype(np.int64) << 32 | sample.astype(np.int64)
