@@ -75,3 +75,30 @@ def run(work: Path, n_rows: int, dim: int, target_rows: int, repeats: int, log=p
                          "fp16 .npy cache" if cache_dir else "Parquet tables", "check": agreement,
                          **comparison.as_dict()}
     return results
+
+
+def decode_costs(work: Path, n_rows: int, dim: int, repeats: int, log=print) -> dict:
+    """CPU µs per row to decode one table's image column, in NormSim's 1024-row batches: the binary vectors
+    `curate embed` writes, against the fixed_size_list<float16> column earlier versions wrote (same values,
+    same plain encoding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.io.tables import column_to_numpy, numpy_to_fixed_list, numpy_to_vectors, write_table_atomic
+
+    values = random_unit_rows(np.random.default_rng(7), n_rows, dim)
+    files = {"binary": numpy_to_vectors(values), "list": numpy_to_fixed_list(values)}
+    out = {}
+    for name, column in files.items():
+        path = work / f"decode-{name}-{n_rows}x{dim}.parquet"
+        write_table_atomic(pa.table({"image_embedding": column}), path)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.process_time()
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, use_threads=False):
+                column_to_numpy(batch.column(0), np.float16)
+            best = min(best, time.process_time() - started)
+        out[name] = {"us_per_row": best / n_rows * 1e6, "bytes": path.stat().st_size}
+        path.unlink()
+    log(f"  decode µs/row: binary {out['binary']['us_per_row']:.2f}, list {out['list']['us_per_row']:.2f}")
+    return {"n_rows": n_rows, "dim": dim, **out}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.io.tables import TeacherInfo, embedding_schema, numpy_to_fixed_list, write_table_atomic
+from curate.io.tables import TeacherInfo, embedding_schema, numpy_to_vectors, write_table_atomic
 
 HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 STAMP = "pool.json"
@@ -41,7 +41,7 @@ def make_pool(path: str | Path, n_rows: int, dim: int = 512, rows_per_file: int 
     `write_table_atomic` makes them for `curate embed`). Captions and keys are short strings; uids random."""
     path = Path(path)
     params = {"n_rows": int(n_rows), "dim": int(dim), "rows_per_file": int(rows_per_file), "seed": int(seed),
-              "logit_scale": float(logit_scale), "format": 4}  # 4: plain vector columns
+              "logit_scale": float(logit_scale), "format": 5}  # 5: binary vector columns
     stamp = path / STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return path
@@ -56,8 +56,8 @@ def make_pool(path: str | Path, n_rows: int, dim: int = 512, rows_per_file: int 
         uids = random_uids(rng, n)
         names = pa.array(np.char.add("k", np.arange(start, start + n).astype(str)).astype(object), pa.string())
         table = pa.Table.from_arrays(
-            [uids, names, names, numpy_to_fixed_list(random_unit_rows(rng, n, dim)),
-             numpy_to_fixed_list(random_unit_rows(rng, n, dim))], schema=schema)
+            [uids, names, names, numpy_to_vectors(random_unit_rows(rng, n, dim)),
+             numpy_to_vectors(random_unit_rows(rng, n, dim))], schema=schema)
         write_table_atomic(table, path / f"shard-{index:06d}.parquet",
                            meta={"teacher": teacher.to_dict(), "shard": f"shard-{index:06d}.tar"})
         del table

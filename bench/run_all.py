@@ -178,9 +178,9 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               "groups are written while later blocks are scored. (Before: one 2-thread BLAS product fed by a "
               "read-ahead thread: 1.14-1.17x and 1.22-1.30x from the cache, since BLAS splits a product evenly "
               "between its threads and any other work on a core stalls both.) "
-              "Streaming from Parquet pays for decoding the fp16 list columns (~1.1 µs of one core per 512-d row, "
-              "see the format note below), which the two cores share with the products; "
-              "from the `.npy` cache that `curate score` builds for negclip, reading is a sequential copy.", ""]
+              "Streaming from Parquet pays for decoding the binary vector columns (see the format note below; "
+              "~10× less than the list columns of earlier versions, which made these rows 1.21-1.45×); from the "
+              "`.npy` cache that `curate score` builds for negclip, reading is a sequential copy.", ""]
     if exports:
         L += ["## export", "",
               "Subset: every uid of the corpus (the export writes the bytes it reads). Limit: `shutil.copyfileobj` of "
@@ -266,19 +266,23 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               f"(+{mib(bb['score']['growth'])} above imports). Logits are computed in tiles of 2^24 float32 "
               "(64 MiB), so the b² term is bounded by the tile; what grows with b is the b×D batch (fp16 gather, "
               "float32 copies, the prefetched next batch).", ""]
-    L += ["## Format note: Parquet fp16 list columns", "",
-          "Embeddings are `fixed_size_list<float16>[D]` in Parquet. `write_table_atomic` writes the vector "
-          "columns plain: with dictionary encoding (pyarrow's default) an fp16 column read and wrote ~4× slower, and "
-          "zstd, which saves only ~9 % of random-looking fp16 bytes, tripled the read time (one 50k × 512 column: "
-          "164 ms with zstd, 57 ms plain, i.e. ~1.1 µs per 512-d row on one core). Both are standard Parquet "
-          "options: every reader reads either, and older zstd files still read. Reading the 200k-row pool's image "
-          "column plain takes ~0.24 s of one core, which on two cores competes with BLAS (the Parquet rows above); "
-          "measured against the plain column (43 ms per 50k × 512 column without the rest of the table) but not "
-          "adopted, because they change the schema other tools read: non-nullable list elements 33 ms (−24 %), "
-          "`fixed_size_binary(1024)` 5.5 ms (−87 %: one value per row instead of 512). Reading in 1024-row batches "
-          "as NormSim does, non-nullable elements saved 33 %; Parquet page v2, byte-stream-split encoding and "
-          "large pages changed nothing; Arrow's dataset reader is faster in wall time only (it decodes on more "
-          "threads, with more CPU in all). The `.npy` caches avoid the decoding for every pass after the first.", ""]
+    dc = res.get("decode")
+    L += ["## Format note: binary vector columns", "",
+          "Embeddings are stored as `fixed_size_binary(2·D)` columns (D little-endian float16 values per row), "
+          "not as Parquet lists: Parquet gives a list a repetition level per value, so a 512-d list row decodes "
+          "value by value, while a binary row is one value."]
+    if dc:
+        L.append(f"Measured in this run, one {dc['n_rows']:,} × {dc['dim']} column read in 1024-row batches as NormSim "
+                 f"reads it: binary {dc['binary']['us_per_row']:.2f} µs of CPU per row "
+                 f"({dc['binary']['bytes'] / 1e6:.1f} MB), `fixed_size_list<float16>` {dc['list']['us_per_row']:.2f} µs "
+                 f"per row ({dc['list']['bytes'] / 1e6:.1f} MB), {dc['list']['us_per_row'] / dc['binary']['us_per_row']:.0f}× "
+                 "more. Tables in the list form (written by earlier versions) still read.")
+    L += ["Other options measured (2026-11-28) on the list form and dropped: non-nullable list elements (−24..33 %), "
+          "Parquet page v2, byte-stream-split encoding and large pages (no change), Arrow's dataset reader (faster "
+          "in wall time only: it decodes on more threads, with more CPU in all). `write_table_atomic` writes the "
+          "vector columns plain: with dictionary encoding (pyarrow's default) an fp16 column read and wrote ~4× "
+          "slower, and zstd, which saves only ~9 % of random-looking fp16 bytes, tripled the read time. Both are "
+          "standard Parquet options: every reader reads either.", ""]
     if res.get("projection"):
         L += ["## Paper-scale projection", ""] + res["projection"]
     return "\n".join(L) + "\n"
@@ -360,6 +364,7 @@ def main(argv=None) -> int:
 
         log("normsim")
         res["normsim"] = bench_normsim.run(work, cfg["normsim_rows"], 512, 1000, cfg["fast_repeats"], log)
+        res["decode"] = bench_normsim.decode_costs(work, 50_000, 512, cfg["fast_repeats"], log)
     if "export" in only:
         import bench_export
 

@@ -36,7 +36,7 @@ from PIL import Image
 
 from conftest import make_embedding_dir, record_robustness
 from curate.io.shards import MAX_IMAGE_PIXELS, RawSample
-from curate.io.tables import TeacherInfo, build_embedding_table, fixed_list_to_numpy, write_table_atomic
+from curate.io.tables import TeacherInfo, build_embedding_table, vectors_to_numpy, write_table_atomic
 from curate.io.uids import content_uid, read_uid_npy, write_uid_npy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,7 +405,7 @@ def test_member_names_never_become_output_paths(dirty_run):
 
 def embed_rows(out: Path, stem: str) -> dict[str, np.ndarray]:
     table = pq.read_table(out / f"{stem}.parquet")
-    image = fixed_list_to_numpy(table.column("image_embedding"))
+    image = vectors_to_numpy(table.column("image_embedding"))
     return dict(zip(table.column("key").to_pylist(), image))
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.io.tables import EmbeddingPool, fixed_list_to_numpy, read_meta
+from curate.io.tables import EmbeddingPool, vectors_to_numpy, read_meta
 from curate.io.uids import content_uid
 from curate.stages.embed import EmbedConfig, embed
 from curate.stages.synth import make_corpus
@@ -47,9 +47,9 @@ def test_embed_schema_norms_uids(corpus, tmp_path):
     assert pool.n_rows == 60 and pool.teacher.model == "curate-tiny" and pool.dim == pool.teacher.embed_dim
     table = pq.read_table(pool.files[0])
     assert table.schema.names[:5] == ["uid", "key", "caption", "image_embedding", "text_embedding"]
-    assert str(table.schema.field("image_embedding").type) == f"fixed_size_list<element: halffloat>[{pool.dim}]"
+    assert str(table.schema.field("image_embedding").type) == f"fixed_size_binary[{2 * pool.dim}]"  # float16 vectors
     for col in ("image_embedding", "text_embedding"):
-        norms = np.linalg.norm(fixed_list_to_numpy(table.column(col)), axis=1)
+        norms = np.linalg.norm(vectors_to_numpy(table.column(col)), axis=1)
         np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # fp16 storage of unit vectors
     metas = [json.loads(j) for j in table.column("json").to_pylist()]
     assert table.column("uid").to_pylist() == [m["uid"] for m in metas]  # uid rule: the json's uid first

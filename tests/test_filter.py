@@ -268,7 +268,7 @@ def test_inline_normsim_is_joined_by_uid(tmp_path):
 
 def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_path):
     """Real NormSim_inf inline, --emb taken from the score table's `source`, checked against a plain loop."""
-    from curate.io.tables import EmbeddingPool, fixed_list_to_numpy, write_table_atomic
+    from curate.io.tables import EmbeddingPool, vectors_to_numpy, write_table_atomic
 
     emb = make_embedding_dir(tmp_path / "emb", [6, 6], dim=8, seed=6)
     target = make_embedding_dir(tmp_path / "target", [4], dim=8, seed=7)
@@ -279,9 +279,9 @@ def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_
     out = tmp_path / "sub"
     filter_pool([tmp_path / "scores.parquet"], out, keeps=["negclip:0.5", "normsim_inf:0.25"], normsim="inf",
                 target=str(target))
-    v = fixed_list_to_numpy(pq.read_table(emb / "shard-00000.parquet").column("image_embedding"))
-    v = np.concatenate([v, fixed_list_to_numpy(pq.read_table(emb / "shard-00001.parquet").column("image_embedding"))])
-    x = fixed_list_to_numpy(pq.read_table(target / "shard-00000.parquet").column("image_embedding"))
+    v = vectors_to_numpy(pq.read_table(emb / "shard-00000.parquet").column("image_embedding"))
+    v = np.concatenate([v, vectors_to_numpy(pq.read_table(emb / "shard-00001.parquet").column("image_embedding"))])
+    x = vectors_to_numpy(pq.read_table(target / "shard-00000.parquet").column("image_embedding"))
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     plain = [max(abs(float(np.dot(v[i], x[j]))) for j in range(len(x))) for i in range(len(v))]
     top_half = range(6, 12)  # negclip rises with the row: the top half is rows 6..11

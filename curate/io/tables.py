@@ -2,7 +2,11 @@
 
 Embedding table (one per input shard, same stem): columns
   uid (string, 32 lowercase hex), key (string), caption (string),
-  image_embedding, text_embedding (fixed_size_list<float16>[D], L2-normalised).
+  image_embedding, text_embedding (fixed_size_binary(2·D): D little-endian IEEE float16 values per row,
+  L2-normalised; `vectors_to_numpy` turns a column into an (N, D) array).
+Binary vectors, not Parquet lists: Parquet stores a list with a repetition level per value, and decoding
+a 512-d fp16 list costs ~1.2 µs per row against ~0.12 µs for the same bytes as one binary value (same file
+size; bench/results.md). Tables written as fixed_size_list<float>[D] by earlier versions still read.
 Schema metadata key `curate` holds JSON: {"teacher": {model, pretrained, embed_dim, logit_scale},
 "version": code version, "shard": input shard, ...}.
 Pool order (used by every pool-wide step) is: files sorted by name, rows in file order.
@@ -31,6 +35,8 @@ ERRORS_SUFFIX = ".errors.parquet"
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 READ_BATCH_ROWS = 1 << 13  # rows per block when streaming tables (8k x 512 fp16 = 8 MiB per column)
 VECTOR_ROW_GROUP_ROWS = 1 << 13  # default row group of tables with vector columns: small, fast reads
+VECTOR_DTYPE = np.dtype("<f2")  # the element type of binary vector columns
+VECTOR_FIELD_META = b"curate.vector"  # field metadata naming a binary column's element type, for other readers
 
 
 @dataclass(frozen=True)
@@ -60,21 +66,48 @@ class TeacherInfo:
 
 # ---------------------------------------------------------------- writing
 
+def vector_field(name: str, dim: int) -> pa.Field:
+    """A binary vector column of `dim` float16 values; its field metadata says so to other readers."""
+    return pa.field(name, pa.binary(VECTOR_DTYPE.itemsize * dim),
+                    metadata={VECTOR_FIELD_META: f"float16[{dim}] little-endian".encode()})
+
+
 def embedding_schema(dim: int) -> pa.Schema:
-    vec = pa.list_(pa.float16(), dim)
     return pa.schema(
         [("uid", pa.string()), ("key", pa.string()), ("caption", pa.string()),
-         ("image_embedding", vec), ("text_embedding", vec)]
+         vector_field("image_embedding", dim), vector_field("text_embedding", dim)]
     )
 
 
+def numpy_to_vectors(matrix: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(N, D) array -> a binary vector column (float16, D values per row) without a Python loop."""
+    matrix = np.ascontiguousarray(np.asarray(matrix).astype(VECTOR_DTYPE, copy=False))
+    n, d = matrix.shape
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(VECTOR_DTYPE.itemsize * d), n,
+                                                [None, pa.py_buffer(matrix)])
+
+
 def numpy_to_fixed_list(matrix: np.ndarray, dtype=pa.float16()) -> pa.FixedSizeListArray:
-    """(N, D) array -> Arrow fixed_size_list<dtype>[D] without a Python loop."""
+    """(N, D) array -> Arrow fixed_size_list<dtype>[D] (the list form other tools write; targets may be
+    given in it) without a Python loop."""
     matrix = np.ascontiguousarray(matrix)
     n, d = matrix.shape
     np_dtype = {pa.float16(): np.float16, pa.float32(): np.float32}[dtype]
     flat = pa.array(matrix.astype(np_dtype, copy=False).reshape(-1), type=dtype)
     return pa.FixedSizeListArray.from_arrays(flat, d)
+
+
+def is_vector_type(field_type: pa.DataType) -> bool:
+    """A vector column: binary vectors (ours) or a fixed_size_list of floats (earlier tables, other tools)."""
+    return (pa.types.is_fixed_size_binary(field_type) and field_type.byte_width % VECTOR_DTYPE.itemsize == 0
+            or pa.types.is_fixed_size_list(field_type) and pa.types.is_floating(field_type.value_type))
+
+
+def vector_dim(field_type: pa.DataType) -> int:
+    """The number of values per row of a vector column type."""
+    if pa.types.is_fixed_size_binary(field_type):
+        return field_type.byte_width // VECTOR_DTYPE.itemsize
+    return field_type.list_size
 
 
 def with_meta(table: pa.Table, meta: dict) -> pa.Table:
@@ -88,7 +121,7 @@ def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = No
                        row_group_size: int | None = None) -> Path:
     """Write a Parquet file via temp file + rename. Deterministic bytes for identical input.
 
-    Vector (fixed_size_list) columns are written plain: no dictionary and no compression. Embedding values
+    Vector columns are written plain: no dictionary and no compression. Embedding values
     barely repeat: a dictionary made reading and writing an fp16 column ~4x slower, and zstd saved 9 % of
     its bytes but tripled the time to read it (164 vs 57 ms per 50k x 512 column; bench/results.md). Both are
     standard Parquet options, so every reader reads either. Their row groups default to
@@ -97,7 +130,7 @@ def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = No
     if meta is not None:
         table = with_meta(table, meta)
     path = Path(path)
-    other_columns = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+    other_columns = [f.name for f in table.schema if not is_vector_type(f.type)]
     if row_group_size is None and len(other_columns) < len(table.schema):
         row_group_size = VECTOR_ROW_GROUP_ROWS
     compression = {name: "zstd" if name in other_columns else "none" for name in table.schema.names}
@@ -116,8 +149,8 @@ def build_embedding_table(uids: Sequence[str], keys: Sequence[str], captions: Se
     table = pa.Table.from_arrays(
         [pa.array(list(uids), pa.string()), pa.array(list(keys), pa.string()),
          pa.array(list(captions), pa.string()),
-         numpy_to_fixed_list(np.asarray(image_emb).reshape(-1, dim)),
-         numpy_to_fixed_list(np.asarray(text_emb).reshape(-1, dim))],
+         numpy_to_vectors(np.asarray(image_emb).reshape(-1, dim)),
+         numpy_to_vectors(np.asarray(text_emb).reshape(-1, dim))],
         schema=embedding_schema(dim),
     )
     if json_texts is not None:
@@ -137,12 +170,21 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """fixed_size_list column -> (N, D) numpy array (one copy at most)."""
+def vectors_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32, source: object = "") -> np.ndarray:
+    """Vector column (binary vectors or fixed_size_list) -> (N, D) numpy array (one copy at most; none for
+    binary vectors read as float16). `source` names the file in the error about null rows."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    d = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    if column.null_count:
+        raise CurateError(f"{source or 'table'}: vector column holds {column.null_count} null rows; "
+                          "re-embed that shard")
+    d = vector_dim(column.type)
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width
+        values = np.frombuffer(column.buffers()[1], dtype=VECTOR_DTYPE, count=len(column) * d,
+                               offset=column.offset * width).reshape(len(column), d)
+    else:
+        values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
     if values.dtype == np.float16 and np.dtype(dtype) == np.float32:
         return to_float32(values)
     return values.astype(dtype, copy=False)
@@ -239,7 +281,7 @@ class EmbeddingPool:
             pf = pq.ParquetFile(f)
             _require_columns(f, pf.schema_arrow, columns)
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False):
-                yield f, {c: _column_to_numpy(batch.column(c), dtype) for c in columns}
+                yield f, {c: column_to_numpy(batch.column(c), dtype, f) for c in columns}
 
     def column(self, name: str) -> np.ndarray:
         """A scalar column of the whole pool (e.g. uid): one array, pool order."""
@@ -265,7 +307,7 @@ class EmbeddingPool:
         for f in self.files:
             _require_columns(f, pq.read_schema(f), [column])
         if cache_dir is None:
-            parts = [fixed_list_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16)
+            parts = [vectors_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16, f)
                      for f in self.files]
             return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float16)
         cache = self.cache_file(column, cache_dir)
@@ -283,17 +325,18 @@ class EmbeddingPool:
 
 
 def _check_embedding_columns(path: Path, schema: pa.Schema, dim: int) -> None:
-    """Embedding columns must be fixed_size_list<float>[embed_dim], as the metadata says: a table whose
-    vectors disagree with its own teacher record would otherwise fail deep inside a stage."""
+    """Embedding columns must be vectors of embed_dim values, as the metadata says: a table whose vectors
+    disagree with its own teacher record would otherwise fail deep inside a stage."""
     for name in EMBEDDING_COLUMNS:
         if name not in schema.names:
             continue
         field_type = schema.field(name).type
-        if not (pa.types.is_fixed_size_list(field_type) and pa.types.is_floating(field_type.value_type)):
-            raise CurateError(f"{path}: column `{name}` has type {field_type}, expected fixed_size_list<float16>[{dim}]; "
+        if not is_vector_type(field_type):
+            raise CurateError(f"{path}: column `{name}` has type {field_type}, expected binary vectors "
+                              f"(fixed_size_binary[{VECTOR_DTYPE.itemsize * dim}]) or fixed_size_list<float>[{dim}]; "
                               "is this an embedding table from `curate embed`?")
-        if field_type.list_size != dim:
-            raise CurateError(f"{path}: column `{name}` holds {field_type.list_size}-d vectors but the table's teacher "
+        if vector_dim(field_type) != dim:
+            raise CurateError(f"{path}: column `{name}` holds {vector_dim(field_type)}-d vectors but the table's teacher "
                               f"metadata says embed_dim {dim}; the file is inconsistent: re-embed that shard")
 
 
@@ -304,7 +347,8 @@ def _require_columns(path: Path, schema: pa.Schema, columns: Iterable[str]) -> N
                           "is this an embedding table from `curate embed`?")
 
 
-def _column_to_numpy(col: pa.ChunkedArray, dtype) -> np.ndarray:
-    if pa.types.is_fixed_size_list(col.type):
-        return fixed_list_to_numpy(col, dtype)
+def column_to_numpy(col: pa.ChunkedArray | pa.Array, dtype, source: object = "") -> np.ndarray:
+    """Any column of a table: vectors as (N, D) `dtype`, other columns as they are."""
+    if is_vector_type(col.type):
+        return vectors_to_numpy(col, dtype, source)
     return col.to_numpy(zero_copy_only=False)

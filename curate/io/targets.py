@@ -3,7 +3,8 @@
 `--target` accepts:
 * an embedding directory made by `curate embed` (its `image_embedding` column; same teacher as the pool),
 * a `.npy` file holding an (M, D) float matrix,
-* a `.parquet` file with a fixed_size_list column `image_embedding` or `embedding`,
+* a `.parquet` file with a vector column `image_embedding` or `embedding` (fixed_size_list of floats,
+  or binary float16 vectors as `curate embed` writes),
 * `imagenet`: ImageNet-1k class names through open_clip's zero-shot prompt templates, embedded with the
   pool's teacher's text tower, templates averaged per class and renormalised as in CLIP zero-shot
   (cached per teacher under the cache directory),
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
-from curate.io.tables import EmbeddingPool, TeacherInfo, fixed_list_to_numpy, read_meta
+from curate.io.tables import EmbeddingPool, TeacherInfo, is_vector_type, read_meta, vectors_to_numpy
 
 BUILTIN_TARGETS = ("imagenet", "none")
 TEMPLATE_SETS = ("openai", "simple")
@@ -116,9 +117,10 @@ def _from_parquet(path: Path, pool_teacher: TeacherInfo | None) -> np.ndarray:
     if column is None:
         raise CurateError(f"{path}: no `image_embedding` or `embedding` column (has {', '.join(schema.names)})")
     field_type = schema.field(column).type
-    if not (hasattr(field_type, "list_size") and getattr(field_type, "value_type", None) is not None):
-        raise CurateError(f"{path}: column `{column}` must be a fixed_size_list of floats, got {field_type}")
-    return fixed_list_to_numpy(pq.read_table(path, columns=[column]).column(column), np.float32)
+    if not is_vector_type(field_type):
+        raise CurateError(f"{path}: column `{column}` must be a fixed_size_list of floats or binary float16 "
+                          f"vectors (as `curate embed` writes), got {field_type}")
+    return vectors_to_numpy(pq.read_table(path, columns=[column]).column(column), np.float32, path)
 
 
 # ---------------------------------------------------------------- imagenet

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
-from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, _column_to_numpy, _require_columns, to_float32
+from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, column_to_numpy, _require_columns, to_float32
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir,
                                   open_task_output, parts_root, parts_started, pool_source, remove_parts, start_map,
                                   remove_single_driver_parts, task_file, wants_tasks, write_once)
@@ -384,7 +384,7 @@ def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
             _require_columns(pool.files[index], parquet.schema_arrow, [column])
             row = first
             for batch in parquet.iter_batches(batch_size=block_rows, columns=[column], use_threads=False):
-                half = _column_to_numpy(batch.column(column), np.float16)
+                half = column_to_numpy(batch.column(column), np.float16, pool.files[index])
                 yield row, functools.partial(_checked, pool, half, row, column)
                 row += len(half)
 
