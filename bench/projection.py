@@ -132,6 +132,7 @@ def lines(measured: dict, gpus: int = 8) -> list[str]:
                            f"{per * 1e3:.1f} ms | {fmt_time(per * POOLS['medium'])} core-time | "
                            f"{fmt_time(per * POOLS['xlarge'])} core-time |")
         out += ["", "NormSim is I/O-bound at scale: the products are cheap, reading the embeddings is not. "
-                "The Parquet path decodes fp16 list columns on the CPU; the cache path reads raw fp16 rows. "
+                "The Parquet path decodes the binary fp16 vector columns (one value per row); the cache path reads raw "
+                "fp16 rows. "
                 "Per-sample CPU costs parallelise over shards/ranks (`--rank/--world-size`).", ""]
     return out

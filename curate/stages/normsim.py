@@ -366,7 +366,7 @@ def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
 
     From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
     `curate score` for negclip): positional reads, done by `read` itself (so several threads can read at
-    once), far cheaper than decoding the Parquet list column. Otherwise streamed from the tables (decoded as
+    once), cheaper than decoding Parquet pages. Otherwise streamed from the tables (decoded as
     the iterator advances); no cache is built for this one pass.
     Both sources give the same blocks (per table, `block_rows` each): a BLAS product's rounding can depend
     on the block's row count, and both sources, and map tasks over any span of tables, must give the

@@ -3,8 +3,8 @@
 Passes over the pool (pool order = files sorted by name, rows in file order):
 1. s_ii (clipscore) per row, and a check that every embedding is finite and non-zero (one NaN row would
    poison the LSE of its whole batch): streamed from the tables row group by row group, or, when negclip
-   is asked for, read back sequentially from its caches (step 2), which is much cheaper than decoding
-   the Parquet list columns a second time.
+   is asked for, read back sequentially from its caches (step 2) instead of reading and decoding the
+   Parquet tables a second time.
 2. negclip only: the image and text columns as fp16 `.npy` caches (`EmbeddingPool.matrix`, built once
    per pool version). For each of K partitions and each of its ⌈N/b⌉ batches, the batch's rows are
    gathered with sorted indices, moved to the device, and the row/column LSE terms computed in float32
@@ -212,8 +212,8 @@ def clipscore_pass(pool: EmbeddingPool) -> np.ndarray:
 def clipscore_from_rows(image: PoolRows, text: PoolRows, chunk_rows: int = 1 << 13) -> np.ndarray:
     """s_ii of every row from the `.npy` caches, read in sequential slices (every read is checked by PoolRows).
 
-    When negclip builds the caches anyway, this replaces the Parquet pass: decoding the Parquet list
-    columns costs far more than reading the same rows back from the cache.
+    When negclip builds the caches anyway, this replaces the second Parquet pass: the rows come back from
+    the cache as a sequential read, with no Parquet pages to decode.
     """
     from curate.metrics.clipscore import clipscore
 
