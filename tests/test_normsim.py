@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -163,6 +164,8 @@ def test_targets_npy_parquet_dir_and_errors(tmp_path):
     from_dir = load_target(emb, teacher)
     pool_image = np.concatenate([c["image_embedding"] for _, c in EmbeddingPool(emb).iter_chunks()])
     np.testing.assert_allclose(from_dir, pool_image / np.linalg.norm(pool_image, axis=1, keepdims=True), atol=1e-6)
+    one_table = sorted(Path(emb).glob("*.parquet"))[0]  # one embed table as a .parquet target: binary vectors
+    np.testing.assert_allclose(load_target(one_table, teacher), from_dir[:3], atol=1e-6)
 
     with pytest.raises(CurateError, match=r"t\.npy: target embeddings have dimension 6 but the pool's have 8"):
         load_target(tmp_path / "t.npy", TeacherInfo("test", "none", 8, 100.0))
