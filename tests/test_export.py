@@ -518,6 +518,25 @@ def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch,
     assert (tmp_path / "shards" / "00000.tar").read_bytes() == bytes(data)
 
 
+@pytest.mark.parametrize("kept", [0, 1])
+def test_padding_is_zeroed_for_the_samples_written(tmp_path, count_fast_shards, kept):
+    """Padding is checked and zeroed for the members written only: a dirty sample that is not kept changes
+    nothing, a kept one is written with NULs, next to clean samples in the same piece."""
+    members = [("k0.jpg", b"a" * 300), ("k0.json", json.dumps({"uid": uid_of(0)}).encode()),
+               ("k1.jpg", b"b" * 700), ("k1.json", json.dumps({"uid": uid_of(1)}).encode())]
+    data = bytearray(tarfile_writer_bytes(members, tarfile.GNU_FORMAT))
+    data[512 + 300:1024] = b"\x07" * (1024 - 512 - 300)  # k0.jpg's padding
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(bytes(data))
+    write_uid_npy([uid_of(kept)], tmp_path / "uids.npy")
+    fast, slow = export_both(tmp_path / "shards", tmp_path / "uids.npy", tmp_path / "out", shard_size=5)
+    assert_same_outputs(fast, slow)
+    assert count_fast_shards == [True]
+    assert fast[0]["00000.tar"] == tarfile_writer_bytes([("000000000.jpg", members[2 * kept][1]),
+                                                         ("000000000.json", members[2 * kept + 1][1])],
+                                                        tarfile.GNU_FORMAT)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3 * 512 * 8 - 1), st.integers(0, 255)), min_size=1, max_size=4),
        st.integers(1, 3), st.sampled_from([512, 1024, 2560, 1 << 20]))

@@ -157,7 +157,6 @@ class PlainTar:
     key_length: np.ndarray  # int64 per sample: length of the key in the first member's name
     names: np.ndarray  # (members, 100) uint8 name fields as read
     end: int  # byte offset after the last member's data blocks
-    dirty_padding: bool  # some bytes after a member's data in its last block are not zero
 
     @property
     def samples(self) -> int:
@@ -388,15 +387,13 @@ def scan_plain_tar(buffer, total: int, max_member_bytes: int, final: bool = True
                                                ext_id[:members], headers[:members])
         first, key_length = first[:samples + 1], key_length[:samples]
     return PlainTar(header_block=head, size=size, sample=sample, ext_id=ext_id, exts=exts,
-                    first=first, key_length=key_length, names=headers[:, :NAME_FIELD],
-                    end=end,
-                    dirty_padding=_dirty_padding(table, head, size))
+                    first=first, key_length=key_length, names=headers[:, :NAME_FIELD], end=end)
 
 
 def _no_samples() -> PlainTar:
     empty = np.zeros(0, dtype=np.int64)
     return PlainTar(header_block=empty, size=empty, sample=empty, ext_id=empty, exts=[], first=np.zeros(1, np.int64),
-                    key_length=empty, names=np.zeros((0, NAME_FIELD), dtype=np.uint8), end=0, dirty_padding=False)
+                    key_length=empty, names=np.zeros((0, NAME_FIELD), dtype=np.uint8), end=0)
 
 
 def _last_blocks(header_block: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -406,8 +403,8 @@ def _last_blocks(header_block: np.ndarray, size: np.ndarray) -> tuple[np.ndarray
     return header_block[partial] + size[partial] // BLOCK + 1, tail[partial]
 
 
-def _dirty_padding(table: np.ndarray, header_block: np.ndarray, size: np.ndarray) -> bool:
-    last, tail = _last_blocks(header_block, size)
+def _dirty_padding(table: np.ndarray, last: np.ndarray, tail: np.ndarray) -> bool:
+    """Whether any byte after the data in these last blocks (`_last_blocks`) is not zero."""
     if not len(last):
         return False
     words = table[last].view("<u8")  # (n, 64): eight bytes at a time
@@ -420,10 +417,11 @@ def _dirty_padding(table: np.ndarray, header_block: np.ndarray, size: np.ndarray
 
 def zero_padding(table: np.ndarray, tar: PlainTar, members: np.ndarray) -> None:
     """Zero the bytes after each listed member's data in its last block (tarfile writes NULs there; the input
-    may hold anything)."""
-    if not tar.dirty_padding:
-        return
+    may hold anything). Checked for the members written only, not when scanning: an export writes the
+    fraction of what it scans that it keeps, and its map tasks' find pass writes nothing."""
     last, tail = _last_blocks(tar.header_block[members], tar.size[members])
+    if not _dirty_padding(table, last, tail):
+        return
     rows = table[last]
     rows[np.arange(BLOCK)[None, :] >= tail[:, None]] = 0
     table[last] = rows
