@@ -17,6 +17,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common import compare
 
 
@@ -85,6 +87,19 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
 
     comparison = compare(stage, lambda: raw_copy(shards, work / "export-copy"), repeats, log, "export")
     extra: dict = {}
+    # what a curation does: keep ~30 % (random samples, so the kept runs are short), read and scan all of it
+    uids = all_uids(shards)
+    keep = np.random.default_rng(30).random(len(uids)) < 0.3
+    write_uid_npy([uid for uid, k in zip(uids, keep) if k], work / "export-subset-30" / "uids.npy")
+    subset_times = []
+    for _ in range(repeats):
+        shutil.rmtree(work / "export-out-30", ignore_errors=True)
+        start = time.perf_counter()
+        report = export_subset(str(corpus), work / "export-subset-30", work / "export-out-30", shard_size=1000)
+        subset_times.append(time.perf_counter() - start)
+    log(f"  export of a 30 % subset: best {min(subset_times):.3f} s, {report.written} samples written")
+    extra.update(subset30_s=subset_times, subset30_written=report.written,
+                 subset30_mb_s=total_bytes / 1e6 / min(subset_times))
     if map_tasks:
         task_times = []
         for _ in range(repeats):
@@ -113,10 +128,11 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
             a.read_bytes() == b.read_bytes() for a, b in zip(fast_tars, slow_tars))
         log(f"  export with iter_shard only: {iter_shard_s:.2f} s, same tars as the fast path: {same}")
         mb = total_bytes / 1e6
-        extra = {"tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times),
+        extra |= {"tarfile_copy_s": tar_times, "tarfile_copy_mb_s": mb / min(tar_times),
                  "iter_shard_export_s": iter_shard_s, "iter_shard_export_mb_s": mb / iter_shard_s,
                  "iter_shard_same_tars": same}
-    for d in ("export-out", "export-copy", "export-tarcopy", "export-out-iter-shard", "export-out-tasks"):
+    for d in ("export-out", "export-copy", "export-tarcopy", "export-out-iter-shard", "export-out-tasks",
+              "export-out-30"):
         shutil.rmtree(work / d, ignore_errors=True)
     mb = total_bytes / 1e6
     return {"samples": samples, "image_size": image_size, "shards": len(shards), "input_bytes": total_bytes,

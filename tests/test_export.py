@@ -716,3 +716,31 @@ def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monke
         export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2)
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
     assert not json.loads((tmp_path / "out" / MANIFEST).read_text())["complete"]
+
+
+@pytest.mark.parametrize("short_writes", [False, True])
+@pytest.mark.parametrize("without_writev", [False, True])
+def test_write_gathered_writes_every_byte_in_order(tmp_path, monkeypatch, short_writes, without_writev):
+    """More pieces than one writev takes, empty pieces, and a system that writes less than it is asked to."""
+    rng = random.Random(3)
+    pieces = [bytes([i % 251]) * rng.choice([0, 1, 511, 512, 3000]) for i in range(40)]
+    pieces += [memoryview(bytearray(b"xyz" * 700))[5:1900], np.arange(300, dtype=np.uint8).reshape(3, 100)]
+    monkeypatch.setattr(export_module, "IOV_MAX", 7)
+    real_writev, calls = export_module.os.writev, []
+
+    def counted(written: int) -> int:  # a loop that stopped advancing fails here instead of filling the disk
+        calls.append(written)
+        assert len(calls) < 1000, "write_gathered does not advance"
+        return written
+
+    if short_writes:  # at most 1000 bytes per call, cut anywhere
+        monkeypatch.setattr(export_module.os, "writev", lambda fd, views: counted(
+            real_writev(fd, [bytes(b"".join(bytes(v) for v in views)[:1000])])))
+    if without_writev:
+        monkeypatch.delattr(export_module.os, "writev")
+    with open(tmp_path / "out", "wb", buffering=0) as f:
+        if short_writes and without_writev:
+            real_write = f.write
+            f = type("Short", (), {"write": lambda self, v: counted(real_write(bytes(v)[:700])), "name": "out"})()
+        export_module.write_gathered(f, pieces)
+    assert (tmp_path / "out").read_bytes() == b"".join(bytes(memoryview(p).cast("B")) for p in pieces)

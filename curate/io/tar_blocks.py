@@ -123,6 +123,15 @@ class DeterministicTarWriter:
         self.file.write(data)
         self.offset += size
 
+    def add_block_ranges(self, buffer, starts: list[int], ends: list[int]) -> None:
+        """`add_blocks(buffer[start:end])` for each range (byte offsets, multiples of BLOCK), in one loop."""
+        view, write = memoryview(buffer), self.file.write
+        for start, end in zip(starts, ends):
+            write(view[start:end])
+        size = sum(ends) - sum(starts)
+        assert size % BLOCK == 0
+        self.offset += size
+
     def close(self) -> None:
         self.file.write(end_of_archive(self.offset))
 
