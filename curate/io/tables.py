@@ -216,6 +216,13 @@ def to_float32(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def open_table(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file to stream from local disk. No pre-buffering: it coalesces the reads of a row group into
+    one buffer first, which pays on object stores, but on a local file it is one more copy of every byte
+    (streaming a 200k x 512 binary vector column: 33 ms of CPU with it, 25 without)."""
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def embedding_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Embedding tables of a directory (sorted, skip-record files excluded), or an explicit list."""
     if isinstance(source, (str, Path)):
@@ -283,7 +290,7 @@ class EmbeddingPool:
         """
         columns = list(columns)
         for f in self.files:
-            pf = pq.ParquetFile(f)
+            pf = open_table(f)
             _require_columns(f, pf.schema_arrow, columns)
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False):
                 yield f, {c: column_to_numpy(batch.column(c), dtype, f) for c in columns}

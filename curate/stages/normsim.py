@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
-from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool, column_to_numpy, _require_columns, to_float32
+from curate.io.tables import (READ_BATCH_ROWS, EmbeddingPool, _require_columns, column_to_numpy, open_table,
+                               to_float32)
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir,
                                   open_task_output, parts_root, parts_started, pool_source, remove_parts, start_map,
                                   remove_single_driver_parts, task_file, wants_tasks, write_once)
@@ -380,7 +380,7 @@ def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
 
     def from_tables() -> Iterator[tuple[int, Callable]]:
         for index, first in spans:
-            parquet = pq.ParquetFile(pool.files[index])
+            parquet = open_table(pool.files[index])
             _require_columns(pool.files[index], parquet.schema_arrow, [column])
             row = first
             for batch in parquet.iter_batches(batch_size=block_rows, columns=[column], use_threads=False):
