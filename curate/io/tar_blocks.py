@@ -116,15 +116,9 @@ class DeterministicTarWriter:
             self.file.write(_ZERO_BLOCK[:padding])
         self.offset += len(header) + size + padding
 
-    def add_blocks(self, data) -> None:
-        """Whole, already formatted member blocks (header + data + padding), e.g. from `scan_plain_tar`."""
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        assert size % BLOCK == 0
-        self.file.write(data)
-        self.offset += size
-
     def add_block_ranges(self, buffer, starts: list[int], ends: list[int]) -> None:
-        """`add_blocks(buffer[start:end])` for each range (byte offsets, multiples of BLOCK), in one loop."""
+        """Whole, already formatted member blocks (header + data + padding, e.g. from `scan_plain_tar`):
+        buffer[start:end] for each range (byte offsets, multiples of BLOCK)."""
         view, write = memoryview(buffer), self.file.write
         for start, end in zip(starts, ends):
             write(view[start:end])
