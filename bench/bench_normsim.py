@@ -82,9 +82,8 @@ def decode_costs(work: Path, n_rows: int, dim: int, repeats: int, log=print) -> 
     `curate embed` writes, against the fixed_size_list<float16> column earlier versions wrote (same values,
     same plain encoding)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from curate.io.tables import column_to_numpy, numpy_to_fixed_list, numpy_to_vectors, write_table_atomic
+    from curate.io.tables import column_to_numpy, numpy_to_fixed_list, numpy_to_vectors, open_table, write_table_atomic
 
     values = random_unit_rows(np.random.default_rng(7), n_rows, dim)
     files = {"binary": numpy_to_vectors(values), "list": numpy_to_fixed_list(values)}
@@ -95,7 +94,7 @@ def decode_costs(work: Path, n_rows: int, dim: int, repeats: int, log=print) -> 
         best = float("inf")
         for _ in range(repeats):
             started = time.process_time()
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, use_threads=False):
+            for batch in open_table(path).iter_batches(batch_size=1024, use_threads=False):
                 column_to_numpy(batch.column(0), np.float16)
             best = min(best, time.process_time() - started)
         out[name] = {"us_per_row": best / n_rows * 1e6, "bytes": path.stat().st_size}
