@@ -41,7 +41,7 @@ def make_pool(path: str | Path, n_rows: int, dim: int = 512, rows_per_file: int 
     `write_table_atomic` makes them for `curate embed`). Captions and keys are short strings; uids random."""
     path = Path(path)
     params = {"n_rows": int(n_rows), "dim": int(dim), "rows_per_file": int(rows_per_file), "seed": int(seed),
-              "logit_scale": float(logit_scale), "format": 6}  # 6: binary vector columns, uid without dictionary
+              "logit_scale": float(logit_scale), "format": 7}  # 7: fp16 list vector columns, uid without dictionary
     stamp = path / STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return path

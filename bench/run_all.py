@@ -84,7 +84,7 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
     ns = res.get("normsim", {})
     for key, limit_text in (("normsim_inf", "FAISS IndexFlatIP top-1 over X, pool in RAM"),
                             ("normsim_2", "numpy D×D second-moment route, pool in RAM")):
-        for suffix, source in (("", "streamed from Parquet"), ("_cached", "from the fp16 cache")):
+        for suffix, source in (("", "from the fp16 cache"),):
             r = ns.get(key + suffix)
             if r:
                 summary.append(f"| {key} ({source}), N = {r['n_rows'] // 1000}k, M = {r['target_rows']} | {limit_text} | "
@@ -170,6 +170,8 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               "the top-1 search; `check` is how far the stage falls below the limit's max <v,x> (must be ~0) for "
               "inf and the max abs difference for 2.", ""]
         for key, r in ns.items():
+            if key == "cold":
+                continue
             L.append(f"- {key} ({r['source']}): wall s stage {fmt_list(r['stage_s'])}, limit {fmt_list(r['limit_s'])}; "
                      f"CPU s stage {fmt_list(r['stage_cpu_s'])}, limit {fmt_list(r['limit_cpu_s'])} "
                      f"(CPU ratio {r['cpu_ratio']:.2f}×); check {r['check']:.1e}")
@@ -178,9 +180,14 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               "groups are written while later blocks are scored. (Before: one 2-thread BLAS product fed by a "
               "read-ahead thread: 1.14-1.17x and 1.22-1.30x from the cache, since BLAS splits a product evenly "
               "between its threads and any other work on a core stalls both.) "
-              "Streaming from Parquet pays for decoding the binary vector columns (see the format note below; "
-              "~10× less than the list columns of earlier versions, which made these rows 1.21-1.45×); from the "
-              "`.npy` cache that `curate score` builds for negclip, reading is a sequential copy.", ""]
+              "Both rows read the pool's fp16 `.npy` cache (the one `curate score` builds for negclip; the stage "
+              "builds it first when it is missing): reading it is a sequential copy, where decoding the Parquet "
+              "list columns costs ~1 µs per 512-d row (format note below).", ""]
+        cold = ns.get("cold")
+        if cold:
+            L += [f"Cold run (the stage builds the fp16 cache of the {cold['n_rows']:,}-row pool from the Parquet "
+                  f"lists, then scores normsim_inf): {cold['wall_s']:.2f} s wall, {cold['cpu_s']:.2f} s CPU; later "
+                  "runs of any stage on the same pool version reuse the cache.", ""]
     if exports:
         L += ["## export", "",
               "Subset: every uid of the corpus (the export writes the bytes it reads). Limit: `shutil.copyfileobj` of "
@@ -275,16 +282,18 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
               "(64 MiB), so the b² term is bounded by the tile; what grows with b is the b×D batch (fp16 gather, "
               "float32 copies, the prefetched next batch).", ""]
     dc = res.get("decode")
-    L += ["## Format note: binary vector columns", "",
-          "Embeddings are stored as `fixed_size_binary(2·D)` columns (D little-endian float16 values per row), "
-          "not as Parquet lists: Parquet gives a list a repetition level per value, so a 512-d list row decodes "
-          "value by value, while a binary row is one value."]
+    L += ["## Format note: vector columns are typed lists, the stages read an fp16 cache", "",
+          "Embeddings are stored as `fixed_size_list<float16>[D]` columns, which DuckDB (FLOAT[]), Polars "
+          "(Array(Float16)) and pandas (numpy arrays) read as numbers. Parquet gives a list a repetition level per "
+          "value, so a 512-d list row decodes value by value; an earlier version stored `fixed_size_binary(2·D)` "
+          "bytes (one value per row, ~10× cheaper to decode, but opaque bytes in every other tool). Being read "
+          "right won: stages that read a pool build its fp16 `.npy` cache once and read that."]
     if dc:
-        L.append(f"Measured in this run, one {dc['n_rows']:,} × {dc['dim']} column read in 1024-row batches as NormSim "
-                 f"reads it: binary {dc['binary']['us_per_row']:.2f} µs of CPU per row "
-                 f"({dc['binary']['bytes'] / 1e6:.1f} MB), `fixed_size_list<float16>` {dc['list']['us_per_row']:.2f} µs "
-                 f"per row ({dc['list']['bytes'] / 1e6:.1f} MB), {dc['list']['us_per_row'] / dc['binary']['us_per_row']:.0f}× "
-                 "more. Tables in the list form (written by earlier versions) still read.")
+        L.append(f"Measured in this run, one {dc['n_rows']:,} × {dc['dim']} column read in 1024-row batches: "
+                 f"list {dc['list']['us_per_row']:.2f} µs of CPU per row ({dc['list']['bytes'] / 1e6:.1f} MB), "
+                 f"binary {dc['binary']['us_per_row']:.2f} µs per row ({dc['binary']['bytes'] / 1e6:.1f} MB), "
+                 f"fp16 `.npy` cache {dc['cache']['us_per_row']:.2f} µs per row. Tables in the binary form (written "
+                 "by the earlier version) still read.")
     L += ["Other options measured (2026-11-28) on the list form and dropped: non-nullable list elements (−24..33 %), "
           "Parquet page v2, byte-stream-split encoding and large pages (no change), Arrow's dataset reader (faster "
           "in wall time only: it decodes on more threads, with more CPU in all). `write_table_atomic` writes the "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -17,24 +17,68 @@ from curate.errors import CurateError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate web-scale image-text corpora with a CLIP teacher.")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from curate import __version__
+
+        print(f"curate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root_options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                              help="Print the version and exit.")) -> None:
+    """Curate web-scale image-text corpora with a CLIP teacher."""
 teacher_app = typer.Typer(no_args_is_help=True, help="Train or inspect teachers.")
 app.add_typer(teacher_app, name="teacher")
 console = Console(stderr=True)
 
 
+# What the running command has finished, said when Ctrl-C stops it (each command sets its own).
+interrupt_note: dict[str, Callable[[], str]] = {}
+
+
+def on_interrupt(note: Callable[[], str]) -> None:
+    """Register what to say about finished work if the command is interrupted now."""
+    interrupt_note["note"] = note
+
+
+def interrupted_message() -> str:
+    note = interrupt_note.get("note")
+    try:
+        finished = note() if note else ""
+    except Exception:  # noqa: BLE001 - saying what is finished must not fail the exit
+        finished = ""
+    return (f"[yellow]interrupted[/]: {finished + '; ' if finished else ''}every file is written atomically, so "
+            "nothing half-written is left; rerun the same command to resume")
+
+
 def main() -> None:
-    """Console entry point: user errors print one clear line (exit 2), never a traceback."""
+    """Console entry point: user errors print one clear line (exit 2), never a traceback; Ctrl-C says what
+    was finished (exit 130)."""
     try:
         app()
     except CurateError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; finished shards are kept, rerun to resume")
+    except KeyboardInterrupt:  # outside typer's own handling
+        console.print(interrupted_message(), highlight=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            console.print(interrupted_message(), highlight=False)
+        raise
 
 
-# ---------------------------------------------------------------- synth (issue 4)
+def finished_units(out: Path, stage: str) -> int:
+    from curate.run.markers import Markers
+
+    return len(Markers(out, stage).done())
+
+
+# ---------------------------------------------------------------- synth
 
 @app.command("synth")
 def synth_command(
@@ -64,7 +108,7 @@ def synth_command(
                   f"{summary['seconds']:.1f} s")
 
 
-# ---------------------------------------------------------------- teacher (issue 4)
+# ---------------------------------------------------------------- teacher
 
 @teacher_app.command("train")
 def teacher_train_cmd(
@@ -108,18 +152,24 @@ def teacher_train_cmd(
 
 @teacher_app.command("tiny")
 def teacher_tiny_cmd(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $CURATE_CACHE/teacher or .cache/teacher."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $CURATE_CACHE/teacher; else "
+                                             ".cache/teacher in a source checkout, ~/.cache/curate/teacher when "
+                                             "installed as a package."),
 ):
     """Print the cached curate-tiny checkpoint's path, training it once (about 3 minutes) if missing."""
-    from curate.stages.teacher import ensure_tiny_teacher, tiny_teacher_path
+    from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher, tiny_teacher_path
+    from curate.ui import sample_progress
 
     path = tiny_teacher_path(cache_dir)
-    if not path.is_file():
-        console.print(f"training the cached curate-tiny teacher once -> {path}")
-    print(ensure_tiny_teacher(cache_dir))
+    if path.is_file():
+        print(path)
+        return
+    console.print(f"training the cached curate-tiny teacher once (about 3 minutes on 2 cores) -> {path}")
+    with sample_progress("curate-tiny", total=TINY_TEACHER_TRAIN.steps, unit="steps") as bar:
+        print(ensure_tiny_teacher(cache_dir, on_log=lambda entry: bar(entry["step"] - bar.done)))
 
 
-# ---------------------------------------------------------------- embed (issue 4)
+# ---------------------------------------------------------------- embed
 
 # Options the stages that run tasks share (embed, score, normsim, filter, export): one definition, the same help.
 RANK_OPTION = typer.Option(None, help="This rank (default: SLURM_ARRAY_TASK_ID or 0).")
@@ -132,10 +182,16 @@ MAP_WORKERS_OPTION = typer.Option(1, help="local executor: processes running the
 
 @app.command("embed")
 def embed_cmd(
-    shards: List[str] = typer.Argument(..., help="Directory, glob, brace pattern (data/{00000..00009}.tar) or fsspec URL."),
+    shards: List[str] = typer.Argument(..., help="Directory, glob, brace pattern (data/{00000..00009}.tar), fsspec URL "
+                                                 "or pipe:COMMAND; with --images-only also an ImageFolder DIR/CLASS/*.jpg."),
     out: Path = typer.Option(..., "--out", help="Embedding directory: one <stem>.parquet per shard."),
-    model: str = typer.Option("curate-tiny", help="open_clip model name (ViT-B-32, ViT-L-14, curate-tiny, ...)."),
-    pretrained: str = typer.Option("none", help="open_clip tag (openai, laion2b_...), a local checkpoint path, or none."),
+    model: str = typer.Option("ViT-L-14", help="open_clip model name (ViT-L-14, ViT-B-32, curate-tiny, ...)."),
+    pretrained: str = typer.Option("openai", help="open_clip tag (openai, laion2b_...), a local checkpoint path, "
+                                                  "or none (random weights, asked for by name)."),
+    images_only: bool = typer.Option(False, "--images-only", help="Embed images alone (no captions needed; "
+                                     "ImageFolder layout accepted), e.g. a NormSim target."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Re-embed finished shards of OUT that were made with "
+                                   "another teacher, precision or mode (default: refuse)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (autocast on CUDA)."),
@@ -151,19 +207,32 @@ def embed_cmd(
 ):
     """Embed tar shards with a CLIP teacher into L2-normalised fp16 Parquet tables keyed by uid."""
     from curate.stages.embed import EmbedConfig, embed
-    from curate.ui import embed_summary_table, sample_progress
+    from curate.ui import embed_summary_line, embed_summary_table, sample_progress
 
-    config = EmbedConfig(model, pretrained, device, precision, batch_size, workers, keep_json)
+    config = EmbedConfig(model, pretrained, device, precision, batch_size, workers, keep_json, images_only)
+    on_interrupt(lambda: f"{finished_units(out, 'embed')} shard(s) finished in {out}")
     with sample_progress("embed") as advance:
         result = embed(shards, out, config, rank, world_size, executor, tasks, retries, fail_fast, ray_address,
-                       progress=advance)
-    console.print(embed_summary_table(result))
+                       progress=advance, overwrite=overwrite)
+    if result["shards"] or result["failures"]:
+        console.print(embed_summary_table(result))
+    console.print(embed_summary_line(result), highlight=False)
+    if result["redone"]:
+        console.print(f"--overwrite: {len(result['redone'])} shard(s) made with other parameters were embedded again")
+    if result["random_init"]:
+        console.print("[bold yellow]warning[/]: --pretrained none: a randomly initialised teacher; these embeddings "
+                      "carry no meaning (recorded as random_init in the tables' metadata)", highlight=False)
+    if result["content_uids"]:
+        console.print(f"[yellow]note[/]: {result['content_uids']:,} of {result['embedded']:,} uids were derived from "
+                      "content (no valid `uid` in the sample's .json, as in img2dataset's default shards). "
+                      "DataComp's resharder finds samples by that field, so it cannot copy these from the input "
+                      "shards; `curate export` writes the uid into each exported sample's .json.", highlight=False)
     if result["failures"]:
         names = ", ".join(f["task"] for f in result["failures"])
         raise CurateError(f"embed: {len(result['failures'])} task(s) failed after retries ({names}); "
                           f"finished shards are kept, rerun to retry. First error: {result['failures'][0]['error'].splitlines()[-1]}")
 
-# ---------------------------------------------------------------- score / normsim (issue 5)
+# ---------------------------------------------------------------- score / normsim
 
 def _rate_line(command: str, result: dict, detail: str) -> str:
     return (f"[bold]{command}[/]: {result['rows']:,} rows in {result['seconds']:.2f} s "
@@ -199,7 +268,8 @@ def score_cmd(
     from curate.stages.score import score
     from curate.ui import sample_progress
 
-    with sample_progress("score (rows x passes)") as advance:
+    on_interrupt(lambda: "finished negclip map tasks (if any ran as tasks) are kept beside the output")
+    with sample_progress("score") as advance:
         result = score(emb, metric, out, k=k, batch_size=batch_size, seed=seed, device=device,
                        cache_dir=cache_dir, progress=advance, executor=executor, workers=workers,
                        ray_address=ray_address, rank=rank, world_size=world_size, retries=retries, tasks=tasks)
@@ -287,7 +357,7 @@ def normsim_cmd(
     console.print(_rate_line("normsim", result, detail), highlight=False)
 
 
-# ---------------------------------------------------------------- filter / export / import (issue 5)
+# ---------------------------------------------------------------- filter / export / import
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert other tools' files into curate's tables.")
 app.add_typer(import_app, name="import")
@@ -296,14 +366,19 @@ app.add_typer(import_app, name="import")
 @app.command("filter")
 def filter_cmd(
     tables: List[Path] = typer.Argument(..., help="Score tables (Parquet: uid + metric columns) or directories of "
-                                                  "them; joined on uid. The first one sets the pool order."),
+                                                  "them; joined on uid. The first one sets the pool order. Files in "
+                                                  "a row with the same columns (a shell glob) are one table."),
     out: Path = typer.Option(..., "--out", help="Subset directory: uids.npy (DataComp), kept.parquet, stats.json."),
     keep: List[str] = typer.Option([], "--keep", help="METRIC:FRACTION, repeatable: keep the top ceil(F*N) of the "
-                                                      "pool by METRIC (higher is better, ties by uid ascending)."),
+                                                      "pool by METRIC (higher is better, ties by uid ascending; "
+                                                      "see --fraction-rule)."),
     min_: List[str] = typer.Option([], "--min", help="METRIC:X, repeatable: keep score >= X (before the keeps)."),
     max_: List[str] = typer.Option([], "--max", help="METRIC:X, repeatable: keep score <= X (before the keeps)."),
     mode: str = typer.Option("sequential", "--mode", help="sequential: each --keep ranks what the previous left; "
                                                          "independent: intersect each metric's own top fraction."),
+    fraction_rule: str = typer.Option("exact", "--fraction-rule", help="exact: a --keep keeps ceil(F*N) rows, ties "
+                                      "by uid; datacomp: DataComp's apply_filter rule, every row scoring at least the "
+                                      "(int(F*N)+1)-th largest score (reproduces a DataComp baseline's uid file)."),
     normsim: Optional[str] = typer.Option(None, "--normsim", help="inf, 2 or 2d: compute normsim_<p> inline."),
     target: Optional[str] = typer.Option(None, "--target", help="NormSim target: embedding dir, .npy/.parquet, "
                                                                 "imagenet, or none (with 2d)."),
@@ -330,7 +405,7 @@ def filter_cmd(
 
     result = filter_pool(tables, out, keeps=keep, mins=min_, maxs=max_, mode=mode, normsim=normsim,
                          target=target, emb=emb, executor=executor, workers=workers, tasks=tasks, retries=retries,
-                         ray_address=ray_address, rank=rank, world_size=world_size)
+                         ray_address=ray_address, rank=rank, world_size=world_size, fraction_rule=fraction_rule)
     table = Table(title=f"filter ({result.mode}) of a pool of {result.pool}")
     for column in ("step", "rows ranked", "kept", "removed", "cut score", "NaN"):
         table.add_column(column, justify="left" if column == "step" else "right")
@@ -363,6 +438,7 @@ def export_cmd(
     from curate.stages.export import ERRORS, MISSING, export_subset
     from curate.ui import sample_progress
 
+    on_interrupt(lambda: f"{len(list(out.glob('*.tar')))} finished tar(s) in {out} are kept")
     with sample_progress("export") as advance:
         report = export_subset(shards, subset, out, shard_size, executor=executor, workers=workers, tasks=tasks,
                                retries=retries, ray_address=ray_address, progress=advance)
@@ -392,7 +468,7 @@ def import_datacomp_cmd(
                   f"recorded), {report.skipped_done} already done -> {out}")
 
 
-# ---------------------------------------------------------------- clones / pcme / eval (issue 6)
+# ---------------------------------------------------------------- clones / pcme / eval
 
 pcme_app = typer.Typer(no_args_is_help=True, help="Match probability and uncertainty (PCME / PCME++ tiers).")
 app.add_typer(pcme_app, name="pcme")
@@ -529,7 +605,7 @@ def eval_cmd(
     Console().print(result_table(result))
     console.print(f"[bold]eval[/]: RSUM {result['rsum']:.2f} -> {out}", highlight=False)
 
-# ---------------------------------------------------------------- train / compare / report (issue 7)
+# ---------------------------------------------------------------- train / compare / report
 
 @app.command("train")
 def train_cmd(
@@ -635,7 +711,7 @@ def report_cmd(
     console.print(f"[bold]report[/]: {', '.join(result['sections']) or 'no section'} "
                   f"({result['bytes'] / 1024:,.0f} KiB, {result['seconds']:.1f} s) -> {result['out']}", highlight=False)
 
-# ---------------------------------------------------------------- run (issue 8)
+# ---------------------------------------------------------------- run
 
 @app.command("run")
 def run_cmd(
@@ -658,7 +734,9 @@ def run_cmd(
             table.add_row(step.name, "\n".join(step.inputs), "\n".join(step.outputs), step_status(step, markers))
         Console().print(table)
         return
-    records = execute(spec, echo=console.print, force=force)
+    from curate.ui import sample_progress
+
+    records = execute(spec, echo=console.print, force=force, progress=lambda label: sample_progress(label))
     from curate.ui import truth_rich_table
 
     for r in records:

@@ -3,7 +3,7 @@
 Sections (all optional except [run]; see examples/recipes/ and README):
   [run] dir, executor, workers, ray_address, device      [synth]  make the offline corpus
   [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
-  [embed] shards, out, batch_size, workers, tasks         [embed_target] the same for target shards
+  [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
   [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index
   [clones] k, eps, out                                    [[filter]] name, keep, min, max, mode, normsim, target
@@ -16,6 +16,7 @@ embed and export resume shard by shard on their own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -36,11 +37,13 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
             "device": (str, "auto"), "retries": (int, 1)},
     "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
               "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
-    "teacher": {"model": (str, "curate-tiny"), "pretrained": (str, "tiny-cached"), "precision": (str, "fp32")},
+    # the same teacher default as `curate embed` (the paper's ViT-L-14/openai); "tiny-cached" names the
+    # project's self-trained curate-tiny and "none" random weights, both only when written out
+    "teacher": {"model": (str, "ViT-L-14"), "pretrained": (str, "openai"), "precision": (str, "fp32")},
     "embed": {"shards": (str, REQUIRED), "out": (str, "emb"), "batch_size": (int, 256), "workers": (int, 2),
-              "tasks": (int, 1)},
+              "tasks": (int, 1), "images_only": (bool, False)},
     "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb"), "batch_size": (int, 256),
-                     "workers": (int, 2), "tasks": (int, 1)},
+                     "workers": (int, 2), "tasks": (int, 1), "images_only": (bool, False)},
     "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
     "score": {"metrics": (list, ["clipscore", "negclip"]), "k": (int, 10), "batch_size": (int, 32768),
               "seed": (int, 0), "out": (str, "scores.parquet")},
@@ -48,14 +51,16 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
                 "index": (str, "flat")},
     "clones": {"k": (int, 10), "eps": ((float, int), 0.1), "out": (str, "clones.parquet")},
     "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
-               "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, "")},
+               "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, ""),
+               "fraction_rule": (str, "exact")},
     "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export"), "shard_size": (int, 10000)},
     "truth": {"subsets": (list, [])},
     "report": {"out": (str, "report.html")},
 }
 CHOICES = {("run", "executor"): ("local", "ray"), ("run", "device"): ("auto", "cpu", "cuda"),
            ("teacher", "precision"): ("fp32", "fp16", "bf16"), ("import_datacomp", "arch"): ("l14", "b32"),
-           ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf")}
+           ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
+           ("filter", "fraction_rule"): ("exact", "datacomp")}
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
 
@@ -122,7 +127,7 @@ def _validate(path: Path, section: str, table: Any) -> dict:
             out[key] = default
             continue
         value = table[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
             raise CurateError(f"{path}: [{section}] {key} = {value!r} should be {want}")
         choices = CHOICES.get((section, key))
@@ -165,7 +170,7 @@ def plan(recipe: dict) -> list[Step]:
         s = recipe["synth"]
         out = at(s["out"])
 
-        def run_synth(s=s, out=out):
+        def run_synth(bar=None, s=s, out=out):
             from curate.stages.synth import make_corpus
 
             return make_corpus(out, s["samples"], s["shard_size"], s["seed"], s["corrupt"], s["target_samples"],
@@ -174,40 +179,52 @@ def plan(recipe: dict) -> list[Step]:
 
     pretrained = {"value": teacher["pretrained"]}
 
-    def teacher_weights() -> str:
+    def teacher_weights(bar=None) -> str:
         if pretrained["value"] == "tiny-cached":
-            from curate.stages.teacher import ensure_tiny_teacher
+            from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher
 
-            pretrained["value"] = str(ensure_tiny_teacher())
+            def on_log(entry: dict) -> None:  # training steps on the bar (the first run trains for minutes)
+                if bar is not None:
+                    bar.unit = "steps"
+                    bar.set_total(TINY_TEACHER_TRAIN.steps)
+                    bar(entry["step"] - bar.done)
+
+            pretrained["value"] = str(ensure_tiny_teacher(on_log=on_log))
         return pretrained["value"]
 
+    # what the embed steps' digests hold: a retrained cached teacher (its recipe changed) reruns them
+    teacher_identity = dict(teacher)
+    if teacher["pretrained"] == "tiny-cached":
+        from curate.stages.teacher import tiny_teacher_path
+
+        teacher_identity["weights"] = tiny_teacher_path().name
     needs_teacher = any(k in recipe for k in ("embed", "embed_target")) or \
         recipe.get("normsim", {}).get("target") == "imagenet"
     if needs_teacher:
-        add("teacher", "teacher", teacher, [], [], lambda: {"pretrained": teacher_weights()})
+        add("teacher", "teacher", teacher, [], [], lambda bar=None: {"pretrained": teacher_weights(bar)})
 
     for section in ("embed", "embed_target"):
         if section in recipe:
             e = recipe[section]
             shards, out = at(e["shards"]), at(e["out"])
 
-            def run_embed(e=e, shards=shards, out=out, section=section):
+            def run_embed(bar=None, e=e, shards=shards, out=out, section=section):
                 from curate.stages.embed import EmbedConfig, embed
 
                 config = EmbedConfig(teacher["model"], teacher_weights(), run["device"], teacher["precision"],
-                                     e["batch_size"], e["workers"])
+                                     e["batch_size"], e["workers"], images_only=e["images_only"])
                 result = embed(shards, out, config, executor=run["executor"], tasks=e["tasks"],
-                               retries=run["retries"], ray_address=run["ray_address"] or None)
+                               retries=run["retries"], ray_address=run["ray_address"] or None, progress=bar)
                 if result["failures"]:
                     raise CurateError(f"{section}: {len(result['failures'])} task(s) failed; rerun to retry")
-                return {k: result[k] for k in ("embedded", "skipped", "shards_total", "seconds")}
-            add(section, section, {**e, "teacher": teacher}, [shards], [out], run_embed)
+                return {k: result[k] for k in ("embedded", "skipped", "shards_total", "content_uids", "seconds")}
+            add(section, section, {**e, "teacher": teacher_identity}, [shards], [out], run_embed)
 
     emb = at(recipe.get("embed", recipe.get("import_datacomp", {"out": "emb"}))["out"])
     if "import_datacomp" in recipe:
         d = recipe["import_datacomp"]
 
-        def run_import(d=d):
+        def run_import(bar=None, d=d):
             from curate.stages.import_datacomp import import_datacomp
 
             return vars(import_datacomp(at(d["metadata"]), d["arch"], emb))
@@ -219,11 +236,11 @@ def plan(recipe: dict) -> list[Step]:
         out = at(s["out"])
         score_tables.append(out)
 
-        def run_score(s=s, out=out):
+        def run_score(bar=None, s=s, out=out):
             from curate.stages.score import score
 
             result = score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"],
-                           **executor_options(run))
+                           progress=bar, **executor_options(run))
             return require_reduced(result, "score", "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
 
@@ -234,10 +251,10 @@ def plan(recipe: dict) -> list[Step]:
             score_tables.append(out)
             target = None if n["target"] == "none" else at(n["target"])
 
-            def run_normsim(p=str(p), out=out, target=target):
+            def run_normsim(bar=None, p=str(p), out=out, target=target):
                 from curate.stages.normsim import normsim
 
-                result = normsim(emb, target, p, out, index=n["index"], device=run["device"],
+                result = normsim(emb, target, p, out, index=n["index"], device=run["device"], progress=bar,
                                  **executor_options(run))
                 return require_reduced(result, f"normsim {p}", "normsim_tasks")
             add(f"normsim:{p}", "normsim", {**n, "p": p}, [emb] + ([target] if target else []), [out], run_normsim)
@@ -246,7 +263,7 @@ def plan(recipe: dict) -> list[Step]:
         c = recipe["clones"]
         out = at(c["out"])
 
-        def run_clones(c=c, out=out):
+        def run_clones(bar=None, c=c, out=out):
             from curate.stages.clones import run_clones as clones
 
             return clones(emb, out, k=c["k"], eps=c["eps"], device=run["device"])
@@ -257,21 +274,22 @@ def plan(recipe: dict) -> list[Step]:
         out = at(f"subsets/{f['name']}")
         subsets[f["name"]] = out
 
-        def run_filter(f=f, out=out):
+        def run_filter(bar=None, f=f, out=out):
             from curate.stages.filter import filter_pool
 
             # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
             executor = {} if f["normsim"] else executor_options(run)
             result = filter_pool(score_tables, out, f["keep"], f["min"], f["max"], f["mode"],
-                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor)
-            return {"kept": getattr(result, "kept", None), "pool": getattr(result, "pool_size", None)}
+                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor,
+                                 fraction_rule=f["fraction_rule"])
+            return {"kept": result.kept, "pool": result.pool}
         add(f"filter:{f['name']}", "filter", f, list(score_tables), [out], run_filter)
 
     if "truth" in recipe:
         names = recipe["truth"]["subsets"] or list(subsets)
         out = at("truth.json")
 
-        def run_truth(names=names, out=out):
+        def run_truth(bar=None, names=names, out=out):
             from curate.stages.truth import truth_markdown, truth_table
 
             table = truth_table(emb, {n: subsets[n] for n in names})
@@ -285,17 +303,18 @@ def plan(recipe: dict) -> list[Step]:
         shards = at(x["shards"]) if x["shards"] else at(recipe.get("embed", {}).get("shards", ""))
         out = at(x["out"])
 
-        def run_export(x=x, shards=shards, out=out):
+        def run_export(bar=None, x=x, shards=shards, out=out):
             from curate.stages.export import export_subset
 
-            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"], **executor_options(run))
+            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"], progress=bar,
+                                   **executor_options(run))
             return {k: v for k, v in vars(report).items() if isinstance(v, (int, float, str))}
         add("export", "export", x, [shards, subsets[x["subset"]]], [out], run_export)
 
     if "report" in recipe:
         out = at(recipe["report"]["out"])
 
-        def run_report(out=out):
+        def run_report(bar=None, out=out):
             from curate.stages.report import build_report
 
             return {"report": str(build_report(str(root), out)["out"])}
@@ -339,21 +358,28 @@ def _marker_name(step: Step) -> str:
     return step.name.replace(":", "--")
 
 
-def execute(recipe: dict, echo: Callable[[str], None] = print, force: bool = False) -> list[dict]:
-    """Run every step not already done; returns one record per step."""
+def execute(recipe: dict, echo: Callable[[str], None] = print, force: bool = False,
+            progress: Callable[[str], Any] | None = None) -> list[dict]:
+    """Run every step not already done; returns one record per step. `progress(label)`: a context manager
+    giving the progress bar (curate.ui.StageProgress) a step reports to."""
     root = Path(recipe["run"]["dir"])
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "run.json", json.dumps(recipe, indent=2, sort_keys=True))
     markers = Markers(root, "run")
     records = []
-    for step in plan(recipe):
-        if not force and step.section != "teacher" and step_status(step, markers) == "done":
-            echo(f"[dim]skip[/] {step.name}: done")
+    steps = plan(recipe)
+    for number, step in enumerate(steps, 1):
+        where = f"[{number}/{len(steps)}]"
+        status = step_status(step, markers)
+        if not force and step.section != "teacher" and status == "done":
+            echo(f"{where} [dim]skip[/] {step.name}: done")
             records.append({"step": step.name, "status": "skipped (done)"})
             continue
-        echo(f"[bold]run[/] {step.name} → {', '.join(step.outputs) or '-'}")
+        echo(f"{where} [bold]run[/] {step.name} → {', '.join(step.outputs) or '-'}"
+             + (f" ({status})" if status.startswith(("todo (", "loads", "cached")) else ""))
         started = time.perf_counter()
-        result = step.run() or {}
+        with (progress(step.name) if progress else contextlib.nullcontext()) as bar:
+            result = step.run(bar) or {}
         seconds = time.perf_counter() - started
         markers.mark(_marker_name(step), {"digest": step.digest, "seconds": round(seconds, 3)})
         records.append({"step": step.name, "status": "done", "seconds": seconds, "result": result})

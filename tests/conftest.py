@@ -64,3 +64,27 @@ def run_cli(monkeypatch, *args):
     with pytest.raises(SystemExit) as exc:
         cli.main()
     return exc.value.code
+
+
+def run_curate(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`curate ARGS` through cli.main() in this process: (exit code, stdout + stderr), on a wide terminal."""
+    from curate import cli
+
+    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "250")  # rich reads it at print time: table rows stay on one line
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def one_line_error(code: int, text: str) -> str:
+    """The single `error:` line of a failed command (exit 2, no traceback)."""
+    assert "Traceback" not in text, text
+    assert code == 2, text
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text
+    return lines[0]

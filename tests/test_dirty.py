@@ -1,7 +1,7 @@
 """The bad-input suite (issue 9): dirty tars, images, captions, tables, parameters and checkpoints.
 
 Promises checked here, each through the real CLI:
-* a bad sample is skipped and recorded (`<stem>.errors.parquet`: key, reason, kind), a bad shard is recorded
+* a bad sample is skipped and recorded (`_errors/<stem>.parquet`: key, reason, kind), a bad shard is recorded
   and named in the run summary, and every good sample around the damage is kept;
 * bad tables and parameters give a one-line error naming the file and what to do (exit 2), never a traceback;
 * member names never become output paths; checkpoints are only read with torch.load(weights_only=True);
@@ -41,7 +41,6 @@ from curate.io.uids import content_uid, read_uid_npy, write_uid_npy
 
 REPO = Path(__file__).resolve().parents[1]
 CURATE_BIN = Path(sys.executable).parent / "curate"
-ERRORS_SUFFIX = ".errors.parquet"
 
 # Blocks every non-local socket in a subprocess and logs each attempt: proves a run needs no network.
 NO_NETWORK_SITECUSTOMIZE = '''
@@ -337,7 +336,7 @@ def dirty_run(tmp_path_factory):
     before = {p for p in root.rglob("*")}
     started = time.perf_counter()
     proc = subprocess.run([str(CURATE_BIN), "embed", str(shards), "--out", str(root / "emb"), "--workers", "2",
-                           "--batch-size", "4", "--device", "cpu"], env=env, cwd=root, capture_output=True,
+                           "--batch-size", "4", "--device", "cpu", "--model", "curate-tiny", "--pretrained", "none"], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     seconds = time.perf_counter() - started
     created = {p for p in root.rglob("*")} - before
@@ -346,7 +345,7 @@ def dirty_run(tmp_path_factory):
 
 
 def errors_of(out: Path, stem: str) -> list[dict]:
-    path = out / f"{stem}{ERRORS_SUFFIX}"
+    path = out / "_errors" / f"{stem}.parquet"
     return pq.read_table(path).to_pylist() if path.exists() else []
 
 
@@ -392,14 +391,14 @@ def test_summary_counts_match_the_records(dirty_run):
 def test_member_names_never_become_output_paths(dirty_run):
     root, out = dirty_run["root"], dirty_run["out"]
     stems = {c.name for c in CASES}
-    allowed = {out, out / "_markers", out / "_markers" / "embed", root / "net.log"}
+    allowed = {out, out / "_markers", out / "_markers" / "embed", out / "_errors", root / "net.log"}
     for path in dirty_run["created"]:
         if path in allowed:
             continue
         rel = path.relative_to(out)  # raises if anything was written outside the output directory
         name = rel.name
-        stem = name.removesuffix(ERRORS_SUFFIX).removesuffix(".parquet").removesuffix(".done")
-        assert stem in stems and len(rel.parts) in (1, 3), rel
+        stem = name.removesuffix(".parquet").removesuffix(".done")
+        assert stem in stems and len(rel.parts) in (1, 2, 3), rel
     assert not any("escape" in p.name or "evil" in p.name or p.name == "up" for p in root.rglob("*"))
 
 
@@ -486,7 +485,7 @@ def test_a_megabyte_caption_is_tokenised_fast(teacher):
     problems: list = []
     pixels = teacher.preprocess(scene(1))
     started = time.perf_counter()
-    batch = batches._batch("s", [("k", "u" * 32, huge, None, pixels)], problems)
+    batch = batches._batch("s", [("k", "u" * 32, huge, None, None, pixels)], problems)
     seconds = time.perf_counter() - started
     TALLY.case("caption/1MB-timing")
     assert seconds < 2.0, f"tokenising a 1 MB caption took {seconds:.1f} s"
@@ -534,6 +533,7 @@ def test_an_unreadable_shard_fails_after_retries_and_the_rest_finish(tmp_path, m
     (shards / "c.tar").write_bytes(tar_bytes(good("c0", 2)))
     out = tmp_path / "emb"
     code, text = run_cli(monkeypatch, capsys, "embed", shards, "--out", out, "--workers", "0", "--device", "cpu",
+                         "--model", "curate-tiny", "--pretrained", "none",
                          "--retries", "1", case="shard/unreadable")
     line = assert_one_line_error(code, text, r"shard b", r"cannot open shard", r"rerun")
     assert "IsADirectoryError" in line
@@ -544,6 +544,7 @@ def test_an_unreadable_shard_fails_after_retries_and_the_rest_finish(tmp_path, m
     (out / "_markers" / "embed" / "c.done").unlink()
     (out / "c.parquet").unlink()
     code, text = run_cli(monkeypatch, capsys, "embed", shards, "--out", out, "--workers", "0", "--device", "cpu",
+                         "--model", "curate-tiny", "--pretrained", "none",
                          "--retries", "0", "--fail-fast", case="shard/unreadable-fail-fast")
     assert_one_line_error(code, text, r"shard b")
     assert not (out / "c.parquet").exists()
@@ -551,6 +552,7 @@ def test_an_unreadable_shard_fails_after_retries_and_the_rest_finish(tmp_path, m
     (shards / "b.tar").rmdir()
     (shards / "b.tar").write_bytes(tar_bytes(good("b0", 3)))
     code, text = run_cli(monkeypatch, capsys, "embed", shards, "--out", out, "--workers", "0", "--device", "cpu",
+                         "--model", "curate-tiny", "--pretrained", "none",
                          case="shard/unreadable-then-fixed")
     assert code == 0, text
     assert {p.stem for p in (out / "_markers" / "embed").glob("*.done")} == {"a", "b", "c"}
@@ -711,7 +713,7 @@ def test_uid_file_of_the_wrong_dtype_is_refused(tmp_path, monkeypatch, capsys, c
         np.save(path, np.zeros(2, dtype=">u8,>u8"))
     code, text = run_cli(monkeypatch, capsys, "export", shards, "--subset", path, "--out", tmp_path / "out",
                          case=f"uids/{content}")
-    assert_one_line_error(code, text, r"uids\.npy", r"u8,u8|cannot read as a \.npy")
+    assert_one_line_error(code, text, r"uids\.npy", r"u8,u8|cannot read as a \.npy|not a \.npy file")
     assert not any((tmp_path / "out").glob("*.tar"))
 
 
@@ -768,10 +770,13 @@ PARAMETER_ERRORS = [
     (["filter", "{scores}", "--keep", "negclip:0.3", "--mode", "both", "--out", "{tmp}/f"], [r"--mode"]),
     (["filter", "{scores}", "--out", "{tmp}/f"], [r"nothing to select"]),
     (["export", "{shards}", "--subset", "{tmp}/u.npy", "--out", "{tmp}/x", "--shard-size", "0"], [r"--shard-size 0"]),
-    (["embed", "{shards}", "--out", "{tmp}/e", "--batch-size", "0", "--device", "cpu"], [r"--batch-size 0"]),
-    (["embed", "{shards}", "--out", "{tmp}/e", "--precision", "fp8", "--device", "cpu"], [r"--precision"]),
+    (["embed", "{shards}", "--out", "{tmp}/e", "--batch-size", "0", "--device", "cpu", "--pretrained", "none"],
+     [r"--batch-size 0"]),
+    (["embed", "{shards}", "--out", "{tmp}/e", "--precision", "fp8", "--device", "cpu", "--pretrained", "none"],
+     [r"--precision"]),
     (["embed", "{tmp}/no-such-dir/*.tar", "--out", "{tmp}/e", "--device", "cpu"], [r"no tar shards found"]),
-    (["embed", "{shards}", "--out", "{tmp}/e", "--model", "no-such-model", "--device", "cpu"], [r"unknown model"]),
+    (["embed", "{shards}", "--out", "{tmp}/e", "--model", "no-such-model", "--device", "cpu", "--pretrained", "none"],
+     [r"unknown model"]),
 ]
 
 

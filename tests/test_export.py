@@ -144,7 +144,7 @@ def test_malicious_member_names_never_escape_out_dir(tmp_path):
     assert all(re.fullmatch(r"\d{9}\.[a-z0-9._-]+", n) for n in names)
     assert names[:2] == ["000000000.jpg", "000000000.txt"] and "000000003.jpg" in names
     # the odd extension is dropped and recorded, not written
-    errors = pq.read_table(out / "export.errors.parquet").to_pylist()
+    errors = pq.read_table(out / "_errors" / "export.parquet").to_pylist()
     assert any("extension" in e["reason"] for e in errors)
     # and the output extracts safely with the strictest tarfile filter
     with tarfile.open(out / "00000.tar") as tar:
@@ -159,7 +159,7 @@ def test_repeated_uids_are_exported_once_and_recorded(tmp_path):
     write_uid_npy([uid_of(1), uid_of(2)], tmp_path / "uids.npy")
     report = export_subset(str(shards), tmp_path / "uids.npy", tmp_path / "out")
     assert report.written == 2 and report.problems == 1
-    errors = pq.read_table(tmp_path / "out" / "export.errors.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / "_errors" / "export.parquet").to_pylist()
     assert errors[0]["key"] == "y" and "already exported" in errors[0]["reason"]
 
 
@@ -168,7 +168,7 @@ def test_a_corrupt_shard_is_recorded_and_the_rest_exported(tmp_path, corpus):
     write_uid_npy([uid_of(0), uid_of(11)], tmp_path / "uids.npy")
     report = export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "out")
     assert report.written == 2 and report.problems >= 1
-    errors = pq.read_table(tmp_path / "out" / "export.errors.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / "_errors" / "export.parquet").to_pylist()
     assert any(e["shard"].endswith("00002.tar") for e in errors)
 
 
@@ -329,7 +329,7 @@ def export_both(shards, subset_file, out, shard_size, **kwargs):
     for fast in (True, False):
         target = out / ("fast" if fast else "slow")
         report = export_subset(str(shards), subset_file, target, shard_size=shard_size, fast=fast, **kwargs)
-        files = {p.name: p.read_bytes() for p in sorted(target.iterdir())}
+        files = {p.relative_to(target).as_posix(): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
         manifest = json.loads(files.pop(MANIFEST))
         manifest["report"].pop("out_dir")
         results.append((files, manifest, report))
@@ -635,7 +635,7 @@ def test_a_resumed_export_records_what_a_fresh_one_does(tmp_path, tasks):
     write_uid_npy(subset + [uid_of(1), uid_of(2)], tmp_path / "uids.npy")
     options = {"shard_size": 2, "tasks": tasks}
     full = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", **options)
-    errors = pq.read_table(tmp_path / "full" / "export.errors.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "full" / "_errors" / "export.parquet").to_pylist()
     # (sample k2 carries the odd member in both variant shards: the second one is a repeat, not exported)
     assert sum("not exported" in row["reason"] for row in errors) == 1
     part = tmp_path / "part"
@@ -647,7 +647,7 @@ def test_a_resumed_export_records_what_a_fresh_one_does(tmp_path, tasks):
         p.unlink()
     report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, **options)
     assert report.tars_reused == len(tars) // 2 and report.problems == full.problems
-    assert pq.read_table(part / "export.errors.parquet").to_pylist() == errors
+    assert pq.read_table(part / "_errors" / "export.parquet").to_pylist() == errors
     assert (part / "missing_uids.npy").read_bytes() == (tmp_path / "full" / "missing_uids.npy").read_bytes()
 
 
@@ -682,7 +682,7 @@ def test_fsspec_urls_take_the_fast_path_with_the_bytes_of_local_files(tmp_path, 
         assert (tmp_path / "remote" / tar.name).read_bytes() == tar.read_bytes()
 
     def records(directory):
-        rows = pq.read_table(directory / "export.errors.parquet").to_pylist()
+        rows = pq.read_table(directory / "_errors" / "export.parquet").to_pylist()
         return [{**row, "shard": row["shard"].rsplit("/", 1)[-1]} for row in rows]
 
     assert records(tmp_path / "remote") == records(tmp_path / "local")

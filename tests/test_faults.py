@@ -207,7 +207,8 @@ def corpus(tmp_path_factory):
 
 
 def test_embed_killed_at_random_points_resumes_to_identical_tables(corpus, tmp_path, tally, offline_env):
-    common = [str(CURATE_BIN), "embed", str(corpus), "--batch-size", "4", "--device", "cpu"]
+    common = [str(CURATE_BIN), "embed", str(corpus), "--batch-size", "4", "--device", "cpu", "--model", "curate-tiny",
+              "--pretrained", "none"]
     reference, faulted, _ = fault_cycle(
         common + ["--out", str(tmp_path / "ref"), "--workers", "0"], tmp_path / "ref",
         common + ["--out", str(tmp_path / "fault"), "--workers", "2"], tmp_path / "fault",

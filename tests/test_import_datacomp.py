@@ -52,7 +52,7 @@ def test_import_round_trip_and_teacher_metadata(tmp_path):
     text = vectors_to_numpy(t0.column("text_embedding"))
     np.testing.assert_allclose(image, normalised(arrays0["l14_img"]), atol=1e-3)
     np.testing.assert_allclose(text, normalised(arrays0["l14_txt"]), atol=1e-3)
-    assert t0.schema.field("image_embedding").type == pa.binary(2 * 768)  # float16 vectors
+    assert t0.schema.field("image_embedding").type == pa.list_(pa.field("element", pa.float16(), nullable=False), 768)
     # CLIPScore s_ii straight from the imported tables equals the one from DataComp's arrays
     np.testing.assert_allclose((image * text).sum(1),
                                (normalised(arrays0["l14_img"]) * normalised(arrays0["l14_txt"])).sum(1), atol=2e-3)
@@ -90,7 +90,7 @@ def test_unusable_rows_are_skipped_and_recorded(tmp_path):
     table = pq.read_table(tmp_path / "emb" / "00000000.parquet")
     assert table.column("uid").to_pylist() == [uids[0], uids[2]]
     assert table.column("caption").to_pylist() == ["a", ""]  # a null caption becomes empty
-    errors = pq.read_table(tmp_path / "emb" / "00000000.errors.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "emb" / "_errors" / "00000000.parquet").to_pylist()
     assert [(e["uid"], e["reason"].split(" ")[0]) for e in errors] == [("NOT-A-UID", "uid"), (uids[3], "image"),
                                                                         (uids[4], "text")]
     assert not np.isnan(vectors_to_numpy(table.column("text_embedding"))).any()

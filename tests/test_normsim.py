@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import make_embedding_dir
 from curate.errors import CurateError
-from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, numpy_to_fixed_list, read_meta,
+from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target
 from curate.metrics.normsim import (build_ivf_index, keep_count, normsim_2, normsim_2d, normsim_inf, normsim_inf_exact,
@@ -158,13 +158,13 @@ def test_targets_npy_parquet_dir_and_errors(tmp_path):
     want = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.save(tmp_path / "t.npy", raw)
     np.testing.assert_allclose(load_target(tmp_path / "t.npy", teacher), want, atol=1e-6)  # normalised on load
-    pq.write_table(pa.table({"embedding": numpy_to_fixed_list(raw, pa.float32())}), tmp_path / "t.parquet")
+    pq.write_table(pa.table({"embedding": numpy_to_vectors(raw, pa.float32())}), tmp_path / "t.parquet")
     np.testing.assert_allclose(load_target(tmp_path / "t.parquet", teacher), want, atol=1e-6)
     emb = make_embedding_dir(tmp_path / "dir", [3, 4], dim=6, seed=5)
     from_dir = load_target(emb, teacher)
     pool_image = np.concatenate([c["image_embedding"] for _, c in EmbeddingPool(emb).iter_chunks()])
     np.testing.assert_allclose(from_dir, pool_image / np.linalg.norm(pool_image, axis=1, keepdims=True), atol=1e-6)
-    one_table = sorted(Path(emb).glob("*.parquet"))[0]  # one embed table as a .parquet target: binary vectors
+    one_table = sorted(Path(emb).glob("*.parquet"))[0]  # one embed table as a .parquet target
     np.testing.assert_allclose(load_target(one_table, teacher), from_dir[:3], atol=1e-6)
 
     with pytest.raises(CurateError, match=r"t\.npy: target embeddings have dimension 6 but the pool's have 8"):

@@ -117,7 +117,12 @@ def test_the_run_executor_settings_reach_the_filter_unless_it_computes_normsim_i
     import curate.stages.filter as filter_module
 
     calls = []
-    monkeypatch.setattr(filter_module, "filter_pool", lambda *args, **kwargs: calls.append(kwargs))
+
+    def fake_filter_pool(*args, **kwargs):
+        calls.append(kwargs)
+        return filter_module.FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir="")
+
+    monkeypatch.setattr(filter_module, "filter_pool", fake_filter_pool)
     text = "workers = 2\nretries = 3\n" + SMALL + """
 [[filter]]
 name = "inline"
@@ -128,8 +133,10 @@ target = "target_emb"
     steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
     steps["filter:both"].run()
     steps["filter:inline"].run()
-    assert calls[0] == {"executor": "local", "workers": 2, "retries": 3, "ray_address": None}
-    assert calls[1] == {}
+    assert calls[0] == {"executor": "local", "workers": 2, "retries": 3, "ray_address": None,
+                        "fraction_rule": "exact"}
+    assert calls[1] == {"fraction_rule": "exact"}
+    assert steps["filter:both"].run() == {"kept": 5, "pool": 10}  # recorded as the result's own fields
 
 
 def test_the_run_executor_settings_reach_the_export(tmp_path, monkeypatch):
@@ -141,4 +148,4 @@ def test_the_run_executor_settings_reach_the_export(tmp_path, monkeypatch):
     text = "executor = \"ray\"\nray_address = \"auto\"\n" + SMALL
     steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
     steps["export"].run()
-    assert calls == [{"executor": "ray", "workers": 1, "retries": 1, "ray_address": "auto"}]
+    assert calls == [{"executor": "ray", "workers": 1, "retries": 1, "ray_address": "auto", "progress": None}]

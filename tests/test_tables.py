@@ -1,4 +1,5 @@
-"""The embedding table format: binary float16 vectors, read back exactly; older list tables still read."""
+"""The embedding table format: float16 vectors as typed lists, read back exactly; the binary vectors of earlier
+versions still read; side records live in subfolders."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
-from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, embedding_schema,
-                              numpy_to_fixed_list, numpy_to_vectors, vectors_to_numpy, write_table_atomic)
+from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, embedding_files, embedding_schema,
+                              numpy_to_vectors, vectors_to_numpy, write_table_atomic)
 
 TEACHER = TeacherInfo("m", "none", 6, 100.0)
 
@@ -18,20 +19,17 @@ def rows(n: int, dim: int = 6, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float16)
 
 
-def decode_by_hand(column: pa.Array) -> np.ndarray:
-    """Independent reading: each row's bytes are D little-endian IEEE half floats."""
-    out = []
-    for value in column.to_pylist():
-        halves = [int.from_bytes(value[i:i + 2], "little") for i in range(0, len(value), 2)]
-        out.append(np.array(halves, dtype=np.uint16).view(np.float16))
-    return np.array(out, dtype=np.float16).reshape(len(out), -1)
+def binary_vectors(x: np.ndarray) -> pa.Array:
+    """Vectors as versions before typed lists wrote them: each row D little-endian float16 values as bytes."""
+    return pa.array([row.astype("<f2").tobytes() for row in x], pa.binary(2 * x.shape[1]))
 
 
-def test_binary_vectors_round_trip_against_a_per_row_decoder():
+def test_vectors_round_trip_as_typed_float16_lists():
     x = rows(9)
     column = numpy_to_vectors(x)
-    assert column.type == pa.binary(12) and len(column) == 9
-    np.testing.assert_array_equal(decode_by_hand(column), x)
+    assert column.type == pa.list_(pa.field("element", pa.float16(), nullable=False), 6) and len(column) == 9
+    # independent reading: each row is a list of D numbers
+    np.testing.assert_array_equal(np.array(column.to_pylist(), dtype=np.float16), x)
     np.testing.assert_array_equal(vectors_to_numpy(column, np.float16), x)
     np.testing.assert_array_equal(vectors_to_numpy(column), x.astype(np.float32))  # exact widening
     # a slice (non-zero offset) and a multi-chunk column read the right rows
@@ -41,36 +39,44 @@ def test_binary_vectors_round_trip_against_a_per_row_decoder():
     assert vectors_to_numpy(column.slice(0, 0), np.float16).shape == (0, 6)
 
 
-def test_hand_checkable_bytes():
-    # 1.0 is 0x3C00 and -2.0 is 0xC000 in IEEE half precision, stored little-endian
-    column = numpy_to_vectors(np.array([[1.0, -2.0]], dtype=np.float32))
-    assert column.to_pylist() == [b"\x00\x3c\x00\xc0"]
+def test_hand_checkable_values():
+    column = numpy_to_vectors(np.array([[1.0, -2.0], [0.5, 65504.0]], dtype=np.float32))
+    assert column.to_pylist() == [[1.0, -2.0], [0.5, 65504.0]]  # 65504 is float16's largest finite value
 
 
-def test_embedding_table_schema_is_self_describing(tmp_path):
+def test_embedding_table_schema_holds_numbers(tmp_path):
     x = rows(5)
     table = build_embedding_table([f"{i:032x}" for i in range(5)], list("abcde"), list("abcde"), x, -x)
     write_table_atomic(table, tmp_path / "e" / "s.parquet", meta={"teacher": TEACHER.to_dict()})
     schema = pq.read_schema(tmp_path / "e" / "s.parquet")
-    assert schema.field("image_embedding").type == pa.binary(12)
-    assert schema.field("image_embedding").metadata == {b"curate.vector": b"float16[6] little-endian"}
-    # what the README tells other tools to do
-    column = pq.read_table(tmp_path / "e" / "s.parquet").column("text_embedding").combine_chunks()
-    np.testing.assert_array_equal(np.frombuffer(column.buffers()[1], "<f2").reshape(-1, 6), -x)
+    assert schema.field("image_embedding").type.value_type == pa.float16()
+    assert schema.field("image_embedding").type.list_size == 6
+    assert schema.remove_metadata() == embedding_schema(6)
+    # what the README tells numpy users to do: np.stack over the rows, no byte recipe
+    column = pq.read_table(tmp_path / "e" / "s.parquet").column("text_embedding")
+    np.testing.assert_array_equal(np.stack(column.to_numpy(zero_copy_only=False)), -x)
 
 
-def _list_table(x: np.ndarray, offset: int) -> pa.Table:
-    """An embedding table as versions before binary vectors wrote it (fixed_size_list<float16>)."""
-    uids = pa.array([f"{offset + i:032x}" for i in range(len(x))])
-    names = pa.array([str(offset + i) for i in range(len(x))])
-    return pa.table({"uid": uids, "key": names, "caption": names,
-                     "image_embedding": numpy_to_fixed_list(x), "text_embedding": numpy_to_fixed_list(-x)})
+def test_image_only_tables_have_no_caption_or_text_vectors(tmp_path):
+    x = rows(3)
+    table = build_embedding_table(["a" * 32, "b" * 32, "c" * 32], ["k0", "k1", "k2"], None, x, None,
+                                  labels=["cat", "dog", "cat"])
+    assert table.schema.names == ["uid", "key", "label", "image_embedding"]
+    write_table_atomic(table, tmp_path / "i" / "s.parquet", meta={"teacher": TEACHER.to_dict()})
+    pool = EmbeddingPool(tmp_path / "i")
+    np.testing.assert_array_equal(pool.matrix("image_embedding"), x)
+    with pytest.raises(CurateError, match="image-only"):
+        list(pool.iter_chunks())  # uid, image and text: an image-only table has no text to give
 
 
-def test_pool_mixing_list_and_binary_tables_reads_the_same(tmp_path):
+def test_pool_mixing_binary_and_list_tables_reads_the_same(tmp_path):
     x = [rows(7, seed=1), rows(4, seed=2)]
     meta = {"teacher": TEACHER.to_dict()}
-    write_table_atomic(_list_table(x[0], 0), tmp_path / "mixed" / "a.parquet", meta=meta)
+    uids = pa.array([f"{i:032x}" for i in range(7)])
+    names = pa.array([str(i) for i in range(7)])
+    legacy = pa.table({"uid": uids, "key": names, "caption": names,
+                       "image_embedding": binary_vectors(x[0]), "text_embedding": binary_vectors(-x[0])})
+    write_table_atomic(legacy, tmp_path / "mixed" / "a.parquet", meta=meta)
     write_table_atomic(build_embedding_table([f"{7 + i:032x}" for i in range(4)], list("wxyz"), list("wxyz"),
                                              x[1], -x[1]), tmp_path / "mixed" / "b.parquet", meta=meta)
     pool = EmbeddingPool(tmp_path / "mixed")
@@ -80,6 +86,16 @@ def test_pool_mixing_list_and_binary_tables_reads_the_same(tmp_path):
     np.testing.assert_array_equal(pool.matrix("text_embedding", tmp_path / "cache"), -want)
     chunks = [c["image_embedding"] for _, c in pool.iter_chunks(["image_embedding"], dtype=np.float16)]
     np.testing.assert_array_equal(np.concatenate(chunks), want)
+
+
+def test_a_directory_lists_only_its_top_level_tables(tmp_path):
+    meta = {"teacher": TEACHER.to_dict()}
+    table = build_embedding_table(["0" * 32], ["k"], ["c"], rows(1), rows(1))
+    write_table_atomic(table, tmp_path / "d" / "00000.parquet", meta=meta)
+    write_table_atomic(pa.table({"key": ["x"]}), tmp_path / "d" / "_errors" / "00000.parquet")
+    write_table_atomic(pa.table({"key": ["x"]}), tmp_path / "d" / "00001.errors.parquet")  # an earlier layout
+    (tmp_path / "d" / "_markers").mkdir()
+    assert [p.name for p in embedding_files(tmp_path / "d")] == ["00000.parquet"]
 
 
 def test_bad_vector_columns_are_clear_errors(tmp_path):
@@ -93,9 +109,14 @@ def test_bad_vector_columns_are_clear_errors(tmp_path):
     write_table_atomic(odd, tmp_path / "o" / "s.parquet", meta=meta)
     with pytest.raises(CurateError, match=r"s.parquet: column `image_embedding` has type fixed_size_binary\[3\]"):
         EmbeddingPool(tmp_path / "o")
-    nulls = table.set_column(4, "text_embedding", pa.array([None], pa.binary(12)))
+    nulls = table.set_column(4, pa.field("text_embedding", pa.list_(pa.float16(), 6)),
+                             pa.array([None], pa.list_(pa.float16(), 6)))
     write_table_atomic(nulls, tmp_path / "n" / "s.parquet", meta=meta)
     pool = EmbeddingPool(tmp_path / "n")
     with pytest.raises(CurateError, match=r"s.parquet: vector column holds 1 null rows"):
         list(pool.iter_chunks())
-    assert embedding_schema(6).field("text_embedding").type == pa.binary(12)
+    null_values = table.set_column(4, pa.field("text_embedding", pa.list_(pa.float16(), 6)),
+                                   pa.FixedSizeListArray.from_arrays(pa.array([1.0, None, 0, 0, 0, 0], pa.float16()), 6))
+    write_table_atomic(null_values, tmp_path / "v" / "s.parquet", meta=meta)
+    with pytest.raises(CurateError, match=r"s.parquet: vector column holds 1 null values"):
+        list(EmbeddingPool(tmp_path / "v").iter_chunks())

@@ -63,6 +63,7 @@ class RawSample:
     members: dict[str, bytes]
     shard: str
     index: int = 0  # position of the sample in its shard
+    uid: str | None = None  # set by a reader that already looked it up (sample_uid)
 
 
 @dataclass
@@ -75,18 +76,29 @@ class DecodedSample:
     meta: dict
     json_text: str | None
     notes: list[str] = field(default_factory=list)  # recorded, sample kept (e.g. caption decoded with replacement)
+    uid_from_content: bool = False  # no valid `uid` in the .json: the uid was derived from image + caption
 
 
 # ---------------------------------------------------------------- shard lists
 
+PIPE_PREFIX = "pipe:"  # webdataset's convention: `pipe:COMMAND` reads the shard from the command's stdout
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith(PIPE_PREFIX)
+
+
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """A directory, glob, brace pattern (`data/{00000..00099}.tar`), fsspec URL, or a list of them -> shard URLs."""
+    """A directory, glob, brace pattern (`data/{00000..00099}.tar`), fsspec URL, `pipe:COMMAND` (as webdataset
+    reads it: the shard is the command's standard output), or a list of them -> shard URLs."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     urls: list[str] = []
     for s in specs:
         s = str(s)
         for item in braceexpand(s):
-            if "://" in item:
+            if is_pipe(item):
+                urls.append(item)
+            elif "://" in item:
                 fs, _, paths = fsspec.get_fs_token_paths(item)
                 found = sorted(paths) if any(c in item for c in "*?[") else [item]
                 protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
@@ -99,14 +111,54 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                 urls.append(item)
     if not urls:
         raise CurateError(f"{spec}: no tar shards found (give a directory, a glob or a brace pattern)")
-    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+    missing = [u for u in urls if "://" not in u and not is_pipe(u) and not Path(u).exists()]
     if missing:
         raise CurateError(f"{missing[0]}: shard does not exist ({len(missing)} missing of {len(urls)})")
     return urls
 
 
+def image_folder_units(directory: str | Path) -> list[str] | None:
+    """An ImageFolder (`DIR/CLASS/*.jpg`, as torchvision reads it): its class folders, sorted; a folder of
+    images without class folders: [DIR]. None when `directory` holds tar shards or no images at all."""
+    root = Path(directory)
+    if not root.is_dir() or any(root.glob(f"*{SHARD_SUFFIX}")):
+        return None
+    classes = sorted(str(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+                     and any(is_image_name(f.name) for f in p.iterdir()))
+    if classes:
+        return classes
+    return [str(root)] if any(is_image_name(p.name) for p in root.iterdir()) else None
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name
+
+
+def iter_image_folder(directory: str | Path, on_problem: ProblemFn) -> Iterator[RawSample]:
+    """The images of one folder as samples (key `FOLDER/NAME` without extension; member = the image's
+    extension, lower case), in name order; files that cannot be read are reported to `on_problem`."""
+    folder = Path(directory)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_name(p.name))
+    for index, name in enumerate(names):
+        stem, ext = name.rsplit(".", 1)
+        key = f"{folder.name}/{stem}"
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as exc:
+            on_problem(key, f"cannot read {folder / name} ({exc})")
+            continue
+        yield RawSample(key, {ext.lower(): data}, str(folder), index)
+
+
 def shard_stem(url: str) -> str:
-    """`.../00012.tar` -> `00012`: the name of every per-shard output."""
+    """`.../00012.tar` -> `00012`: the name of every per-shard output. For `pipe:COMMAND`, the last `NAME.tar`
+    the command names (`pipe:curl -s https://host/00012.tar` -> `00012`)."""
+    if is_pipe(url):
+        names = re.findall(r"([A-Za-z0-9_.-]+)\.tar\b", url)
+        if not names:
+            raise CurateError(f"{url}: name the shard in the command (e.g. `pipe:curl -s URL/00012.tar`): its "
+                              "outputs are named after the last NAME.tar in it")
+        return names[-1]
     name = url.rstrip("/").rsplit("/", 1)[-1]
     return name[: -len(SHARD_SUFFIX)] if name.endswith(SHARD_SUFFIX) else name
 
@@ -140,7 +192,7 @@ def iter_shard(url: str, on_problem: ProblemFn) -> Iterator[RawSample]:
 def _iter_tar(url: str, on_problem: ProblemFn, compressed_error: str | None = None) -> Iterator[RawSample]:
     """`compressed_error`: set on the second pass over a shard that looked compressed but did not decompress."""
     try:
-        raw = fsspec.open(url, "rb").open()
+        raw = PipeFile(url[len(PIPE_PREFIX):]) if is_pipe(url) else fsspec.open(url, "rb").open()
     except Exception as exc:  # noqa: BLE001 - fsspec back ends raise many types
         raise ShardReadError(f"{url}: cannot open shard ({type(exc).__name__}: {exc})") from None
     with raw:
@@ -209,7 +261,9 @@ def _iter_tar(url: str, on_problem: ProblemFn, compressed_error: str | None = No
         damage, last_complete = tail.end_problem(member_end, found_member, key)
         if key is not None and last_complete:
             yield RawSample(key, members, url, index)
-        if damage:
+        if tail.total == 0:  # not damage: a file with nothing in it (an interrupted download or copy?)
+            on_problem("", "empty file (0 bytes): the shard holds no samples; was its download or copy cut short?")
+        elif damage:
             kept = "samples before it are kept" if last_complete or key is None else \
                 f"the last sample {key!r} may be incomplete and is not read"
             on_problem(key or "", f"corrupt or truncated tar: {damage}; {kept}")
@@ -236,6 +290,47 @@ def _decompressed(source: io.RawIOBase, plain: bool = False) -> tuple[io.RawIOBa
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(reader, mode="rb"), True
     return reader, False
+
+
+class PipeFile(io.RawIOBase):
+    """The standard output of a shell command, read as a file; a command that exits non-zero is an I/O error
+    at the end of its output (naming the exit status and the end of its standard error)."""
+
+    def __init__(self, command: str):
+        import subprocess
+
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.proc.stdout.readinto(b)
+        if not n:
+            self._check_exit()
+        return n
+
+    def read(self, size=-1):
+        data = self.proc.stdout.read(size) if size is not None and size >= 0 else self.proc.stdout.read()
+        if not data:
+            self._check_exit()
+        return data
+
+    def _check_exit(self) -> None:
+        code = self.proc.wait()
+        if code != 0:
+            error = self.proc.stderr.read().decode("utf-8", "replace").strip().splitlines()
+            raise OSError(f"command `{self.command}` exited with status {code}"
+                          + (f": {error[-1][:200]}" if error else ""))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+        super().close()
 
 
 class _GuardedReader(io.RawIOBase):
@@ -387,25 +482,66 @@ def sample_uid(raw: RawSample) -> str | None:
     return content_uid(image, caption)
 
 
-def decode_sample(raw: RawSample, draft_size: int | None = None) -> DecodedSample:
-    """Raw members -> RGB image + caption + uid, or SampleError naming why it cannot be used."""
+INVALID_JSON_REPLACED = "invalid .json replaced in the export by one holding only the uid"
+
+
+def json_with_uid(raw: RawSample, uid: str) -> bytes | None:
+    """The sample's `.json` bytes with `uid` in its `uid` field, or None when it holds it already (the usual
+    DataComp case: the member is then copied as it is). A json without a valid uid (img2dataset's default)
+    gains the field; a different value there is kept as `original_uid`; an invalid json is replaced by
+    `{"uid": ...}` (the caller records that). Written by json.dumps, compact, keys in their order."""
+    data = raw.members.get("json")
+    meta: dict = {}
+    if data is not None:
+        try:
+            meta = load_json_object(data)
+        except ValueError:
+            meta = {}
+        if meta.get("uid") == uid:
+            return None
+    patched = dict(meta)
+    if "uid" in patched:
+        patched["original_uid"] = patched.pop("uid")
+    patched["uid"] = uid
+    return json.dumps(patched, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def json_is_invalid(raw: RawSample) -> bool:
+    """A `.json` member that load_json_object refuses (not UTF-8, not JSON, not an object)."""
+    data = raw.members.get("json")
+    if data is None:
+        return False
+    try:
+        load_json_object(data)
+    except ValueError:
+        return True
+    return False
+
+
+def decode_sample(raw: RawSample, draft_size: int | None = None, require_caption: bool = True) -> DecodedSample:
+    """Raw members -> RGB image + caption + uid, or SampleError naming why it cannot be used.
+
+    `require_caption=False` (image-only embedding): a missing or empty caption is fine; the content uid then
+    hashes the image with an empty caption."""
     image_bytes = raw_image_bytes(raw)
     if image_bytes is None:
         raise SampleError(f"no image member (expected one of .{', .'.join(IMAGE_EXTS)})")
     caption, notes = raw_caption(raw)
-    if caption is None:
-        raise SampleError("missing caption (.txt)")
-    if not caption.strip():
-        raise SampleError("empty caption")
+    if require_caption:
+        if caption is None:
+            raise SampleError("missing caption (.txt)")
+        if not caption.strip():
+            raise SampleError("empty caption")
     meta, json_text, json_notes = raw_json(raw)
     notes += json_notes
     uid = meta.get("uid")
-    if not is_uid(uid):
+    from_content = not is_uid(uid)
+    if from_content:
         if uid is not None:
             notes.append(f"json uid {str(uid)[:40]!r} is not 32 lowercase hex; uid taken from content")
-        uid = content_uid(image_bytes, caption)
+        uid = content_uid(image_bytes, caption or "")
     image = load_rgb(image_bytes, draft_size)
-    return DecodedSample(raw.key, uid, image, image_bytes, caption, meta, json_text, notes)
+    return DecodedSample(raw.key, uid, image, image_bytes, caption or "", meta, json_text, notes, from_content)
 
 
 def load_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:

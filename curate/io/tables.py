@@ -2,11 +2,16 @@
 
 Embedding table (one per input shard, same stem): columns
   uid (string, 32 lowercase hex), key (string), caption (string),
-  image_embedding, text_embedding (fixed_size_binary(2·D): D little-endian IEEE float16 values per row,
-  L2-normalised; `vectors_to_numpy` turns a column into an (N, D) array).
-Binary vectors, not Parquet lists: Parquet stores a list with a repetition level per value, and decoding
-a 512-d fp16 list costs ~1.2 µs per row against ~0.12 µs for the same bytes as one binary value (same file
-size; bench/results.md). Tables written as fixed_size_list<float>[D] by earlier versions still read.
+  image_embedding, text_embedding (fixed_size_list<float16>[D], L2-normalised; `vectors_to_numpy` turns a
+  column into an (N, D) array), and optionally `json` (the sample's .json text).
+Image-only tables (`curate embed --images-only`) have uid, key, image_embedding and, for an ImageFolder,
+`label` (the class folder's name).
+Vectors are typed numeric lists so that DuckDB (FLOAT[]), Polars (Array(Float16, D)) and pandas (numpy
+arrays) read them as numbers. Decoding a Parquet list costs ~1 µs per 512-d row, so stages that read a pool
+more than once build an fp16 `.npy` cache first (`EmbeddingPool.matrix`) and read that. Tables of earlier
+versions (vectors as fixed_size_binary(2·D) float16 bytes) still read.
+Skip records go to `<out>/_errors/<stem>.parquet` and completion markers to `<out>/_markers/`, so that every
+`<out>/*.parquet` is an embedding table of the one schema.
 Schema metadata key `curate` holds JSON: {"teacher": {model, pretrained, embed_dim, logit_scale},
 "version": code version, "shard": input shard, ...}.
 Pool order (used by every pool-wide step) is: files sorted by name, rows in file order.
@@ -31,12 +36,12 @@ from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
 
 META_KEY = b"curate"
-ERRORS_SUFFIX = ".errors.parquet"
+ERRORS_DIR = "_errors"  # skip records of a stage's output directory: <out>/_errors/<stem>.parquet
+LEGACY_ERRORS_SUFFIX = ".errors.parquet"  # where earlier versions put them, beside the tables
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 READ_BATCH_ROWS = 1 << 13  # rows per block when streaming tables (8k x 512 fp16 = 8 MiB per column)
 VECTOR_ROW_GROUP_ROWS = 1 << 13  # default row group of tables with vector columns: small, fast reads
-VECTOR_DTYPE = np.dtype("<f2")  # the element type of binary vector columns
-VECTOR_FIELD_META = b"curate.vector"  # field metadata naming a binary column's element type, for other readers
+VECTOR_DTYPE = np.dtype("<f2")  # the element type of vector columns (float16)
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,14 @@ class TeacherInfo:
 
 # ---------------------------------------------------------------- writing
 
+def vector_type(dim: int) -> pa.DataType:
+    """fixed_size_list<float16>[dim] with non-null values (no validity bitmap to decode)."""
+    return pa.list_(pa.field("element", pa.float16(), nullable=False), dim)
+
+
 def vector_field(name: str, dim: int) -> pa.Field:
-    """A binary vector column of `dim` float16 values; its field metadata says so to other readers."""
-    return pa.field(name, pa.binary(VECTOR_DTYPE.itemsize * dim),
-                    metadata={VECTOR_FIELD_META: f"float16[{dim}] little-endian".encode()})
+    """A vector column of `dim` float16 values per row (rows are never null)."""
+    return pa.field(name, vector_type(dim), nullable=False)
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -79,35 +88,32 @@ def embedding_schema(dim: int) -> pa.Schema:
     )
 
 
-def numpy_to_vectors(matrix: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """(N, D) array -> a binary vector column (float16, D values per row) without a Python loop."""
-    matrix = np.ascontiguousarray(np.asarray(matrix).astype(VECTOR_DTYPE, copy=False))
-    n, d = matrix.shape
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(VECTOR_DTYPE.itemsize * d), n,
-                                                [None, pa.py_buffer(matrix)])
-
-
-def numpy_to_fixed_list(matrix: np.ndarray, dtype=pa.float16()) -> pa.FixedSizeListArray:
-    """(N, D) array -> Arrow fixed_size_list<dtype>[D] (the list form other tools write; targets may be
-    given in it) without a Python loop."""
+def numpy_to_vectors(matrix: np.ndarray, dtype: pa.DataType = pa.float16()) -> pa.FixedSizeListArray:
+    """(N, D) array -> a vector column, fixed_size_list<dtype>[D] (float16 unless asked), without a Python loop."""
     matrix = np.ascontiguousarray(matrix)
     n, d = matrix.shape
     np_dtype = {pa.float16(): np.float16, pa.float32(): np.float32}[dtype]
     flat = pa.array(matrix.astype(np_dtype, copy=False).reshape(-1), type=dtype)
-    return pa.FixedSizeListArray.from_arrays(flat, d)
+    list_type = vector_type(d) if dtype == pa.float16() else pa.list_(pa.field("element", dtype, nullable=False), d)
+    return pa.FixedSizeListArray.from_arrays(flat, type=list_type)
 
 
 def is_vector_type(field_type: pa.DataType) -> bool:
-    """A vector column: binary vectors (ours) or a fixed_size_list of floats (earlier tables, other tools)."""
-    return (pa.types.is_fixed_size_binary(field_type) and field_type.byte_width % VECTOR_DTYPE.itemsize == 0
-            or pa.types.is_fixed_size_list(field_type) and pa.types.is_floating(field_type.value_type))
+    """A vector column: a list of floats (ours: fixed_size_list; a variable list as DuckDB writes FLOAT[] back),
+    or the float16 bytes of earlier versions (fixed_size_binary(2·D))."""
+    lists = pa.types.is_fixed_size_list(field_type) or pa.types.is_list(field_type) \
+        or pa.types.is_large_list(field_type)
+    return (lists and pa.types.is_floating(field_type.value_type)
+            or pa.types.is_fixed_size_binary(field_type) and field_type.byte_width % VECTOR_DTYPE.itemsize == 0)
 
 
-def vector_dim(field_type: pa.DataType) -> int:
-    """The number of values per row of a vector column type."""
+def vector_dim(field_type: pa.DataType) -> int | None:
+    """The number of values per row of a vector column type (None for a variable list: known from its rows)."""
     if pa.types.is_fixed_size_binary(field_type):
         return field_type.byte_width // VECTOR_DTYPE.itemsize
-    return field_type.list_size
+    if pa.types.is_fixed_size_list(field_type):
+        return field_type.list_size
+    return None
 
 
 def with_meta(table: pa.Table, meta: dict) -> pa.Table:
@@ -145,22 +151,38 @@ def write_table_atomic(table: pa.Table, path: str | Path, meta: dict | None = No
     return path
 
 
-def build_embedding_table(uids: Sequence[str], keys: Sequence[str], captions: Sequence[str],
-                          image_emb: np.ndarray, text_emb: np.ndarray,
-                          json_texts: Sequence[str | None] | None = None, dim: int | None = None) -> pa.Table:
-    """Rows -> an embedding table; `json_texts` (the samples' raw .json) adds the optional `json` column."""
+def build_embedding_table(uids: Sequence[str], keys: Sequence[str], captions: Sequence[str] | None,
+                          image_emb: np.ndarray, text_emb: np.ndarray | None,
+                          json_texts: Sequence[str | None] | None = None, dim: int | None = None,
+                          labels: Sequence[str] | None = None) -> pa.Table:
+    """Rows -> an embedding table; `json_texts` (the samples' raw .json) adds the optional `json` column.
+    Without `captions` and `text_emb` it is an image-only table; `labels` adds a `label` column (ImageFolder)."""
     if dim is None:
         dim = image_emb.shape[1]
-    table = pa.Table.from_arrays(
-        [pa.array(list(uids), pa.string()), pa.array(list(keys), pa.string()),
-         pa.array(list(captions), pa.string()),
-         numpy_to_vectors(np.asarray(image_emb).reshape(-1, dim)),
-         numpy_to_vectors(np.asarray(text_emb).reshape(-1, dim))],
-        schema=embedding_schema(dim),
-    )
+    if (captions is None) != (text_emb is None):
+        raise ValueError("captions and text embeddings go together")
+    columns = {"uid": pa.array(list(uids), pa.string()), "key": pa.array(list(keys), pa.string())}
+    fields = [pa.field("uid", pa.string()), pa.field("key", pa.string())]
+    if captions is not None:
+        columns["caption"] = pa.array(list(captions), pa.string())
+        fields.append(pa.field("caption", pa.string()))
+    if labels is not None:
+        columns["label"] = pa.array(list(labels), pa.string())
+        fields.append(pa.field("label", pa.string()))
+    columns["image_embedding"] = numpy_to_vectors(np.asarray(image_emb).reshape(-1, dim))
+    fields.append(vector_field("image_embedding", dim))
+    if text_emb is not None:
+        columns["text_embedding"] = numpy_to_vectors(np.asarray(text_emb).reshape(-1, dim))
+        fields.append(vector_field("text_embedding", dim))
+    table = pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
     if json_texts is not None:
         table = table.append_column("json", pa.array(list(json_texts), pa.string()))
     return table
+
+
+def errors_path(out_dir: str | Path, stem: str) -> Path:
+    """Where a stage records the skips of one unit (shard) of its output directory."""
+    return Path(out_dir) / ERRORS_DIR / f"{stem}.parquet"
 
 
 # ---------------------------------------------------------------- reading
@@ -176,20 +198,30 @@ def read_meta(path: str | Path) -> dict:
 
 
 def vectors_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32, source: object = "") -> np.ndarray:
-    """Vector column (binary vectors or fixed_size_list) -> (N, D) numpy array (one copy at most; none for
-    binary vectors read as float16). `source` names the file in the error about null rows."""
+    """Vector column (fixed_size_list of floats, or the binary vectors of earlier versions) -> (N, D) numpy
+    array (one copy at most). `source` names the file in the error about null rows."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if column.null_count:
         raise CurateError(f"{source or 'table'}: vector column holds {column.null_count} null rows; "
                           "re-embed that shard")
     d = vector_dim(column.type)
+    if d is None:  # a variable list (e.g. DuckDB's FLOAT[]): every row must hold the same number of values
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False) if len(column) else np.zeros(0, np.int64)
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise CurateError(f"{source or 'table'}: vector rows have different lengths "
+                              f"({int(lengths.min())} to {int(lengths.max())} values); re-embed that shard")
+        d = int(lengths[0]) if len(lengths) else 0
     if pa.types.is_fixed_size_binary(column.type):
         width = column.type.byte_width
         values = np.frombuffer(column.buffers()[1], dtype=VECTOR_DTYPE, count=len(column) * d,
                                offset=column.offset * width).reshape(len(column), d)
     else:
-        values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        flat = column.flatten()  # the values of these rows (the column's offset applied)
+        if flat.null_count:
+            raise CurateError(f"{source or 'table'}: vector column holds {flat.null_count} null values; "
+                              "re-embed that shard")
+        values = flat.to_numpy(zero_copy_only=False).reshape(-1, d)
     if values.dtype == np.float16 and np.dtype(dtype) == np.float32:
         return to_float32(values)
     return values.astype(dtype, copy=False)
@@ -223,13 +255,19 @@ def open_table(path: str | Path) -> pq.ParquetFile:
     return pq.ParquetFile(path, pre_buffer=False)
 
 
+def table_files(directory: Path) -> list[Path]:
+    """The tables of an output directory: its `*.parquet` (sorted; side records live in subfolders; the
+    `.errors.parquet` skip records that earlier versions put beside the tables are left out)."""
+    return sorted(p for p in directory.glob("*.parquet")
+                  if not p.name.endswith(LEGACY_ERRORS_SUFFIX) and not p.name.startswith("."))
+
+
 def embedding_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Embedding tables of a directory (sorted, skip-record files excluded), or an explicit list."""
+    """Embedding tables of a directory (sorted), or an explicit list."""
     if isinstance(source, (str, Path)):
         src = Path(source)
         if src.is_dir():
-            files = sorted(p for p in src.glob("*.parquet")
-                           if not p.name.endswith(ERRORS_SUFFIX) and not p.name.startswith("."))
+            files = table_files(src)
         elif src.is_file():
             files = [src]
         else:
@@ -293,7 +331,12 @@ class EmbeddingPool:
             pf = open_table(f)
             _require_columns(f, pf.schema_arrow, columns)
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False):
-                yield f, {c: column_to_numpy(batch.column(c), dtype, f) for c in columns}
+                block = {c: column_to_numpy(batch.column(c), dtype, f) for c in columns}
+                for c, values in block.items():
+                    if values.ndim == 2 and values.shape[1] != self.dim:
+                        raise CurateError(f"{f}: column `{c}` holds {values.shape[1]}-d vectors but the table's "
+                                          f"teacher metadata says embed_dim {self.dim}; re-embed that shard")
+                yield f, block
 
     def column(self, name: str) -> np.ndarray:
         """A scalar column of the whole pool (e.g. uid): one array, pool order."""
@@ -319,8 +362,7 @@ class EmbeddingPool:
         for f in self.files:
             _require_columns(f, pq.read_schema(f), [column])
         if cache_dir is None:
-            parts = [vectors_to_numpy(pq.read_table(f, columns=[column]).column(column), np.float16, f)
-                     for f in self.files]
+            parts = [block[column] for _, block in self.iter_chunks([column], dtype=np.float16)]
             return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float16)
         cache = self.cache_file(column, cache_dir)
         if not cache.exists():
@@ -344,16 +386,20 @@ def _check_embedding_columns(path: Path, schema: pa.Schema, dim: int) -> None:
             continue
         field_type = schema.field(name).type
         if not is_vector_type(field_type):
-            raise CurateError(f"{path}: column `{name}` has type {field_type}, expected binary vectors "
-                              f"(fixed_size_binary[{VECTOR_DTYPE.itemsize * dim}]) or fixed_size_list<float>[{dim}]; "
+            raise CurateError(f"{path}: column `{name}` has type {field_type}, expected vectors "
+                              f"(fixed_size_list<float16 or float32>[{dim}]); "
                               "is this an embedding table from `curate embed`?")
-        if vector_dim(field_type) != dim:
+        if vector_dim(field_type) not in (dim, None):  # (a variable list's rows are checked when read)
             raise CurateError(f"{path}: column `{name}` holds {vector_dim(field_type)}-d vectors but the table's teacher "
                               f"metadata says embed_dim {dim}; the file is inconsistent: re-embed that shard")
 
 
 def _require_columns(path: Path, schema: pa.Schema, columns: Iterable[str]) -> None:
     missing = [c for c in columns if c not in schema.names]
+    image_only = "image_embedding" in schema.names and not {"caption", "text_embedding"} & set(schema.names)
+    if missing and image_only and set(missing) <= {"caption", "text_embedding"}:
+        raise CurateError(f"{path}: an image-only embedding table (`curate embed --images-only`) has no "
+                          f"{' or '.join(missing)}; this step needs image-text pairs (embed them without --images-only)")
     if missing:
         raise CurateError(f"{path}: no column {', '.join(f'`{c}`' for c in missing)} (has {', '.join(schema.names)}); "
                           "is this an embedding table from `curate embed`?")

@@ -22,6 +22,7 @@ class TaskFailure:
     task: str
     error: str
     attempts: int
+    user_error: bool = False  # a CurateError (bad input, missing weights): not retried, its message says it all
 
 
 @dataclass
@@ -29,7 +30,14 @@ class RunReport:
     results: list[Any] = field(default_factory=list)
     failures: list[TaskFailure] = field(default_factory=list)
 
+    def raise_user_error(self) -> None:
+        """A task's CurateError as the run's own one-line error (the first; others are alike or follow from it)."""
+        for failure in self.failures:
+            if failure.user_error:
+                raise CurateError(failure.error)
+
     def raise_if_failed(self, stage: str) -> None:
+        self.raise_user_error()
         if self.failures:
             lines = "; ".join(f"{f.task} ({f.error.splitlines()[-1] if f.error else 'error'}, {f.attempts} attempts)"
                               for f in self.failures)
@@ -43,7 +51,7 @@ def _call_with_retries(fn: Callable, task: Any, retries: int) -> tuple[Any, Task
         try:
             return fn(task), None
         except CurateError as exc:  # a user error will not go away on retry
-            return None, TaskFailure(_name(task), str(exc), attempt)
+            return None, TaskFailure(_name(task), str(exc), attempt, user_error=True)
         except Exception:  # noqa: BLE001 - any crash of a task is retried, then reported
             last = traceback.format_exc()
     return None, TaskFailure(_name(task), last.strip(), retries + 1)

@@ -5,14 +5,18 @@
 - Output: OUT_DIR/00000.tar, 00001.tar, ... with `shard_size` samples each (the last may be smaller).
   Output keys are the running index of the sample in the export, 9 digits (`000000042.jpg`): input keys
   are never used in output names, so a member called `../x` or `/abs/x` cannot reach outside OUT_DIR or
-  surprise a later extractor. The sample's uid travels with it (its `.json` uid, or its unchanged image and
-  caption bytes for the content uid). Member extensions outside `[a-z0-9._-]` are dropped and recorded.
+  surprise a later extractor. The sample's uid travels in its `.json` `uid` field, where DataComp's tools
+  look for it: a sample whose uid came from content (no valid json uid, as in img2dataset's shards) gets the
+  field written into its `.json` (one is added when it has none); every other member, and the `.json` of a
+  sample that holds its uid already, is copied byte for byte. Member extensions outside `[a-z0-9._-]` are
+  dropped and recorded.
 - Tar headers (GNU format) are deterministic (mtime 0, uid/gid 0, mode 0644, no user names): same input,
   same bytes.
 - A subset uid found twice is exported once (the first occurrence); the repeat is recorded.
-- Records: `missing_uids.npy` (subset uids not found in the shards, DataComp layout), `export.errors.parquet`
-  (unreadable members, corrupt shards, samples without a uid, repeats), and `export_manifest.json`, written
-  first with `complete: false` and last with the report. A shard that cannot be opened or read at all (I/O,
+- Records: `missing_uids.npy` (subset uids not found in the shards, DataComp layout), `_errors/export.parquet`
+  (unreadable members, corrupt shards, samples without a uid, repeats, invalid .json replaced), `sizes.json`
+  (samples per output tar, the shard table that open_clip and DataComp's resharder read) and
+  `export_manifest.json`, written first with `complete: false` and last with the report. A shard that cannot be opened or read at all (I/O,
   not bad data) stops the export with an error naming it; the finished tars are kept and a rerun resumes.
 - Speed: shards (local files, or fsspec URLs: s3://, gs://, http://, ...) are read in pieces of
   PIECE_BYTES (4 MiB) by a reader thread; each piece is scanned (`curate.io.tar_blocks.scan_plain_tar`,
@@ -51,17 +55,19 @@ import pyarrow as pa
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps, temp_path, write_text_atomic
-from curate.io.shards import (CAPTION_EXT, MAX_MEMBER_BYTES, RawSample, ShardReadError, expand_shards, iter_shard,
+from curate.io.shards import (CAPTION_EXT, INVALID_JSON_REPLACED, MAX_MEMBER_BYTES, RawSample, ShardReadError,
+                               expand_shards, is_pipe, iter_shard, json_is_invalid, json_with_uid, raw_json,
                                sample_uid)
-from curate.io.tables import ERRORS_SUFFIX, write_table_atomic
+from curate.io.tables import ERRORS_DIR, write_table_atomic
 from curate.io.tar_blocks import (BLOCK, NAME_FIELD, DeterministicTarWriter, PlainTar, header_blocks,
                                   scan_plain_tar, zero_padding)
-from curate.io.uids import DATACOMP_DTYPE, UID_RE
+from curate.io.uids import DATACOMP_DTYPE, UID_RE, is_uid
 from curate.stages.filter import sorted_uid_pairs
 
 MANIFEST = "export_manifest.json"
+SIZES = "sizes.json"  # {"00000.tar": samples, ...}: the shard table open_clip and DataComp's resharder read
 MISSING = "missing_uids.npy"
-ERRORS = f"export{ERRORS_SUFFIX}"
+ERRORS = f"{ERRORS_DIR}/export.parquet"
 KEY_DIGITS = 9
 SAFE_EXT = re.compile(r"[a-z0-9_][a-z0-9._-]{0,63}")
 TAR_FORMAT = tarfile.GNU_FORMAT
@@ -142,6 +148,15 @@ def subset_file(subset: str | Path) -> Path:
     if not path.is_file():
         raise CurateError(f"{path}: no subset uid file; give the --out directory of `curate filter` "
                           "or a DataComp .npy subset")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == b"PAR1":
+        raise CurateError(f"{path}: is a Parquet table, not a subset; export takes the uids a selection kept: the "
+                          "--out directory of `curate filter` (or its uids.npy), or a DataComp .npy subset. To "
+                          "select from a score table run `curate filter` first")
+    if magic != b"\x93NUMPY":
+        raise CurateError(f"{path}: not a .npy file ({len(magic) and 'starts with ' + repr(magic) or 'empty'}); "
+                          "give the --out directory of `curate filter` or a DataComp .npy subset")
     return path
 
 
@@ -211,6 +226,8 @@ class FastRun:
     buffer: memoryview  # the piece (with what was carried into it): a part of source.data
     tar: PlainTar
     samples: np.ndarray  # int64
+    uids: list | None = None  # the uid of every sample of the piece (`shard_uids`)
+    content: np.ndarray | None = None  # per sample of the piece: its uid comes from content, not its .json
 
     def split(self, count: int) -> tuple["FastRun", "FastRun"]:
         return (replace(self, samples=self.samples[:count]),
@@ -261,6 +278,8 @@ class _PieceReader:
         self.abandoned = number
 
     def _open(self, url: str) -> None:
+        if is_pipe(url):  # a command's output has no size to read in pieces: iter_shard streams it
+            raise OSError(f"{url}: a pipe")
         if "://" in url:
             self.file = fsspec.open(url, "rb").open()
             self.size = self.file.size
@@ -446,6 +465,9 @@ def _kept_of_shard(url: str, subset: SubsetIndex, problems: list[tuple], skip: i
             continue
         subset.found[position] = True
         problems.extend((url, raw.key, None, reason) for reason in unexported_members(raw))
+        if json_is_invalid(raw):
+            problems.append((url, raw.key, uid, INVALID_JSON_REPLACED))
+        raw.uid = uid
         yield raw
 
 
@@ -461,7 +483,7 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: Pi
                 tar: PlainTar) -> FastRun:
     """The kept samples of a plain piece (`buffer`, layout `tar`): uids looked up, repeats and samples without a
     uid recorded, kept samples marked found."""
-    uids = _shard_uids(url, buffer, tar)
+    uids, content = shard_uids(url, buffer, tar)
     position = subset.positions(uids)
     in_subset = np.flatnonzero(position >= 0)
     first = np.zeros(len(in_subset), dtype=bool)  # the first sample of each uid in this piece
@@ -469,18 +491,22 @@ def _fast_shard(url: str, subset: SubsetIndex, problems: list[tuple], source: Pi
     new = first & ~subset.found[position[in_subset]]
     kept = in_subset[new]
     subset.found[position[kept]] = True
+    rows = []  # problems (rare), in sample order as iter_shard's path meets them
     repeats = in_subset[~new].tolist()
-    if repeats or len(in_subset) < len(uids):  # problems, in sample order (rare)
+    if repeats or len(in_subset) < len(uids):
         no_uid = [sample for sample, uid in enumerate(uids) if uid is None]
-        for sample in sorted(repeats + no_uid):
-            uid = uids[sample]
-            problems.append((url, tar.key(sample), uid, NO_UID if uid is None else REPEAT))
-    return FastRun(url, source, buffer, tar, kept)
+        rows += [(sample, NO_UID if uids[sample] is None else REPEAT) for sample in repeats + no_uid]
+    rows += [(sample, INVALID_JSON_REPLACED) for sample in kept[content[kept]].tolist()
+             if json_is_invalid(piece_sample(url, buffer, tar, sample, copy=False))]
+    for sample, reason in sorted(rows):
+        problems.append((url, tar.key(sample), uids[sample], reason))
+    return FastRun(url, source, buffer, tar, kept, uids, content)
 
 
-def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
-    """sample_uid of every sample of the shard. The usual case (a .json member that orjson reads, holding a
-    valid uid) is done here, as load_json_object would; every other sample goes through sample_uid itself."""
+def shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> tuple[list[str | None], np.ndarray]:
+    """sample_uid of every sample of the piece, and which of them come from content (no valid `.json` uid).
+    The usual case (a .json member that orjson reads, holding a valid uid) is done here, as load_json_object
+    would; every other sample goes through sample_uid itself."""
     json_member = np.full(tar.samples, -1, dtype=np.int64)
     if "json" in tar.exts:
         is_json = tar.ext_id == tar.exts.index("json")
@@ -488,6 +514,7 @@ def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
     json_start = np.where(json_member >= 0, (tar.header_block[json_member] + 1) * BLOCK, 0)
     json_end = np.where(json_member >= 0, json_start + tar.size[json_member], -1)
     uids: list[str | None] = []
+    content = np.zeros(tar.samples, dtype=bool)
     view = memoryview(buffer)
     loads, uid_match, append = orjson.loads, UID_RE.fullmatch, uids.append
     for sample, (start, end) in enumerate(zip(json_start.tolist(), json_end.tolist())):
@@ -500,25 +527,56 @@ def _shard_uids(url: str, buffer: bytearray, tar: PlainTar) -> list[str | None]:
             if type(uid) is str and uid_match(uid):  # is_uid
                 append(uid)
                 continue
-        members = {}
-        for m in range(int(tar.first[sample]), int(tar.first[sample + 1])):
-            data_start = (int(tar.header_block[m]) + 1) * BLOCK
-            ext, data = tar.exts[tar.ext_id[m]], view[data_start:data_start + int(tar.size[m])]
-            members[ext] = bytes(data) if ext in ("json", CAPTION_EXT) else data  # sample_uid decodes these two
-        uids.append(sample_uid(RawSample(tar.key(sample), members, url, sample)))
-    return uids
+        raw = piece_sample(url, view, tar, sample, copy=False)
+        uid = sample_uid(raw)
+        append(uid)
+        # (a json that orjson refused may still hold a valid uid for json.loads, e.g. with NaN elsewhere in it)
+        content[sample] = uid is not None and not is_uid(raw_json(raw)[0].get("uid"))
+    return uids, content
+
+
+def piece_sample(url: str, buffer, tar: PlainTar, sample: int, copy: bool = True) -> RawSample:
+    """Sample `sample` of a scanned piece as a RawSample (members in tar order). `copy=False` leaves the
+    members other than .json and .txt as views of the buffer (valid while it is)."""
+    view, members = memoryview(buffer), {}
+    for m in range(int(tar.first[sample]), int(tar.first[sample + 1])):
+        data_start = (int(tar.header_block[m]) + 1) * BLOCK
+        ext, data = tar.exts[tar.ext_id[m]], view[data_start:data_start + int(tar.size[m])]
+        members[ext] = bytes(data) if copy or ext in ("json", CAPTION_EXT) else data  # sample_uid decodes these
+    return RawSample(tar.key(sample), members, url, sample)
 
 
 def _write_raw(writer: DeterministicTarWriter, key: str, raw: RawSample) -> None:
-    """The sample's members under the output key, but those `unexported_members` names."""
+    """The sample's members under the output key, but those `unexported_members` names, with its uid in its
+    `.json` (`json_with_uid`: added when the uid came from content, so that DataComp's tools find it; a
+    sample without a .json gains one, last)."""
+    uid = raw.uid or sample_uid(raw)
+    patched = json_with_uid(raw, uid) if uid is not None else None
     for ext, data in raw.members.items():
         if SAFE_EXT.fullmatch(ext):
-            writer.add(f"{key}.{ext}", data)
+            writer.add(f"{key}.{ext}", patched if ext == "json" and patched is not None else data)
+    if patched is not None and "json" not in raw.members:
+        writer.add(f"{key}.json", patched)
 
 
 def _write_run(writer: DeterministicTarWriter, first_index: int, run: FastRun) -> None:
     """The run's samples as output samples first_index, first_index + 1, ...: new headers are patched into the
-    piece's buffer and the samples' block ranges written as they are (their extensions are all safe)."""
+    piece's buffer and the samples' block ranges written as they are (their extensions are all safe). A sample
+    whose uid came from content is written member by member instead, with the uid put into its .json."""
+    if run.content is not None and run.content[run.samples].any():
+        flagged = run.content[run.samples]
+        breaks = np.flatnonzero(np.diff(flagged.astype(np.int8)) != 0) + 1
+        done = 0
+        for part, part_flagged in zip(np.split(run.samples, breaks), np.split(flagged, breaks)):
+            if part_flagged[0]:
+                for offset, sample in enumerate(part.tolist()):
+                    raw = piece_sample(run.url, run.buffer, run.tar, sample)
+                    raw.uid = run.uids[sample]
+                    _write_raw(writer, f"{first_index + done + offset:0{KEY_DIGITS}d}", raw)
+            else:
+                _write_run(writer, first_index + done, replace(run, samples=part, content=None))
+            done += len(part)
+        return
     tar, samples = run.tar, run.samples
     counts = tar.first[samples + 1] - tar.first[samples]
     members = np.repeat(tar.first[samples] - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
@@ -715,7 +773,8 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
     load_subset(uid_file, mmap=True)  # a bad file is an error now (only its header is read here)
     urls = expand_shards(shards_spec)
     out = Path(out_dir)
-    config = {"shards": urls, "subset_sha256": _file_sha256(uid_file), "shard_size": shard_size}
+    # `format`: how samples are written (2: content uids go into the .json); tars of another format are not reused
+    config = {"shards": urls, "subset_sha256": _file_sha256(uid_file), "shard_size": shard_size, "format": 2}
     out.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(out)  # tars of an export killed earlier
     earlier = _check_out_dir(out, config)
@@ -733,6 +792,8 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
         return result
 
     index = SubsetIndex(load_subset(uid_file))
+    if hasattr(progress, "set_total"):
+        progress.set_total(len(index))  # at most: uids not found in the shards are never written
     problems: list[tuple] = []
     report = ExportReport(subset=len(index), input_shards=len(urls), out_dir=str(out))
     stream = _KeptStream(kept_samples(urls, index, problems, fast=fast))
@@ -789,6 +850,8 @@ def write_records(out: Path, index: SubsetIndex, problems: list[tuple], config: 
         write_table_atomic(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), errors_path, meta={"stage": "export"})
     elif errors_path.exists():
         errors_path.unlink()
+    sizes = {shard["name"]: shard["samples"] for shard in report.shards}
+    write_text_atomic(out / SIZES, json.dumps(sizes, indent=1) + "\n")
     write_text_atomic(out / MANIFEST, json.dumps({"complete": True, "config": config, "report": asdict(report)},
                                                  indent=2) + "\n")
     return report

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
-from curate.io.shards import ShardReadError, iter_shard, sample_uid
+from curate.io.shards import INVALID_JSON_REPLACED, ShardReadError, iter_shard, json_is_invalid, sample_uid
 from curate.io.tables import write_table_atomic
 from curate.io.tar_blocks import DeterministicTarWriter
 from curate.run.executors import executor_session
@@ -176,10 +176,12 @@ def _find_plain(url: str, number: int, pieces, subset: SubsetIndex, candidates: 
     shard, else the number of samples after which iter_shard must go on (`PlainPieces.rest`)."""
     walk = one.PlainPieces(number, pieces)
     for _, region, tar, first in walk:
-        uids = one._shard_uids(url, region, tar)
+        uids, content = one.shard_uids(url, region, tar)
         for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
             if position >= 0:
                 candidates.append((number, first + sample, position, tar.key(sample)))
+                if content[sample] and json_is_invalid(one.piece_sample(url, region, tar, sample, copy=False)):
+                    problems.append((number, first + sample, 2, url, tar.key(sample), uid, INVALID_JSON_REPLACED))
             elif uid is None:
                 problems.append((number, first + sample, 1, url, tar.key(sample), None, NO_UID))
     return walk.rest
@@ -201,6 +203,8 @@ def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates
                     candidates.append((number, yielded, position, raw.key))
                     problems.extend((number, yielded, 2, url, raw.key, None, reason)
                                     for reason in one.unexported_members(raw))
+                    if json_is_invalid(raw):
+                        problems.append((number, yielded, 2, url, raw.key, uid, INVALID_JSON_REPLACED))
                 elif uid is None:
                     problems.append((number, yielded, 1, url, raw.key, None, NO_UID))
             yielded += 1
@@ -284,7 +288,9 @@ class _ShardCursor:
             if self.piece is not None and samples[done] < self.piece[3] + self.piece[2].samples:
                 source, region, tar, first = self.piece
                 stop = int(np.searchsorted(samples, first + tar.samples))
-                one._write_run(writer, index + done, FastRun(self.url, source, region, tar, samples[done:stop] - first))
+                uids, content = one.shard_uids(self.url, region, tar)  # which samples need their uid in the json
+                one._write_run(writer, index + done, FastRun(self.url, source, region, tar, samples[done:stop] - first,
+                                                             uids, content))
                 done = stop
                 continue
             self.piece = next(self.walk, None)

@@ -9,6 +9,10 @@ Selection rule (README "Filtering"):
 3. `--keep METRIC:F` keeps exactly ceil(F * N) rows, N = the whole pool (before thresholds), F in (0, 1]
    read as the decimal that was written (0.07 of 100 is 7, where float arithmetic gives 8). Higher scores are better; NaN is
    never kept; ties at the cut are broken by uid ascending (as 32-hex strings, i.e. as 128-bit numbers).
+   `--fraction-rule datacomp` instead applies DataComp's rule (baselines/apply_filter.py, get_threshold):
+   the threshold is the (int(F * N) + 1)-th largest score, F * N in float arithmetic, and every row scoring
+   at least that is kept, ties included: int(F * N) + 1 rows without ties (121 of 400 at F = 0.3, not 120),
+   so that a DataComp baseline's uid file is reproduced exactly.
    - sequential (default): each keep ranks what the previous steps left.
    - independent (DataComp style): each keep ranks what the thresholds left; the subset is the intersection.
    A keep that must rank fewer non-NaN rows than it has to keep is an error, not a silent shortfall: in
@@ -41,11 +45,12 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, write_text_atomic
-from curate.io.tables import ERRORS_SUFFIX, EmbeddingPool, read_meta, write_table_atomic
+from curate.io.tables import EmbeddingPool, read_meta, table_files, write_table_atomic
 from curate.io.uids import DATACOMP_DTYPE, uid_halves
 from curate.run.mapreduce import check_task_options
 
 MODES = ("sequential", "independent")
+FRACTION_RULES = ("exact", "datacomp")
 BATCH_ROWS = 1 << 20
 # hex digit (ASCII code) -> nibble value; 255 marks a character that is not lowercase hex
 
@@ -54,13 +59,28 @@ BATCH_ROWS = 1 << 20
 
 @dataclass(frozen=True)
 class KeepStep:
-    """Keep the top `fraction` of the whole pool by `metric` (exact: ceil(fraction * N) rows)."""
+    """Keep the top `fraction` of the whole pool by `metric`: exactly ceil(fraction * N) rows (rule `exact`),
+    or every row scoring at least the (int(fraction * N) + 1)-th largest score (rule `datacomp`)."""
 
     metric: str
     fraction: Fraction
+    rule: str = "exact"
 
     def count(self, pool_size: int) -> int:
+        """exact: the rows kept; datacomp: the rank of the threshold score (ties at it are kept too)."""
+        if self.rule == "datacomp":
+            return int(pool_size * float(self.fraction)) + 1  # DataComp: n = int(len(df) * fraction); sorted[n]
         return math.ceil(self.fraction * pool_size)
+
+    @property
+    def keeps_ties(self) -> bool:
+        return self.rule == "datacomp"
+
+    def count_text(self, pool_size: int) -> str:
+        f = _fraction_text(self.fraction)
+        if self.rule == "datacomp":
+            return f"int({f} x {pool_size}) + 1 = {self.count(pool_size)} (DataComp's rule)"
+        return f"ceil({f} x {pool_size}) = {self.count(pool_size)}"
 
 
 @dataclass(frozen=True)
@@ -79,8 +99,11 @@ def _split_spec(spec: str, flag: str) -> tuple[str, str]:
     return metric, value
 
 
-def parse_keep(spec: str) -> KeepStep:
+def parse_keep(spec: str, rule: str = "exact") -> KeepStep:
     """`negclip:0.3` -> KeepStep; the fraction must be in (0, 1]."""
+    if rule not in FRACTION_RULES:
+        raise CurateError(f"--fraction-rule {rule!r}: choose exact (ceil(F·N) rows, ties by uid) or datacomp "
+                          "(DataComp's apply_filter threshold, ties kept)")
     metric, value = _split_spec(spec, "--keep")
     try:
         fraction = Fraction(Decimal(value.strip()))
@@ -89,7 +112,7 @@ def parse_keep(spec: str) -> KeepStep:
     if not 0 < fraction <= 1:
         raise CurateError(f"--keep {spec!r}: the fraction must be in (0, 1] (it is a share of the pool: "
                           "0.3 keeps 30 %); to drop a metric's influence leave the --keep out")
-    return KeepStep(metric, fraction)
+    return KeepStep(metric, fraction, rule)
 
 
 def parse_bound(spec: str, kind: str) -> Bound:
@@ -140,10 +163,43 @@ class ScoreTable:
         return self.files[int(np.searchsorted(np.cumsum(self.file_rows), row, side="right"))]
 
 
-def table_files(path: Path) -> list[Path]:
+TableArgument = "str | Path | list[Path]"  # a file, a directory of same-schema files, or such files listed
+
+
+def group_table_arguments(tables: Sequence[str | Path]) -> list:
+    """Table arguments as tables: a directory is one table; files given one after the other that have the same
+    numeric columns (a shell glob over one table's parts, e.g. `dcmeta/*.parquet` of DataComp's metadata) are
+    one table too, in the order given. Anything else stays as it is (a missing file gets its error later)."""
+    groups: list = []
+    previous = None
+    for table in tables:
+        path = Path(table)
+        columns = None
+        if path.is_file():
+            try:
+                columns = _numeric_columns(pq.read_schema(path))
+            except (OSError, pa.ArrowInvalid):
+                columns = None
+        if columns is not None and previous is not None and columns == previous and isinstance(groups[-1], list):
+            groups[-1].append(path)
+        else:
+            groups.append([path] if columns is not None else table)
+        previous = columns
+    return [g[0] if isinstance(g, list) and len(g) == 1 else g for g in groups]
+
+
+def table_name(table) -> str:
+    """How messages and stats.json name a table argument (a group of files: the first and the count)."""
+    if isinstance(table, list):
+        return f"{table[0]} (+{len(table) - 1} more files with the same columns)"
+    return str(table)
+
+
+def score_table_files(path) -> list[Path]:
+    if isinstance(path, list):
+        return [Path(p) for p in path]
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.parquet")
-                       if not p.name.endswith(ERRORS_SUFFIX) and not p.name.startswith("."))
+        files = table_files(path)
         if not files:
             raise CurateError(f"{path}: directory holds no *.parquet score tables")
         return files
@@ -159,8 +215,8 @@ def _numeric_columns(schema: pa.Schema) -> list[str]:
 
 def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """A table argument's files, rows per file and metric names, from the Parquet footers alone."""
-    path = Path(path)
-    files = table_files(path)
+    path = path if isinstance(path, list) else Path(path)
+    files = score_table_files(path)
     metric_names: list[str] | None = None
     rows = []
     for f in files:
@@ -184,8 +240,8 @@ def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]
 
 
 def read_score_table(path: str | Path) -> ScoreTable:
-    """Read `uid` and every numeric column of a table (or of a directory of same-schema tables)."""
-    path = Path(path)
+    """Read `uid` and every numeric column of a table (or of a directory or list of same-schema tables)."""
+    path = path if isinstance(path, list) else Path(path)
     files, rows, metric_names = scan_score_table(path)
     total = sum(rows)
     high, low = np.empty(total, np.uint64), np.empty(total, np.uint64)
@@ -203,7 +259,7 @@ def read_score_table(path: str | Path) -> ScoreTable:
             row += n
     for name in metric_names:
         metrics.setdefault(name, np.empty(0, np.float32))
-    return ScoreTable(str(path), files, rows, high, low, metrics)
+    return ScoreTable(table_name(path), files, rows, high, low, metrics)
 
 
 def _to_numpy(column: pa.Array) -> np.ndarray:
@@ -220,10 +276,13 @@ def check_unique(table: ScoreTable, order: np.ndarray) -> None:
     same = (h[1:] == h[:-1]) & (lo[1:] == lo[:-1])
     if same.any():
         row = int(order[int(np.argmax(same)) + 1])
+        hint = "deduplicate the table (or the shards it was scored from)"
+        if len(table.files) > 1 and not Path(table.name).is_dir():
+            hint = ("its files were read as the parts of one table, having the same columns; if they are score "
+                    "tables of one pool, give each metric once (rename or drop one of the columns)")
         raise CurateError(
             f"{table.file_of_row(row)}: uid {table.high[row]:016x}{table.low[row]:016x} appears more than once "
-            f"({int(same.sum())} duplicate rows in {table.name}); a uid must name one sample: "
-            "deduplicate the table (or the shards it was scored from)")
+            f"({int(same.sum())} duplicate rows in {table.name}); a uid must name one sample: {hint}")
 
 
 def align_to_pool(pool: ScoreTable, pool_order: np.ndarray, other: ScoreTable) -> np.ndarray | None:
@@ -317,11 +376,13 @@ class StepStats:
     nan: int = 0  # rows among `ranked` whose score is NaN (never kept)
     threshold: float | None = None  # keep: the lowest kept score (the score at the cut)
     ties_dropped_by_uid: int = 0  # keep: rows scoring exactly `threshold` left out by the uid tie-break
+    rule: str | None = None  # keep: the fraction rule (exact, datacomp)
 
 
 def top_rows(scores: np.ndarray, high: np.ndarray, low: np.ndarray, candidates: np.ndarray,
-             count: int) -> tuple[np.ndarray, float, int]:
-    """The `count` candidates with the highest scores (ties: smaller uid first), as sorted row indices.
+             count: int, keep_ties: bool = False) -> tuple[np.ndarray, float, int]:
+    """The `count` candidates with the highest scores (ties: smaller uid first), as sorted row indices;
+    `keep_ties`: also every other candidate scoring the cut score (DataComp's rule).
 
     Returns (rows, score at the cut, tied rows left out). Linear time except for the sort of tied rows.
     """
@@ -334,6 +395,8 @@ def top_rows(scores: np.ndarray, high: np.ndarray, low: np.ndarray, candidates: 
         cut = values.min() if count else math.nan
         return np.sort(rows), float(cut) + 0.0, 0  # + 0.0: either zero at the cut reads +0.0
     cut = np.partition(values, len(values) - count)[len(values) - count]  # the count-th largest score
+    if keep_ties:
+        return np.sort(rows[values >= cut]), float(cut) + 0.0, 0
     above = rows[values > cut]
     tied = rows[values == cut]
     need = count - len(above)
@@ -365,10 +428,10 @@ def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, ke
         count = k.count(pool_size)
         nan = int(np.isnan(scores[candidates]).sum())
         check_rankable(k, number, pool_size, len(candidates), nan, mode)
-        chosen, cut, ties = top_rows(scores, high, low, candidates, count)
-        stats.append(StepStats("keep", k.metric, len(candidates), count, len(candidates) - count,
+        chosen, cut, ties = top_rows(scores, high, low, candidates, count, k.keeps_ties)
+        stats.append(StepStats("keep", k.metric, len(candidates), len(chosen), len(candidates) - len(chosen),
                                fraction=_fraction_text(k.fraction), nan=nan, threshold=cut,
-                               ties_dropped_by_uid=ties))
+                               ties_dropped_by_uid=ties, rule=k.rule))
         if mode == "sequential":
             rows = chosen
         else:
@@ -395,8 +458,8 @@ def check_rankable(k: KeepStep, number: int, pool_size: int, ranked: int, nan: i
     if count > ranked - nan:
         before = "the thresholds and earlier keeps" if mode == "sequential" else "the thresholds"
         raise CurateError(
-            f"--keep {k.metric}:{_fraction_text(k.fraction)} (step {number}) must keep ceil({_fraction_text(k.fraction)}"
-            f" x {pool_size}) = {count} rows of the pool, but only {ranked - nan} rows with a score "
+            f"--keep {k.metric}:{_fraction_text(k.fraction)} (step {number}) must rank {k.count_text(pool_size)} "
+            f"rows of the pool, but only {ranked - nan} rows with a score "
             f"are left after {before} ({nan} NaN scores are never kept); fractions are of the whole pool, "
             "so lower this fraction (in sequential mode each --keep must not exceed the one before)")
 
@@ -460,13 +523,14 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
                 normsim: str | None = None, target: str | None = None, emb: str | Path | None = None,
                 normsim_fn: Callable | None = None, *, executor: str = "local", workers: int = 1,
                 tasks: int | None = None, retries: int = 1, ray_address: str | None = None,
-                rank: int | None = None, world_size: int | None = None) -> FilterResult:
+                rank: int | None = None, world_size: int | None = None,
+                fraction_rule: str = "exact") -> FilterResult:
     """Read, join, select and write `uids.npy`, `kept.parquet` and `stats.json` (last) into `out_dir`.
 
     With --executor ray, --workers > 1 or --tasks the same selection runs as map tasks over row-aligned
     tables (curate.stages.filter_distributed), with the same outputs.
     """
-    keep_steps = [parse_keep(s) for s in keeps]
+    keep_steps = [parse_keep(s, fraction_rule) for s in keeps]
     bounds = [parse_bound(s, "min") for s in mins] + [parse_bound(s, "max") for s in maxs]
     if mode not in MODES:
         raise CurateError(f"--mode {mode!r}: choose sequential or independent")
@@ -481,7 +545,9 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
                           "radix digit of each --keep) each need every task's counts; run one driver with "
                           "--executor ray (or --workers N, --tasks T): it submits each round's map tasks itself")
     args = {"tables": [str(t) for t in tables], "keep": list(keeps), "min": list(mins), "max": list(maxs),
-            "mode": mode, "normsim": normsim, "target": target, "emb": str(emb) if emb is not None else None}
+            "mode": mode, "normsim": normsim, "target": target, "emb": str(emb) if emb is not None else None,
+            "fraction_rule": fraction_rule}
+    tables = group_table_arguments(tables)
     check_task_options(workers, tasks, retries)
     if executor not in ("local", "ray"):
         raise CurateError(f"--executor {executor!r}: choose local or ray")

@@ -62,7 +62,7 @@ from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, re
 from curate.run.markers import Markers
 from curate.stages.filter import (Bound, FilterResult, KeepStep, ScoreTable, StepStats, _fraction_text, _to_numpy,
                                   check_rankable, check_selection, check_unique, metric_sources, scan_score_table,
-                                  sorted_uid_pairs, uid_order, write_stats)
+                                  sorted_uid_pairs, table_name, uid_order, write_stats)
 
 STAGE = "filter"
 DEFAULT_COLLECT_ROWS = 1 << 20  # rows (key + uid, <= 24 B each) a bucket may hold to be collected whole
@@ -363,7 +363,7 @@ def _scan(path) -> TableInfo:
             unit_file.append(index)
             unit_group.append(group)
             unit_rows.append(meta.row_group(group).num_rows)
-    return TableInfo(str(path), [str(f) for f in files], rows, metrics, [schema.field(m).type for m in metrics],
+    return TableInfo(table_name(path), [str(f) for f in files], rows, metrics, [schema.field(m).type for m in metrics],
                      stamps, unit_file, unit_group, unit_rows)
 
 
@@ -529,11 +529,15 @@ def _reduce(selection: Selection, answers: list[dict], pool_size: int, mode: str
     low = np.concatenate([a["low"] for a in parts])
     cut, uid_high, uid_low, dropped = topk.exact_cut(keys, high, low, need)
     k = selection.step
+    kept = selection.count
+    if k.keeps_ties:  # DataComp's rule: every row at the cut score is kept (the largest uid cut admits all)
+        uid_high = uid_low = (1 << 64) - 1
+        kept, dropped = kept + dropped, 0
     selection.cut = StepCut(k.metric, cut, uid_high, uid_low)
-    selection.stats = StepStats("keep", k.metric, selection.ranked, selection.count,
-                                selection.ranked - selection.count, fraction=_fraction_text(k.fraction),
-                                nan=selection.nan, threshold=topk.key_value(cut, selection.key_dtype),
-                                ties_dropped_by_uid=dropped)
+    selection.stats = StepStats("keep", k.metric, selection.ranked, kept, selection.ranked - kept,
+                                fraction=_fraction_text(k.fraction), nan=selection.nan,
+                                threshold=topk.key_value(cut, selection.key_dtype), ties_dropped_by_uid=dropped,
+                                rule=k.rule)
 
 
 def _write_kept(out: Path, parts_dir: Path, names: list[str], columns, args: dict) -> int:

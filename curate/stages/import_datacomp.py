@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io.tables import ERRORS_SUFFIX, TeacherInfo, build_embedding_table, write_table_atomic
+from curate.io.tables import TeacherInfo, build_embedding_table, errors_path, table_files, write_table_atomic
 from curate.io.uids import UID_RE
 from curate.run.markers import Markers
 
@@ -51,8 +51,7 @@ def metadata_files(metadata_dir: Path) -> list[Path]:
     if not metadata_dir.is_dir():
         raise CurateError(f"{metadata_dir}: not a directory; give DataComp's metadata directory "
                           "(NNNNNNNN.parquet next to NNNNNNNN.npz)")
-    files = sorted(p for p in metadata_dir.glob("*.parquet")
-                   if not p.name.endswith(ERRORS_SUFFIX) and not p.name.startswith("."))
+    files = table_files(metadata_dir)
     if not files:
         raise CurateError(f"{metadata_dir}: no *.parquet metadata files")
     return files
@@ -126,12 +125,12 @@ def import_shard(parquet_path: Path, arch: str, out_dir: Path) -> tuple[int, int
     out = build_embedding_table([uids[i] for i in rows], [keys[i] for i in rows], [captions[i] for i in rows],
                                 image[rows], text[rows], dim=teacher.embed_dim)
     stem = parquet_path.stem
-    errors_path = out_dir / f"{stem}{ERRORS_SUFFIX}"
+    record = errors_path(out_dir, stem)
     if problems:
         errors = pa.Table.from_pylist([dict(zip(ERRORS_SCHEMA.names, p)) for p in problems], schema=ERRORS_SCHEMA)
-        write_table_atomic(errors, errors_path, meta={"shard": str(parquet_path), "stage": STAGE})
-    elif errors_path.exists():
-        errors_path.unlink()
+        write_table_atomic(errors, record, meta={"shard": str(parquet_path), "stage": STAGE})
+    elif record.exists():
+        record.unlink()
     write_table_atomic(out, out_dir / f"{stem}.parquet",
                        meta={"teacher": teacher.to_dict(), "shard": str(parquet_path), "source": "datacomp",
                              "arch": arch, "counts": {"read": table.num_rows, "embedded": len(rows),

@@ -2,8 +2,8 @@
 
 Passes over the pool:
 * p = inf and p = 2: one streaming pass in bounded blocks (per table, CPU_BLOCK_ROWS each for the CPU
-  products, which worker threads share out, READ_BATCH_ROWS on the GPU and for IVF), from the tables
-  or from the pool's fp16 `.npy` image cache when `curate score` already built one in the cache directory.
+  products, which worker threads share out, READ_BATCH_ROWS on the GPU and for IVF), from the pool's fp16
+  `.npy` image cache (built first when `curate score` has not built it already in the cache directory).
   The target is small: for inf the (M, D) matrix on the device (exact, tiled V Xᵀ with a max-|.| reduction)
   or a FAISS IVF index over ±X (`--index ivf`); for 2 the D×D second moment.
   The scores are per row, so distributed (--rank/--world-size or a Slurm array, --executor, --workers,
@@ -364,10 +364,10 @@ def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
     (a (block_rows, D) float16 buffer) or in an array of its own, until the context is left. `start` and
     `stop` must be table starts (`table_starts`).
 
-    From the fp16 `.npy` cache when one for this pool version already exists in `memmap_dir` (e.g. built by
-    `curate score` for negclip): positional reads, done by `read` itself (so several threads can read at
-    once), cheaper than decoding Parquet pages. Otherwise streamed from the tables (decoded as
-    the iterator advances); no cache is built for this one pass.
+    From the fp16 `.npy` cache when one for this pool version exists in `memmap_dir` (the stage builds it
+    first; `curate score` builds the same one): positional reads, done by `read` itself (so several threads
+    can read at once), far cheaper than decoding Parquet lists. Otherwise (no cache directory, as in
+    `curate filter --normsim`) streamed from the tables, decoded as the iterator advances.
     Both sources give the same blocks (per table, `block_rows` each): a BLAS product's rounding can depend
     on the block's row count, and both sources, and map tasks over any span of tables, must give the
     one-process bytes.
@@ -631,6 +631,8 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     p = parse_p(p)
     check_task_options(workers, tasks, retries)
     pool = EmbeddingPool(emb_dir)
+    if hasattr(progress, "set_total"):
+        progress.set_total(pool.n_rows)
     memmap_dir = cache_dir if cache_dir is not None else default_cache_dir(out)
     summary: dict = {}
     if p == "2d" and (rank is not None or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ):
@@ -643,6 +645,10 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
         return _normsim_2d_stage(pool, emb_dir, target, out, memmap_dir, iterations, final_fraction, progress, started,
                                  executor=executor, workers=int(workers), tasks=tasks, retries=int(retries),
                                  ray_address=ray_address)
+    if pool.n_rows:
+        # Parquet list vectors cost ~1 µs per row to decode: the one pass reads the fp16 cache, built here once
+        # (each rank builds it when missing; the writes are atomic and the bytes identical)
+        pool.matrix("image_embedding", memmap_dir)
     distributed = wants_tasks(executor, workers, tasks, rank, world_size)
     if not distributed and parts_root(out).exists():
         _check_options(p, target, index, iterations, final_fraction)

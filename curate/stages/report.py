@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from curate import __version__
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
-from curate.io.tables import ERRORS_SUFFIX, read_meta
+from curate.io.tables import read_meta, table_files
 
 KNOWN_METRICS = ("clipscore", "negclip", "normsim_inf", "normsim_2", "normsim_2d", "clone_prob", "p_match",
                  "uncertainty")
@@ -84,8 +84,7 @@ class Sources:
 
 
 def _score_table_paths(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("*.parquet")
-             if p.is_file() and not p.name.startswith(".") and not p.name.endswith(ERRORS_SUFFIX)]
+    found = [p for p in table_files(run_dir) if p.is_file()]
     return sorted(found, key=lambda p: (p.name != "scores.parquet", p.name))
 
 
@@ -153,8 +152,7 @@ class Pool:
 
 
 def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith(".")
-                   and not p.name.endswith(ERRORS_SUFFIX)) if path.is_dir() else [path]
+    files = table_files(path) if path.is_dir() else [path]
     if not files:
         raise CurateError(f"{path}: directory holds no *.parquet tables")
     try:

@@ -405,6 +405,19 @@ def negclip_parts_started(out: str | Path, pool: EmbeddingPool, k: int, batch_si
     return parts_started(negclip_parts_dir(out, negclip_layout(pool, k, batch_size, seed, tasks)), NEGCLIP_STAGE)
 
 
+class ScaledProgress:
+    """`progress` advanced by `factor` x n (e.g. one negclip batch of a K-partition pass counts n / K samples);
+    `set_total` passes through."""
+
+    def __init__(self, progress: Callable[[float], None], factor: float):
+        self.progress, self.factor = progress, factor
+        if hasattr(progress, "set_total"):
+            self.set_total = progress.set_total
+
+    def __call__(self, n: float) -> None:
+        self.progress(n * self.factor)
+
+
 def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str | Path = "scores.parquet",
           k: int = 10, batch_size: int = 32768, seed: int = 0, device: str = "auto",
           cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None, *,
@@ -421,6 +434,8 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
 
     started = time.perf_counter()
     names = parse_metrics(metrics)
+    if progress is not None and "negclip" in names:
+        progress = ScaledProgress(progress, 1.0 / max(1, int(k)))  # K passes over N samples: the bar counts samples
     if "negclip" in names:
         if int(k) < 1:
             raise CurateError(f"--k must be >= 1 (number of random partitions), got {k}")
@@ -432,6 +447,8 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     n = pool.n_rows
     if n == 0:
         raise CurateError(f"{emb_dir}: the pool has no rows; nothing to score")
+    if hasattr(progress, "set_total"):
+        progress.set_total(n)
     distributed = wants_tasks(executor, workers, tasks, rank, world_size)
 
     columns: dict[str, np.ndarray] = {}
@@ -456,8 +473,8 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
         s_ii = clipscore_from_rows(image, text)
     else:
         s_ii = clipscore_pass(pool)
-    if progress:
-        progress(n)
+        if progress:
+            progress(n)
     if "clipscore" in names:
         columns["clipscore"] = s_ii
     if "negclip" in names:
