@@ -472,7 +472,8 @@ def pcme_fit_cmd(
     steps: int = typer.Option(300, "--steps"),
     batch_size: int = typer.Option(256, "--batch-size"),
     lr: float = typer.Option(2e-3, "--lr"),
-    n_samples: int = typer.Option(4, "--samples", help="mc: samples J per side ((B·J)² pairs per step)."),
+    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side ((B·J)² pairs per step; 7 as in "
+                                                        "PCME)."),
     vib_weight: float = typer.Option(1e-4, "--vib", help="Weight of KL(N(μ,σ²) ‖ N(0,I))."),
     hidden: int = typer.Option(128, "--hidden", help="Hidden width of the variance heads."),
     max_samples: int = typer.Option(200_000, "--max-samples", help="Rows sampled for training."),
@@ -498,7 +499,7 @@ def pcme_score_cmd(
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img, "
                              "uncertainty_txt, uncertainty."),
     estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
-    n_samples: int = typer.Option(8, "--samples", help="mc: samples J per side."),
+    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side (7 as in PCME)."),
     seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUCs clean vs corrupted."),
