@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from curate.errors import CurateError
 
@@ -26,8 +27,8 @@ def main() -> None:
     """Console entry point: user errors print one clear line (exit 2), never a traceback."""
     try:
         app()
-    except CurateError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except CurateError as exc:  # escaped: a recipe's "[section]" in a message is text, not rich markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; finished shards are kept, rerun to resume")
@@ -223,8 +224,10 @@ def score_cmd(
 @app.command("normsim")
 def normsim_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Embedding directory, .npy/.parquet matrix, "
-                                         "imagenet, or none (with --p 2d)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Image embeddings: an embedding directory (e.g. "
+                                         "`curate embed IMAGENET_TRAIN --images-only`), a .npy/.pt/.parquet "
+                                         "matrix or a directory of them (the reference's in1k_clip_vit_l14_*.pt); "
+                                         "imagenet-text (class prompts, text tower); or none (with --p 2d)."),
     p: str = typer.Option("inf", "--p", help="inf, 2, or 2d (the pool as its own, iteratively refined target)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + normsim_inf | normsim_2 | normsim_2d."),
     index: str = typer.Option("flat", "--index", help="p=inf: flat (exact) or ivf (approximate)."),
@@ -232,10 +235,11 @@ def normsim_cmd(
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf: clusters probed per query (default nlist/8)."),
     iterations: int = typer.Option(4, "--iterations", help="p=2d: scoring rounds T (T-1 geometric drops)."),
     final_fraction: float = typer.Option(0.3, "--final-fraction", help="p=2d: fraction kept after the last drop."),
-    templates: str = typer.Option("openai", "--templates", help="imagenet: openai (80) or simple (7) prompt templates."),
-    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet prompts "
+    templates: str = typer.Option("openai", "--templates", help="imagenet-text: openai (80) or simple (7) prompt "
+                                  "templates."),
+    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet-text prompts "
                                "(auto: cuda when present)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet target's "
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet-text target's "
                                              "embeddings (default ~/.cache/curate) and the pool's fp16 image cache, "
                                              "read when `curate score` built it there, built by p=2d (default: OUT's "
                                              "directory/.curate-cache)."),
@@ -274,7 +278,8 @@ def normsim_cmd(
     params = result["params"]
     detail = f"{result['column']} vs {params.get('target')}"
     if "target_rows" in params:
-        detail += f" ({params['target_rows']:,} rows)"
+        kind = {"image_embeddings": "image embeddings", "text_prompts": "class prompts"}.get(params.get("target_kind"))
+        detail += f" ({params['target_rows']:,} rows{', ' + kind if kind else ''})"
     if params.get("index") == "ivf":
         detail += f", ivf nlist={params['nlist']} nprobe={params['nprobe']}"
     if result["missing"]:
@@ -305,8 +310,9 @@ def filter_cmd(
     mode: str = typer.Option("sequential", "--mode", help="sequential: each --keep ranks what the previous left; "
                                                          "independent: intersect each metric's own top fraction."),
     normsim: Optional[str] = typer.Option(None, "--normsim", help="inf, 2 or 2d: compute normsim_<p> inline."),
-    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: embedding dir, .npy/.parquet, "
-                                                                "imagenet, or none (with 2d)."),
+    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: image embeddings (embedding dir, "
+                                                                ".npy/.pt/.parquet or a directory of them), "
+                                                                "imagenet-text, or none (with 2d)."),
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
                                                           "score tables record)."),
     executor: str = EXECUTOR_OPTION,
