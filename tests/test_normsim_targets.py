@@ -268,3 +268,15 @@ def test_directory_errors(tmp_path, raw):
         load_target(other, TEACHER)
     with pytest.raises(CurateError, match="target not found; .* .npy, .pt or .parquet"):
         load_target(tmp_path / "missing.pt", TEACHER)
+
+
+def test_row_blocks_do_not_change_the_normalised_bits(raw):
+    from curate.io.targets import normalise_rows
+
+    whole = normalise_rows(raw, "t", block_rows=len(raw))
+    assert np.array_equal(normalise_rows(raw, "t", block_rows=5), whole)
+    np.testing.assert_array_equal(whole, (raw / np.linalg.norm(raw.astype(np.float64), axis=1)[:, None]).astype(
+        np.float32))
+    raw[7] = 0.0
+    with pytest.raises(CurateError, match="1 target rows are not finite or have zero norm .first at row 7"):
+        normalise_rows(raw, "t", block_rows=5)

@@ -123,18 +123,24 @@ def open_target(spec: str | Path, pool_teacher: TeacherInfo | None, device: str 
     return Target(normalise_rows(matrix, str(path)), IMAGE_EMBEDDINGS, fmt, str(path.resolve()), files)
 
 
-def normalise_rows(matrix: np.ndarray, name: str) -> np.ndarray:
-    """L2-normalise rows as float32; an empty matrix, non-finite or zero-norm rows are errors naming `name`."""
+def normalise_rows(matrix: np.ndarray, name: str, block_rows: int = 1 << 16) -> np.ndarray:
+    """L2-normalise rows as float32; an empty matrix, non-finite or zero-norm rows are errors naming `name`.
+
+    Row blocks keep the float64 temporaries small (the 1.28 M x 768 ImageNet target would need 7.9 GB for
+    each whole-matrix one); every row's arithmetic is the same as on the whole matrix."""
     matrix = np.asarray(matrix, dtype=np.float32)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:
         raise CurateError(f"{name}: expected a non-empty (M, D) matrix of target embeddings, got shape {matrix.shape}")
-    bad = ~np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
-    bad |= norms == 0
+    blocks = [slice(start, start + block_rows) for start in range(0, len(matrix), block_rows)]
+    norms = np.concatenate([np.linalg.norm(matrix[rows].astype(np.float64), axis=1) for rows in blocks])
+    bad = np.concatenate([~np.isfinite(matrix[rows]).all(axis=1) for rows in blocks]) | (norms == 0)
     if bad.any():
         raise CurateError(f"{name}: {int(bad.sum())} target rows are not finite or have zero norm "
                           f"(first at row {int(np.flatnonzero(bad)[0])}); remove them")
-    return (matrix / norms[:, None]).astype(np.float32)
+    out = np.empty_like(matrix)
+    for rows in blocks:
+        out[rows] = matrix[rows] / norms[rows, None]
+    return out
 
 
 def _from_directory(path: Path, pool_teacher: TeacherInfo | None) -> tuple[np.ndarray, str, int]:
@@ -147,12 +153,17 @@ def _from_directory(path: Path, pool_teacher: TeacherInfo | None) -> tuple[np.nd
                           "or .npy / .pt / .parquet matrices)")
     if all(f.suffix == ".parquet" and "teacher" in read_meta(f) for f in files):
         return _from_embedding_dir(path, pool_teacher), "embedding_dir", len(files)
-    parts = [_from_file(f, pool_teacher) for f in files]
+    parts = [_from_file(f, pool_teacher) for f in files]  # as stored (fp16 stays fp16 until the one copy below)
     widths = {part.shape[1] for part in parts}
     if len(widths) > 1:
         raise CurateError(f"{path}: its files hold embeddings of different widths {sorted(widths)}; a target is "
                           "one teacher's embeddings")
-    return np.concatenate([part.astype(np.float32, copy=False) for part in parts]), "files_dir", len(files)
+    matrix = np.empty((sum(len(part) for part in parts), widths.pop()), np.float32)
+    row = 0
+    for part in parts:
+        matrix[row:row + len(part)] = part
+        row += len(part)
+    return matrix, "files_dir", len(files)
 
 
 def natural_key(path: Path) -> list:
@@ -217,7 +228,7 @@ def _from_pt(path: Path) -> np.ndarray:
     if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
         what = f"a {data.ndim}-D {data.dtype} tensor" if isinstance(data, torch.Tensor) else type(data).__name__
         raise CurateError(f"{path}: expected a 2-D float (M, D) tensor of embeddings, got {what}")
-    return data.float().numpy()
+    return data.numpy() if data.dtype in (torch.float16, torch.float32, torch.float64) else data.float().numpy()
 
 
 def _from_parquet(path: Path, pool_teacher: TeacherInfo | None) -> np.ndarray:
