@@ -275,3 +275,26 @@ def test_score_refuses_foreign_heads_and_bad_files(noisy_emb, tmp_path):
         stage.score(noisy_emb, tmp_path / "missing.pt", tmp_path / "x.parquet", device="cpu")
     with pytest.raises(CurateError, match="--loss"):
         stage.fit(noisy_emb, heads, loss="nope")
+
+
+def test_formula_hand_checks():
+    """The Formulas section's examples, by hand."""
+    zv = torch.zeros(1, 2, 2, dtype=torch.float64)
+    zt = torch.tensor([[[0.6, 0.8], [0.0, 0.0]]], dtype=torch.float64)  # distances 1, 0, 1, 0
+    log_p, _ = pm.mc_log_match_from_samples(zv, zt, 5.0, 5.0, pairwise=False)
+    assert float(log_p.exp()) == pytest.approx(0.5 * (0.5 + _sig(5.0)), abs=1e-7)  # 0.746654
+    mu_v, mu_t = torch.zeros(1, 2), torch.tensor([[0.3, 0.4]])
+    lv_v, lv_t = torch.log(torch.tensor([[0.2, 0.1]])), torch.log(torch.tensor([[0.2, 0.15]]))
+    csd = pm.csd_paired(mu_v, lv_v, mu_t, lv_t)
+    assert float(csd) == pytest.approx(0.25 + 0.65, abs=1e-6)
+    assert float(pm.match_prob_csd(csd, 5.0, 5.0)) == pytest.approx(_sig(0.5), abs=1e-6)  # 0.622459
+    assert float(pm.match_prob_from_cosine(0.8, 5.0, 5.0)) == pytest.approx(_sig(3.0))  # 0.952574
+    # the same example through the heads' scoring: μ = x (W = 0) and constant log σ² (output weights 0)
+    heads = pm.PCMEHeads(2, init_a=5.0, init_b=5.0)
+    with torch.no_grad():
+        heads.img.var_out.bias.copy_(lv_v[0])
+        heads.txt.var_out.bias.copy_(lv_t[0])
+    got = heads.score(mu_v, mu_t)
+    assert float(got["csd"]) == pytest.approx(0.9, abs=1e-6)
+    assert float(got["p_match"]) == pytest.approx(_sig(0.5), abs=1e-6)
+    assert (float(got["uncertainty_img"]), float(got["uncertainty_txt"])) == pytest.approx((0.15, 0.175))
