@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from curate.errors import CurateError
 
@@ -60,8 +61,8 @@ def main() -> None:
     was finished (exit 130)."""
     try:
         app()
-    except CurateError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except CurateError as exc:  # escaped: a recipe's "[section]" in a message is text, not rich markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # outside typer's own handling
         console.print(interrupted_message(), highlight=False)
@@ -293,8 +294,10 @@ def score_cmd(
 @app.command("normsim")
 def normsim_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Embedding directory, .npy/.parquet matrix, "
-                                         "imagenet, or none (with --p 2d)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Image embeddings: an embedding directory (e.g. "
+                                         "`curate embed IMAGENET_TRAIN --images-only`), a .npy/.pt/.parquet "
+                                         "matrix or a directory of them (the reference's in1k_clip_vit_l14_*.pt); "
+                                         "imagenet-text (class prompts, text tower); or none (with --p 2d)."),
     p: str = typer.Option("inf", "--p", help="inf, 2, or 2d (the pool as its own, iteratively refined target)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + normsim_inf | normsim_2 | normsim_2d."),
     index: str = typer.Option("flat", "--index", help="p=inf: flat (exact) or ivf (approximate)."),
@@ -302,10 +305,11 @@ def normsim_cmd(
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf: clusters probed per query (default nlist/8)."),
     iterations: int = typer.Option(4, "--iterations", help="p=2d: scoring rounds T (T-1 geometric drops)."),
     final_fraction: float = typer.Option(0.3, "--final-fraction", help="p=2d: fraction kept after the last drop."),
-    templates: str = typer.Option("openai", "--templates", help="imagenet: openai (80) or simple (7) prompt templates."),
-    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet prompts "
+    templates: str = typer.Option("openai", "--templates", help="imagenet-text: openai (80) or simple (7) prompt "
+                                  "templates."),
+    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet-text prompts "
                                "(auto: cuda when present)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet target's "
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet-text target's "
                                              "embeddings (default ~/.cache/curate) and the pool's fp16 image cache, "
                                              "read when `curate score` built it there, built by p=2d (default: OUT's "
                                              "directory/.curate-cache)."),
@@ -344,7 +348,8 @@ def normsim_cmd(
     params = result["params"]
     detail = f"{result['column']} vs {params.get('target')}"
     if "target_rows" in params:
-        detail += f" ({params['target_rows']:,} rows)"
+        kind = {"image_embeddings": "image embeddings", "text_prompts": "class prompts"}.get(params.get("target_kind"))
+        detail += f" ({params['target_rows']:,} rows{', ' + kind if kind else ''})"
     if params.get("index") == "ivf":
         detail += f", ivf nlist={params['nlist']} nprobe={params['nprobe']}"
     if result["missing"]:
@@ -380,8 +385,9 @@ def filter_cmd(
                                       "by uid; datacomp: DataComp's apply_filter rule, every row scoring at least the "
                                       "(int(F*N)+1)-th largest score (reproduces a DataComp baseline's uid file)."),
     normsim: Optional[str] = typer.Option(None, "--normsim", help="inf, 2 or 2d: compute normsim_<p> inline."),
-    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: embedding dir, .npy/.parquet, "
-                                                                "imagenet, or none (with 2d)."),
+    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: image embeddings (embedding dir, "
+                                                                ".npy/.pt/.parquet or a directory of them), "
+                                                                "imagenet-text, or none (with 2d)."),
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
                                                           "score tables record)."),
     executor: str = EXECUTOR_OPTION,
@@ -548,7 +554,8 @@ def pcme_fit_cmd(
     steps: int = typer.Option(300, "--steps"),
     batch_size: int = typer.Option(256, "--batch-size"),
     lr: float = typer.Option(2e-3, "--lr"),
-    n_samples: int = typer.Option(4, "--samples", help="mc: samples J per side ((B·J)² pairs per step)."),
+    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side ((B·J)² pairs per step; 7 as in "
+                                                        "PCME)."),
     vib_weight: float = typer.Option(1e-4, "--vib", help="Weight of KL(N(μ,σ²) ‖ N(0,I))."),
     hidden: int = typer.Option(128, "--hidden", help="Hidden width of the variance heads."),
     max_samples: int = typer.Option(200_000, "--max-samples", help="Rows sampled for training."),
@@ -574,7 +581,7 @@ def pcme_score_cmd(
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img, "
                              "uncertainty_txt, uncertainty."),
     estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
-    n_samples: int = typer.Option(8, "--samples", help="mc: samples J per side."),
+    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side (7 as in PCME)."),
     seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUCs clean vs corrupted."),

@@ -62,6 +62,7 @@ CHOICES = {("run", "executor"): ("local", "ray"), ("run", "device"): ("auto", "c
            ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
            ("filter", "fraction_rule"): ("exact", "datacomp")}
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
+NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
 
 
@@ -104,6 +105,13 @@ def load_recipe(path: str | Path) -> dict:
     names = [f["name"] for f in recipe.get("filter", [])]
     if len(set(names)) != len(names):
         raise CurateError(f"{path}: two [[filter]] tables share a name; names must be unique")
+    targets = [("normsim", recipe.get("normsim", {}))] + [("filter", f) for f in recipe.get("filter", [])]
+    for section, table in targets:
+        if table.get("target") == "imagenet":
+            from curate.io.targets import imagenet_help
+
+            raise CurateError(imagenet_help(f'{path}: [{section}] target = "imagenet"', 'target = "in1k_emb"',
+                                            'target = "imagenet-text"'))
     if "embed" in recipe and "import_datacomp" in recipe:
         raise CurateError(f"{path}: give either [embed] or [import_datacomp], not both")
     for ref in [recipe.get("export", {}).get("subset")] + list(recipe.get("truth", {}).get("subsets", [])):
@@ -159,7 +167,7 @@ def plan(recipe: dict) -> list[Step]:
     """The ordered steps of a validated recipe, with their resolved inputs and outputs."""
     run = recipe["run"]
     root = Path(run["dir"])
-    at = lambda p: p if ("://" in p or Path(p).is_absolute() or p in ("imagenet", "none")) else str(root / p)  # noqa: E731
+    at = lambda p: p if ("://" in p or Path(p).is_absolute() or p in NAMED_TARGETS) else str(root / p)  # noqa: E731
     teacher = recipe.get("teacher", SCHEMA_DEFAULTS("teacher"))
     steps: list[Step] = []
 
@@ -199,7 +207,7 @@ def plan(recipe: dict) -> list[Step]:
 
         teacher_identity["weights"] = tiny_teacher_path().name
     needs_teacher = any(k in recipe for k in ("embed", "embed_target")) or \
-        recipe.get("normsim", {}).get("target") == "imagenet"
+        "imagenet-text" in [recipe.get("normsim", {}).get("target")] + [f["target"] for f in recipe.get("filter", [])]
     if needs_teacher:
         add("teacher", "teacher", teacher, [], [], lambda bar=None: {"pretrained": teacher_weights(bar)})
 

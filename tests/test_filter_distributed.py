@@ -262,7 +262,7 @@ def test_rank_and_inline_normsim_are_refused(tmp_path, monkeypatch, capsys):
                     "--world-size", "2")
     assert "--rank/--world-size cannot split the filter" in err and "--executor ray" in err
     err = cli_error(monkeypatch, capsys, a, "--keep", "s32:0.3", "--out", tmp_path / "o", "--workers", "2",
-                    "--normsim", "inf", "--target", "imagenet")
+                    "--normsim", "inf", "--target", "imagenet-text")
     assert "run `curate normsim` first and pass its table" in err
 
 

@@ -211,7 +211,7 @@ def prompt_vector(prompt: str, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x)
 
 
-def test_imagenet_target_averages_templates_and_caches(tmp_path, monkeypatch):
+def test_imagenet_text_target_averages_templates_and_caches(tmp_path, monkeypatch):
     import curate.models
     from open_clip import zero_shot_metadata as z
 
@@ -219,17 +219,17 @@ def test_imagenet_target_averages_templates_and_caches(tmp_path, monkeypatch):
                         raising=False)
     teacher = TeacherInfo("fake", "none", 8, 100.0)
     FakeTextTower.calls = 0
-    got = load_target("imagenet", teacher, cache_dir=tmp_path, templates="simple")
+    got = load_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple")
     assert got.shape == (1000, 8) and FakeTextTower.calls > 0
     for cls in (0, 417, 999):
         name = z.IMAGENET_CLASSNAMES[cls]
         mean = np.mean([prompt_vector(t(name), 8) for t in z.SIMPLE_IMAGENET_TEMPLATES], axis=0)
         np.testing.assert_allclose(got[cls], mean / np.linalg.norm(mean), atol=1e-5)
     FakeTextTower.calls = 0
-    again = load_target("imagenet", teacher, cache_dir=tmp_path, templates="simple")
+    again = load_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple")
     assert FakeTextTower.calls == 0 and np.array_equal(got, again)  # served from the per-teacher cache
     with pytest.raises(CurateError, match="dimension 8 but the pool's have 4|dim"):
-        load_target("imagenet", TeacherInfo("fake", "none", 4, 100.0), cache_dir=tmp_path / "other",
+        load_target("imagenet-text", TeacherInfo("fake", "none", 4, 100.0), cache_dir=tmp_path / "other",
                     templates="simple")
 
 

@@ -79,6 +79,39 @@ def test_kl_against_formula():
         assert got[i] == pytest.approx(want, rel=1e-10)
 
 
+def vib_oracle(mu: np.ndarray, logvar: np.ndarray) -> float:
+    """The VIB term as PCME++ averages it: (1/(B·D)) Σ_i Σ_d ½(μ_id² + σ_id² - log σ_id² - 1), by loops."""
+    b, d = mu.shape
+    total = sum(0.5 * (mu[i, k] ** 2 + math.exp(logvar[i, k]) - logvar[i, k] - 1) for i in range(b) for k in range(d))
+    return total / (b * d)
+
+
+def test_vib_penalty_averages_over_rows_and_dimensions():
+    mu, lv, _, _ = _gaussians(3, 5, 6)
+    assert float(pm.vib_penalty(mu, lv)) == pytest.approx(vib_oracle(mu.numpy(), lv.numpy()), rel=1e-12)
+    # pcmepp's criterion, transcribed: -0.5 * (1 + logsigma - mu.pow(2) - logsigma.exp()).mean()
+    pcmepp = float(-0.5 * (1 + lv - mu.pow(2) - lv.exp()).mean())
+    assert float(pm.vib_penalty(mu, lv)) == pytest.approx(pcmepp, rel=1e-12)
+    # by hand: μ = (1, 0), σ² = (1, 1): per dimension ½(1 + 1 - 0 - 1) = ½ and ½(0 + 1 - 0 - 1) = 0; mean ¼
+    assert float(pm.vib_penalty(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2))) == pytest.approx(0.25)
+
+
+def test_vib_weight_means_the_same_at_any_width():
+    """The VIB term in the loss is a per-dimension mean: copying every dimension k times leaves it unchanged
+    (a sum over dimensions would grow k-fold, the ~D x stronger regulariser of a summed KL)."""
+    mu_v, lv_v, mu_t, lv_t = _gaussians(4, 3, 5)
+    w = 0.5
+
+    def vib_part(k):
+        widen = lambda x: x.repeat(1, k)  # noqa: E731
+        args = (widen(mu_v), widen(lv_v), widen(mu_t), widen(lv_t))
+        return float(pm.pcme_loss(*args, 1.0, 0.0, vib_weight=w) - pm.pcme_loss(*args, 1.0, 0.0, vib_weight=0.0))
+
+    assert vib_part(1) == pytest.approx(w * 0.5 * (vib_oracle(mu_v.numpy(), lv_v.numpy())
+                                                  + vib_oracle(mu_t.numpy(), lv_t.numpy())), rel=1e-9)
+    assert vib_part(4) == pytest.approx(vib_part(1), rel=1e-9)
+
+
 def test_csd_loss_against_a_loop():
     mu_v, lv_v, mu_t, lv_t = _gaussians(4, 3, 4)
     a, b, w = 1.5, 2.0, 0.01
@@ -89,8 +122,8 @@ def test_csd_loss_against_a_loop():
         for j in range(4):
             p = _sig(-a * csd[i, j] + b)
             terms.append(-math.log(p) if i == j else -math.log(1 - p))
-    kl = 0.5 * (pm.kl_to_standard_normal(mu_v, lv_v).mean() + pm.kl_to_standard_normal(mu_t, lv_t).mean())
-    assert got == pytest.approx(np.mean(terms) + w * float(kl), rel=1e-9)
+    vib = 0.5 * (vib_oracle(mu_v.numpy(), lv_v.numpy()) + vib_oracle(mu_t.numpy(), lv_t.numpy()))
+    assert got == pytest.approx(np.mean(terms) + w * vib, rel=1e-9)
     mc = pm.pcme_loss(mu_v, lv_v, mu_t, lv_t, a, b, kind="mc", n_samples=4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(mc)
     with pytest.raises(ValueError):
@@ -201,6 +234,32 @@ def test_fit_is_deterministic_and_cli(noisy_emb, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_monte_carlo_uses_seven_samples_per_side_by_default(noisy_emb, tmp_path, monkeypatch):
+    """J = 7 as in PCME's configs, for `pcme fit --loss mc` and `pcme score --estimator mc` alike."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["pcme", "fit", str(noisy_emb), "--loss", "mc", "--steps", "2", "--batch-size", "8",
+                              "--hidden", "4", "--device", "cpu", "--out", str(tmp_path / "h.pt")])
+    assert res.exit_code == 0, res.output
+    assert torch.load(tmp_path / "h.pt", weights_only=True)["config"]["n_samples"] == 7
+    res = runner.invoke(app, ["pcme", "score", str(noisy_emb), "--heads", str(tmp_path / "h.pt"), "--out",
+                              str(tmp_path / "s.parquet"), "--estimator", "mc", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "s.parquet")["pcme"]["n_samples"] == 7
+    # the library's defaults agree: 7 draws per side reach the sampler
+    seen = []
+    real = pm._samples
+
+    def counting(mu, logvar, n, generator):
+        seen.append(n)
+        return real(mu, logvar, n, generator)
+
+    monkeypatch.setattr(pm, "_samples", counting)
+    mu_v, lv_v, mu_t, lv_t = _gaussians(2, 3, 8)
+    pm.match_prob_mc(mu_v, lv_v, mu_t, lv_t, 1.0, 0.0)
+    pm.pcme_loss(mu_v, lv_v, mu_t, lv_t, 1.0, 0.0, kind="mc")
+    assert seen == [7, 7, 7, 7] and pm.DEFAULT_SAMPLES == 7
+
+
 def test_score_refuses_foreign_heads_and_bad_files(noisy_emb, tmp_path):
     heads = tmp_path / "h.pt"
     stage.fit(noisy_emb, heads, steps=2, batch_size=16, hidden=4, device="cpu")
@@ -216,3 +275,26 @@ def test_score_refuses_foreign_heads_and_bad_files(noisy_emb, tmp_path):
         stage.score(noisy_emb, tmp_path / "missing.pt", tmp_path / "x.parquet", device="cpu")
     with pytest.raises(CurateError, match="--loss"):
         stage.fit(noisy_emb, heads, loss="nope")
+
+
+def test_formula_hand_checks():
+    """The Formulas section's examples, by hand."""
+    zv = torch.zeros(1, 2, 2, dtype=torch.float64)
+    zt = torch.tensor([[[0.6, 0.8], [0.0, 0.0]]], dtype=torch.float64)  # distances 1, 0, 1, 0
+    log_p, _ = pm.mc_log_match_from_samples(zv, zt, 5.0, 5.0, pairwise=False)
+    assert float(log_p.exp()) == pytest.approx(0.5 * (0.5 + _sig(5.0)), abs=1e-7)  # 0.746654
+    mu_v, mu_t = torch.zeros(1, 2), torch.tensor([[0.3, 0.4]])
+    lv_v, lv_t = torch.log(torch.tensor([[0.2, 0.1]])), torch.log(torch.tensor([[0.2, 0.15]]))
+    csd = pm.csd_paired(mu_v, lv_v, mu_t, lv_t)
+    assert float(csd) == pytest.approx(0.25 + 0.65, abs=1e-6)
+    assert float(pm.match_prob_csd(csd, 5.0, 5.0)) == pytest.approx(_sig(0.5), abs=1e-6)  # 0.622459
+    assert float(pm.match_prob_from_cosine(0.8, 5.0, 5.0)) == pytest.approx(_sig(3.0))  # 0.952574
+    # the same example through the heads' scoring: μ = x (W = 0) and constant log σ² (output weights 0)
+    heads = pm.PCMEHeads(2, init_a=5.0, init_b=5.0)
+    with torch.no_grad():
+        heads.img.var_out.bias.copy_(lv_v[0])
+        heads.txt.var_out.bias.copy_(lv_t[0])
+    got = heads.score(mu_v, mu_t)
+    assert float(got["csd"]) == pytest.approx(0.9, abs=1e-6)
+    assert float(got["p_match"]) == pytest.approx(_sig(0.5), abs=1e-6)
+    assert (float(got["uncertainty_img"]), float(got["uncertainty_txt"])) == pytest.approx((0.15, 0.175))

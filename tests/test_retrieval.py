@@ -38,14 +38,17 @@ def _loop_metrics(img, txt, t2i, labels_img=None, labels_txt=None, ks=(1, 5, 10)
                     hits += 1
                     ap += hits / (i + 1)
             maps.append(ap / R)
-            if labels_img is not None:
+            if labels_img is not None:  # PMRP as PCME's evaluate_plausible_metrics: labelled items only
                 lq = labels_img[q] if direction == "i2t" else labels_txt[q]
                 lg = labels_txt if direction == "i2t" else labels_img
+                if not lq.any():
+                    continue
+                retrieved = [j for j in order if lg[j].any()]
                 for z in zetas:
-                    relz = [int(np.sum(lq != lg[j])) <= z for j in order]
-                    Rz = sum(relz)
+                    matched = [int(np.sum(lq != lg[j])) <= z for j in retrieved]
+                    Rz = sum(matched)
                     if Rz:
-                        pm[z].append(sum(relz[:Rz]) / Rz)
+                        pm[z].append(sum(matched[:Rz]) / Rz)
         res = {f"R@{k}": 100 * np.mean(v) for k, v in recalls.items()}
         res["r_precision"] = 100 * np.mean(rps)
         res["map_at_r"] = 100 * np.mean(maps)
@@ -72,6 +75,8 @@ def _random_grouped(seed, n_img=9, d=6, n_labels=4):
 @pytest.mark.parametrize("seed,block", [(0, None), (1, 2), (2, 5)])
 def test_all_metrics_against_loops(seed, block):
     img, txt, t2i, li, lt = _random_grouped(seed)
+    li[1] = 0  # an unlabelled image, and unlabelled captions: PMRP leaves them out
+    lt[[0, 3]] = 0
     got = rm.retrieval_metrics(img, txt, t2i, labels_img=li, labels_txt=lt, block=block)
     want = _loop_metrics(img, txt, t2i, li, lt)
     for direction in ("i2t", "t2i"):
@@ -82,6 +87,28 @@ def test_all_metrics_against_loops(seed, block):
         per_zeta = [want[direction]["pmrp"][f"zeta={z}"] for z in (0, 1, 2)]
         assert got[direction]["pmrp"]["mean"] == pytest.approx(np.mean(per_zeta))
     assert got["rsum"] == pytest.approx(want["rsum"], abs=1e-9)
+
+
+def test_pmrp_leaves_unlabelled_items_out_by_hand():
+    """Items 2 and 3 carry no label: they are neither queries nor ranked (they would match each other at ζ = 0
+    and every singly-labelled item at ζ = 1 if their zero vectors counted as labels)."""
+    labels = np.array([[1, 0], [0, 1], [0, 0], [0, 0]])
+    S = np.array([[.5, .9, .8, .7],    # full ranking 1 2 3 0, labelled ranking 1 0
+                  [.2, .6, .9, .1],    # full ranking 2 1 0 3, labelled ranking 1 0
+                  [.3, .4, .5, .6],
+                  [.9, .1, .2, .3]])
+    # ζ = 0 and 1: q0 relevant {0}, top-1 of (1, 0) is 1 -> 0; q1 relevant {1} -> 1; mean 1/2
+    # ζ = 2: both relevant to both, R = 2 -> 1 each
+    hand = {0: 0.5, 1: 0.5, 2: 1.0}
+    img = S / np.linalg.norm(S, axis=1, keepdims=True)
+    got = rm.retrieval_metrics(img, np.eye(4), np.arange(4), labels_img=labels, labels_txt=labels, block=3)
+    for z, want in hand.items():
+        assert got["i2t"]["pmrp"][f"zeta={z}"] == pytest.approx(100 * want)
+        assert got["i2t"]["pmrp_queries"][f"zeta={z}"] == 2
+    assert got["pmrp_unlabelled"] == {"images": 2, "texts": 2}
+    # nothing labelled: no PMRP query at all
+    none = rm.retrieval_metrics(img, np.eye(4), np.arange(4), labels_img=0 * labels, labels_txt=0 * labels)
+    assert np.isnan(none["i2t"]["pmrp"]["zeta=0"]) and none["t2i"]["pmrp_queries"]["zeta=0"] == 0
 
 
 def test_block_functions_against_loops():
@@ -194,5 +221,27 @@ def test_eval_cli_and_errors(tmp_path):
         evaluate(emb, None, labels="labels")
     with pytest.raises(CurateError, match="multi-hot"):
         evaluate(emb, None, labels="json:image_id")
+    with pytest.raises(CurateError, match="no row has a label vector"):
+        evaluate(emb, None, labels="json:no_such_field")
     with pytest.raises(CurateError, match="no `nope` column"):
         evaluate(emb, None, group_by="column:nope")
+
+
+def test_eval_rows_without_labels_leave_pmrp(tmp_path):
+    """A sample whose json has no label vector is unlabelled: counted, and left out of PMRP like a zero vector."""
+    rng = np.random.default_rng(8)
+    img = unit_rows(rng.standard_normal((6, 8)))
+    txt = unit_rows(img + 0.5 * rng.standard_normal((6, 8)))
+    labels = [[1, 0], [0, 1], [1, 1], None, [0, 0], [1, 0]]
+    docs = [{} if lab is None else {"labels": lab} for lab in labels]
+    emb = write_embedding_dir(tmp_path / "emb", img, txt, docs=docs)
+    got = evaluate(emb, None, labels="json:labels", group_by="none")
+    assert got["pmrp_unlabelled"] == {"images": 2, "texts": 2}
+    as_zeros = np.array([lab if lab is not None else [0, 0] for lab in labels])
+    f16 = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731 - tables store fp16
+    want = _loop_metrics(f16(img), f16(txt), np.arange(6), as_zeros, as_zeros)
+    for direction in ("i2t", "t2i"):
+        for z in (0, 1, 2):
+            assert got[direction]["pmrp"][f"zeta={z}"] == pytest.approx(want[direction]["pmrp"][f"zeta={z}"],
+                                                                        abs=1e-9)
+        assert got[direction]["pmrp_queries"]["zeta=0"] == 4

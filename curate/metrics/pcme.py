@@ -6,8 +6,9 @@ logistic regression on positives vs sampled negatives (`fit_match_logistic`).
 Tier 2: small heads on frozen embeddings give each modality a Gaussian N(μ, diag σ²) (`ProbHead`,
 `PCMEHeads`). Two match probabilities:
   * PCME ("Probabilistic Embeddings for Cross-Modal Retrieval", Chun et al., CVPR 2021, Eq. 2):
-    Monte Carlo, J samples per side, p = (1/J²) Σ_{j,j'} σ(-a·‖z_v^j - z_t^j'‖ + b), trained with the soft
-    contrastive loss (Eq. 3) and the VIB regulariser KL(N(μ, σ²) ‖ N(0, I)) (Eq. 5);
+    Monte Carlo, J samples per side (J = 7 as in PCME's configs), p = (1/J²) Σ_{j,j'} σ(-a·‖z_v^j - z_t^j'‖ + b),
+    trained with the soft contrastive loss (Eq. 3) and the VIB regulariser KL(N(μ, σ²) ‖ N(0, I)) (Eq. 5),
+    averaged over dimensions as PCME++'s code does (`vib_penalty`);
   * PCME++ ("Improved Probabilistic Cross-Modal Embeddings", Chun, ICLR 2024, Eq. 3-4): closed-form sampled
     distance CSD = ‖μ_v - μ_t‖² + Σ_d (σ_v,d² + σ_t,d²) and p = σ(-a·CSD + b), trained with binary
     cross-entropy on all in-batch pairs (the paper's pseudo-positives and mixed-sample augmentation are not
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+DEFAULT_SAMPLES = 7  # J samples per side: PCME's configs (num_samples and n_samples_inference are 7)
 
 # ---------------------------------------------------------------- tier 1: logistic calibration
 
@@ -134,7 +136,7 @@ def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (sq.clamp_min(0.0) + 1e-12).sqrt()
 
 
-def mc_log_match(mu_v, logvar_v, mu_t, logvar_t, a, b, n_samples: int = 8, pairwise: bool = True,
+def mc_log_match(mu_v, logvar_v, mu_t, logvar_t, a, b, n_samples: int = DEFAULT_SAMPLES, pairwise: bool = True,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, log(1 - p)) of PCME's Monte Carlo match probability
     p = (1/J²) Σ_{j,j'} σ(-a·‖z_v^j - z_t^j'‖ + b) (PCME, Chun et al. 2021, Eq. 2), in log space.
@@ -162,7 +164,7 @@ def mc_log_match_from_samples(zv: torch.Tensor, zt: torch.Tensor, a, b,
     return (torch.logsumexp(log_sig, dim=dims) - log_jj, torch.logsumexp(log_sig - logit, dim=dims) - log_jj)
 
 
-def match_prob_mc(mu_v, logvar_v, mu_t, logvar_t, a, b, n_samples: int = 8, pairwise: bool = False,
+def match_prob_mc(mu_v, logvar_v, mu_t, logvar_t, a, b, n_samples: int = DEFAULT_SAMPLES, pairwise: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """PCME's Monte Carlo match probability (Chun et al. 2021, Eq. 2); see `mc_log_match`."""
     return mc_log_match(mu_v, logvar_v, mu_t, logvar_t, a, b, n_samples, pairwise, generator)[0].exp()
@@ -173,6 +175,13 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return 0.5 * (mu ** 2 + logvar.exp() - logvar - 1.0).sum(-1)
 
 
+def vib_penalty(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """VIB term as PCME++ computes it: (1/(B·D)) Σ_i Σ_d ½(μ² + σ² - log σ² - 1), the KL of PCME Eq. 5 averaged
+    over rows and dimensions (pcmepp's `kl_divergence`: -0.5·(1 + log σ² - μ² - σ²).mean()), so that the weight
+    means the same for any embedding width D."""
+    return 0.5 * (mu ** 2 + logvar.exp() - logvar - 1.0).mean()
+
+
 def _pairwise_match_loss(log_p: torch.Tensor, log_not_p: torch.Tensor) -> torch.Tensor:
     """Mean over all B² pairs of -log p_ij (i = j, a match) or -log(1 - p_ij) (i != j)."""
     eye = torch.eye(log_p.shape[0], dtype=torch.bool, device=log_p.device)
@@ -180,13 +189,14 @@ def _pairwise_match_loss(log_p: torch.Tensor, log_not_p: torch.Tensor) -> torch.
 
 
 def pcme_loss(mu_img: torch.Tensor, logvar_img: torch.Tensor, mu_txt: torch.Tensor, logvar_txt: torch.Tensor,
-              a, b, *, kind: str = "csd", n_samples: int = 8, vib_weight: float = 1e-4,
+              a, b, *, kind: str = "csd", n_samples: int = DEFAULT_SAMPLES, vib_weight: float = 1e-4,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Probabilistic matching loss on a batch of B matching pairs (row i of each tensor is pair i).
 
     kind="csd": PCME++ (Chun 2024, Eq. 4-5) BCE of σ(-a·CSD + b), mean over all B² pairs (diagonal = match);
     kind="mc":  PCME (Chun et al. 2021, Eq. 3) soft contrastive loss with the J-sample MC probability, same mean.
-    Both add vib_weight · mean KL(N(μ, σ²) ‖ N(0, I)) over both modalities (PCME Eq. 5).
+    Both add vib_weight · ½(VIB_img + VIB_txt), each the KL to N(0, I) averaged over rows and dimensions
+    (`vib_penalty`, as PCME++'s code). The whole is half of PCME++'s 2·BCE + β(KL_img + KL_txt): same optimum.
     a (> 0) and b are scalars or scalar tensors (learnable in `PCMEHeads`).
     """
     if kind == "csd":
@@ -198,8 +208,7 @@ def pcme_loss(mu_img: torch.Tensor, logvar_img: torch.Tensor, mu_txt: torch.Tens
     else:
         raise ValueError(f"unknown PCME loss kind {kind!r}: use 'csd' (PCME++) or 'mc' (PCME)")
     if vib_weight:
-        kl = 0.5 * (kl_to_standard_normal(mu_img, logvar_img).mean() + kl_to_standard_normal(mu_txt, logvar_txt).mean())
-        loss = loss + vib_weight * kl
+        loss = loss + vib_weight * 0.5 * (vib_penalty(mu_img, logvar_img) + vib_penalty(mu_txt, logvar_txt))
     return loss
 
 
@@ -244,13 +253,13 @@ class PCMEHeads(nn.Module):
         """-> (mu_img, logvar_img, mu_txt, logvar_txt)."""
         return (*self.img(img), *self.txt(txt))
 
-    def loss(self, img: torch.Tensor, txt: torch.Tensor, kind: str = "csd", n_samples: int = 8,
+    def loss(self, img: torch.Tensor, txt: torch.Tensor, kind: str = "csd", n_samples: int = DEFAULT_SAMPLES,
              vib_weight: float = 1e-4, generator: torch.Generator | None = None) -> torch.Tensor:
         return pcme_loss(*self(img, txt), self.a, self.b, kind=kind, n_samples=n_samples,
                          vib_weight=vib_weight, generator=generator)
 
     @torch.no_grad()
-    def score(self, img: torch.Tensor, txt: torch.Tensor, estimator: str = "csd", n_samples: int = 8,
+    def score(self, img: torch.Tensor, txt: torch.Tensor, estimator: str = "csd", n_samples: int = DEFAULT_SAMPLES,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per matching pair: p_match, csd, uncertainty_img and uncertainty_txt (mean σ² over dimensions)."""
         mu_i, lv_i, mu_t, lv_t = self(img, txt)

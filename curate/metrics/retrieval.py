@@ -84,6 +84,12 @@ def plausible_positive(labels_q: np.ndarray, labels_g: np.ndarray, zeta: int) ->
     return hamming_distances(labels_q, labels_g) <= zeta
 
 
+def labelled(labels: np.ndarray) -> np.ndarray:
+    """Rows carrying at least one label. PMRP leaves the others out of queries and gallery, as PCME's
+    evaluate_pmrp_coco.py keeps only images with an instance annotation (Chun et al. 2021, Sec. 5.1)."""
+    return np.asarray(labels).any(axis=1)
+
+
 def retrieval_metrics(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarray, *,
                       labels_img: np.ndarray | None = None, labels_txt: np.ndarray | None = None,
                       ks: tuple[int, ...] = (1, 5, 10), zetas: tuple[int, ...] = (0, 1, 2),
@@ -93,7 +99,9 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarra
     i2t: each image queries all captions, relevant = its captions; t2i: each caption queries all images,
     relevant = its image. RSUM = Σ_K (R@K i2t + R@K t2i) (Faghri et al. 2018; Chun et al. 2021, Table 1).
     R-Precision and MAP@R (Musgrave et al. 2020) use those relevant sets; PMRP (Chun et al. 2021) uses label
-    relevance at Hamming ζ and is reported per ζ and as their mean, when labels are given.
+    relevance at Hamming ζ and is reported per ζ and as their mean, when labels are given. PMRP ranks only
+    labelled items (a row of zeros is unlabelled) and averages over labelled queries that have a plausible
+    match (`pmrp_queries` counts them); unlabelled rows are left out of its queries and gallery, as in PCME.
     `block` queries at a time (default: about 2^24 similarities per block).
     """
     text_to_image = np.asarray(text_to_image, dtype=np.int64)
@@ -104,11 +112,17 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarra
         raise ValueError("text_to_image must give an image index for every caption")
     with_labels = labels_img is not None and labels_txt is not None
     out: dict = {"n_images": n_img, "n_texts": n_txt}
+    if with_labels:
+        out["pmrp_unlabelled"] = {"images": int((~labelled(labels_img)).sum()),
+                                  "texts": int((~labelled(labels_txt)).sum())}
     for direction, queries, gallery in (("i2t", img, txt), ("t2i", txt, img)):
         ranks, rps, maps = [], [], []
         pmrp_sums = {z: [0.0, 0] for z in zetas}
         lab_q = labels_img if direction == "i2t" else labels_txt
         lab_g = labels_txt if direction == "i2t" else labels_img
+        if with_labels:
+            labelled_q, labelled_cols = labelled(lab_q), np.flatnonzero(labelled(lab_g))
+            lab_g_kept = np.asarray(lab_g)[labelled_cols]
         gallery32 = np.asarray(gallery, dtype=np.float32)
         step = block or max(1, min(1024, 2**24 // len(gallery)))
         for q0 in range(0, len(queries), step):
@@ -124,10 +138,12 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarra
             rp, mp, _ = r_precision_and_map_at_r(scores, positive)
             rps.append(rp)
             maps.append(mp)
-            if with_labels:
-                ham = hamming_distances(lab_q[q0:q0 + step], lab_g)
+            keep = labelled_q[q0:q0 + step] if with_labels else None
+            if with_labels and keep.any() and len(labelled_cols):
+                kept_scores = scores[keep][:, labelled_cols]  # unlabelled captions/images leave the ranking
+                ham = hamming_distances(np.asarray(lab_q[q0:q0 + step])[keep], lab_g_kept)
                 for z in zetas:
-                    prp, _, n_rel = r_precision_and_map_at_r(scores, ham <= z, with_map=False)
+                    prp, _, n_rel = r_precision_and_map_at_r(kept_scores, ham <= z, with_map=False)
                     ok = n_rel > 0
                     pmrp_sums[z][0] += float(prp[ok].sum())
                     pmrp_sums[z][1] += int(ok.sum())
@@ -141,6 +157,7 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, text_to_image: np.ndarra
             pm = {f"zeta={z}": (100.0 * s / c if c else float("nan")) for z, (s, c) in pmrp_sums.items()}
             pm["mean"] = float(np.mean([pm[f"zeta={z}"] for z in zetas]))
             res["pmrp"] = pm
+            res["pmrp_queries"] = {f"zeta={z}": c for z, (_, c) in pmrp_sums.items()}
         out[direction] = res
     out["rsum"] = float(sum(out["i2t"][f"R@{k}"] + out["t2i"][f"R@{k}"] for k in ks))
     if with_labels:

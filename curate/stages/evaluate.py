@@ -69,9 +69,14 @@ def pool_field(pool: EmbeddingPool, spec: str) -> list:
 
 
 def label_matrix(values: list, spec: str) -> np.ndarray:
-    """Multi-hot label vectors (lists of 0/1 of one length) -> (N, L) uint8."""
+    """Multi-hot label vectors (lists of 0/1 of one length) -> (N, L) uint8. A missing value (None) is an
+    unlabelled row of zeros, which PMRP leaves out (as an all-zero vector)."""
     lengths = set()
+    if values and all(v is None for v in values):
+        raise CurateError(f"{spec}: no row has a label vector; check the field name (e.g. json:labels)")
     for i, v in enumerate(values):
+        if v is None:
+            continue
         if not isinstance(v, (list, tuple)) or not all(x in (0, 1, True, False) for x in v):
             raise CurateError(f"row {i}: {spec} is {v!r}, not a multi-hot list of 0/1; "
                               "give labels as a 0/1 vector per sample")
@@ -80,7 +85,8 @@ def label_matrix(values: list, spec: str) -> np.ndarray:
         raise CurateError(f"{spec}: label vectors have different lengths {sorted(lengths)}")
     if not values:
         return np.zeros((0, 0), np.uint8)
-    return np.asarray(values, dtype=np.uint8).reshape(len(values), lengths.pop())
+    width = lengths.pop()
+    return np.asarray([v if v is not None else [0] * width for v in values], dtype=np.uint8).reshape(-1, width)
 
 
 # ---------------------------------------------------------------- grouping captions by image
@@ -152,5 +158,8 @@ def result_table(result: dict):
     if "pmrp" in result["i2t"]:
         for k in result["i2t"]["pmrp"]:
             t.add_row(f"PMRP {k}", f"{result['i2t']['pmrp'][k]:.2f}", f"{result['t2i']['pmrp'][k]:.2f}")
+        left_out = result.get("pmrp_unlabelled", {})
+        if any(left_out.values()):
+            t.add_row("PMRP: unlabelled, left out", f"{left_out['images']} images", f"{left_out['texts']} captions")
     t.add_row("RSUM", f"{result['rsum']:.2f}", "")
     return t

@@ -483,10 +483,11 @@ class FilterResult:
 
 
 def inline_normsim(tables: Sequence[ScoreTable], p: str, target: str, emb: str | Path | None,
-                   normsim_fn: Callable | None = None) -> ScoreTable:
+                   normsim_fn: Callable | None = None, info: dict | None = None) -> ScoreTable:
     """Compute NormSim_p over the embedding tables as one more score table (column `normsim_<p>`).
 
     `emb` defaults to the embedding directory the score tables record (`curate score` writes it as `source`).
+    `info`, when given, receives what `normsim_scores` used (the target's kind, source, rows and digest).
     """
     from curate.stages.normsim import column_name, normsim_scores
 
@@ -499,7 +500,7 @@ def inline_normsim(tables: Sequence[ScoreTable], p: str, target: str, emb: str |
                               "record an embedding directory that exists)")
         emb = recorded[0]
     pool = EmbeddingPool(emb)
-    scores = np.asarray((normsim_fn or normsim_scores)(pool, target, p))
+    scores = np.asarray(normsim_fn(pool, target, p) if normsim_fn else normsim_scores(pool, target, p, info=info))
     files = pool.files
     high_parts, low_parts = [], []
     for f in files:
@@ -537,7 +538,8 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
     if not keep_steps and not bounds:
         raise CurateError("nothing to select: give at least one --keep METRIC:FRACTION, --min or --max")
     if normsim is not None and target is None:
-        raise CurateError("--normsim needs --target (an embedding dir, a .npy/.parquet matrix, imagenet or none)")
+        raise CurateError("--normsim needs --target (image embeddings: an embedding dir or a .npy/.pt/.parquet "
+                          "matrix; imagenet-text; or none with 2d)")
     if not tables:
         raise CurateError("give at least one score table")
     if rank is not None or world_size is not None:
@@ -562,8 +564,10 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
                                   workers=int(workers), tasks=tasks, retries=int(retries), ray_address=ray_address)
 
     score_tables = [read_score_table(t) for t in tables]
+    normsim_info: dict = {}
     if normsim is not None:
-        score_tables.append(inline_normsim(score_tables, normsim, target, emb, normsim_fn))
+        score_tables.append(inline_normsim(score_tables, normsim, target, emb, normsim_fn, normsim_info))
+    inline = {"normsim": {"p": normsim, **normsim_info}} if normsim_info else {}
     pool = join_tables(score_tables)
     rows, steps = select(pool.metrics, pool.high, pool.low, keep_steps, bounds, mode)
 
@@ -573,12 +577,12 @@ def filter_pool(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequen
     mask[rows] = True
     kept = pa.table({"uid": _kept_uids(pool.reference, mask),
                      **{name: values[rows] for name, values in pool.metrics.items()}})
-    write_table_atomic(kept, out / "kept.parquet", meta={"filter": args})
+    write_table_atomic(kept, out / "kept.parquet", meta={"filter": args, **inline})
     with atomic_path(out / "uids.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, pool.uid_pairs(mask))
     nan_counts = {name: int(np.isnan(v).sum()) for name, v in pool.metrics.items() if v.dtype.kind == "f"}
-    return write_stats(out, pool.size, len(rows), mode, pool.sources, nan_counts, steps, args)
+    return write_stats(out, pool.size, len(rows), mode, pool.sources, nan_counts, steps, args, inline)
 
 
 def write_stats(out: Path, pool_size: int, kept: int, mode: str, sources: dict[str, str],

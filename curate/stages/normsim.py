@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import threading
 import time
@@ -77,8 +76,8 @@ def _check_options(p: str, target_spec, index: str, iterations: int, final_fract
         if not 0.0 < float(final_fraction) <= 1.0:
             raise CurateError(f"--final-fraction must be in (0, 1], got {final_fraction}")
     elif target_spec in (None, "none"):
-        raise CurateError(f"--p {p} needs a target: an embedding directory, a .npy/.parquet matrix, or imagenet "
-                          "(only --p 2d works without one)")
+        raise CurateError(f"--p {p} needs a target: an embedding directory, a .npy/.pt/.parquet matrix, or "
+                          "imagenet-text (only --p 2d works without one)")
     if index not in INDEX_KINDS:
         raise CurateError(f"--index must be flat or ivf, got {index!r}")
 
@@ -91,7 +90,7 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
                    memmap_dir: str | Path | None = None, pending: bool = False) -> "np.ndarray | ScoringThreads":
     """NormSim_p of every pool row against `target_spec`, float32 in pool order (for `curate filter` too).
 
-    `cache_dir`: where the imagenet target is cached (default ~/.cache/curate or $CURATE_CACHE).
+    `cache_dir`: where the imagenet-text target is cached (default ~/.cache/curate or $CURATE_CACHE).
     `memmap_dir`: where p=2d keeps the pool's fp16 cache and its round files (default: cache_dir, else
     `<pool dir>/.curate-cache`).
     `info`, when given, receives what was used (target rows and hash, index parameters) for metadata.
@@ -143,24 +142,26 @@ def _normsim_2d(pool: EmbeddingPool, emb_dir, memmap_dir, root, iterations: int,
 
 def _load_target(pool: EmbeddingPool, target_spec, p: str, index: str, device: str, cache_dir, templates: str,
                  info: dict):
-    """(target (M, D) float32, torch device or None); records target, rows and hash (and templates) in `info`."""
-    from curate.io.targets import load_target
+    """(target (M, D) float32, torch device or None); records the target's kind, source, rows and digest (and
+    the templates of imagenet-text) in `info`."""
+    from curate.io.targets import IMAGENET_TEXT, open_target
     from curate.stages.score import resolve_device
 
-    # torch (and a device) only where needed: the exact p=inf product and embedding the imagenet prompts.
-    needs_device = (p == "inf" and index == "flat") or str(target_spec) == "imagenet"
+    # torch (and a device) only where needed: the exact p=inf product and embedding the imagenet-text prompts.
+    needs_device = (p == "inf" and index == "flat") or str(target_spec) == IMAGENET_TEXT
     torch_device = resolve_device(device) if needs_device else None
-    target = load_target(target_spec, pool.teacher, device=str(torch_device or "cpu"), cache_dir=cache_dir,
+    target = open_target(target_spec, pool.teacher, device=str(torch_device or "cpu"), cache_dir=cache_dir,
                          templates=templates)
-    info.update({"target": str(target_spec), "target_rows": int(len(target)),
-                 "target_sha256": _target_sha256(target)})
-    if str(target_spec) == "imagenet":
+    info.update({"target": str(target_spec), **target.meta()})
+    if target.format == IMAGENET_TEXT:
         info["templates"] = templates
-    return target, torch_device
+    return target.matrix, torch_device
 
 
 def _target_sha256(target: np.ndarray) -> str:
-    return hashlib.sha256(target.tobytes()).hexdigest()[:16]
+    from curate.io.targets import matrix_digest
+
+    return matrix_digest(target)
 
 
 def _ivf_sizes(target_rows: int, nlist: int | None, nprobe: int | None) -> tuple[int, int]:

@@ -96,13 +96,13 @@ def calibrate(emb: str | Path, out: str | Path, *, pairs: int = 200_000, seed: i
 # ---------------------------------------------------------------- tier 2
 
 def fit(emb: str | Path, out: str | Path, *, loss: str = "csd", steps: int = 300, batch_size: int = 256,
-        lr: float = 2e-3, n_samples: int = 4, vib_weight: float = 1e-4, hidden: int = 128,
+        lr: float = 2e-3, n_samples: int = pm.DEFAULT_SAMPLES, vib_weight: float = 1e-4, hidden: int = 128,
         max_samples: int = 200_000, seed: int = 0, device: str = "auto",
         cache_dir: str | Path | None = None) -> dict:
     """Train PCME (`loss="mc"`) or PCME++ (`loss="csd"`) heads on frozen embeddings; save them to `out`.
 
     Cost per step: csd needs B² closed-form distances; mc needs (B·J)² sampled ones (J = n_samples per side,
-    default 4: about 8x the csd step time at B = 256 on one CPU core).
+    default 7 as in PCME: (7·256)² distances per step at B = 256).
     """
     if loss not in ("csd", "mc"):
         raise CurateError(f"--loss {loss}: use csd (PCME++ closed form) or mc (PCME Monte Carlo)")
@@ -182,7 +182,7 @@ def load_heads(path: str | Path) -> tuple[pm.PCMEHeads, dict]:
 
 
 def score(emb: str | Path, heads_path: str | Path, out: str | Path, *, estimator: str = "csd",
-          n_samples: int = 8, seed: int = 0, device: str = "auto", truth: str | None = None) -> dict:
+          n_samples: int = pm.DEFAULT_SAMPLES, seed: int = 0, device: str = "auto", truth: str | None = None) -> dict:
     """p_match, csd, uncertainty_img, uncertainty_txt (mean σ²) and their mean for every row, streamed."""
     if estimator not in ("csd", "mc"):
         raise CurateError(f"--estimator {estimator}: use csd (PCME++ closed form) or mc (PCME Monte Carlo)")
