@@ -415,7 +415,8 @@ def _truth_lines(check: dict) -> None:
 @app.command("clones")
 def clones_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + AdaCL clone, k-NN, tier-0 and duplicate columns."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + AdaCL clone, k-NN, tier-0 and duplicate "
+                                                 "columns."),
     batch_size: int = typer.Option(4096, "--batch-size", help="AdaCL's discovery batch B (pool partitioned with "
                                    "--seed as negCLIPLoss does; every query sees B - 1 negatives)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the batch partition."),
@@ -541,7 +542,8 @@ def train_cmd(
                                            "shards holding only the kept samples (`curate export` output)."),
     out: Path = typer.Option(..., "--out", help="Student directory: student.pt, train.json, curve.png "
                                                "(and eval.json with --heldout/--target)."),
-    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL's Algorithm 1: in-batch clone discovery and margins) or pcme "
+    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL's Algorithm 1: in-batch clone "
+                                                      "discovery and margins) or pcme "
                                                       "(PCME++ probabilistic heads)."),
     steps: int = typer.Option(300, "--steps", help="Training steps; the budget is steps x batch size samples seen."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and augmentation."),

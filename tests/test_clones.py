@@ -344,3 +344,17 @@ def test_clones_defaults_agree_between_cli_recipe_and_stage():
     recipe = SCHEMA["clones"]
     for name, value in (("batch_size", DEFAULT_BATCH_SIZE), ("eps", DEFAULT_EPS), ("k", DEFAULT_K), ("seed", 0)):
         assert cli[name] == stage[name].default == recipe[name][1] == value, name
+
+
+def test_batch_summary_groups_no_update_reasons_by_category():
+    from curate.metrics.adacl import MarginStep
+    from curate.stages.clones import summarise_batches
+
+    steps = [MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.93, m1 would be <= 0", 0.9, 0.1, 0.93, 7),
+             MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.99, m1 would be <= 0", 0.8, 0.2, 0.99, 3),
+             MarginStep(2.0, 0.3, True, None, 0.7, 0.3, 0.5, 5),
+             MarginStep(4.0, 0.5, True, None, 0.5, 0.05, 0.2, 1)]
+    got = summarise_batches(steps)
+    assert got["no_update"] == {"p̂_u >= 1 - ε": 2} and got["margins_updated"] == 2
+    assert got["median_m1"] == 3.0 and got["median_m2"] == pytest.approx(0.4)       # updated batches only
+    assert got["median_anchor_similarity"] == pytest.approx(0.75) and got["potential_clones"] == 16

@@ -63,12 +63,16 @@ def check_square(S: np.ndarray) -> np.ndarray:
 
 
 def hardest_negatives(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax_{j≠i} s_ij, max_{j≠i} s_ij) for every row i (the first index on ties)."""
+    """(argmax_{j≠i} s_ij, max_{j≠i} s_ij) for every row i (the first index on ties), in row blocks."""
     S = check_square(S)
-    off = S.copy()
-    np.fill_diagonal(off, -np.inf)
-    partner = off.argmax(axis=1)
-    return partner, off[np.arange(len(S)), partner]
+    n = len(S)
+    partner = np.empty(n, dtype=np.int64)
+    for r0 in range(0, n, POSTERIOR_ROW_BLOCK):
+        block = S[r0:r0 + POSTERIOR_ROW_BLOCK].copy()
+        rows = np.arange(len(block))
+        block[rows, r0 + rows] = -np.inf
+        partner[r0:r0 + len(block)] = block.argmax(axis=1)
+    return partner, S[np.arange(n), partner]
 
 
 def salient_scores(S: np.ndarray) -> np.ndarray:
@@ -77,19 +81,13 @@ def salient_scores(S: np.ndarray) -> np.ndarray:
     return np.diag(S) - hardest_negatives(S)[1]
 
 
-def labelled_negatives(S: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(i⁺, i⁻, S_sln, S_cln): the most and least salient rows and their negatives (AdaCL Alg. 1 line 2)."""
+def labelled_negatives(S: np.ndarray, salient: np.ndarray | None = None) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(i⁺, i⁻, S_sln, S_cln): the most and least salient rows and their negatives (AdaCL Alg. 1 line 2).
+    `salient`: the rows' salient scores when the caller has them."""
     S = check_square(S)
-    g = salient_scores(S)
+    g = salient_scores(S) if salient is None else np.asarray(salient)
     i_plus, i_minus = int(np.argmax(g)), int(np.argmin(g))
-    others = np.ones(len(S), dtype=bool)
-
-    def negatives(i: int) -> np.ndarray:
-        mask = others.copy()
-        mask[i] = False
-        return S[i, mask]
-
-    return i_plus, i_minus, negatives(i_plus), negatives(i_minus)
+    return i_plus, i_minus, np.delete(S[i_plus], i_plus), np.delete(S[i_minus], i_minus)
 
 
 # ---------------------------------------------------------------- line 3: labelled GDA
@@ -182,7 +180,7 @@ def discover_clones(S: np.ndarray, prior_clone: float = 0.5) -> Discovery:
     partner, partner_sim = hardest_negatives(S)
     pos = np.diag(S).copy()
     salient = pos - partner_sim
-    i_plus, i_minus, salient_set, clone_set = labelled_negatives(S)
+    i_plus, i_minus, salient_set, clone_set = labelled_negatives(S, salient)
     result = Discovery(salient, partner, partner_sim, np.full(n, np.nan), i_plus, i_minus, None, 0,
                        None, None, None, None, None)
     try:
@@ -196,16 +194,15 @@ def discover_clones(S: np.ndarray, prior_clone: float = 0.5) -> Discovery:
     for r0 in range(0, n, POSTERIOR_ROW_BLOCK):
         block = S[r0:r0 + POSTERIOR_ROW_BLOCK]
         clone = gda.log_odds(block) < 0.0       # p(C|s) > p(C̄|s)
-        rows = np.arange(r0, r0 + len(block))
-        clone[rows - r0, rows] = False          # positives are not negatives
-        r, c = np.nonzero(clone)                # row-major order
-        gaps.append(pos[r0 + r] - block[r, c])
-        flat.append((r0 + r) * n + c)
+        rows = np.arange(len(block))
+        clone[rows, r0 + rows] = False          # positives are not negatives
+        gaps.append((pos[r0:r0 + len(block), None] - block)[clone])   # row-major order
+        flat.append(np.flatnonzero(clone) + r0 * n)
     gaps = np.concatenate(gaps)
     flat = np.concatenate(flat)
     result.n_potential = int(len(gaps))
     if len(gaps) == 0:
-        result.reason = "S̄ is empty: no negative is more likely a clone than not"
+        result.reason = "S̄ empty: no negative is more likely a clone than not"
         return result
     u, v = divmod(median_gap_pair(gaps, flat), n)
     result.anchor_row, result.anchor_col = int(u), int(v)
@@ -226,18 +223,24 @@ def adjusted_probability(s, m1: float, m2: float, log_neg_sum):
 
 
 def margin_update_problem(anchor: float, p_hat_u: float, log_neg_sum: float, eps: float) -> str | None:
-    """Why Algorithm 1's line 5 has no valid result for these inputs, or None (degenerate cases, module doc)."""
+    """Why Algorithm 1's line 5 has no valid result for these inputs, or None (degenerate cases, module doc).
+    Every reason starts with a fixed category and a colon ("p̂_u >= 1 - ε: ...")."""
     if not 0.0 < eps < 1.0:
-        return f"eps must be in (0, 1), got {eps}"
+        return f"eps out of range: eps must be in (0, 1), got {eps}"
     if not all(math.isfinite(x) for x in (anchor, p_hat_u, log_neg_sum)):
-        return "a non-finite anchor, p̂_u or Σ_anchor"
+        return "non-finite input: anchor, p̂_u or Σ_anchor is not finite"
     if anchor >= 1.0:
-        return f"anchor {anchor!r} >= 1: no line through (anchor, p̂_u) and (1, 1 - ε)"
+        return f"anchor >= 1: anchor = {anchor!r}, no line through (anchor, p̂_u) and (1, 1 - ε)"
     if not 0.0 < p_hat_u < 1.0:
-        return f"p̂_u = {p_hat_u!r} is saturated: its log-odds are infinite"
+        return f"p̂_u saturated: p̂_u = {p_hat_u!r}, its log-odds are infinite"
     if p_hat_u >= 1.0 - eps:
-        return f"p̂_u = {p_hat_u:.6g} >= 1 - ε: m1 would be <= 0 (the positive logit would not grow with s)"
+        return f"p̂_u >= 1 - ε: p̂_u = {p_hat_u:.6g}, m1 would be <= 0 (the positive logit would not grow with s)"
     return None
+
+
+def reason_category(reason: str | None) -> str | None:
+    """The fixed category of a no-update reason (the text before its first colon)."""
+    return None if reason is None else reason.split(":")[0]
 
 
 def alg1_margins_from_log_sum(anchor: float, p_hat_u: float, log_neg_sum: float, eps: float) -> tuple[float, float]:
@@ -255,7 +258,7 @@ def alg1_margins(anchor: float, p_hat_u: float, neg_sum: float, eps: float) -> t
     """m1 = log(ε p̂_u / ((1-ε)(1-p̂_u))) / (anchor - 1), m2 = anchor + log((1-p̂_u) / (p̂_u Σ_anchor)) / m1
     (AdaCL Alg. 1 line 5, Eqs. 4 and 6). Raises ValueError in the degenerate cases of the module docstring."""
     if not neg_sum > 0.0:
-        raise ValueError(f"Σ_anchor must be > 0, got {neg_sum}")
+        raise ValueError(f"Σ_anchor not positive: Σ_anchor must be > 0, got {neg_sum}")
     return alg1_margins_from_log_sum(anchor, p_hat_u, math.log(neg_sum), eps)
 
 

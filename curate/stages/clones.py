@@ -168,7 +168,7 @@ def summarise_batches(steps: list[adacl.MarginStep]) -> dict:
     reasons: dict[str, int] = {}
     for s in steps:
         if not s.updated:
-            key = s.reason.split(":")[0] if s.reason else "unknown"
+            key = adacl.reason_category(s.reason)
             reasons[key] = reasons.get(key, 0) + 1
     return {"batches": len(steps), "with_anchor": sum(s.anchor is not None for s in steps),
             "margins_updated": len(updated), "no_update": reasons,
