@@ -497,31 +497,36 @@ def _truth_lines(check: dict) -> None:
 @app.command("clones")
 def clones_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + clone, tier-0 and duplicate columns."),
-    k: int = typer.Option(10, "--k", help="Neighbours per sample (top-k candidates for p_match_softmax)."),
-    eps: float = typer.Option(0.1, "--eps", help="AdaCL target 1 - eps for the anchor (margins in metadata)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="clone_count margin in cosine units "
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid + AdaCL clone, k-NN, tier-0 and duplicate "
+                                                 "columns."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="AdaCL's discovery batch B (pool partitioned with "
+                                   "--seed as negCLIPLoss does; every query sees B - 1 negatives)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the batch partition."),
+    eps: float = typer.Option(0.1, "--eps", help="AdaCL's ε: the margins put a perfect match at 1 - ε "
+                              "(per-batch margins in the metadata)."),
+    k: int = typer.Option(10, "--k", help="Pool-wide k-NN extension: neighbours per sample (for knn_count, "
+                          "p_match_softmax)."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="knn_count margin in cosine units "
                                            "(default: the teacher's τ, i.e. one logit)."),
     dup_threshold: float = typer.Option(0.999, "--dup-threshold", help="Image cosine for duplicate_of "
                                         "(0.999: exact and near-exact copies; lower for a strong teacher)."),
-    match_gate: bool = typer.Option(True, "--match-gate/--no-match-gate", help="Fit the clone GDA on matched "
-                                    "pairs only when s_ii is clearly bimodal (mismatched pairs get clone_prob 0)."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda for the exact k-NN."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches "
                                              "(default: OUT's directory/.curate-cache)."),
     truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: also report precision/recall/F1 "
-                                        "of clone_prob > 0.5 against injected clone/duplicate samples."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the GDA subsample (pools over 10^6 rows)."),
+                                        "of clone_prob > 0.5 (and knn_clone_prob > 0.5) against injected "
+                                        "clone/duplicate samples."),
 ):
-    """Clone negatives (AdaCL): salient gaps, partners, counts, GDA clone_prob, tier-0 uncertainty, duplicates."""
+    """Clone negatives: AdaCL's discovery on seeded batches (clone_prob, partner, anchor), a pool-wide k-NN
+    extension, tier-0 uncertainty and duplicates."""
     from curate.stages.clones import run_clones
 
-    s = run_clones(emb, out, k=k, eps=eps, margin=margin, dup_threshold=dup_threshold, device=device,
-                   cache_dir=cache_dir, truth=truth, seed=seed, gate=match_gate)
-    a = s["anchor"]
-    anchor = "none" if a["gap"] is None else f"{a['gap']:.4f}"
-    console.print(f"[bold]clones[/]: {s['n']:,} samples, k={s['k']}, {a['n_potential_clones']:,} potential clones "
-                  f"(anchor gap {anchor}), {s['match_gate']['n_mismatched']:,} mismatched, "
+    s = run_clones(emb, out, batch_size=batch_size, seed=seed, eps=eps, k=k, margin=margin,
+                   dup_threshold=dup_threshold, device=device, cache_dir=cache_dir, truth=truth)
+    anchor = s["batches"]["i2t"]["median_anchor_similarity"]
+    anchor = "none" if anchor is None else f"{anchor:.4f}"
+    console.print(f"[bold]clones[/]: {s['n']:,} samples in {s['n_batches']:,} batches of {s['batch_size']:,}, "
+                  f"{s['n_potential_clones']:,} with clone_prob > 0.5 (median anchor similarity {anchor}), "
                   f"{s['n_duplicates']:,} duplicates -> {out}", highlight=False)
     if "truth_check" in s:
         _truth_lines(s["truth_check"])
@@ -620,7 +625,8 @@ def train_cmd(
                                            "shards holding only the kept samples (`curate export` output)."),
     out: Path = typer.Option(..., "--out", help="Student directory: student.pt, train.json, curve.png "
                                                "(and eval.json with --heldout/--target)."),
-    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL margins + memory bank) or pcme "
+    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL's Algorithm 1: in-batch clone "
+                                                      "discovery and margins) or pcme "
                                                       "(PCME++ probabilistic heads)."),
     steps: int = typer.Option(300, "--steps", help="Training steps; the budget is steps x batch size samples seen."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and augmentation."),

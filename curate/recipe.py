@@ -6,7 +6,7 @@ Sections (all optional except [run]; see examples/recipes/ and README):
   [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
   [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index
-  [clones] k, eps, out                                    [[filter]] name, keep, min, max, mode, normsim, target
+  [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
   [report] out
 Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
@@ -49,7 +49,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
               "seed": (int, 0), "out": (str, "scores.parquet")},
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
                 "index": (str, "flat")},
-    "clones": {"k": (int, 10), "eps": ((float, int), 0.1), "out": (str, "clones.parquet")},
+    "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
+               "out": (str, "clones.parquet")},
     "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
                "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, ""),
                "fraction_rule": (str, "exact")},
@@ -274,7 +275,8 @@ def plan(recipe: dict) -> list[Step]:
         def run_clones(bar=None, c=c, out=out):
             from curate.stages.clones import run_clones as clones
 
-            return clones(emb, out, k=c["k"], eps=c["eps"], device=run["device"])
+            return clones(emb, out, batch_size=c["batch_size"], seed=c["seed"], eps=c["eps"], k=c["k"],
+                          device=run["device"])
         add("clones", "clones", c, [emb], [out], run_clones)
 
     subsets: dict[str, str] = {}

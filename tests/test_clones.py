@@ -1,8 +1,11 @@
-"""Clone negatives: dense and k-NN paths, the paper's hand example, GDA, duplicates, the `curate clones` stage."""
+"""`curate clones`: AdaCL's discovery on seeded batches (against the loop oracle), the pool-wide k-NN extension
+(dense and blocked paths), duplicates, the truth report and the CLI."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +16,10 @@ from curate.cli import app
 from curate.errors import CurateError
 from curate.io.tables import read_meta
 from curate.metrics import clones as cm
-from curate.stages.clones import run_clones
+from curate.metrics.negclip import partition_batches
+from curate.recipe import SCHEMA
+from curate.stages.clones import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_K, run_clones
+from adacl_oracles import oracle_discovery, oracle_margins, oracle_posterior, oracle_probability
 from helpers_issue6 import unit_rows, write_embedding_dir
 
 S_HAND = np.array([[.31, .30, .10], [.12, .28, .27], [.05, .06, .33]])
@@ -119,43 +125,6 @@ def test_first_duplicate_keeps_the_smaller_index():
     np.testing.assert_array_equal(got, [-1, 0, 0])
 
 
-def test_gda_recovers_two_known_gaussians():
-    rng = np.random.default_rng(2)
-    x = np.concatenate([rng.normal(-0.05, 0.02, 3000), rng.normal(0.20, 0.05, 7000)])
-    rng.shuffle(x)
-    fit = cm.fit_gda(x)
-    assert fit.mean_clone == pytest.approx(-0.05, abs=0.005)
-    assert fit.mean_salient == pytest.approx(0.20, abs=0.005)
-    assert fit.std_clone == pytest.approx(0.02, abs=0.004)
-    assert fit.std_salient == pytest.approx(0.05, abs=0.004)
-    assert fit.weight_clone == pytest.approx(0.3, abs=0.02)
-    # posterior by Bayes' rule, written out
-    for g in (-0.1, 0.0, 0.05, 0.1, 0.2):
-        nc = fit.weight_clone * np.exp(-0.5 * ((g - fit.mean_clone) / fit.std_clone) ** 2) / fit.std_clone
-        ns = fit.weight_salient * np.exp(-0.5 * ((g - fit.mean_salient) / fit.std_salient) ** 2) / fit.std_salient
-        assert fit.posterior_clone(np.array([g]), monotone=False)[0] == pytest.approx(nc / (nc + ns), rel=1e-9)
-    # the monotone envelope: never increasing in the gap, equal to Bayes between the means
-    grid = np.linspace(-1, 2, 2001)
-    post = fit.posterior_clone(grid)
-    assert np.all(np.diff(post) <= 1e-12)
-    inside = (grid >= fit.mean_clone) & (grid <= fit.mean_salient)
-    np.testing.assert_allclose(post[inside], fit.posterior_clone(grid[inside], monotone=False))
-    # the anchor: median gap of the samples classed as potential clones
-    post_x = fit.posterior_clone(x)
-    assert cm.clone_anchor(x, post_x) == pytest.approx(float(np.median(x[post_x > 0.5])))
-    assert cm.clone_anchor(x, post_x) == pytest.approx(-0.05, abs=0.01)
-
-
-def test_gda_warm_start_and_constant_input():
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.normal(0, 0.01, 500), rng.normal(0.1, 0.01, 500)])
-    cold = cm.fit_gda(x)
-    warm = cm.fit_gda(x, init=cold)
-    assert warm.n_iter <= 3 and warm.mean_clone == pytest.approx(cold.mean_clone, abs=1e-6)
-    same = cm.fit_gda(np.full(10, 0.3))
-    np.testing.assert_allclose(same.posterior_clone(np.array([0.3, 0.5])), 0.5)
-
-
 def test_precision_recall_f1_by_hand():
     r = cm.precision_recall_f1([1, 1, 0, 0, 1], [1, 0, 1, 0, 1])
     assert (r["tp"], r["fp"], r["fn"]) == (2, 1, 1)
@@ -173,28 +142,129 @@ def _hand_pool(tmp_path):
     return write_embedding_dir(tmp_path / "emb", img, txt, logit_scale=50.0)
 
 
-def test_stage_reproduces_the_hand_example(tmp_path):
-    emb = _hand_pool(tmp_path)
+def stored(x):
+    """What the embedding tables hold: fp16 values (as `curate embed` writes them)."""
+    return np.asarray(x, np.float16).astype(np.float64)
+
+
+def oracle_batch_columns(S, scale, eps):
+    """Per-row clone_prob, partner, gap and the batch's anchor, p̂_u and margins, from the loop oracle."""
+    n = len(S)
+    i_plus, i_minus, s_bar, pair = oracle_discovery(S)
+    partner = [max((j for j in range(n) if j != i), key=lambda j: (S[i][j], -j)) for i in range(n)]
+    prob = oracle_posterior([S[i][partner[i]] for i in range(n)],
+                            [S[i_minus][j] for j in range(n) if j != i_minus],
+                            [S[i_plus][j] for j in range(n) if j != i_plus])
+    out = {"prob": prob, "partner": partner, "gap": [S[i][i] - S[i][partner[i]] for i in range(n)],
+           "anchor": None, "n_potential": len(s_bar)}
+    if pair is not None:
+        u = pair[0]
+        neg_sum = sum(math.exp(S[u][j] * scale) for j in range(n) if j != u)
+        p_hat = oracle_probability(S[u][u], scale, 0.0, neg_sum)
+        out.update(anchor=S[u][u], anchor_gap=S[u][u] - S[pair], p_hat=p_hat,
+                   margins=oracle_margins(S[u][u], p_hat, neg_sum, eps) if p_hat < 1 - eps else None)
+    return out
+
+
+def hand_pool(tmp_path):
+    """Images e_0, e_1, e_2 and texts t_j = (S[:, j], residual) so that <v_i, t_j> = S[i, j]."""
+    img = np.zeros((3, 6))
+    img[[0, 1, 2], [0, 1, 2]] = 1.0
+    txt = np.zeros((3, 6))
+    txt[:, :3] = S_HAND.T
+    txt[[0, 1, 2], [3, 4, 5]] = np.sqrt(1.0 - (S_HAND ** 2).sum(axis=0))
+    return write_embedding_dir(tmp_path / "emb", img, txt, logit_scale=50.0)
+
+
+def test_stage_hand_example(tmp_path):
+    """S = [[.31 .30 .10] [.12 .28 .27] [.05 .06 .33]], one batch. Image->text: salient scores .01 .01 .27, so
+    i⁻ = 0 (clone class {.30, .10}: μ .2, σ .1) and i⁺ = 2 (non-clone {.05, .06}: μ .055, σ .005). Sample 2's
+    hardest negative .06 lies one σ from μ_c̄: p(C|.06) = 1 / (1 + 20 e^{.98 - .5}) = 0.030. S̄ holds rows 0
+    and 1's negatives; gaps .01 .21 .16 .01, lower median .01, first pair (0, 1): anchor s_00 = .31, and
+    p̂_u = 1 / (1 + e^{-.5} + e^{-10.5}) = 0.62 at τ = 0.02."""
+    emb = hand_pool(tmp_path)
     out = tmp_path / "clones.parquet"
-    summary = run_clones(emb, out, k=10, eps=0.1, device="cpu")
+    summary = run_clones(emb, out, eps=0.1, device="cpu")
     t = pq.read_table(out).to_pydict()
     uid = [f"{i:032x}" for i in range(3)]
-    np.testing.assert_allclose(t["clone_gap_i2t"], [.01, .01, .27], atol=1e-3)
-    np.testing.assert_allclose(t["clone_gap_t2i"], [.19, -.02, .06], atol=1e-3)
     assert t["clone_partner"] == [uid[1], uid[2], uid[1]]
-    assert t["clone_count"] == [1, 1, 0] and t["clone_count_t2i"] == [0, 1, 0]  # margin = τ = 0.02
+    np.testing.assert_allclose(t["clone_gap"], [.01, .01, .27], atol=1e-3)
+    assert t["clone_prob"][0] > 0.999 and t["clone_prob"][1] > 0.999
+    assert t["clone_prob"][2] == pytest.approx(1 / (1 + 20 * math.exp(0.98 - 0.5)), abs=1e-3)
+    assert t["anchor_similarity"] == pytest.approx([.31] * 3, abs=1e-3)
+    assert t["anchor_gap"] == pytest.approx([.01] * 3, abs=1e-3)
+    assert t["anchor_p_hat"][0] == pytest.approx(1 / (1 + math.exp(-0.5) + math.exp(-10.5)), abs=2e-3)
+    assert t["clone_batch"] == [0, 0, 0]
+    # the same against the loop oracle on the stored (fp16) values, both directions
+    S = stored(S_HAND)
+    for direction, matrix in (("", S), ("_t2i", S.T)):
+        want = oracle_batch_columns(matrix, 50.0, 0.1)
+        np.testing.assert_allclose(t[f"clone_prob{direction}"], want["prob"], rtol=1e-9)
+        np.testing.assert_allclose(t[f"anchor_similarity{direction}"], [want["anchor"]] * 3, rtol=1e-12)
+        np.testing.assert_allclose(t[f"anchor_p_hat{direction}"], [want["p_hat"]] * 3, rtol=1e-9)
+        name = "i2t" if direction == "" else "t2i"
+        m1, m2 = want["margins"]
+        assert summary["batches"][name]["median_m1"] == pytest.approx(m1, rel=1e-9)
+        assert summary["batches"][name]["median_m2"] == pytest.approx(m2, rel=1e-9)
+        assert summary["batches"][name]["potential_clones"] == want["n_potential"]
+    # the k-NN extension: pool-wide salient gaps, partners and counts (margin = τ = 0.02)
+    np.testing.assert_allclose(t["knn_gap_i2t"], [.01, .01, .27], atol=1e-3)
+    np.testing.assert_allclose(t["knn_gap_t2i"], [.19, -.02, .06], atol=1e-3)
+    assert t["knn_partner"] == [uid[1], uid[2], uid[1]]
+    assert t["knn_count"] == [1, 1, 0] and t["knn_count_t2i"] == [0, 1, 0]
     assert t["hubness_text"] == [1, 1, 1] and t["hubness_image"] == [2, 0, 1]
-    # p_match_softmax of sample 0 at τ = 0.02: 1 / (1 + e^{-0.5} + e^{-10.5})
     assert t["p_match_softmax"][0] == pytest.approx(1 / (1 + np.exp(-0.5) + np.exp(-10.5)), abs=2e-3)
+    # one batch holding the whole pool: the k-NN variant's labelled GDA is the batch's
+    np.testing.assert_allclose(t["knn_clone_prob"], t["clone_prob"], rtol=1e-6)
     assert t["duplicate_of"] == [None, None, None]
     meta = read_meta(out)["clones"]
-    assert not meta["match_gate"]["applied"]  # three samples are too few to judge
-    assert meta["k"] == 2 and meta["eps"] == 0.1 and "gda" in meta and "gap" in meta["anchor"]
-    assert summary["margin"] == pytest.approx(0.02)
+    assert meta["n_batches"] == 1 and meta["batch_size"] == 3 and meta["eps"] == 0.1 and meta["k"] == 2
 
 
-def test_stage_matches_dense_and_finds_duplicates(tmp_path):
+def test_stage_batches_match_the_oracle_batch_by_batch(tmp_path):
     rng = np.random.default_rng(4)
+    n, d, b, seed = 50, 10, 16, 7
+    img = unit_rows(rng.standard_normal((n, d)))
+    txt = unit_rows(img + 0.7 * rng.standard_normal((n, d)))
+    emb = write_embedding_dir(tmp_path / "emb", img, txt, split=[20, 30], logit_scale=30.0)
+    out = tmp_path / "c.parquet"
+    summary = run_clones(emb, out, batch_size=b, seed=seed, eps=0.2, k=4, device="cpu")
+    t = pq.read_table(out).to_pydict()
+    v, w = stored(img), stored(txt)
+    batches = list(partition_batches(n, b, seed, 0))
+    assert summary["n_batches"] == len(batches) == 4 and summary["batch_size"] == 16
+    uid = np.array([f"{i:032x}" for i in range(n)])
+    seen = np.zeros(n, int)
+    for index, batch in enumerate(batches):
+        rows = batch.members
+        S = v[rows] @ w[rows].T
+        for direction, matrix in (("", S), ("_t2i", S.T)):
+            want = oracle_batch_columns(matrix, 30.0, 0.2)
+            for local in np.nonzero(batch.own)[0]:
+                i = rows[local]
+                assert t["clone_batch"][i] == index
+                assert t[f"clone_prob{direction}"][i] == pytest.approx(want["prob"][local], rel=1e-6, abs=1e-12)
+                assert t[f"clone_partner{direction}"][i] == uid[rows[want["partner"][local]]]
+                assert t[f"clone_gap{direction}"][i] == pytest.approx(want["gap"][local], abs=1e-9)
+                assert t[f"anchor_similarity{direction}"][i] == pytest.approx(want["anchor"], abs=1e-12)
+                assert t[f"anchor_gap{direction}"][i] == pytest.approx(want["anchor_gap"], abs=1e-9)
+        seen[rows[batch.own]] += 1
+    assert (seen == 1).all()      # every sample takes its values from exactly one batch (fill members do not)
+    # the k-NN variant's labelled GDA: classes from the pool's least / most salient samples' N - 1 negatives
+    S = v @ w.T
+    gap = np.array([S[i, i] - max(S[i, j] for j in range(n) if j != i) for i in range(n)])
+    lo, hi = int(np.argmin(gap)), int(np.argmax(gap))
+    hardest = [max(S[i, j] for j in range(n) if j != i) for i in range(n)]
+    want = oracle_posterior(hardest, [S[lo, j] for j in range(n) if j != lo], [S[hi, j] for j in range(n) if j != hi])
+    np.testing.assert_allclose(t["knn_clone_prob"], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(t["knn_gap_i2t"], gap, atol=1e-4)
+    # another seed gives another partition
+    run_clones(emb, tmp_path / "other.parquet", batch_size=b, seed=seed + 1, k=4, device="cpu")
+    assert pq.read_table(tmp_path / "other.parquet").column("clone_batch").to_pylist() != t["clone_batch"]
+
+
+def test_stage_degenerate_batches_and_duplicates_with_truth(tmp_path):
+    rng = np.random.default_rng(5)
     n, d = 80, 12
     img = unit_rows(rng.standard_normal((n, d)))
     txt = unit_rows(img + 0.8 * rng.standard_normal((n, d)))
@@ -204,86 +274,55 @@ def test_stage_matches_dense_and_finds_duplicates(tmp_path):
     docs = [{"truth": "duplicate", "duplicate_of": f"{5 if i != 30 else 10:032x}"} if i in (17, 40, 30)
             else {"truth": "clean"} for i in range(n)]
     emb = write_embedding_dir(tmp_path / "emb", img, txt, docs=docs, split=[33, 47])
-    out = tmp_path / "c.parquet"
-    summary = run_clones(emb, out, k=5, margin=0.15, device="cpu", truth="json:truth")
-    t = pq.read_table(out).to_pydict()
-    v = img.astype(np.float16).astype(np.float64)
-    w = txt.astype(np.float16).astype(np.float64)
-    ref = cm.dense_clone_stats(v @ w.T, margin=0.15)
-    np.testing.assert_allclose(t["clone_gap_i2t"], ref.gap_i2t, atol=1e-4)
-    np.testing.assert_allclose(t["clone_gap_t2i"], ref.gap_t2i, atol=1e-4)
-    uid = np.array([f"{i:032x}" for i in range(n)])
-    assert t["clone_partner"] == list(uid[ref.partner_i2t])
-    assert t["clone_partner_t2i"] == list(uid[ref.partner_t2i])
-    np.testing.assert_array_equal(t["clone_count"], ref.count_i2t)
-    np.testing.assert_array_equal(t["clone_count_t2i"], ref.count_t2i)
+    # batches of 2: one negative per row, no spread, no GDA: clone_prob and the anchor are NaN
+    s = run_clones(emb, tmp_path / "two.parquet", batch_size=2, k=5, device="cpu", truth="json:truth")
+    t = pq.read_table(tmp_path / "two.parquet").to_pydict()
+    assert all(math.isnan(p) for p in t["clone_prob"]) and all(math.isnan(a) for a in t["anchor_similarity"])
+    assert s["batches"]["i2t"]["with_anchor"] == 0 and s["batches"]["i2t"]["no_update"] == {"no GDA": 40}
+    assert s["n_potential_clones"] == 0 and s["batches"]["i2t"]["median_m1"] is None
     dup = {i: x for i, x in enumerate(t["duplicate_of"]) if x is not None}
+    uid = np.array([f"{i:032x}" for i in range(n)])
     assert dup == {17: uid[5], 40: uid[5], 30: uid[10]}
-    check = summary["truth_check"]
+    check = s["truth_check"]
     assert check["duplicate_of vs injected duplicate"]["f1"] == 1.0
     assert check["duplicate_of groups vs duplicate pairs (injected + originals)"]["f1"] == 1.0
     assert check["truth_counts"] == {"clean": 77, "duplicate": 3}
-    gap = np.minimum(ref.gap_i2t, ref.gap_t2i)
-    np.testing.assert_allclose(t["clone_gap"], gap, atol=1e-4)
-    assert all(0.0 <= p <= 1.0 for p in t["clone_prob"])
-    # the anchor is the median gap of the samples whose clone_prob > 0.5
-    sel = np.array(t["clone_gap"])[np.array(t["clone_prob"]) > 0.5]
-    assert summary["anchor"]["gap"] == pytest.approx(float(np.median(sel)), abs=1e-6)
+    assert check["clone_prob>0.5 vs injected clone|duplicate"]["tp"] == 0
+    # the precision/recall of clone_prob > 0.5 (either direction) against the truth, by hand
+    s = run_clones(emb, tmp_path / "c.parquet", batch_size=32, k=5, device="cpu", truth="json:truth")
+    t = pq.read_table(tmp_path / "c.parquet").to_pydict()
+    flagged = (np.array(t["clone_prob"]) > 0.5) | (np.array(t["clone_prob_t2i"]) > 0.5)
+    injected = np.isin(np.arange(n), [17, 40, 30])
+    got = s["truth_check"]["clone_prob>0.5 vs injected clone|duplicate"]
+    assert (got["tp"], got["fp"], got["fn"]) == (int((flagged & injected).sum()), int((flagged & ~injected).sum()),
+                                                 int((~flagged & injected).sum()))
+    assert s["n_potential_clones"] == int(flagged.sum())
+    assert "knn_clone_prob>0.5 vs injected clone|duplicate" in s["truth_check"]
 
 
-def test_ashman_d_formula():
-    fit = cm.GDAFit(0.1, 0.02, 0.5, 0.5, 0.05, 0.5, 1, True, 0.0)
-    assert cm.ashman_d(fit) == pytest.approx(np.sqrt(2) * 0.4 / np.sqrt(0.02 ** 2 + 0.05 ** 2))
-
-
-def test_match_gate_keeps_mismatched_pairs_out_of_the_clone_fit(tmp_path):
-    rng = np.random.default_rng(8)
-    n, d = 300, 32
-    img = unit_rows(rng.standard_normal((n, d)))
-    txt = unit_rows(img + 0.08 * rng.standard_normal((n, d)))
-    bad = np.arange(210, 300)
-    txt[bad] = unit_rows(rng.standard_normal((len(bad), d)))  # mismatched captions: s_ii near 0
-    emb = write_embedding_dir(tmp_path / "emb", img, txt)
-    s = run_clones(emb, tmp_path / "gated.parquet", k=5, device="cpu")
-    t = pq.read_table(tmp_path / "gated.parquet").to_pydict()
-    assert s["match_gate"]["applied"] and s["match_gate"]["ashman_d"] > 2
-    mismatch = np.array(t["mismatch_prob"])
-    matched = mismatch <= 0.5
-    # every mismatched caption is gated; of the matched pairs at most a far outlier (Bayes with a wide noise
-    # Gaussian) may be
-    assert not matched[bad].any() and matched[:210].sum() >= 208
-    assert all(t["clone_prob"][i] == 0.0 for i in np.nonzero(~matched)[0])
-    # the clone GDA saw the matched samples' gaps only
-    gap = np.array(t["clone_gap"], np.float64)
-    want = cm.fit_gda(gap[matched].astype(np.float32))
-    assert s["gda"]["mean_clone"] == pytest.approx(want.mean_clone, abs=1e-6)
-    np.testing.assert_allclose(np.array(t["clone_prob"])[matched], want.posterior_clone(gap[matched]), atol=1e-6)
-    s2 = run_clones(emb, tmp_path / "ungated.parquet", k=5, device="cpu", gate=False)
-    assert not s2["match_gate"]["applied"]
-    t2 = pq.read_table(tmp_path / "ungated.parquet").to_pydict()
-    assert np.mean([t2["clone_prob"][i] > 0.5 for i in bad]) > 0.9  # without the gate noise is the low group
-    assert all(x == 0.0 for x in t2["mismatch_prob"])
-    # a unimodal pool is not gated even when asked, nor a pool too small to judge
-    clean = write_embedding_dir(tmp_path / "clean", img[:210], txt[:210])
-    assert not run_clones(clean, tmp_path / "c.parquet", k=5, device="cpu")["match_gate"]["applied"]
-    small = write_embedding_dir(tmp_path / "small", img[150:250], txt[150:250])
-    assert not run_clones(small, tmp_path / "s.parquet", k=5, device="cpu")["match_gate"]["applied"]
-
-
-def test_cli_clones_and_user_errors(tmp_path):
+def test_cli_clones_and_user_errors(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(5)
     img = unit_rows(rng.standard_normal((20, 8)))
     emb = write_embedding_dir(tmp_path / "emb", img, unit_rows(img + 0.5 * rng.standard_normal((20, 8))))
     out = tmp_path / "o" / "c.parquet"
-    res = CliRunner().invoke(app, ["clones", str(emb), "--out", str(out), "--k", "3", "--eps", "0.2",
-                                   "--device", "cpu"])
+    args = ["clones", str(emb), "--out", str(out), "--k", "3", "--eps", "0.2", "--batch-size", "8", "--seed", "3",
+            "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert "3 batches of 8" in res.output
     meta = read_meta(out)["clones"]
-    assert meta["eps"] == 0.2 and meta["k"] == 3
+    assert (meta["eps"], meta["k"], meta["batch_size"], meta["seed"], meta["n_batches"]) == (0.2, 3, 8, 3, 3)
     first = out.read_bytes()
-    assert CliRunner().invoke(app, ["clones", str(emb), "--out", str(out), "--k", "3", "--eps", "0.2",
-                                    "--device", "cpu"]).exit_code == 0
+    assert CliRunner().invoke(app, args).exit_code == 0
     assert out.read_bytes() == first  # rerun: identical bytes
+    from curate import cli
+
+    monkeypatch.setattr(sys, "argv", ["curate"] + args + ["--batch-size", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--batch-size 1" in err and "Traceback" not in err
+    assert CliRunner().invoke(app, args + ["--match-gate"]).exit_code != 0   # the EM match gate is gone
     one = write_embedding_dir(tmp_path / "one", img[:1], img[:1])
     with pytest.raises(CurateError, match="at least 2"):
         run_clones(one, tmp_path / "x.parquet")
@@ -292,3 +331,30 @@ def test_cli_clones_and_user_errors(tmp_path):
     with pytest.raises(CurateError, match="json"):
         run_clones(emb, tmp_path / "x.parquet", truth="json:truth")
     assert json.loads(json.dumps(meta))  # metadata is plain JSON
+
+
+def test_clones_defaults_agree_between_cli_recipe_and_stage():
+    import inspect
+
+    from curate.cli import clones_cmd
+
+    cli = {name: p.default.default for name, p in inspect.signature(clones_cmd).parameters.items()
+           if hasattr(p.default, "default")}
+    stage = inspect.signature(run_clones).parameters
+    recipe = SCHEMA["clones"]
+    for name, value in (("batch_size", DEFAULT_BATCH_SIZE), ("eps", DEFAULT_EPS), ("k", DEFAULT_K), ("seed", 0)):
+        assert cli[name] == stage[name].default == recipe[name][1] == value, name
+
+
+def test_batch_summary_groups_no_update_reasons_by_category():
+    from curate.metrics.adacl import MarginStep
+    from curate.stages.clones import summarise_batches
+
+    steps = [MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.93, m1 would be <= 0", 0.9, 0.1, 0.93, 7),
+             MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.99, m1 would be <= 0", 0.8, 0.2, 0.99, 3),
+             MarginStep(2.0, 0.3, True, None, 0.7, 0.3, 0.5, 5),
+             MarginStep(4.0, 0.5, True, None, 0.5, 0.05, 0.2, 1)]
+    got = summarise_batches(steps)
+    assert got["no_update"] == {"p̂_u >= 1 - ε": 2} and got["margins_updated"] == 2
+    assert got["median_m1"] == 3.0 and got["median_m2"] == pytest.approx(0.4)       # updated batches only
+    assert got["median_anchor_similarity"] == pytest.approx(0.75) and got["potential_clones"] == 16

@@ -83,7 +83,24 @@ def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
     if loss == "pcme":
         assert "pcme_heads" in a["curate"] and "pcme_a" in first["history"][-1]
     if loss == "adacl":
-        assert "adacl_m1" in first["history"][-1]
+        assert "adacl_m1" in first["history"][-1] and "adacl_m1_t2i" in first["history"][-1]
+
+
+def test_adacl_training_logs_finite_margins_every_step_and_the_loss_decreases(corpus, tmp_path):
+    config = StudentConfig(loss="adacl", seed=5, **{**FAST, "steps": 12})
+    record = train_student(str(corpus / "pool"), tmp_path / "adacl", config)
+    history = record["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    for h in history:
+        for key in ("adacl_m1", "adacl_m2", "adacl_m1_t2i", "adacl_m2_t2i", "loss"):
+            assert math.isfinite(h[key]), (h["step"], key)
+        assert h["adacl_m1"] > 0 and h["adacl_m1_t2i"] > 0
+        # a step either updated its margins from an anchor below 1 - ε or says why it kept them
+        assert h["adacl_kept"] is None and h["adacl_p_hat_u"] < 0.9 or isinstance(h["adacl_kept"], str)
+    # the first step starts from plain InfoNCE (m1 = 1/τ, m2 = 0) and tunes away from it
+    assert history[0]["adacl_m1"] != pytest.approx(history[0]["logit_scale"], rel=1e-3)
+    first, last = statistics.mean(h["loss"] for h in history[:3]), statistics.mean(h["loss"] for h in history[-3:])
+    assert last < 0.5 * first
 
 
 def test_budget_is_logged_and_independent_of_subset_size(corpus, tmp_path):

@@ -1,7 +1,8 @@
-"""Clone negatives: salient gaps, clone partners and counts, GDA clone posterior, near-duplicates.
+"""Pool-wide clone statistics (our extension of AdaCL to a whole pool), tier-0 uncertainty, near-duplicates.
 
-"Discovering Clone Negatives via Adaptive Contrastive Learning for Image-Text Matching" (AdaCL, Pan et al.,
-ICLR 2025). With s_ij = <v_i, t_j> (image i, text j, unit vectors) over the whole pool:
+AdaCL's own discovery works on batches (curate.metrics.adacl: salient scores, labelled GDA, anchor). Here the
+same salient score is computed against the whole pool, exactly, with s_ij = <v_i, t_j> (image i, text j,
+unit vectors):
 
   gap_i2t(i)   = s_ii - max_{j != i} s_ij          (the "salient score"; small or negative => clone negative)
   gap_t2i(i)   = s_ii - max_{j != i} s_ji
@@ -20,8 +21,7 @@ Everything here is pure math on arrays (numpy, FAISS, torch); reading the pool i
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -181,6 +181,17 @@ def count_at_least(queries: np.ndarray, thresholds: np.ndarray, database: np.nda
     return out
 
 
+def row_similarities(query: np.ndarray, database: np.ndarray, exclude: int, *,
+                     db_block: int | None = None) -> np.ndarray:
+    """<query, database[j]> for every j != exclude (float64, the database read in float32 blocks): the M
+    negative similarities of one sample against the whole pool."""
+    q = np.asarray(query, dtype=np.float32).ravel()
+    n, dim = database.shape
+    rows = _db_block_rows(n, dim, db_block)
+    sims = np.concatenate([np.asarray(database[d0:d0 + rows], dtype=np.float32) @ q for d0 in range(0, n, rows)])
+    return np.delete(sims.astype(np.float64), int(exclude))
+
+
 # ---------------------------------------------------------------- per-query statistics from k-NN lists
 
 def softmax_over_candidates(positive: np.ndarray, negatives: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +213,7 @@ def softmax_over_candidates(positive: np.ndarray, negatives: np.ndarray, tau: fl
 @dataclass
 class NeighbourStats:
     gap: np.ndarray          # positive - best non-self similarity
+    best: np.ndarray         # the best non-self similarity, max_{j != i} s_ij
     partner: np.ndarray      # index of the best non-self neighbour (ties: smallest index)
     count: np.ndarray        # #{non-self in top-k with sim >= positive - margin}
     saturated: np.ndarray    # bool: count == k, the true count may be larger (recount with count_at_least)
@@ -223,7 +235,7 @@ def neighbour_stats(positive: np.ndarray, sims: np.ndarray, ids: np.ndarray, sel
     # exact ties (e.g. copies of one image) go to the smallest index, as the dense argmax does
     tied = neg_s == neg_s[:, :1]
     partner = np.where(tied, neg_i, np.iinfo(np.int64).max).min(axis=1)
-    return NeighbourStats(gap=positive - neg_s[:, 0], partner=partner.astype(np.int64), count=count,
+    return NeighbourStats(gap=positive - neg_s[:, 0], best=neg_s[:, 0].copy(), partner=partner.astype(np.int64), count=count,
                           saturated=count >= neg_s.shape[1], p_match=p, entropy=h,
                           nearest=np.where(sims == sims[:, :1], ids, np.iinfo(np.int64).max).min(axis=1))
 
@@ -262,143 +274,6 @@ def resolve_duplicate_roots(dup: np.ndarray) -> np.ndarray:
         if not step.any():
             return dup
         dup[step] = grand[step]
-
-
-# ---------------------------------------------------------------- GDA on 1-D gaps
-
-@dataclass
-class GDAFit:
-    """Two 1-D Gaussians: the potential-clone group (smaller mean) and the salient group."""
-
-    mean_clone: float
-    std_clone: float
-    weight_clone: float
-    mean_salient: float
-    std_salient: float
-    weight_salient: float
-    n_iter: int
-    converged: bool
-    log_likelihood: float
-
-    def posterior_clone(self, x: np.ndarray, monotone: bool = True) -> np.ndarray:
-        """p(clone | x) by Bayes' rule (AdaCL Alg. 1 line 3):
-        π_c N(x; μ_c, σ_c) / (π_c N(x; μ_c, σ_c) + π_s N(x; μ_s, σ_s)), in log space.
-
-        With unequal variances the log-odds are quadratic in x, so far in a tail the wider Gaussian wins again
-        (a very large gap could be called a clone). `monotone=True` makes the posterior non-increasing in the
-        gap: below μ_c it is the largest Bayes value on [x, μ_c], above μ_s the smallest on [μ_s, x] (the
-        extremes of a quadratic on an interval lie at its ends or its vertex). Between the means, where Bayes'
-        rule is already monotone, it is unchanged.
-        """
-        x = np.asarray(x, dtype=np.float64)
-        post = self._bayes(x)
-        mc, ms = self.mean_clone, self.mean_salient
-        if not monotone or not ms > mc:
-            return post
-        at_c, at_s = self._bayes(np.array([mc, ms]))
-        low = np.maximum(post, at_c)
-        high = np.minimum(post, at_s)
-        curvature = 0.5 / self.std_salient ** 2 - 0.5 / self.std_clone ** 2
-        if curvature != 0.0:
-            slope = mc / self.std_clone ** 2 - ms / self.std_salient ** 2
-            vertex = -slope / (2.0 * curvature)
-            at_v = self._bayes(np.array([vertex]))[0]
-            if vertex < mc:
-                low = np.where(x <= vertex, np.maximum(low, at_v), low)
-            if vertex > ms:
-                high = np.where(x >= vertex, np.minimum(high, at_v), high)
-        return np.where(x < mc, low, np.where(x > ms, high, post))
-
-    def _bayes(self, x: np.ndarray) -> np.ndarray:
-        lc = _log_normal(x, self.mean_clone, self.std_clone) + math.log(max(self.weight_clone, 1e-300))
-        ls = _log_normal(x, self.mean_salient, self.std_salient) + math.log(max(self.weight_salient, 1e-300))
-        return 1.0 / (1.0 + np.exp(np.clip(ls - lc, -700, 700)))
-
-    def to_dict(self) -> dict:
-        return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(self).items()}
-
-
-def _log_normal(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return -0.5 * ((x - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
-
-
-def fit_gda(x: np.ndarray, max_iter: int = 200, tol: float = 1e-9, init: GDAFit | None = None) -> GDAFit:
-    """Fit two 1-D Gaussians to gaps: initialised by splitting at the median (lower half = potential clones),
-    or from a previous fit (`init`, a warm start for per-batch refits), then EM until the mean
-    log-likelihood improves by less than `tol`.
-
-    Gaussian mixture EM (Dempster, Laird & Rubin 1977; Bishop PRML Eqs. 9.23-9.27 for K = 2, D = 1). Standard
-    deviations are floored at 1e-3 of the data's (or 1e-9) so a component cannot collapse onto one point.
-    """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        raise ValueError("GDA needs at least one finite value")
-    spread = float(x.std())
-    floor = max(1e-3 * spread, 1e-9)
-    med = float(np.median(x))
-    low = x <= med
-    if low.all() or not low.any():  # all values equal: one group; report both components identical
-        m, s = float(x.mean()), max(spread, floor)
-        return GDAFit(m, s, 0.5, m, s, 0.5, 0, True, float(_log_normal(x, m, s).mean()))
-    if init is not None and init.mean_salient > init.mean_clone:
-        resp = init.posterior_clone(x, monotone=False)
-    else:
-        resp = low.astype(np.float64)  # responsibility of the clone component
-    prev = -np.inf
-    params = None
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):
-        # M step
-        wc = resp.sum()
-        ws = len(x) - wc
-        mc = (resp * x).sum() / max(wc, 1e-300)
-        ms = ((1 - resp) * x).sum() / max(ws, 1e-300)
-        sc = max(math.sqrt((resp * (x - mc) ** 2).sum() / max(wc, 1e-300)), floor)
-        ss = max(math.sqrt(((1 - resp) * (x - ms) ** 2).sum() / max(ws, 1e-300)), floor)
-        pc = min(max(wc / len(x), 1e-12), 1 - 1e-12)
-        params = (mc, sc, pc, ms, ss, 1 - pc)
-        # E step
-        lc = _log_normal(x, mc, sc) + math.log(pc)
-        ls = _log_normal(x, ms, ss) + math.log(1 - pc)
-        top = np.maximum(lc, ls)
-        log_mix = top + np.log(np.exp(lc - top) + np.exp(ls - top))
-        ll = float(log_mix.mean())
-        resp = np.exp(lc - log_mix)
-        if ll - prev < tol:
-            converged = True
-            break
-        prev = ll
-    mc, sc, pc, ms, ss, ps = params
-    if mc > ms:  # keep the potential-clone group as the one with the smaller mean gap
-        mc, sc, pc, ms, ss, ps = ms, ss, ps, mc, sc, pc
-    return GDAFit(float(mc), float(sc), float(pc), float(ms), float(ss), float(ps), it, converged, ll)
-
-
-def ashman_d(fit: GDAFit) -> float:
-    """Separation of the two fitted Gaussians, D = √2 |μ1 - μ2| / √(σ1² + σ2²); D > 2 means a clean split
-    (Ashman, Bird & Zepf 1994, AJ 108, Eq. 1)."""
-    return float(math.sqrt(2.0) * abs(fit.mean_salient - fit.mean_clone)
-                 / math.sqrt(fit.std_clone ** 2 + fit.std_salient ** 2))
-
-
-def clone_anchor(gaps: np.ndarray, posterior: np.ndarray) -> float | None:
-    """The modulating anchor: median gap of the samples classed as potential clones (posterior > 0.5).
-
-    AdaCL Alg. 1 line 3: anchor := s_pos | δ = median(S_clone) (the paper found the median better than min/max).
-    Returns None when no sample is classed as a potential clone.
-    """
-    gaps = np.asarray(gaps, dtype=np.float64)
-    sel = gaps[np.asarray(posterior) > 0.5]
-    return float(np.median(sel)) if len(sel) else None
-
-
-def median_index(values: np.ndarray) -> int:
-    """Index of the lower median element (an actual element, so it names one sample)."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="stable")
-    return int(order[(len(values) - 1) // 2])
 
 
 # ---------------------------------------------------------------- detection quality

@@ -1,31 +1,31 @@
-"""`curate clones`: clone negatives (AdaCL), tier-0 uncertainty and near-duplicates for every pool sample.
+"""`curate clones`: AdaCL's clone discovery over seeded pool-wide batches, a pool-wide k-NN extension,
+tier-0 uncertainty and near-duplicates for every pool sample.
 
-Passes over the pool (embeddings memory-mapped from an fp16 cache, never an N x N matrix):
-  1. image -> texts exact (k+1)-NN: gap_i2t, clone_partner, clone_count, p_match_softmax, entropy_i2t,
-     and every image's nearest text (hubness_text);
-  2. text -> images (k+1)-NN: the same in the other direction;
-  3. exact recount of clone counts whose k-NN list was saturated (all k neighbours within the margin);
-  4. image -> images k-NN: duplicate_of (cosine >= dup_threshold, pointing to the earliest copy);
-  5. GDA on clone_gap = min(gap_i2t, gap_t2i) -> clone_prob, the anchor (median gap of potential clones).
+1. AdaCL (Pan et al., ICLR 2025), Algorithm 1 lines 2-5, as the paper runs it: on batches. The pool is
+   partitioned with `seed` into batches of b = min(batch_size, N) samples exactly as negCLIPLoss does
+   (curate.metrics.negclip.partition_batches, partition 0: a seeded permutation, the ragged last batch filled
+   up with samples that take their own values from their own batch). In each batch and in each direction
+   (image->text on S = V Tᵀ, text->image on Sᵀ): salient scores, the labelled GDA (clone class from the
+   least salient sample's negatives, non-clone class from the most salient one's), S̄ and the anchor
+   (curate.metrics.adacl.discover_clones). Per sample: clone_prob = p(C | s_i,partner), the GDA posterior
+   of its hardest negative in its batch, clone_partner (that negative's uid), clone_gap (its salient score
+   in the batch); and its batch's anchor: anchor_similarity (s_uu), anchor_gap (the median gap over S̄),
+   anchor_p_hat (p̂_u under plain InfoNCE at the teacher's τ). The margins m1, m2 that line 5 would set from
+   there (with --eps) are summarised in the metadata. Batches where the GDA is undefined (a labelled set
+   without spread, e.g. b = 2) give NaN clone_prob; batches with an empty S̄ give NaN anchor columns.
+   Cost: O(N·b·D) for the similarities plus O(N·b) for the posterior, on the CPU.
+2. Pool-wide extension (ours): exact (k+1)-NN in both directions (never an N x N matrix) gives the salient
+   score against the whole pool, knn_gap_i2t / knn_gap_t2i, knn_partner(_t2i), knn_count(_t2i)
+   (#j != i with s_ij >= s_ii - margin, exact: saturated lists are recounted), p_match_softmax(_t2i) and
+   entropy (softmax of the positive among itself and its k best negatives), hubness. Its GDA is the labelled
+   one: i⁺ / i⁻ are the most / least salient samples of the pool, their classes are fitted to all their N - 1
+   pool negatives, and knn_clone_prob(_t2i) = p(C | the sample's hardest pool negative). It has no anchor.
+   Cost: O(N² D) per direction (FAISS BLAS on CPU, torch matmul + topk on CUDA).
+3. image -> images k-NN: duplicate_of (cosine >= dup_threshold, pointing to the earliest copy).
 
-Match gate (our addition to AdaCL, which works on clean training batches). In a noisy pool the mismatched
-pairs (swapped or generic captions, noise images) have gaps near -1 and would form the GDA's low group by
-themselves, so clone_prob would flag noise rather than clone negatives. So first a two-Gaussian GDA on the
-positive similarity s_ii separates mismatched from matched pairs; when the two groups are clearly apart
-(Ashman's D > 2, and at least 200 samples) and the low group looks like random pairs (its mean is below
-the 95th percentile of s_ij over 20,000 random pairs i != j; a clean pool's low tail is not), the clone GDA
-is fitted on matched samples only and
-mismatched samples get clone_prob 0 (their posterior is the `mismatch_prob` column). `gate=False` (CLI
---no-match-gate) fits the clone GDA on every gap, as the paper does on clean batches.
 Memory: the two fp16 matrices are memory-mapped (cached beside the output, as `curate score` does); RAM holds
-one query block and one database block (float32, <= 256 MiB) plus ~100 bytes per sample of output columns.
-Time: exact search is O(N² D) per pass (FAISS BLAS on CPU, torch matmul + topk on CUDA).
-
-Output columns (one row per pool sample, pool order):
-  uid, similarity (s_ii), clone_gap_i2t, clone_gap_t2i, clone_gap (their min), clone_partner (uid of
-  argmax_{j!=i} s_ij), clone_partner_t2i, clone_count (#j != i with s_ij >= s_ii - margin, exact),
-  clone_count_t2i, clone_prob, mismatch_prob, p_match_softmax (i2t), p_match_softmax_t2i, entropy_i2t, entropy_t2i,
-  hubness_text (how many images have this sample's text as their nearest text), hubness_image, duplicate_of.
+one batch (b x b float64, 134 MB at b = 4096), one k-NN query block and one database block (float32,
+<= 256 MiB), plus ~150 bytes per sample of output columns.
 
 duplicate_of: cosine >= dup_threshold (default 0.999) between image embeddings. Exact copies give identical
 fp16 embeddings whose cosine differs from 1 only by fp16 rounding of the stored unit vectors (~1e-4 for
@@ -46,11 +46,15 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool, write_table_atomic
+from curate.metrics import adacl
 from curate.metrics import clones as cm
-from curate.metrics.adacl import adacl_margins
+from curate.metrics.negclip import batches_per_partition, effective_batch_size, partition_batches
 
 CLONE_TRUTH = ("clone", "duplicate")
-MATCH_GATE_MIN_SAMPLES = 200  # fewer positives are too few to tell a second mode from a tail
+# Default batch: every query sees 4095 in-batch negatives, about the 4096 negatives of the paper's memory bank.
+DEFAULT_BATCH_SIZE = 4096
+DEFAULT_EPS = 0.1
+DEFAULT_K = 10
 
 
 def resolve_device(device: str) -> str:
@@ -82,40 +86,97 @@ def positive_similarities(img: np.ndarray, txt: np.ndarray, block: int = 65536) 
     return out
 
 
-def _direction_pass(queries, database, positive, k, margin, tau, device, query_block):
+def knn_direction_pass(queries, database, positive, k, margin, tau, device, query_block):
+    """Exact (k+1)-NN of every query: gap, partner, best negative, exact counts, softmax, nearest."""
     n = len(queries)
-    gap = np.empty(n, np.float32)
-    partner = np.empty(n, np.int64)
-    count = np.empty(n, np.int64)
+    out = {"gap": np.empty(n, np.float32), "best": np.empty(n, np.float32), "partner": np.empty(n, np.int64),
+           "count": np.empty(n, np.int64), "p_match": np.empty(n, np.float64), "entropy": np.empty(n, np.float64),
+           "nearest": np.empty(n, np.int64)}
     saturated = np.zeros(n, bool)
-    p_match = np.empty(n, np.float64)
-    entropy = np.empty(n, np.float64)
-    nearest = np.empty(n, np.int64)
     for q0, sims, ids in cm.knn_search(queries, database, k + 1, query_block=query_block, device=device):
         sl = slice(q0, q0 + len(sims))
-        self_ids = np.arange(q0, q0 + len(sims))
-        st = cm.neighbour_stats(positive[sl], sims, ids, self_ids, k, margin, tau)
-        gap[sl], partner[sl], count[sl], saturated[sl] = st.gap, st.partner, st.count, st.saturated
-        p_match[sl], entropy[sl], nearest[sl] = st.p_match, st.entropy, st.nearest
+        st = cm.neighbour_stats(positive[sl], sims, ids, np.arange(q0, q0 + len(sims)), k, margin, tau)
+        out["gap"][sl], out["best"][sl], out["partner"][sl], out["count"][sl] = st.gap, st.best, st.partner, st.count
+        out["p_match"][sl], out["entropy"][sl], out["nearest"][sl] = st.p_match, st.entropy, st.nearest
+        saturated[sl] = st.saturated
     sat = np.nonzero(saturated)[0]
     for s in range(0, len(sat), query_block):  # exact count beyond the saturated k-NN lists, in blocks
         rows = sat[s:s + query_block]
-        count[rows] = cm.count_at_least(np.asarray(queries[rows]), positive[rows] - np.float32(margin), database, rows)
-    return {"gap": gap, "partner": partner, "count": count, "p_match": p_match, "entropy": entropy,
-            "nearest": nearest, "n_recounted": int(len(sat))}
+        out["count"][rows] = cm.count_at_least(np.asarray(queries[rows]), positive[rows] - np.float32(margin),
+                                               database, rows)
+    out["n_recounted"] = int(len(sat))
+    return out
 
 
-def random_pair_quantile(img: np.ndarray, txt: np.ndarray, q: float, rng: np.random.Generator,
-                         pairs: int = 20_000) -> float:
-    """The q-quantile of s_ij = <v_i, t_j> over random pairs i != j (seeded; rows read in sorted order)."""
-    n = len(img)
-    rows = np.sort(rng.integers(0, n, size=pairs))
-    partners = (rows + rng.integers(1, n, size=pairs)) % n
-    order = np.argsort(partners, kind="stable")
-    t = np.empty((pairs, txt.shape[1]), np.float32)
-    t[order] = txt[partners[order]]
-    sims = np.einsum("ij,ij->i", np.asarray(img[rows], np.float32), t)
-    return float(np.quantile(sims, q))
+def pool_labelled_gda(queries, database, gap: np.ndarray) -> tuple[adacl.LabelledGDA | None, dict]:
+    """The labelled GDA over the whole pool: classes fitted to all pool negatives of the least (clone) and the
+    most (non-clone) salient sample. None where undefined (a class without spread)."""
+    i_plus, i_minus = int(np.argmax(gap)), int(np.argmin(gap))
+    info = {"i_plus": i_plus, "i_minus": i_minus}
+    try:
+        gda = adacl.fit_labelled_gda(cm.row_similarities(queries[i_minus], database, i_minus),
+                                     cm.row_similarities(queries[i_plus], database, i_plus))
+    except ValueError as exc:
+        info["reason"] = str(exc)
+        return None, info
+    info["gda"] = gda.to_dict()
+    return gda, info
+
+
+def batch_discovery(img, txt, n: int, batch_size: int, seed: int, tau: float, eps: float) -> tuple[dict, dict]:
+    """AdaCL Alg. 1 lines 2-5 on every batch of a seeded partition of the pool, both directions.
+
+    Returns per-sample arrays (pool order) and a summary of the batches (anchors, margins, degenerate cases).
+    """
+    scale = 1.0 / tau
+    columns = {"batch": np.full(n, -1, np.int32)}
+    for suffix in ("", "_t2i"):
+        columns.update({f"prob{suffix}": np.full(n, np.nan), f"partner{suffix}": np.full(n, -1, np.int64),
+                        f"gap{suffix}": np.full(n, np.nan), f"anchor{suffix}": np.full(n, np.nan),
+                        f"anchor_gap{suffix}": np.full(n, np.nan), f"anchor_p_hat{suffix}": np.full(n, np.nan)})
+    records = {d: [] for d in adacl.DIRECTIONS}
+    for index, batch in enumerate(partition_batches(n, batch_size, seed, 0)):
+        rows = batch.members
+        v = np.asarray(img[rows], dtype=np.float64)
+        t = np.asarray(txt[rows], dtype=np.float64)
+        S = v @ t.T
+        own = batch.own
+        mine = rows[own]
+        columns["batch"][mine] = index
+        for direction, matrix in zip(adacl.DIRECTIONS, (S, S.T)):
+            suffix = "" if direction == "i2t" else "_t2i"
+            found = adacl.discover_clones(matrix)
+            step = adacl.tune_margins(matrix, scale, (scale, 0.0), eps, found=found)
+            columns[f"prob{suffix}"][mine] = found.partner_prob[own]
+            columns[f"partner{suffix}"][mine] = rows[found.partner[own]]
+            columns[f"gap{suffix}"][mine] = found.salient[own]
+            if found.anchor is not None:
+                columns[f"anchor{suffix}"][mine] = found.anchor
+                columns[f"anchor_gap{suffix}"][mine] = found.anchor_gap
+                columns[f"anchor_p_hat{suffix}"][mine] = step.p_hat_u
+            records[direction].append(step)
+    return columns, {d: summarise_batches(steps) for d, steps in records.items()}
+
+
+def summarise_batches(steps: list[adacl.MarginStep]) -> dict:
+    """Medians over the batches of what lines 2-5 found, and why batches had no update."""
+    def median(values):
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    updated = [s for s in steps if s.updated]
+    reasons: dict[str, int] = {}
+    for s in steps:
+        if not s.updated:
+            key = adacl.reason_category(s.reason)
+            reasons[key] = reasons.get(key, 0) + 1
+    return {"batches": len(steps), "with_anchor": sum(s.anchor is not None for s in steps),
+            "margins_updated": len(updated), "no_update": reasons,
+            "potential_clones": int(sum(s.n_potential for s in steps)),
+            "median_anchor_similarity": median([s.anchor for s in steps]),
+            "median_anchor_gap": median([s.anchor_gap for s in steps]),
+            "median_anchor_p_hat": median([s.p_hat_u for s in steps]),
+            "median_m1": median([s.m1 for s in updated]), "median_m2": median([s.m2 for s in updated])}
 
 
 def _take_uids(uids: pa.Array, idx: np.ndarray) -> pa.Array:
@@ -123,16 +184,18 @@ def _take_uids(uids: pa.Array, idx: np.ndarray) -> pa.Array:
     return uids.take(pa.array(idx, mask=idx < 0))
 
 
-def run_clones(emb: str | Path, out: str | Path, *, k: int = 10, eps: float = 0.1, margin: float | None = None,
+def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+               eps: float = DEFAULT_EPS, k: int = DEFAULT_K, margin: float | None = None,
                dup_threshold: float = 0.999, dup_k: int = 8, device: str = "auto",
-               cache_dir: str | Path | None = None, query_block: int = 8192, truth: str | None = None,
-               gda_max_samples: int = 1_000_000, seed: int = 0, gate: bool = True) -> dict:
+               cache_dir: str | Path | None = None, query_block: int = 8192, truth: str | None = None) -> dict:
     """Compute the clone table of an embedding directory and write it to `out` (Parquet). Returns a summary."""
     out = Path(out)
+    if batch_size < 2:
+        raise CurateError(f"--batch-size {batch_size}: a contrastive batch needs at least 2 samples")
     if k < 1:
         raise CurateError(f"--k {k}: need at least one neighbour")
     if not 0.0 < eps < 1.0:
-        raise CurateError(f"--eps {eps}: the AdaCL target 1 - eps needs 0 < eps < 1")
+        raise CurateError(f"--eps {eps}: AdaCL puts a perfect match at 1 - eps, which needs 0 < eps < 1")
     pool = EmbeddingPool(emb)
     n = pool.n_rows
     if n < 2:
@@ -146,98 +209,94 @@ def run_clones(emb: str | Path, out: str | Path, *, k: int = 10, eps: float = 0.
     txt = pool.matrix("text_embedding", cache)
     positive = positive_similarities(img, txt)
 
-    i2t = _direction_pass(img, txt, positive, k, margin, tau, device, query_block)
-    t2i = _direction_pass(txt, img, positive, k, margin, tau, device, query_block)
+    found, batches = batch_discovery(img, txt, n, batch_size, seed, tau, eps)
+
+    i2t = knn_direction_pass(img, txt, positive, k, margin, tau, device, query_block)
+    t2i = knn_direction_pass(txt, img, positive, k, margin, tau, device, query_block)
+    knn_prob = {}
+    knn_gda = {}
+    for direction, (queries, database, stats) in zip(adacl.DIRECTIONS, ((img, txt, i2t), (txt, img, t2i))):
+        gda, knn_gda[direction] = pool_labelled_gda(queries, database, stats["gap"])
+        knn_prob[direction] = gda.posterior(stats["best"]) if gda is not None else np.full(n, np.nan)
 
     dup = np.full(n, -1, np.int64)
     for q0, sims, ids in cm.knn_search(img, img, min(dup_k, n), query_block=query_block, device=device):
         dup[q0:q0 + len(sims)] = cm.first_duplicate(sims, ids, np.arange(q0, q0 + len(sims)), dup_threshold)
     dup = cm.resolve_duplicate_roots(dup)
 
-    clone_gap = np.minimum(i2t["gap"], t2i["gap"])
-    rng = np.random.default_rng(seed)
-    fit_rows = np.arange(n) if n <= gda_max_samples else np.sort(rng.choice(n, gda_max_samples, replace=False))
-    match_gda = cm.fit_gda(positive[fit_rows])
-    separation = cm.ashman_d(match_gda)
-    random_q95 = random_pair_quantile(img, txt, 0.95, rng)
-    gated = bool(gate and n >= MATCH_GATE_MIN_SAMPLES and separation > 2.0 and match_gda.mean_clone < random_q95)
-    # the low-similarity component of the s_ii mixture is the mismatched group
-    mismatch_prob = match_gda.posterior_clone(positive) if gated else np.zeros(n)
-    matched = mismatch_prob <= 0.5
-    fit_on = clone_gap[fit_rows[matched[fit_rows]]]
-    if len(fit_on) == 0:
-        raise CurateError(f"{emb}: no sample looks like a matched pair; nothing to find clones among "
-                          "(rerun with --no-match-gate to fit on every gap)")
-    gda = cm.fit_gda(fit_on)
-    clone_prob = np.where(matched, gda.posterior_clone(clone_gap), 0.0)
-    potential = np.nonzero(clone_prob > 0.5)[0]
-    anchor = cm.clone_anchor(clone_gap, clone_prob)
-
     uids = pool_uids(pool)
-    meta_anchor: dict = {"gap": anchor, "n_potential_clones": int(len(potential))}
-    if len(potential):
-        u = int(potential[cm.median_index(clone_gap[potential])])
-        from_i2t = i2t["gap"][u] <= t2i["gap"][u]
-        q, db = (img, txt) if from_i2t else (txt, img)
-        _, sims, ids = next(cm.knn_search(np.asarray(q[u:u + 1]), db, k + 1, device="cpu"))
-        neg, _ = cm.drop_self(sims, ids, np.array([u]), k)
-        neg_lse = float(np.logaddexp.reduce(neg[0].astype(np.float64) / tau))
-        m1, m2, clamped = adacl_margins(float(positive[u]), neg_lse, 1.0 / tau, eps)
-        meta_anchor.update(uid=uids[u].as_py(), similarity=float(positive[u]), direction="i2t" if from_i2t else "t2i",
-                           adacl_m1=m1, adacl_m2=m2, adacl_clamped=clamped,
-                           note="m1, m2: AdaCL margins that would put this anchor pair at 1 - eps among its "
-                                "top-k negatives at the teacher's temperature")
-
+    f64 = pa.float64()
     table = pa.table({
         "uid": uids,
         "similarity": pa.array(positive, pa.float32()),
-        "clone_gap_i2t": pa.array(i2t["gap"], pa.float32()),
-        "clone_gap_t2i": pa.array(t2i["gap"], pa.float32()),
-        "clone_gap": pa.array(clone_gap, pa.float32()),
-        "clone_partner": _take_uids(uids, i2t["partner"]),
-        "clone_partner_t2i": _take_uids(uids, t2i["partner"]),
-        "clone_count": pa.array(i2t["count"], pa.int64()),
-        "clone_count_t2i": pa.array(t2i["count"], pa.int64()),
-        "clone_prob": pa.array(clone_prob, pa.float64()),
-        "mismatch_prob": pa.array(mismatch_prob, pa.float64()),
-        "p_match_softmax": pa.array(i2t["p_match"], pa.float64()),
-        "p_match_softmax_t2i": pa.array(t2i["p_match"], pa.float64()),
-        "entropy_i2t": pa.array(i2t["entropy"], pa.float64()),
-        "entropy_t2i": pa.array(t2i["entropy"], pa.float64()),
+        "clone_prob": pa.array(found["prob"], f64),
+        "clone_partner": _take_uids(uids, found["partner"]),
+        "clone_gap": pa.array(found["gap"], f64),
+        "anchor_similarity": pa.array(found["anchor"], f64),
+        "anchor_gap": pa.array(found["anchor_gap"], f64),
+        "anchor_p_hat": pa.array(found["anchor_p_hat"], f64),
+        "clone_prob_t2i": pa.array(found["prob_t2i"], f64),
+        "clone_partner_t2i": _take_uids(uids, found["partner_t2i"]),
+        "clone_gap_t2i": pa.array(found["gap_t2i"], f64),
+        "anchor_similarity_t2i": pa.array(found["anchor_t2i"], f64),
+        "anchor_gap_t2i": pa.array(found["anchor_gap_t2i"], f64),
+        "anchor_p_hat_t2i": pa.array(found["anchor_p_hat_t2i"], f64),
+        "clone_batch": pa.array(found["batch"], pa.int32()),
+        "knn_clone_prob": pa.array(knn_prob["i2t"], f64),
+        "knn_clone_prob_t2i": pa.array(knn_prob["t2i"], f64),
+        "knn_gap_i2t": pa.array(i2t["gap"], pa.float32()),
+        "knn_gap_t2i": pa.array(t2i["gap"], pa.float32()),
+        "knn_partner": _take_uids(uids, i2t["partner"]),
+        "knn_partner_t2i": _take_uids(uids, t2i["partner"]),
+        "knn_count": pa.array(i2t["count"], pa.int64()),
+        "knn_count_t2i": pa.array(t2i["count"], pa.int64()),
+        "p_match_softmax": pa.array(i2t["p_match"], f64),
+        "p_match_softmax_t2i": pa.array(t2i["p_match"], f64),
+        "entropy_i2t": pa.array(i2t["entropy"], f64),
+        "entropy_t2i": pa.array(t2i["entropy"], f64),
         "hubness_text": pa.array(cm.hubness(i2t["nearest"], n), pa.int64()),
         "hubness_image": pa.array(cm.hubness(t2i["nearest"], n), pa.int64()),
         "duplicate_of": _take_uids(uids, dup),
     })
+    flagged = flag_clones(found["prob"], found["prob_t2i"])
     summary = {
-        "n": n, "k": k, "eps": eps, "margin": margin, "tau": tau, "dup_threshold": dup_threshold, "dup_k": dup_k,
-        "anchor": meta_anchor, "gda": gda.to_dict(), "gda_fit_samples": int(len(fit_on)),
-        "match_gate": {"enabled": gate, "applied": gated, "ashman_d": separation, "gda": match_gda.to_dict(),
-                       "random_pair_similarity_q95": random_q95, "n_mismatched": int((~matched).sum())},
-        "n_duplicates": int((dup >= 0).sum()),
+        "n": n, "batch_size": effective_batch_size(n, batch_size), "n_batches": batches_per_partition(n, batch_size),
+        "seed": seed, "eps": eps, "tau": tau, "k": k, "margin": margin, "dup_threshold": dup_threshold,
+        "dup_k": dup_k, "n_potential_clones": int(flagged.sum()), "batches": batches,
+        "knn_gda": knn_gda, "n_duplicates": int((dup >= 0).sum()),
         "n_recounted": {"i2t": i2t["n_recounted"], "t2i": t2i["n_recounted"]},
-        "teacher": pool.teacher.to_dict(), "source": str(emb), "index": "exact inner product (blocked)",
+        "teacher": pool.teacher.to_dict(), "source": str(emb),
+        "index": "batches: seeded partition (negCLIPLoss's scheme, partition 0); knn: exact inner product (blocked)",
     }
     if truth:
-        summary["truth_check"] = truth_report(pool, truth, clone_prob > 0.5, dup)
+        summary["truth_check"] = truth_report(pool, truth, {
+            "clone_prob>0.5": flagged, "knn_clone_prob>0.5": flag_clones(knn_prob["i2t"], knn_prob["t2i"])}, dup)
     write_table_atomic(table, out, meta={"clones": summary}, row_group_size=1 << 20)
     return summary
 
 
-def truth_report(pool: EmbeddingPool, spec: str, predicted_clone: np.ndarray, dup: np.ndarray) -> dict:
-    """Detection quality against injected truth (synth corpus): precision / recall / F1 of clone_prob > 0.5
-    against the samples whose truth is `clone` or `duplicate`; and, because a clone pair has two members of
-    which only the injected one carries the label, also against the injected samples together with their
-    originals (json fields `clone_of` / `duplicate_of`, when `spec` is json:PATH). duplicate_of is read as
-    "belongs to a duplicate group" (it points to a sample, or a sample points to it)."""
+def flag_clones(prob_i2t: np.ndarray, prob_t2i: np.ndarray) -> np.ndarray:
+    """A sample is flagged when its hardest negative in either direction is more likely a clone (NaN: not)."""
+    return (np.nan_to_num(prob_i2t, nan=0.0) > 0.5) | (np.nan_to_num(prob_t2i, nan=0.0) > 0.5)
+
+
+def truth_report(pool: EmbeddingPool, spec: str, predicted: dict[str, np.ndarray], dup: np.ndarray) -> dict:
+    """Detection quality against injected truth (synth corpus). For each named prediction (e.g.
+    "clone_prob>0.5": flagged in either direction): precision / recall / F1 against the samples whose truth is
+    `clone` or `duplicate`, its rate by kind, and, because a clone pair has two members of which only the
+    injected one carries the label, also against the injected samples together with their originals (json
+    fields `clone_of` / `duplicate_of`, when `spec` is json:PATH). duplicate_of is read as "belongs to a
+    duplicate group" (it points to a sample, or a sample points to it)."""
     from curate.stages.evaluate import pool_field
 
     truth = np.asarray([str(v) for v in pool_field(pool, spec)], dtype=object)
     kinds = np.unique(truth)
-    report = {"truth_counts": {str(k): int((truth == k).sum()) for k in kinds},
-              "clone_prob>0.5 vs injected clone|duplicate": cm.precision_recall_f1(predicted_clone,
-                                                                                   np.isin(truth, CLONE_TRUTH)),
-              "clone_prob>0.5 rate by kind": {str(k): float(predicted_clone[truth == k].mean()) for k in kinds},
-              "duplicate_of vs injected duplicate": cm.precision_recall_f1(dup >= 0, truth == "duplicate")}
+    injected = np.isin(truth, CLONE_TRUTH)
+    report: dict = {"truth_counts": {str(k): int((truth == k).sum()) for k in kinds}}
+    for name, flags in predicted.items():
+        report[f"{name} vs injected clone|duplicate"] = cm.precision_recall_f1(flags, injected)
+        report[f"{name} rate by kind"] = {str(k): float(flags[truth == k].mean()) for k in kinds}
+    report["duplicate_of vs injected duplicate"] = cm.precision_recall_f1(dup >= 0, truth == "duplicate")
     if spec.startswith("json:"):
         index = {u: i for i, u in enumerate(pool.column("uid"))}
         partners = {f: pool_field(pool, f"json:{f}") for f in ("clone_of", "duplicate_of")}
@@ -250,10 +309,11 @@ def truth_report(pool: EmbeddingPool, spec: str, predicted_clone: np.ndarray, du
                         member[index[p]] = True
             return member
 
+        pairs = with_originals(CLONE_TRUTH, ("clone_of", "duplicate_of"))
+        for name, flags in predicted.items():
+            report[f"{name} vs clone|duplicate pairs (injected + originals)"] = cm.precision_recall_f1(flags, pairs)
         in_group = dup >= 0
         in_group[dup[dup >= 0]] = True
-        report["clone_prob>0.5 vs clone|duplicate pairs (injected + originals)"] = cm.precision_recall_f1(
-            predicted_clone, with_originals(CLONE_TRUTH, ("clone_of", "duplicate_of")))
         report["duplicate_of groups vs duplicate pairs (injected + originals)"] = cm.precision_recall_f1(
             in_group, with_originals(("duplicate",), ("duplicate_of",)))
     return report

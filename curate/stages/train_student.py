@@ -12,7 +12,9 @@ stage is the miniature experiment, not a web-scale trainer).
 
 Losses (`--loss`):
   infonce  CLIP's symmetric InfoNCE (curate.models.train.infonce_loss);
-  adacl    AdaCL (curate.metrics.adacl.adacl_loss) with its memory bank of past gaps kept across steps;
+  adacl    AdaCL's Algorithm 1 (curate.metrics.adacl.adacl_loss): per step and direction, clone discovery on
+           the batch (salient scores, labelled GDA, anchor) and the margins m1, m2 tuned from the previous
+           step's (1/τ, 0 at the start); in-batch negatives only (the paper adds a momentum memory bank);
   pcme     PCME++ probabilistic heads (curate.metrics.pcme.PCMEHeads) on the student's normalised embeddings,
            trained jointly with the towers by the closed-form (CSD) match loss; the heads are saved in the
            checkpoint, and evaluation uses their normalised means μ.
@@ -59,9 +61,7 @@ class StudentConfig:
     threads: int | None = None       # torch intra-op threads; None: torch's default
     device: str = "cpu"
     log_every: int = 10
-    adacl_eps: float = 0.1           # AdaCL: the anchor's target probability is 1 - eps
-    adacl_bank: int = 4096           # AdaCL: memory bank of past gaps (the paper's 4096)
-    adacl_momentum: float = 0.99
+    adacl_eps: float = 0.1           # AdaCL: a perfect match (s = 1) gets probability 1 - eps
     pcme_vib: float = 1e-4           # PCME: weight of the KL(N(μ, σ²) ‖ N(0, I)) regulariser
     pcme_hidden: int = 64
 
@@ -172,23 +172,31 @@ def is_subset_spec(source: str | Path) -> bool:
 # ---------------------------------------------------------------- objectives (see curate.models.train)
 
 class AdaCLObjective:
-    """AdaCL as a train_clip objective: the memory bank lives here and persists across steps."""
+    """AdaCL as a train_clip objective: the margins of both directions live here and carry across steps."""
 
-    def __init__(self, eps: float, bank_size: int, momentum: float):
-        from curate.metrics.adacl import AdaCLBank
+    def __init__(self, eps: float):
+        from curate.metrics.adacl import MarginState
 
+        if not 0.0 < eps < 1.0:
+            raise CurateError(f"adacl eps {eps}: need 0 < eps < 1")
         self.eps = float(eps)
-        self.bank = AdaCLBank(bank_size, momentum)
+        self.state = MarginState()
 
     def __call__(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         from curate.metrics.adacl import adacl_loss
 
-        return adacl_loss(img, txt, logit_scale, eps=self.eps, bank=self.bank)
+        return adacl_loss(img, txt, logit_scale, eps=self.eps, state=self.state)
 
     def extra_log(self) -> dict:
-        last = self.bank.last
-        return {"adacl_m1": float(last.get("m1", 1.0)), "adacl_m2": float(last.get("m2", 0.0)),
-                "adacl_anchor_gap": last.get("anchor_gap"), "adacl_clamped": bool(last.get("clamped", False))}
+        """The margins in use after this step and how they were reached, per direction (t2i with a suffix)."""
+        entry = {}
+        for direction, step in self.state.last.items():
+            suffix = "" if direction == "i2t" else "_t2i"
+            entry.update({f"adacl_m1{suffix}": step.m1, f"adacl_m2{suffix}": step.m2,
+                          f"adacl_anchor{suffix}": step.anchor, f"adacl_p_hat_u{suffix}": step.p_hat_u,
+                          f"adacl_potential_clones{suffix}": step.n_potential,
+                          f"adacl_kept{suffix}": step.reason})
+        return entry
 
 
 class PCMEObjective:
@@ -215,7 +223,7 @@ def make_student_objective(config: StudentConfig, embed_dim: int):
     if config.loss == "infonce":
         return "infonce"
     if config.loss == "adacl":
-        return AdaCLObjective(config.adacl_eps, config.adacl_bank, config.adacl_momentum)
+        return AdaCLObjective(config.adacl_eps)
     if config.loss == "pcme":
         return PCMEObjective(embed_dim, config.pcme_hidden, config.pcme_vib)
     raise CurateError(f"--loss {config.loss!r}: choose one of {', '.join(LOSS_NAMES)}")
