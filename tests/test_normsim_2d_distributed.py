@@ -123,6 +123,19 @@ def test_stage_selects_what_the_reference_loop_selects(tmp_path, tasks, iteratio
     assert not parts_root(out).exists()  # the parts are deleted once the table is written
 
 
+def test_blocks_smaller_than_the_tables_and_cut_short_at_their_ends(tmp_path):
+    """Blocks of 7 rows over tables of 20, 13 and 9 rows: the last block of each table is short, and only
+    the rows of S_i (or of the subsample) in each block are scored (or summed)."""
+    pool = EmbeddingPool(make_embedding_dir(tmp_path / "emb", [20, 13, 9], dim=5, seed=8))
+    pool.matrix("image_embedding", tmp_path / "cache")
+    for tasks in (1, 2):
+        parts, info = stage2d.normsim_2d_rounds(pool, pool.files, tmp_path / "cache", tmp_path / f"parts{tasks}",
+                                                stage2d.Normsim2dOptions(6, 0.3, 0.5, 1), tasks=tasks, block_rows=7)
+        got = parts.to_array()
+        assert subsets_of_column(got, 6) == reference_vas_d(pool_matrix(pool.files), 6, 0.3, 0.5, 1)
+        np.testing.assert_allclose(got, normsim_2d(pool_matrix(pool.files), 6, 0.3, 0.5, 1), atol=1e-6)
+
+
 def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path):
     """The reference's recipe: CLIPScore's top 50 %, then NormSim_2-D down to 20 % of the pool. `curate filter`
     by the normsim_2d column keeps exactly the subset the transcription of the reference loop selects."""

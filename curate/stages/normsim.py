@@ -430,10 +430,11 @@ def _float32_blocks(blocks: Iterator[tuple[int, Callable]], dim: int, block_rows
 
 def image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
                  block_rows: int | None = None, needed: np.ndarray | None = None
-                 ) -> Iterator[tuple[int, np.ndarray | None]]:
-    """(first pool row, float32 rows) for the blocks of `_half_blocks` (see `_float32_blocks` for how long a
-    block stays valid). `needed` (a bool per row start..stop-1): a block with no needed row is not read from
-    the cache (or converted) and comes as (first row, None)."""
+                 ) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """(first pool row, end row, float32 rows) for the blocks of `_half_blocks`, the rows valid until the block
+    after the next is asked for (a ring of 3 buffers, as `_float32_blocks`). `needed` (a bool per row
+    start..stop-1): only a block's needed rows, in order, are converted (and a block without one is not read
+    from the cache, its rows None)."""
     block_rows = int(block_rows or READ_BATCH_ROWS)
     stop = pool.n_rows if stop is None else int(stop)
     ends = table_starts(pool)[1:]
@@ -443,10 +444,12 @@ def image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
     with _half_blocks(pool, memmap_dir, start, stop, block_rows) as blocks:
         for first, read in blocks:
             end = min(first + block_rows, ends[bisect.bisect_right(ends, first)])  # blocks end at tables
-            if needed is not None and not needed[first - start:end - start].any():
-                yield first, None
+            wanted = None if needed is None else needed[first - start:end - start]
+            if wanted is not None and not wanted.any():
+                yield first, end, None
                 continue
-            yield first, to_float32(read(half), out=ring[number % 3])
+            rows = read(half)
+            yield first, end, to_float32(rows if wanted is None or wanted.all() else rows[wanted], out=ring[number % 3])
             number += 1
 
 

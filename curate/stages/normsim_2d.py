@@ -237,10 +237,9 @@ def _partial_moment(task: Normsim2dTask, pool: EmbeddingPool, members: np.ndarra
     into m<i>; returns how many rows it summed."""
     picked = members & subsample_mask(np.arange(task.start, task.stop), task.seed, i, task.subsample)
     moment = np.zeros((pool.dim, pool.dim), dtype=np.float64)
-    for first, rows in _blocks(task, pool, picked):
+    for _, _, rows in _blocks(task, pool, picked):  # the picked rows of each block
         if rows is not None:
-            chosen = rows[picked[first - task.start:first - task.start + len(rows)]]
-            second_moment(chosen, moment, chunk_rows=len(chosen))
+            second_moment(rows, moment, chunk_rows=len(rows))
     save_part(moment_file(task.parts_dir, i, task.name), moment)
     return {"sampled": int(picked.sum())}
 
@@ -284,11 +283,10 @@ def _score_task(task: Normsim2dTask) -> dict:
     members = levels == alive
     scored = np.ones(len(levels), dtype=bool) if i == 0 else members
     scores = np.zeros(len(levels), dtype=np.float32) if i == 0 else _scores(task, i - 1).copy()
-    for first, rows in _blocks(task, pool, scored):
+    for first, end, rows in _blocks(task, pool, scored):  # the scored rows of each block
         if rows is not None:
             at = first - task.start
-            chosen = np.flatnonzero(scored[at:at + len(rows)])
-            scores[at + chosen] = form(rows[chosen])
+            scores[at + np.flatnonzero(scored[at:end - task.start])] = form(rows)
     save_part(score_file(task.parts_dir, i, task.name), scores)
     if not task.histogram:
         return {"task": task.name}
