@@ -431,6 +431,39 @@ def test_cli_normsim(tmp_path, monkeypatch, capsys):
     assert "needs a target" in err and "Traceback" not in err
 
 
+def test_cli_normsim_2d_with_its_schedule_then_filter_keeps_the_subset(tmp_path, monkeypatch, capsys):
+    from curate import cli
+    from curate.io.uids import read_uid_npy, write_uid_npy
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        return exit_info.value.code or 0
+
+    emb = make_embedding_dir(tmp_path / "emb", [120, 80], dim=6, seed=3)
+    pool = EmbeddingPool(emb)
+    uids = pool.column("uid").tolist()
+    candidates = np.random.default_rng(3).random(200) < 0.7
+    write_uid_npy([u for u, c in zip(uids, candidates) if c], tmp_path / "pre.npy")
+    out = tmp_path / "n.parquet"
+    assert run("normsim", emb, "--target", "none", "--p", "2d", "--iterations", 9, "--final-fraction", 0.25,
+               "--subsample", 0.3, "--seed", 4, "--prefilter", tmp_path / "pre.npy", "--out", out,
+               "--cache-dir", tmp_path / "c") == 0
+    v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()])
+    want = reference_vas_d(v, 9, 0.25, 0.3, 4, candidates)
+    params = read_meta(out)["params"]
+    assert (params["iterations"], params["subsample"], params["seed"], params["kept_rows"][0]) == (9, 0.3, 4,
+                                                                                                   candidates.sum())
+    assert run("filter", out, "--keep", "normsim_2d:0.25", "--out", tmp_path / "subset") == 0
+    assert sorted(read_uid_npy(tmp_path / "subset" / "uids.npy")) == sorted(uids[i] for i in want[-1])
+    capsys.readouterr()
+    assert run("normsim", emb, "--target", str(tmp_path / "pre.npy"), "--p", "inf", "--seed", 1, "--out",
+               tmp_path / "x.parquet") == 2
+    err = capsys.readouterr().err
+    assert "use them with --p 2d, not --p inf" in err and "Traceback" not in err
+
+
 def test_fp16_conversion_is_exact_for_every_bit_pattern():
     from curate.io.tables import to_float32
 
