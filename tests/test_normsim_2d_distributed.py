@@ -158,9 +158,10 @@ def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path)
     filter_pool([scores, out], tmp_path / "chained", keeps=["clipscore:0.5", "normsim_2d:0.2"])  # sequential
     assert sorted(read_uid_npy(tmp_path / "chained" / "uids.npy")) == want_uids
     # an unsorted uid file with repeats and uids from elsewhere gives the same table
-    extra = read_uid_npy(tmp_path / "pre" / "uids.npy")[::-1] + ["f" * 32, "0" * 32]
+    extra = read_uid_npy(tmp_path / "pre" / "uids.npy") + ["f" * 32, "0" * 32]
     write_uid_npy(extra, tmp_path / "shuffled.npy")
-    np.save(tmp_path / "shuffled.npy", np.load(tmp_path / "shuffled.npy")[::-1])
+    pairs = np.load(tmp_path / "shuffled.npy")
+    np.save(tmp_path / "shuffled.npy", np.concatenate([pairs[::-1], pairs[:3]]))  # 505 entries, 502 uids
     again = tmp_path / "again" / "ns.parquet"
     result = run(pool, again, iterations=40, final_fraction=0.2, prefilter=tmp_path / "shuffled.npy", seed=11)
     assert again.read_bytes() != out.read_bytes()  # the metadata names another file and count ...

@@ -38,6 +38,7 @@ iteration's).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,11 +412,13 @@ def copy_prefilter(prefilter: str, parts_dir: Path) -> int:
     from curate.stages.export import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
 
     path = subset_file(prefilter)
-    pairs = load_subset(path, mmap=True)
-    if not is_sorted_unique(pairs):
-        pairs = sorted_unique_pairs(np.asarray(pairs))
-    save_part(parts_dir / PREFILTER_FILE, np.asarray(pairs))
-    return len(pairs)
+    pairs = load_subset(path, mmap=True)  # only read here, and copied before the tasks map anything
+    if is_sorted_unique(pairs):  # as `curate filter` writes it: copied as bytes, never held in memory
+        with atomic_path(parts_dir / PREFILTER_FILE) as tmp:
+            shutil.copyfile(path, tmp)
+    else:
+        save_part(parts_dir / PREFILTER_FILE, sorted_unique_pairs(np.asarray(pairs)))
+    return len(np.load(parts_dir / PREFILTER_FILE, mmap_mode="r"))
 
 
 def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, options: Normsim2dOptions, *,
