@@ -23,7 +23,7 @@ the last iteration that scored it). Map rounds:
 The table's column is `normsim_2d_column(l<T>, s<T-1>)`, read one table at a time by `write_score_table`.
 Embedding passes: 2 per iteration (advance's moment, then score), blocks without a needed row unread from the
 cache. Memory: the driver holds D×D moments, histograms and at most `collect_rows` collected rows, never N
-values; a task holds its span's levels and scores (6 bytes a row) and one block of rows.
+values; a task holds its span's levels, scores and order keys (~15 bytes a row) and one block of rows.
 
 Bits: every mode (in process, --workers, Ray, any --tasks giving the same spans) runs this code, with the
 same blocks, the same float64 summation order and BLAS pinned to the driver's thread count (OpenBLAS sgemm
@@ -236,7 +236,10 @@ def normsim_2d_task(task: Normsim2dTask) -> dict:
 def _partial_moment(task: Normsim2dTask, pool: EmbeddingPool, members: np.ndarray, i: int) -> dict:
     """Σ x xᵀ over the rows of subsample i among `members` (one float32 product per block, added in float64)
     into m<i>; returns how many rows it summed."""
-    picked = members & subsample_mask(np.arange(task.start, task.stop), task.seed, i, task.subsample)
+    picked = members.copy()
+    for at in range(0, len(picked), 1 << 20):  # the draws' uint64 temporaries stay a few MiB
+        rows = np.arange(task.start + at, min(task.start + at + (1 << 20), task.stop))
+        picked[at:at + len(rows)] &= subsample_mask(rows, task.seed, i, task.subsample)
     moment = np.zeros((pool.dim, pool.dim), dtype=np.float64)
     for _, _, rows in _blocks(task, pool, picked):  # the picked rows of each block
         if rows is not None:
@@ -247,10 +250,10 @@ def _partial_moment(task: Normsim2dTask, pool: EmbeddingPool, members: np.ndarra
 
 def prefilter_members(pool: EmbeddingPool, start: int, stop: int, pairs: np.ndarray) -> np.ndarray:
     """Which pool rows start..stop-1 (whole tables) have their uid in `pairs` (sorted, unique `u8,u8`)."""
+    import pyarrow.parquet as pq
+
     from curate.io.uids import DATACOMP_DTYPE, uid_halves
     from curate.stages.normsim import table_starts
-
-    import pyarrow.parquet as pq
 
     members = []
     for file, first in zip(pool.files, table_starts(pool)[:-1]):
