@@ -303,8 +303,17 @@ def normsim_cmd(
     index: str = typer.Option("flat", "--index", help="p=inf: flat (exact) or ivf (approximate)."),
     nlist: Optional[int] = typer.Option(None, "--nlist", help="ivf: number of clusters (default ~4·sqrt(2M))."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf: clusters probed per query (default nlist/8)."),
-    iterations: int = typer.Option(4, "--iterations", help="p=2d: scoring rounds T (T-1 geometric drops)."),
-    final_fraction: float = typer.Option(0.3, "--final-fraction", help="p=2d: fraction kept after the last drop."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="p=2d: iterations T, each removing an equal "
+                                             "chunk of the lowest scores (default 100, the reference's)."),
+    final_fraction: Optional[float] = typer.Option(None, "--final-fraction", help="p=2d: keep ceil(F*N) of the pool "
+                                                   "after the last iteration (default 0.3)."),
+    subsample: Optional[float] = typer.Option(None, "--subsample", help="p=2d: fraction of the current subset whose "
+                                              "second moment is the next target (default 0.1, the reference's)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="p=2d: seed of the subsamples (default 0); the same "
+                                       "seed gives the same table."),
+    prefilter: Optional[Path] = typer.Option(None, "--prefilter", help="p=2d: start from this subset (the --out "
+                                             "directory of `curate filter`, e.g. --keep clipscore:0.3, or a "
+                                             "uids.npy), as the reference starts after its CLIPScore filter."),
     templates: str = typer.Option("openai", "--templates", help="imagenet-text: openai (80) or simple (7) prompt "
                                   "templates."),
     device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet-text prompts "
@@ -326,9 +335,11 @@ def normsim_cmd(
 
     With --rank/--world-size (or a Slurm array), --executor ray, --workers N or --tasks T, p=inf and p=2 run
     as map tasks (runs of whole tables) with completion markers under OUT.parts/; the rank that finishes
-    last writes the table, byte-identical to a one-process run. p=2d is one driver running rounds of map
-    tasks (partial second moments, scores, an exact top-fraction select): in this process, or spread by
-    --executor ray / --workers N, with the same bytes; it refuses a rank split.
+    last writes the table, byte-identical to a one-process run. p=2d runs the reference's nested schedule
+    (NormSim_2-D: T iterations removing equal chunks, each against a subsample's second moment) as one
+    driver running rounds of map tasks: in this process, or spread by --executor ray / --workers N, with the
+    same bytes; it refuses a rank split. Its column orders the pool so that `curate filter --keep
+    normsim_2d:F` keeps exactly the run's subset at its --final-fraction F.
     """
     from curate.stages.normsim import normsim
     from curate.ui import sample_progress
@@ -336,7 +347,7 @@ def normsim_cmd(
     with sample_progress("normsim") as advance:
         result = normsim(emb, target, p, out, index=index, nlist=nlist, nprobe=nprobe, iterations=iterations,
                          final_fraction=final_fraction, device=device, cache_dir=cache_dir, templates=templates,
-                         progress=advance, executor=executor, workers=workers, ray_address=ray_address, rank=rank,
+                         progress=advance, subsample=subsample, seed=seed, prefilter=prefilter, executor=executor, workers=workers, ray_address=ray_address, rank=rank,
                          world_size=world_size, retries=retries, tasks=tasks)
     tasks_info = result.get("normsim_tasks")
     if result["out"] is None:

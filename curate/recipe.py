@@ -5,8 +5,10 @@ Sections (all optional except [run]; see examples/recipes/ and README):
   [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
   [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
-  [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index
-  [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target
+  [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index, and for p = 2d
+                                                          iterations, final_fraction, subsample, seed, prefilter
+  [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target,
+                                                          fraction_rule
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
   [report] out
 Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
@@ -28,8 +30,11 @@ from typing import Any, Callable
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.run.markers import Markers
+from curate.stages.normsim_2d import Normsim2dOptions
 
 REQUIRED = object()
+NORMSIM_2D = Normsim2dOptions()  # the defaults of `curate normsim --p 2d`, so the recipe's are the same
+NORMSIM_2D_KEYS = ("iterations", "final_fraction", "subsample", "seed", "prefilter")
 
 # section -> key -> (type(s), default). Types are checked; unknown keys are errors naming the key.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
@@ -48,7 +53,10 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "score": {"metrics": (list, ["clipscore", "negclip"]), "k": (int, 10), "batch_size": (int, 32768),
               "seed": (int, 0), "out": (str, "scores.parquet")},
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
-                "index": (str, "flat")},
+                "index": (str, "flat"), "iterations": (int, NORMSIM_2D.iterations),
+                "final_fraction": ((float, int), NORMSIM_2D.final_fraction),
+                "subsample": ((float, int), NORMSIM_2D.subsample), "seed": (int, NORMSIM_2D.seed),
+                "prefilter": (str, "")},
     "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
                "out": (str, "clones.parquet")},
     "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
@@ -62,7 +70,8 @@ CHOICES = {("run", "executor"): ("local", "ray"), ("run", "device"): ("auto", "c
            ("teacher", "precision"): ("fp32", "fp16", "bf16"), ("import_datacomp", "arch"): ("l14", "b32"),
            ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
            ("filter", "fraction_rule"): ("exact", "datacomp")}
-POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
+POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
+                 "iterations"}
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
 
@@ -118,7 +127,39 @@ def load_recipe(path: str | Path) -> dict:
     for ref in [recipe.get("export", {}).get("subset")] + list(recipe.get("truth", {}).get("subsets", [])):
         if ref and ref not in names:
             raise CurateError(f"{path}: subset {ref!r} is not the name of a [[filter]] (have: {', '.join(names) or 'none'})")
+    if "normsim" in recipe:
+        _check_normsim_2d(path, recipe, raw["normsim"])
     return recipe
+
+
+def _check_normsim_2d(path: Path, recipe: dict, raw: dict) -> None:
+    """The 2d schedule keys: only with p = 2d, in range; a `prefilter` naming a [[filter]] runs it before
+    NormSim, so it may only use the [score] table."""
+    n = recipe["normsim"]
+    if "2d" not in [str(p) for p in n["p"]]:
+        given = [key for key in NORMSIM_2D_KEYS if key in raw]
+        if given:
+            raise CurateError(f"{path}: [normsim] {given[0]} sets NormSim_2-D's schedule; it needs \"2d\" in p")
+        return
+    try:
+        Normsim2dOptions(n["iterations"], n["final_fraction"], n["subsample"], n["seed"]).check()
+    except CurateError as exc:
+        message = str(exc)
+        for key in NORMSIM_2D_KEYS:
+            message = message.replace("--" + key.replace("_", "-"), key)
+        raise CurateError(f"{path}: [normsim] {message}") from None
+    prefilter = prefilter_filter(recipe)
+    if prefilter is not None:
+        uses = [s.split(":")[0] for s in prefilter["keep"] + prefilter["min"] + prefilter["max"]]
+        if prefilter["normsim"] or any(u.startswith("normsim_") for u in uses):
+            raise CurateError(f"{path}: [normsim] prefilter = {prefilter['name']!r} runs before NormSim, so that "
+                              "[[filter]] can only use the [score] metrics (clipscore, negclip)")
+
+
+def prefilter_filter(recipe: dict) -> dict | None:
+    """The [[filter]] that [normsim] prefilter names (it runs before NormSim_2-D), or None (a path, or none)."""
+    name = recipe.get("normsim", {}).get("prefilter", "")
+    return next((f for f in recipe.get("filter", []) if name and f["name"] == name), None)
 
 
 def _validate(path: Path, section: str, table: Any) -> dict:
@@ -253,20 +294,48 @@ def plan(recipe: dict) -> list[Step]:
             return require_reduced(result, "score", "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
 
+    subsets: dict[str, str] = {}
+
+    def add_filter(f: dict, tables: list[str]) -> None:
+        out = at(f"subsets/{f['name']}")
+        subsets[f["name"]] = out
+
+        def run_filter(bar=None, f=f, out=out, tables=list(tables)):
+            from curate.stages.filter import filter_pool
+
+            # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
+            executor = {} if f["normsim"] else executor_options(run)
+            result = filter_pool(tables, out, f["keep"], f["min"], f["max"], f["mode"],
+                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor,
+                                 fraction_rule=f["fraction_rule"])
+            return {"kept": result.kept, "pool": result.pool}
+        add(f"filter:{f['name']}", "filter", f, list(tables), [out], run_filter)
+
+    prefilter = prefilter_filter(recipe)
+    if prefilter is not None:  # NormSim_2-D starts from its subset: it runs on the [score] table first
+        add_filter(prefilter, score_tables)
+
     if "normsim" in recipe:
         n = recipe["normsim"]
         for p in n["p"]:
             out = at(n["out"]).replace(".parquet", f"_{p}.parquet") if len(n["p"]) > 1 else at(n["out"])
             score_tables.append(out)
             target = None if n["target"] == "none" else at(n["target"])
+            schedule, params, inputs = {}, {key: n[key] for key in n if key not in NORMSIM_2D_KEYS}, []
+            if str(p) == "2d":
+                pre = "" if not n["prefilter"] else subsets.get(n["prefilter"], at(n["prefilter"]))
+                schedule = {key: n[key] for key in NORMSIM_2D_KEYS[:-1]} | {"prefilter": pre or None}
+                params.update({key: n[key] for key in NORMSIM_2D_KEYS})
+                inputs = [pre] if pre else []
 
-            def run_normsim(bar=None, p=str(p), out=out, target=target):
+            def run_normsim(bar=None, p=str(p), out=out, target=target, schedule=schedule):
                 from curate.stages.normsim import normsim
 
-                result = normsim(emb, target, p, out, index=n["index"], device=run["device"], progress=bar,
+                result = normsim(emb, target, p, out, index=n["index"], device=run["device"], progress=bar, **schedule,
                                  **executor_options(run))
                 return require_reduced(result, f"normsim {p}", "normsim_tasks")
-            add(f"normsim:{p}", "normsim", {**n, "p": p}, [emb] + ([target] if target else []), [out], run_normsim)
+            add(f"normsim:{p}", "normsim", {**params, "p": p}, [emb] + ([target] if target else []) + inputs, [out],
+                run_normsim)
 
     if "clones" in recipe:
         c = recipe["clones"]
@@ -279,21 +348,9 @@ def plan(recipe: dict) -> list[Step]:
                           device=run["device"])
         add("clones", "clones", c, [emb], [out], run_clones)
 
-    subsets: dict[str, str] = {}
     for f in recipe.get("filter", []):
-        out = at(f"subsets/{f['name']}")
-        subsets[f["name"]] = out
-
-        def run_filter(bar=None, f=f, out=out):
-            from curate.stages.filter import filter_pool
-
-            # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
-            executor = {} if f["normsim"] else executor_options(run)
-            result = filter_pool(score_tables, out, f["keep"], f["min"], f["max"], f["mode"],
-                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor,
-                                 fraction_rule=f["fraction_rule"])
-            return {"kept": result.kept, "pool": result.pool}
-        add(f"filter:{f['name']}", "filter", f, list(score_tables), [out], run_filter)
+        if f is not prefilter:
+            add_filter(f, score_tables)
 
     if "truth" in recipe:
         names = recipe["truth"]["subsets"] or list(subsets)

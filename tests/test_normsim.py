@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,9 @@ from curate.errors import CurateError
 from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target
-from curate.metrics.normsim import (build_ivf_index, keep_count, normsim_2, normsim_2d, normsim_inf, normsim_inf_exact,
-                                    second_moment, top_fraction_mask)
+from curate.metrics.normsim import (build_ivf_index, keep_count, nested_sizes, normsim_2, normsim_2d, normsim_inf,
+                                    normsim_inf_exact, second_moment, splitmix64_mix, subsample_draws, subsample_mask,
+                                    top_fraction_mask)
 from curate.stages.normsim import normsim, normsim_scores
 
 
@@ -32,21 +35,61 @@ def reference_normsim(v: np.ndarray, target: np.ndarray, p: float) -> list[float
     return out
 
 
-def reference_normsim_2d(v: np.ndarray, iterations: int, final_fraction: float) -> list[float]:
-    """Round t: C from the kept set (all, then the top ⌈f_t·N⌉ of the previous round), score everyone."""
-    n, d = v.shape
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+MASK64 = 2**64 - 1
+
+
+def splitmix64(z: int) -> int:
+    """The splitmix64 output function, on Python ints (Steele, Lea & Flood 2014; Vigna's splitmix64.c)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def in_subsample(row: int, seed: int, iteration: int, fraction: float) -> bool:
+    """Row `row` is in iteration t's subsample: output `row` of a splitmix64 generator seeded with output t of
+    one seeded with `seed`, below ⌊fraction·2^64⌋ (the documented rule that replaces np.random.choice)."""
+    stream = splitmix64((seed + (iteration + 1) * SPLITMIX_GAMMA) & MASK64)
+    draw = splitmix64((stream + (row + 1) * SPLITMIX_GAMMA) & MASK64)
+    return draw < math.floor(Fraction(repr(fraction)) * 2**64)
+
+
+def reference_vas_d(v: np.ndarray, num_iters: int, fraction_vas: float, downsample_ratio: float, seed: int,
+                    candidates: np.ndarray | None = None) -> list[list[int]]:
+    """A plain transcription of the reference's loop (ypwang61/negCLIPLoss_NormSim, baselines/vas2.py:
+    load_uids_with_vas_d_filter with cal_target_variance and cal_vass_iter); returns S_0, ..., S_T as sorted
+    pool indices. Where it differs from the reference it says so: the subsample (np.random.choice there,
+    unseeded), the final size (int(F·N) there), ties (torch.topk's order there) and the floor at the final
+    size (the reference undershoots it when (T−1)·chunk > |S_0| − F·N)."""
     x = v.astype(np.float64)
-    kept = list(range(n))
-    scores: list[float] = []
-    for t in range(iterations):
-        if t > 0:
-            fraction = final_fraction ** (t / (iterations - 1))
-            count = keep_count(n, fraction)
-            kept = sorted(sorted(range(n), key=lambda i: (-scores[i], i))[:count])
-        c = [[sum(x[i, a] * x[i, b] for i in kept) for b in range(d)] for a in range(d)]
-        scores = [float(np.sqrt(max(0.0, sum(x[i, a] * c[a][b] * x[i, b] for a in range(d) for b in range(d)))))
-                  for i in range(n)]
-    return scores
+    n = len(x)
+
+    def cal_target_variance(uids) -> np.ndarray:  # S = Σ f fᵀ / k over the random subsample
+        emb_ds = x[[u for u in uids if in_subsample(int(u), seed, iteration, downsample_ratio)]]
+        return emb_ds.T @ emb_ds / len(emb_ds) if len(emb_ds) else np.zeros((x.shape[1],) * 2)
+
+    iteration = 0
+    target_variance = cal_target_variance(range(n))  # load_all_data: before the CLIPScore filter
+    target_size = math.ceil(Fraction(repr(fraction_vas)) * n)
+    uids = np.arange(n) if candidates is None else np.flatnonzero(candidates)  # filter_by_score(css, fraction)
+    chunk_size = math.ceil((len(uids) - target_size) / num_iters)
+    subsets = [sorted(uids.tolist())]
+    for i in range(num_iters):
+        total_size = len(uids)
+        vass = [float(x[u] @ target_variance @ x[u]) for u in uids]  # f_i^T S f_i
+        topk = target_size if i == num_iters - 1 else max(total_size - chunk_size, target_size)
+        order = sorted(range(total_size), key=lambda j: (-vass[j], uids[j]))[:topk]
+        uids = uids[order]
+        subsets.append(sorted(uids.tolist()))
+        iteration = i + 1
+        target_variance = cal_target_variance(uids)
+    return subsets
+
+
+def subsets_of_column(column: np.ndarray, iterations: int) -> list[list[int]]:
+    """S_0, ..., S_T read back from a normsim_2d column: S_i holds the rows of level i+1 and up."""
+    levels = np.floor(column).astype(int)
+    return [np.flatnonzero(levels >= i + 1).tolist() for i in range(iterations + 1)]
 
 
 def random_unit(n: int, d: int, rng) -> np.ndarray:
@@ -137,16 +180,80 @@ def test_top_fraction_exact_count_and_ties():
     assert mask.tolist() == [True, True, False, False, False, True]
 
 
-@pytest.mark.parametrize("iterations, final_fraction", [(1, 0.3), (3, 0.5), (4, 0.3)])
-def test_normsim_2d_matches_loop(iterations, final_fraction):
-    rng = np.random.default_rng(3)
-    v = random_unit(25, 4, rng)
-    v[:8] = random_unit(1, 4, rng) + 0.2 * v[:8]  # a dense cluster, so dropping changes the covariance
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    got = normsim_2d(v, iterations, final_fraction, chunk_rows=6)
-    np.testing.assert_allclose(got, reference_normsim_2d(v, iterations, final_fraction), rtol=1e-5, atol=1e-5)
-    if iterations == 1:  # no drop: NormSim_2 with the whole pool as target
-        np.testing.assert_allclose(got, normsim_2(v, second_moment(v)), rtol=1e-6)
+def clustered_pool(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit vectors, a third of them in a tight cluster, so that dropping rows moves the second moment."""
+    rng = np.random.default_rng(seed)
+    v = random_unit(n, d, rng)
+    v[: n // 3] = random_unit(1, d, rng) + 0.3 * v[: n // 3]
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_splitmix64_and_the_subsample_draws():
+    assert int(splitmix64_mix(np.uint64(SPLITMIX_GAMMA))) == 0xE220A8397B1DCDAF  # splitmix64(seed 0), 1st output
+    assert int(splitmix64_mix(np.uint64(2 * SPLITMIX_GAMMA & MASK64))) == 0x6E789E6AA1B965F4  # 2nd output
+    rows = np.array([0, 1, 7, 123456789, 2**40 + 3])
+    for seed, iteration in [(0, 0), (0, 1), (5, 0), (2**64 - 1, 99)]:
+        want = [splitmix64((splitmix64((seed + (iteration + 1) * SPLITMIX_GAMMA) & MASK64)
+                            + (int(r) + 1) * SPLITMIX_GAMMA) & MASK64) for r in rows]
+        assert subsample_draws(rows, seed, iteration).tolist() == want
+        assert subsample_mask(rows, seed, iteration, 0.3).tolist() == [in_subsample(int(r), seed, iteration, 0.3)
+                                                                        for r in rows]
+    share = subsample_mask(np.arange(100_000), 3, 2, 0.1).mean()
+    assert abs(share - 0.1) < 0.004  # a Bernoulli(0.1) sample: sd 0.00095
+    assert subsample_mask(np.arange(10), 0, 0, 1.0).all()
+    # fresh draws each iteration and seed, independent of the other rows
+    assert (subsample_draws(np.arange(50), 0, 0) != subsample_draws(np.arange(50), 0, 1)).all()
+    assert (subsample_draws(np.arange(50), 0, 0) != subsample_draws(np.arange(50), 1, 0)).all()
+    assert subsample_draws(np.arange(50), 4, 3)[17] == subsample_draws(np.array([17]), 4, 3)[0]
+
+
+def test_nested_sizes_equal_chunks_down_to_the_final_count():
+    assert nested_sizes(10, 10, 0.3, 3) == [10, 7, 4, 3]  # chunk ⌈7/3⌉ = 3, the last one down to 3
+    assert nested_sizes(10, 6, 0.3, 3) == [6, 5, 4, 3]  # after a pre-filter keeping 6: chunk ⌈3/3⌉ = 1
+    assert nested_sizes(10, 10, 0.3, 5) == [10, 8, 6, 4, 3, 3]  # chunk 2: 4 - 2 would undershoot 3
+    assert nested_sizes(10, 3, 0.3, 4) == [3, 3, 3, 3, 3]
+    assert nested_sizes(1000, 1000, 0.29, 1) == [1000, 290]  # ⌈0.29·1000⌉, not int(289.99999999999994)
+    with pytest.raises(ValueError, match="keeps 2 rows, fewer than the final fraction's 3"):
+        nested_sizes(10, 2, 0.3, 3)
+
+
+def test_normsim_2d_hand_example():
+    """N = 5, D = 2, T = 2, F = 0.4, subsample 1 (every row): C_0 = mean x xᵀ = diag(0.6, 0.4); iteration 0
+    scores sqrt(0.6) = .7746 (x1, x2), sqrt(.528) = .7266 (x3), sqrt(.4) = .6325 (x4), sqrt(.472) = .6870 (x5)
+    and removes the chunk ⌈(5 − 2)/2⌉ = 2 lowest (x4, x5: level 1); C_1 = mean over x1..x3 =
+    [[.88, .16], [.16, .12]] scores sqrt(.88) = .9381 (x1, x2) and sqrt(.76) = .8718 (x3); the last iteration
+    keeps 2 (x1, x2: level T+1 = 3) and removes x3 (level 2). Column: level + score/2."""
+    v = np.array([[1, 0], [1, 0], [0.8, 0.6], [0, 1], [-0.6, 0.8]], np.float32)
+    got = normsim_2d(v, iterations=2, final_fraction=0.4, subsample=1.0, chunk_rows=2)
+    want = [3 + math.sqrt(0.88) / 2, 3 + math.sqrt(0.88) / 2, 2 + math.sqrt(0.76) / 2, 1 + math.sqrt(0.4) / 2,
+            1 + math.sqrt(0.472) / 2]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.dtype == np.float32 and top_fraction_mask(got, 0.4).tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("iterations, final_fraction, subsample, seed, prefilter",
+                         [(30, 0.3, 0.1, 0, False), (30, 0.3, 0.1, 7, True), (12, 0.5, 0.25, 3, False),
+                          (1, 0.3, 0.1, 1, True), (100, 0.2, 0.1, 2, False)])
+def test_normsim_2d_selects_what_the_reference_loop_selects(iterations, final_fraction, subsample, seed, prefilter):
+    v = clustered_pool(1500, 8, seed)
+    candidates = np.random.default_rng(seed).random(len(v)) < 0.6 if prefilter else None
+    column = normsim_2d(v, iterations, final_fraction, subsample, seed, candidates, chunk_rows=400)
+    want = reference_vas_d(v, iterations, final_fraction, subsample, seed, candidates)
+    assert subsets_of_column(column, iterations) == want  # every S_i, not only the final one
+    top = top_fraction_mask(column, final_fraction)
+    assert np.flatnonzero(top).tolist() == want[-1]  # "keep the top F" by the column is the subset
+    if prefilter:  # the pre-filter's dropped rows rank below every candidate
+        assert column[~candidates].max() < column[candidates].min()
+
+
+def test_normsim_2d_is_nested_and_seeded():
+    v = clustered_pool(900, 6, 4)
+    column = normsim_2d(v, 20, 0.3, 0.1, seed=4)
+    subsets = [set(s) for s in subsets_of_column(column, 20)]
+    assert all(later <= earlier for earlier, later in zip(subsets, subsets[1:]))  # S_{i+1} ⊂ S_i
+    assert [len(s) for s in subsets] == nested_sizes(900, 900, 0.3, 20)
+    assert normsim_2d(v, 20, 0.3, 0.1, seed=4).tobytes() == column.tobytes()
+    assert normsim_2d(v, 20, 0.3, 0.1, seed=5).tobytes() != column.tobytes()  # another subsample, other scores
 
 
 # ---------------------------------------------------------------- targets
@@ -262,13 +369,19 @@ def test_stage_matches_reference_multiple_files(tmp_path):
         np.testing.assert_allclose(got, reference_normsim(v, target, float(p)), atol=1e-5)
     np.testing.assert_allclose(normsim_scores(pool, str(tmp_path / "target.npy"), "inf", index="ivf", nlist=3,
                                               nprobe=3), reference_normsim(v, target, float("inf")), atol=1e-5)
-    normsim(emb, None, "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, cache_dir=tmp_path / "c")
+    normsim(emb, None, "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, subsample=0.5, seed=2,
+            cache_dir=tmp_path / "c")
     got = pq.read_table(tmp_path / "2d.parquet").column("normsim_2d").to_numpy()
-    np.testing.assert_allclose(got, reference_normsim_2d(v, 3, 0.5), rtol=1e-5, atol=1e-5)
+    assert subsets_of_column(got, 3) == reference_vas_d(v, 3, 0.5, 0.5, 2)
+    np.testing.assert_allclose(got, normsim_2d(v, 3, 0.5, 0.5, 2), rtol=1e-6, atol=1e-6)
     meta = read_meta(tmp_path / "2d.parquet")
-    assert meta["params"]["iterations"] == 3 and meta["params"]["final_fraction"] == 0.5
+    params = meta["params"]
+    assert (params["iterations"], params["final_fraction"], params["subsample"], params["seed"]) == (3, 0.5, 0.5, 2)
+    assert params["schedule"] == "nested" and params["prefilter"] is None
+    assert params["kept_rows"] == [35, 29, 23, 18] and len(params["subsample_rows"]) == 3
     first = (tmp_path / "2d.parquet").read_bytes()
-    normsim(emb, "none", "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, cache_dir=tmp_path / "c")
+    normsim(emb, "none", "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, subsample=0.5, seed=2,
+            cache_dir=tmp_path / "c")
     assert (tmp_path / "2d.parquet").read_bytes() == first
 
 
@@ -284,7 +397,14 @@ def test_stage_parameter_errors(tmp_path):
              (dict(target=str(tmp_path / "t4.npy"), p="inf"), r"t4\.npy: target embeddings have dimension 4 but the pool's have 3"),
              (dict(target=str(tmp_path / "t.npy"), p="inf", index="hnsw"), "--index must be flat or ivf"),
              (dict(target=None, p="2d", final_fraction=0.0), "--final-fraction"),
-             (dict(target=None, p="2d", iterations=0), "--iterations")]
+             (dict(target=None, p="2d", iterations=0), "--iterations must be an integer from 1 to 10000"),
+             (dict(target=None, p="2d", iterations=10_001), "--iterations must be an integer from 1 to 10000"),
+             (dict(target=None, p="2d", subsample=0.0), r"--subsample must be in \(0, 1\]"),
+             (dict(target=None, p="2d", subsample=1.5), r"--subsample must be in \(0, 1\]"),
+             (dict(target=None, p="2d", seed=-1), "--seed must be an integer from 0"),
+             (dict(target=None, p="2d", prefilter=tmp_path / "nothing"), "no subset uid file"),
+             (dict(target=str(tmp_path / "t.npy"), p="2", iterations=5), "use them with --p 2d, not --p 2"),
+             (dict(target=str(tmp_path / "t.npy"), p="inf", prefilter=tmp_path), "use them with --p 2d, not --p inf")]
     for kwargs, message in cases:
         with pytest.raises(CurateError, match=message):
             normsim(emb, out=out, **kwargs)
@@ -309,6 +429,39 @@ def test_cli_normsim(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "needs a target" in err and "Traceback" not in err
+
+
+def test_cli_normsim_2d_with_its_schedule_then_filter_keeps_the_subset(tmp_path, monkeypatch, capsys):
+    from curate import cli
+    from curate.io.uids import read_uid_npy, write_uid_npy
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        return exit_info.value.code or 0
+
+    emb = make_embedding_dir(tmp_path / "emb", [120, 80], dim=6, seed=3)
+    pool = EmbeddingPool(emb)
+    uids = pool.column("uid").tolist()
+    candidates = np.random.default_rng(3).random(200) < 0.7
+    write_uid_npy([u for u, c in zip(uids, candidates) if c], tmp_path / "pre.npy")
+    out = tmp_path / "n.parquet"
+    assert run("normsim", emb, "--target", "none", "--p", "2d", "--iterations", 9, "--final-fraction", 0.25,
+               "--subsample", 0.3, "--seed", 4, "--prefilter", tmp_path / "pre.npy", "--out", out,
+               "--cache-dir", tmp_path / "c") == 0
+    v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()])
+    want = reference_vas_d(v, 9, 0.25, 0.3, 4, candidates)
+    params = read_meta(out)["params"]
+    assert (params["iterations"], params["subsample"], params["seed"], params["kept_rows"][0]) == (9, 0.3, 4,
+                                                                                                   candidates.sum())
+    assert run("filter", out, "--keep", "normsim_2d:0.25", "--out", tmp_path / "subset") == 0
+    assert sorted(read_uid_npy(tmp_path / "subset" / "uids.npy")) == sorted(uids[i] for i in want[-1])
+    capsys.readouterr()
+    assert run("normsim", emb, "--target", str(tmp_path / "pre.npy"), "--p", "inf", "--seed", 1, "--out",
+               tmp_path / "x.parquet") == 2
+    err = capsys.readouterr().err
+    assert "use them with --p 2d, not --p inf" in err and "Traceback" not in err
 
 
 def test_fp16_conversion_is_exact_for_every_bit_pattern():

@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_embedding_dir, run_cli
 from curate.errors import CurateError
-from curate.io.tables import (TeacherInfo, build_embedding_table, numpy_to_fixed_list, numpy_to_vectors, read_meta,
+from curate.io.tables import (TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target, open_target
 from curate.recipe import load_recipe
@@ -44,7 +44,7 @@ def image_only_table(path, image: np.ndarray, teacher: TeacherInfo = TEACHER, nu
     columns = {"uid": pa.array([f"{i:032x}" for i in range(n)]), "key": pa.array([str(i) for i in range(n)]),
                "image_embedding": numpy_to_vectors(image)}
     if null_text:
-        columns["text_embedding"] = pa.nulls(n, pa.binary(2 * image.shape[1]))
+        columns["text_embedding"] = pa.nulls(n, pa.list_(pa.float16(), image.shape[1]))
     write_table_atomic(pa.table(columns), path, meta={"teacher": teacher.to_dict(), "shard": "in1k.tar"})
 
 
@@ -65,7 +65,7 @@ def write_every_format(tmp_path, raw: np.ndarray) -> dict:
     for i, part in enumerate(np.array_split(raw, 5)):
         torch.save({"image_features": torch.from_numpy(part).half()}, ref / f"in1k_clip_vit_l14_{i}.pt")
     paths["reference in1k .pt files"] = ref
-    pq.write_table(pa.table({"embedding": numpy_to_fixed_list(raw, pa.float32())}), tmp_path / "list.parquet")
+    pq.write_table(pa.table({"embedding": numpy_to_vectors(raw, pa.float32())}), tmp_path / "list.parquet")
     paths["parquet fixed_size_list"] = tmp_path / "list.parquet"
     emb = tmp_path / "emb"
     emb.mkdir()

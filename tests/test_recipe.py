@@ -35,6 +35,14 @@ def write(tmp_path, text):
     ("[[filter]]\nname = 'a'\n[export]\nsubset = 'b'\n", "subset 'b' is not the name of a"),
     ("[filter]\nname = 'a'\n", r"\[\[filter\]\]"),
     ("[score\n", "not valid TOML"),
+    ("[normsim]\ntarget = 't'\niterations = 5\n", r"\[normsim\] iterations sets NormSim_2-D's schedule; it needs "
+                                                 r"\"2d\" in p"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\niterations = 0\n", r"\[normsim\] iterations = 0 must be >= 1"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nsubsample = 0\n", r"\[normsim\] subsample must be in \(0, 1\]"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nfinal_fraction = 1.5\n", r"\[normsim\] final_fraction must be in"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nseed = -2\n", r"\[normsim\] seed must be an integer from 0"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nprefilter = 'pre'\n[[filter]]\nname = 'pre'\n"
+     "keep = ['normsim_2d:0.5']\n", r"prefilter = 'pre' runs before NormSim, so that \[\[filter\]\] can only use"),
 ])
 def test_validation_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(CurateError, match=message):
@@ -149,3 +157,58 @@ def test_the_run_executor_settings_reach_the_export(tmp_path, monkeypatch):
     steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
     steps["export"].run()
     assert calls == [{"executor": "ray", "workers": 1, "retries": 1, "ray_address": "auto", "progress": None}]
+
+
+PREFILTERED = """
+[normsim]
+target = "none"
+p = ["2d"]
+iterations = 7
+final_fraction = 0.2
+seed = 3
+prefilter = "clipscore_50"
+[[filter]]
+name = "final"
+keep = ["normsim_2d:0.2"]
+[[filter]]
+name = "clipscore_50"
+keep = ["clipscore:0.5"]
+"""
+
+
+def test_a_normsim_2d_prefilter_names_a_filter_that_runs_first(tmp_path, monkeypatch):
+    """The reference's recipe in one file: the pre-filter's [[filter]] runs on the [score] table before NormSim_2-D,
+    which gets its subset and the schedule keys; the other filters run after, on both tables."""
+    import curate.stages.filter as filter_module
+    import curate.stages.normsim as normsim_module
+
+    calls = []
+    monkeypatch.setattr(filter_module, "filter_pool", lambda tables, out, *a, **k: calls.append(("filter", tables, out))
+                        or filter_module.FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir=str(out)))
+    monkeypatch.setattr(normsim_module, "normsim", lambda *a, **k: calls.append(("normsim", k)) or {"out": "x"})
+    steps = plan(load_recipe(write(tmp_path, "[score]\n" + PREFILTERED)))
+    assert [s.name for s in steps] == ["score", "filter:clipscore_50", "normsim:2d", "filter:final"]
+    for step in steps[1:]:
+        step.run()
+    out = tmp_path / "out"
+    assert calls[0] == ("filter", [str(out / "scores.parquet")], str(out / "subsets" / "clipscore_50"))
+    options = calls[1][1]
+    assert {k: options[k] for k in ("iterations", "final_fraction", "subsample", "seed", "prefilter")} == {
+        "iterations": 7, "final_fraction": 0.2, "subsample": 0.1, "seed": 3,
+        "prefilter": str(out / "subsets" / "clipscore_50")}
+    assert calls[2] == ("filter", [str(out / "scores.parquet"), str(out / "normsim.parquet")],
+                        str(out / "subsets" / "final"))
+    assert str(out / "subsets" / "clipscore_50") in steps[2].inputs
+
+
+def test_normsim_2d_recipe_defaults_are_the_cli_defaults(tmp_path):
+    from curate.stages.normsim_2d import Normsim2dOptions
+
+    recipe = load_recipe(write(tmp_path, "[normsim]\ntarget = 'none'\np = ['2d']\n"))
+    defaults = Normsim2dOptions()
+    assert [recipe["normsim"][k] for k in ("iterations", "final_fraction", "subsample", "seed")] == [
+        defaults.iterations, defaults.final_fraction, defaults.subsample, defaults.seed] == [100, 0.3, 0.1, 0]
+    step = plan(recipe)[0]
+    assert step.params["section"]["prefilter"] == "" and step.inputs == [str(tmp_path / "out" / "emb")]
+    other = plan(load_recipe(write(tmp_path, "[normsim]\ntarget = 't'\n")))[0]
+    assert "iterations" not in other.params["section"]  # p = inf: the same digest as before these keys

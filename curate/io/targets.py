@@ -7,8 +7,8 @@ reference code loads DataComp's released `in1k_clip_vit_l14_{0..4}.pt`). `--targ
 * a `.npy` file holding an (M, D) float matrix;
 * a `.pt` file (read with torch.load(weights_only=True)) holding an (M, D) tensor, or a dict with one under
   `image_features` (the layout of the reference's released IN-1k files), `image_embedding` or `embedding`;
-* a `.parquet` file with a vector column `image_embedding` or `embedding` (fixed_size_list of floats,
-  or binary float16 vectors as `curate embed` writes);
+* a `.parquet` file with a vector column `image_embedding` or `embedding` (a list of floats, as `curate embed`
+  and other tools write, or the binary float16 vectors of curate 0.1);
 * a directory of such `.npy` / `.pt` / `.parquet` files (e.g. the five `in1k_clip_vit_l14_*.pt`): their rows
   concatenated in natural name order (…_2 before …_10);
 * `imagenet-text`: not images, but the 1000 ImageNet class names through open_clip's zero-shot prompt
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
-from curate.io.tables import (ERRORS_SUFFIX, EmbeddingPool, TeacherInfo, is_vector_type, read_meta,
+from curate.io.tables import (LEGACY_ERRORS_SUFFIX, EmbeddingPool, TeacherInfo, is_vector_type, read_meta,
                               vectors_to_numpy)
 
 IMAGENET_TEXT = "imagenet-text"
@@ -147,7 +147,7 @@ def _from_directory(path: Path, pool_teacher: TeacherInfo | None) -> tuple[np.nd
     """(matrix, format, files) of a directory: a `curate embed` output (every table with its teacher record,
     nothing else), or else the rows of its .npy / .pt / .parquet files in natural name order."""
     files = sorted((f for f in path.iterdir() if f.is_file() and f.suffix in MATRIX_SUFFIXES
-                    and not f.name.startswith(".") and not f.name.endswith(ERRORS_SUFFIX)), key=natural_key)
+                    and not f.name.startswith(".") and not f.name.endswith(LEGACY_ERRORS_SUFFIX)), key=natural_key)
     if not files:
         raise CurateError(f"{path}: no target files in this directory (an embedding directory from `curate embed`, "
                           "or .npy / .pt / .parquet matrices)")
@@ -244,8 +244,8 @@ def _from_parquet(path: Path, pool_teacher: TeacherInfo | None) -> np.ndarray:
         raise CurateError(f"{path}: no `image_embedding` or `embedding` column (has {', '.join(schema.names)})")
     field_type = schema.field(column).type
     if not is_vector_type(field_type):
-        raise CurateError(f"{path}: column `{column}` must be a fixed_size_list of floats or binary float16 "
-                          f"vectors (as `curate embed` writes), got {field_type}")
+        raise CurateError(f"{path}: column `{column}` must hold vectors (a list of floats, as `curate embed` "
+                          f"writes), got {field_type}")
     return vectors_to_numpy(pq.read_table(path, columns=[column]).column(column), np.float32, path)
 
 

@@ -10,7 +10,10 @@ NormSim_p(v) = ( Σ_{x∈X} |<v, x>|^p )^{1/p}   (Wang et al., NeurIPS 2024, Eq.
   numbers (the tests check both agree). Approximate ("ivf"): FAISS IndexIVFFlat over [X; -X]
   (nlist clusters, nprobe probed), whose top-1 is max(max <v,x>, max <v,-x>).
 * p = 2: sqrt(vᵀ (XᵀX) v) through the D×D second moment C = XᵀX (accumulated in float64): no N×M product.
-* NormSim_2-D (no target): the pool itself is the target, refined iteratively (see `normsim_2d`).
+* NormSim_2-D (no target): the pool itself is the target, as the reference code's VAS-D loop runs it
+  (ypwang61/negCLIPLoss_NormSim, baselines/vas2.py `load_uids_with_vas_d_filter`): T iterations remove equal
+  chunks of the lowest scores, so S_{i+1} ⊂ S_i, each scoring against the second moment of a 10 % random
+  subsample of the current subset (see `normsim_2d`; seeded here, unseeded there).
 """
 
 from __future__ import annotations
@@ -181,10 +184,14 @@ def keep_count(n: int, fraction: float) -> int:
 
 def top_fraction_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
     """Exactly ⌈fraction·n⌉ highest scores kept; ties at the threshold broken by lower pool index."""
+    return top_count_mask(scores, keep_count(len(scores), fraction))
+
+
+def top_count_mask(scores: np.ndarray, count: int) -> np.ndarray:
+    """Exactly `count` highest scores kept; ties at the threshold broken by lower pool index."""
     n = len(scores)
-    count = keep_count(n, fraction)
     mask = np.zeros(n, dtype=bool)
-    if count == 0:
+    if count <= 0:
         return mask
     threshold = np.partition(scores, n - count)[n - count]
     mask = scores > threshold
@@ -193,35 +200,101 @@ def top_fraction_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
     return mask
 
 
-def normsim_2d_fractions(iterations: int, final_fraction: float) -> list[float]:
-    """Kept fraction before each scoring round: 1, then final^(1/(T-1)), ..., final (geometric)."""
-    if iterations == 1:
-        return [1.0]
-    return [final_fraction ** (t / (iterations - 1)) for t in range(iterations)]
+# ---------------------------------------------------------------- NormSim_2-D (the reference's VAS-D loop)
+
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (Steele et al. 2014; Java's SplittableRandom)
+MAX_ITERATIONS = 10_000  # levels 0..T+1 are stored as int16 and encoded exactly in the float32 column
 
 
-def normsim_2d(v, iterations: int = 4, final_fraction: float = 0.3, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-    """NormSim_2-D: NormSim_2 with the pool as its own target, refined iteratively (paper Sec. 3.3, "2-D" proxy).
+def splitmix64_mix(z) -> np.ndarray:
+    """splitmix64's output function (uint64 in, uint64 out, arithmetic mod 2^64); mix(γ) = 0xE220A8397B1DCDAF."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrapping is the point (numpy warns only on scalars)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    Round t = 0..T-1 scores every sample with C_t = Σ_{x∈S_t} x xᵀ, where S_0 is the whole pool and S_t
-    (t >= 1) the top ⌈f_t·N⌉ samples by round t-1's scores, f_t = final_fraction^(t/(T-1)) (geometric, so
-    S_{T-1} is the final fraction). Returns the last round's scores, float32 in pool order. Passes over
-    `v`: 1 (C_0) + for each later round 1 (score) + 1 (C_t), + 1 final score: 2T in all.
-    `v`: (N, D) array-like (numpy array or memmap), read `chunk_rows` rows at a time.
+
+def subsample_draws(rows: np.ndarray, seed: int, iteration: int) -> np.ndarray:
+    """A uniform uint64 per pool row for iteration t: output `row` of a splitmix64 generator whose state starts at
+    output t of a splitmix64 generator seeded with `seed` (counter-based: any row, any task, the same draw)."""
+    stream = int(splitmix64_mix(np.uint64((int(seed) + (int(iteration) + 1) * SPLITMIX_GAMMA) % 2**64)))
+    rows = np.asarray(rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return splitmix64_mix(np.uint64(stream) + (rows + np.uint64(1)) * np.uint64(SPLITMIX_GAMMA))
+
+
+def subsample_mask(rows: np.ndarray, seed: int, iteration: int, fraction: float) -> np.ndarray:
+    """Which of `rows` are in iteration t's subsample: draw < ⌊fraction·2^64⌋ (fraction as its decimal
+    literal), a Bernoulli(fraction) sample that needs no other row to decide (in place of the reference's
+    unseeded np.random.choice(n, int(0.1·n)) in vas2.py `cal_target_variance`)."""
+    if fraction >= 1.0:
+        return np.ones(len(rows), dtype=bool)
+    threshold = math.floor(Fraction(repr(float(fraction))) * 2**64)
+    return subsample_draws(rows, seed, iteration) < np.uint64(threshold)
+
+
+def nested_sizes(pool_rows: int, candidates: int, final_fraction: float, iterations: int) -> list[int]:
+    """|S_0|, ..., |S_T| of the reference's schedule: S_0 = the candidates (the pre-filter's subset), then equal
+    chunks c = ⌈(|S_0| − F_N)/T⌉ removed per iteration and the last one down to F_N = ⌈F·N⌉ of the pool
+    (vas2.py `load_uids_with_vas_d_filter`: chunk_size and topk; its F_N is int(F·N)).
+
+    The reference computes topk = |S_i| − c without a floor, which undershoots F_N (and fails in torch.topk)
+    when (T−1)·c > |S_0| − F_N; here no iteration goes below F_N."""
+    target = keep_count(pool_rows, final_fraction)
+    if candidates < target:
+        raise ValueError(f"the pre-filter keeps {candidates} rows, fewer than the final fraction's {target} "
+                         f"(⌈{final_fraction}·{pool_rows}⌉)")
+    chunk = -(-(candidates - target) // iterations)
+    sizes = [candidates]
+    for i in range(iterations):
+        sizes.append(target if i == iterations - 1 else max(sizes[-1] - chunk, target))
+    return sizes
+
+
+def normsim_2d_column(levels: np.ndarray, last_scores: np.ndarray) -> np.ndarray:
+    """The table's normsim_2d value: level + ½·min(s, 1), float32, so that the top ⌈F·N⌉ rows are the reference's
+    subset. Level 0: removed by the pre-filter; i+1: removed in iteration i; T+1: kept to the end. s: the RMS
+    inner product sqrt(vᵀ C v / k) with the last subsample target the row was scored against (in [0, 1] for
+    unit vectors), which orders rows within a level."""
+    last = np.clip(np.asarray(last_scores, dtype=np.float64), 0.0, 1.0)
+    return (np.asarray(levels, dtype=np.float64) + 0.5 * last).astype(np.float32)
+
+
+def normsim_2d(v, iterations: int = 100, final_fraction: float = 0.3, subsample: float = 0.1, seed: int = 0,
+               candidates: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """NormSim_2-D in memory: the reference's nested VAS-D loop (Wang et al. 2024, Sec. 3.3 and App.; Eq. 3 with
+    p = 2 against the pool's own subsample), returning the `normsim_2d_column` values, float32 in pool order.
+
+    C_0 from subsample 0 of the whole pool; S_0 = `candidates` (a bool mask: the pre-filter's subset) or every
+    row. Iteration i = 0..T-1: score S_i by sqrt(vᵀ C_i v) with C_i = (1/k) Σ x xᵀ over the k rows of subsample i
+    (`subsample_mask`), keep the top |S_{i+1}| (`nested_sizes`; ties by lower pool index), then C_{i+1} from
+    subsample i+1 of S_{i+1}. `v`: (N, D) array-like, read `chunk_rows` rows at a time.
     """
-    if iterations < 1:
-        raise ValueError(f"normsim_2d needs iterations >= 1, got {iterations}")
-    if not 0.0 < final_fraction <= 1.0:
-        raise ValueError(f"normsim_2d needs 0 < final_fraction <= 1, got {final_fraction}")
-    n = len(v)
-    scores = np.empty(n, dtype=np.float32)
-    for round_index, fraction in enumerate(normsim_2d_fractions(iterations, final_fraction)):
-        kept = None if round_index == 0 else top_fraction_mask(scores, fraction)
-        moment = np.zeros((v.shape[1], v.shape[1]), dtype=np.float64)
+    n, dim = v.shape
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"normsim_2d needs 1 <= iterations <= {MAX_ITERATIONS}, got {iterations}")
+    if not 0.0 < final_fraction <= 1.0 or not 0.0 < subsample <= 1.0:
+        raise ValueError(f"normsim_2d needs fractions in (0, 1], got {final_fraction} and {subsample}")
+    alive = np.ones(n, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool).copy()
+    sizes = nested_sizes(n, int(alive.sum()), final_fraction, iterations)
+    levels = np.where(alive, iterations + 1, 0).astype(np.int16)
+    last = np.zeros(n, dtype=np.float32)
+    rows = np.arange(n)
+    scored = np.ones(n, dtype=bool)  # iteration 0 scores every row: the removed ones get their level-0 order
+    for i in range(iterations):
+        moment = np.zeros((dim, dim), dtype=np.float64)
+        picked = subsample_mask(rows, seed, i, subsample) & (scored if i == 0 else alive)
         for part in _chunks(n, chunk_rows):
-            rows = np.asarray(v[part], dtype=np.float32)
-            second_moment(rows if kept is None else rows[kept[part]], moment)
-        score = QuadraticForm(moment)  # once per round, not per chunk
+            block = np.asarray(v[part], dtype=np.float32)
+            second_moment(block[picked[part]], moment)
+        count = int(picked.sum())
+        score = QuadraticForm(moment / count if count else moment)
         for part in _chunks(n, chunk_rows):
-            scores[part] = score(v[part])
-    return scores
+            chosen = np.flatnonzero((scored if i == 0 else alive)[part]) + part.start
+            if len(chosen):
+                last[chosen] = score(np.asarray(v[chosen], dtype=np.float32))
+        kept = top_count_mask(np.where(alive, last, -np.inf).astype(np.float32), sizes[i + 1]) & alive
+        levels[alive & ~kept] = i + 1
+        alive = kept
+    return normsim_2d_column(levels, last)

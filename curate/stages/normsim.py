@@ -13,17 +13,20 @@ Passes over the pool:
   block, whatever the thread count; the rest runs BLAS with the driver's count, as OpenBLAS rounds
   differently with other counts), against the target (and ivf index) the first rank stored in the parts
   directory, so the table is byte-identical to a one-process run.
-* p = 2d: the pool is its own target, refined over T rounds (curate.metrics.normsim.normsim_2d), which reads
-  the image column 2T times (one second-moment pass and one scoring pass per round; from the fp16 cache,
-  built first). Always one driver running rounds of map tasks over runs of whole tables
-  (curate/stages/normsim_2d.py): partial moments summed in task order, scores written as parts, the keep
-  threshold by an exact radix select over them. In process by default, in worker processes or on Ray
-  under --workers/--executor, with the same bytes; a rank split (--rank/--world-size, Slurm) is refused.
+* p = 2d: the pool is its own target, as the reference's VAS-D loop runs it (curate.metrics.normsim.normsim_2d):
+  T iterations (default 100) remove equal chunks of the lowest scores from S_0 (the --prefilter subset or the
+  pool) down to ⌈F·N⌉, each scored against the second moment of a seeded 10 % subsample of the current subset.
+  It reads the image column twice per iteration (from the fp16 cache, built first), always as one driver
+  running rounds of map tasks over runs of whole tables (curate/stages/normsim_2d.py): partial moments summed
+  in task order, scores and levels written as parts, each cut by an exact radix select over them. In process
+  by default, in worker processes or on Ray under --workers/--executor, with the same bytes; a rank split
+  (--rank/--world-size, Slurm) is refused.
 Output: `uid` + `normsim_inf` | `normsim_2` | `normsim_2d` (float32), one row group per input table.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import os
@@ -50,8 +53,7 @@ from curate.stages.score import PoolRows, check_finite, default_cache_dir, write
 
 P_VALUES = ("inf", "2", "2d")
 INDEX_KINDS = ("flat", "ivf")
-DEFAULT_ITERATIONS = 4
-DEFAULT_FINAL_FRACTION = 0.3
+SCHEDULE_OPTIONS = "--iterations, --final-fraction, --subsample, --seed and --prefilter"
 
 
 def parse_p(p) -> str:
@@ -67,14 +69,15 @@ def column_name(p: str) -> str:
     return f"normsim_{parse_p(p)}"
 
 
-def _check_options(p: str, target_spec, index: str, iterations: int, final_fraction: float) -> None:
+def _check_options(p: str, target_spec, index: str, schedule=None) -> None:
+    """`schedule`: the NormSim_2-D options (Normsim2dOptions), checked with p = 2d, refused with another p."""
     if p == "2d":
         if target_spec not in (None, "none"):
             raise CurateError(f"--p 2d uses the pool itself as target; pass --target none (got {target_spec!r})")
-        if int(iterations) < 1:
-            raise CurateError(f"--iterations must be >= 1, got {iterations}")
-        if not 0.0 < float(final_fraction) <= 1.0:
-            raise CurateError(f"--final-fraction must be in (0, 1], got {final_fraction}")
+        if schedule is not None:
+            schedule.check()
+    elif schedule is not None:
+        raise CurateError(f"{SCHEDULE_OPTIONS} set NormSim_2-D's schedule: use them with --p 2d, not --p {p}")
     elif target_spec in (None, "none"):
         raise CurateError(f"--p {p} needs a target: an embedding directory, a .npy/.pt/.parquet matrix, or "
                           "imagenet-text (only --p 2d works without one)")
@@ -83,12 +86,12 @@ def _check_options(p: str, target_spec, index: str, iterations: int, final_fract
 
 
 def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nlist: int | None = None,
-                   nprobe: int | None = None, iterations: int = DEFAULT_ITERATIONS,
-                   final_fraction: float = DEFAULT_FINAL_FRACTION, device: str = "auto",
+                   nprobe: int | None = None, schedule=None, device: str = "auto",
                    cache_dir: str | Path | None = None, templates: str = "openai",
                    progress: Callable[[int], None] | None = None, info: dict | None = None,
                    memmap_dir: str | Path | None = None, pending: bool = False) -> "np.ndarray | ScoringThreads":
-    """NormSim_p of every pool row against `target_spec`, float32 in pool order (for `curate filter` too).
+    """NormSim_p of every pool row against `target_spec`, float32 in pool order (for `curate filter` too);
+    for p = 2d the `normsim_2d_column` values of the schedule `schedule` (Normsim2dOptions, None: defaults).
 
     `cache_dir`: where the imagenet-text target is cached (default ~/.cache/curate or $CURATE_CACHE).
     `memmap_dir`: where p=2d keeps the pool's fp16 cache and its round files (default: cache_dir, else
@@ -97,7 +100,7 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     `pending`: may return a `ScoringThreads` still running (see `_score_rows`).
     """
     p = parse_p(p)
-    _check_options(p, target_spec, index, iterations, final_fraction)
+    _check_options(p, target_spec, index, schedule)
     info = {} if info is None else info
     n = pool.n_rows
     if n == 0:
@@ -110,7 +113,7 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
         memmap_dir.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=".normsim_2d-", dir=memmap_dir))  # no `out` here to put parts beside
         try:
-            parts, _ = _normsim_2d(pool, pool.files, memmap_dir, root, iterations, final_fraction, info)
+            parts, _ = _normsim_2d(pool, pool.files, memmap_dir, root, schedule, info)
             scores = parts.to_array()
         finally:
             remove_parts(root)
@@ -126,17 +129,21 @@ def normsim_scores(pool: EmbeddingPool, target_spec, p, index: str = "flat", nli
     return _score_rows(pool, score_chunk, memmap_dir, 0, n, _block_rows(p, params), progress, threads, pending)
 
 
-def _normsim_2d(pool: EmbeddingPool, emb_dir, memmap_dir, root, iterations: int, final_fraction: float,
-                info: dict, **options):
-    """NormSim_2-D by the rounds of curate/stages/normsim_2d.py (every mode runs them, for the same bits)."""
-    from curate.metrics import normsim as ns
-    from curate.stages.normsim_2d import normsim_2d_rounds
+def _normsim_2d(pool: EmbeddingPool, emb_dir, memmap_dir, root, schedule, info: dict, **options):
+    """NormSim_2-D by the rounds of curate/stages/normsim_2d.py (every mode runs them, for the same bits);
+    records the schedule, the sizes |S_0..S_T| and the subsample sizes in `info`."""
+    from curate.stages.normsim_2d import Normsim2dOptions, normsim_2d_rounds
 
+    schedule = (schedule or Normsim2dOptions()).check()
     pool.matrix("image_embedding", memmap_dir)  # the fp16 cache: 2T passes read it instead of decoding Parquet
-    parts, ran = normsim_2d_rounds(pool, emb_dir, memmap_dir, root, int(iterations), float(final_fraction),
-                                   block_rows=READ_BATCH_ROWS, **options)
-    info.update({"target": "none", "iterations": int(iterations), "final_fraction": float(final_fraction),
-                 "kept_fractions": ns.normsim_2d_fractions(int(iterations), float(final_fraction))})
+    parts, ran = normsim_2d_rounds(pool, emb_dir, memmap_dir, root, schedule, block_rows=READ_BATCH_ROWS,
+                                   **options)
+    info.update({"target": "none", "schedule": "nested", **schedule.describe(), "kept_rows": ran["kept_rows"],
+                 "subsample_rows": ran["subsample_rows"],
+                 "column": "level + min(s, 1)/2: level 0 removed by the pre-filter, i+1 removed in iteration i, "
+                           "T+1 kept; s = sqrt(v'Cv) with C the mean x x' of the last subsample it was scored on"})
+    if schedule.prefilter:
+        info["prefilter_uids"] = ran["prefilter_uids"]
     return parts, ran
 
 
@@ -422,12 +429,29 @@ def _float32_blocks(blocks: Iterator[tuple[int, Callable]], dim: int, block_rows
         yield to_float32(read(half), out=ring[number % 3])
 
 
-def _image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
-                  block_rows: int | None = None, source: str | None = None) -> Iterator[np.ndarray]:
-    """The blocks of `_half_blocks` as float32 (see `_float32_blocks`)."""
+def image_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int = 0, stop: int | None = None,
+                 block_rows: int | None = None, needed: np.ndarray | None = None
+                 ) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """(first pool row, end row, float32 rows) for the blocks of `_half_blocks`, the rows valid until the block
+    after the next is asked for (a ring of 3 buffers, as `_float32_blocks`). `needed` (a bool per row
+    start..stop-1): only a block's needed rows, in order, are converted (and a block without one is not read
+    from the cache, its rows None)."""
     block_rows = int(block_rows or READ_BATCH_ROWS)
-    with _half_blocks(pool, memmap_dir, start, stop, block_rows, source) as blocks:
-        yield from _float32_blocks(blocks, pool.dim, block_rows)
+    stop = pool.n_rows if stop is None else int(stop)
+    ends = table_starts(pool)[1:]
+    half = np.empty((block_rows, pool.dim), dtype=np.float16)
+    ring = [np.empty((block_rows, pool.dim), dtype=np.float32) for _ in range(3)]
+    number = 0
+    with _half_blocks(pool, memmap_dir, start, stop, block_rows) as blocks:
+        for first, read in blocks:
+            end = min(first + block_rows, ends[bisect.bisect_right(ends, first)])  # blocks end at tables
+            wanted = None if needed is None else needed[first - start:end - start]
+            if wanted is not None and not wanted.any():
+                yield first, end, None
+                continue
+            rows = read(half)
+            yield first, end, to_float32(rows if wanted is None or wanted.all() else rows[wanted], out=ring[number % 3])
+            number += 1
 
 
 # ---------------------------------------------------------------- p = inf and 2 as map tasks + a reduce
@@ -614,13 +638,17 @@ def _ivf_index(target: np.ndarray, nlist: int, nprobe: int):
 # ---------------------------------------------------------------- the stage
 
 def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: str = "flat",
-            nlist: int | None = None, nprobe: int | None = None, iterations: int = DEFAULT_ITERATIONS,
-            final_fraction: float = DEFAULT_FINAL_FRACTION, device: str = "auto",
+            nlist: int | None = None, nprobe: int | None = None, iterations: int | None = None,
+            final_fraction: float | None = None, device: str = "auto",
             cache_dir: str | Path | None = None, templates: str = "openai",
-            progress: Callable[[int], None] | None = None, *, executor: str = "local", workers: int = 1,
-            ray_address: str | None = None, rank: int | None = None, world_size: int | None = None,
-            retries: int = 1, tasks: int | None = None) -> dict:
+            progress: Callable[[int], None] | None = None, *, subsample: float | None = None,
+            seed: int | None = None, prefilter: str | Path | None = None, executor: str = "local",
+            workers: int = 1, ray_address: str | None = None, rank: int | None = None,
+            world_size: int | None = None, retries: int = 1, tasks: int | None = None) -> dict:
     """Compute one NormSim column for the pool in `emb_dir` and write `out`; returns a summary.
+
+    iterations, final_fraction, subsample, seed, prefilter: NormSim_2-D's schedule (curate/stages/normsim_2d.py
+    `Normsim2dOptions`; None: its default), refused with p = inf or 2.
 
     p = inf and 2 run as map tasks (curate.run.mapreduce) when any of executor/workers/rank/world_size/tasks
     (or a Slurm array) asks for them, or finished tasks of the same layout lie beside `out`; `out` is None
@@ -628,8 +656,12 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     one driver running rounds of map tasks (curate/stages/normsim_2d.py; `normsim_2d_tasks` says what ran),
     in this process unless executor/workers say otherwise; a rank split (rank/world_size, Slurm) is an error.
     """
+    from curate.stages.normsim_2d import options_from
+
     started = time.perf_counter()
     p = parse_p(p)
+    given = [iterations, final_fraction, subsample, seed, prefilter]
+    schedule = options_from(*given) if p == "2d" or any(v is not None for v in given) else None
     check_task_options(workers, tasks, retries)
     pool = EmbeddingPool(emb_dir)
     if hasattr(progress, "set_total"):
@@ -643,7 +675,7 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     if executor not in ("local", "ray"):
         raise CurateError(f"--executor {executor!r}: choose local or ray")
     if p == "2d":
-        return _normsim_2d_stage(pool, emb_dir, target, out, memmap_dir, iterations, final_fraction, progress, started,
+        return _normsim_2d_stage(pool, emb_dir, target, out, memmap_dir, schedule, progress, started,
                                  executor=executor, workers=int(workers), tasks=tasks, retries=int(retries),
                                  ray_address=ray_address)
     if pool.n_rows:
@@ -652,13 +684,13 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
         pool.matrix("image_embedding", memmap_dir)
     distributed = wants_tasks(executor, workers, tasks, rank, world_size)
     if not distributed and parts_root(out).exists():
-        _check_options(p, target, index, iterations, final_fraction)
+        _check_options(p, target, index, schedule)
         if pool.n_rows:  # finished tasks of this layout beside `out`: a plain rerun completes them
             _, parts_dir, *_ = _plan(pool, target, p, out, memmap_dir, index, nlist, nprobe, device, cache_dir,
                                      templates, tasks)
             distributed = parts_started(parts_dir, NORMSIM_STAGE)
     if distributed:
-        _check_options(p, target, index, iterations, final_fraction)
+        _check_options(p, target, index, schedule)
         if pool.n_rows == 0:
             raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")
         scores, info, tasks_info = normsim_distributed(pool, emb_dir, target, p, out, memmap_dir, index, nlist,
@@ -672,8 +704,8 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
                     "params": {"p": p, **info}, "missing": 0, **summary}
     else:
         info = {}
-        scores = normsim_scores(pool, target, p, index, nlist, nprobe, iterations, final_fraction, device,
-                                cache_dir, templates, progress, info, memmap_dir=memmap_dir, pending=True)
+        scores = normsim_scores(pool, target, p, index, nlist, nprobe, schedule, device, cache_dir, templates,
+                                progress, info, memmap_dir=memmap_dir, pending=True)
     name = column_name(p)
     params = {"p": p, **info}
     meta = {"stage": "normsim", "teacher": pool.teacher.to_dict(), "source": str(emb_dir),
@@ -688,15 +720,14 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
             "missing": int(np.isnan(scores).sum()), **summary}
 
 
-def _normsim_2d_stage(pool: EmbeddingPool, emb_dir, target, out, memmap_dir, iterations: int, final_fraction: float,
-                      progress, started: float, **options) -> dict:
+def _normsim_2d_stage(pool: EmbeddingPool, emb_dir, target, out, memmap_dir, schedule, progress, started: float,
+                      **options) -> dict:
     """`normsim` for p = 2d: the rounds with their parts in `<out>.parts/`, then the table from the parts."""
-    _check_options("2d", target, "flat", iterations, final_fraction)
+    _check_options("2d", target, "flat", schedule)
     if pool.n_rows == 0:
         raise CurateError(f"{pool.files[0].parent}: the pool has no rows; nothing to score")
     info: dict = {}
-    parts, ran = _normsim_2d(pool, emb_dir, memmap_dir, parts_root(out), iterations, final_fraction, info,
-                             **options)
+    parts, ran = _normsim_2d(pool, emb_dir, memmap_dir, parts_root(out), schedule, info, **options)
     params = {"p": "2d", **info}
     meta = {"stage": "normsim", "teacher": pool.teacher.to_dict(), "source": str(emb_dir),
             "n_rows": pool.n_rows, "params": params}

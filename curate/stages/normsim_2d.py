@@ -1,20 +1,29 @@
 """`curate normsim --p 2d` as one driver running rounds of map tasks (curate.metrics.normsim.normsim_2d).
 
-The pool is cut into T spans of whole tables (`--tasks`, default 32, capped by the table count; the same
-spans for every executor and worker count). Round t = 0..T'-1 of NormSim_2-D (T' = --iterations):
-1. moment map: each task returns (as `m<t>-tNNNNN.npy`) the float64 D×D partial Σ x xᵀ over its rows
-   kept in round t (every row in round 0), block by block (`_image_blocks`: blocks never cross a table);
-   the driver adds the partials in span order into C_t (`c<t>.npy`).
-2. score map: each task scores its rows with QuadraticForm(C_t) into `r<t>-tNNNNN.npy` (float32) and,
-   before the last round, returns the sparse 16-bit digit histogram of the scores' order keys.
-3. selection (before the last round): the exact top ⌈f_{t+1}·N⌉ by radix select (curate.metrics.topk,
-   as the distributed filter does) over the score parts, ties by lower pool index as `top_fraction_mask`:
-   histogram rounds narrow the key prefix until the bucket of the cut holds at most `collect_rows` rows
-   (collected whole: (key, row) pairs) or one key value (then one task names the tied row at the rank
-   needed). A row is kept next round when key > cut, or key == cut and row <= row cut.
-The table is the last round's parts (read one table at a time by `write_score_table`). Memory: the driver
-holds D×D moments, histograms and at most `collect_rows` collected rows, never N scores; a task holds
-its span's scores and one block of rows.
+The schedule is the reference's VAS-D loop (ypwang61/negCLIPLoss_NormSim, baselines/vas2.py
+`load_uids_with_vas_d_filter`): S_0 = the pre-filter's subset (or the pool), T iterations each removing an
+equal chunk of the lowest scores (S_{i+1} ⊂ S_i), scored against C_i = (1/k) Σ x xᵀ over subsample i (a seeded
+~10 % of S_i; of the whole pool for C_0). The pool is cut into spans of whole tables (`--tasks`, default 32,
+capped by the table count; the same spans for every executor and worker count). Per task and iteration the
+state is two files in the parts directory: `l<i>-tNNNNN.npy` (int16 level of each row: 0 removed by the
+pre-filter, j+1 removed in iteration j, T+1 still in S_i) and `s<i>-tNNNNN.npy` (float32: each row's score in
+the last iteration that scored it). Map rounds:
+1. start: levels l0 from the pre-filter (uids looked up in its sorted uid file) and the float64 D×D partial
+   Σ x xᵀ over subsample 0 of every row (`m0-tNNNNN.npy`); the driver adds the partials in span order into
+   C_0 = sum / k (`c0.npy`).
+2. score (iteration i): each task scores its rows of S_i (every row in iteration 0, so the pre-filter's
+   dropped rows get an order too) with QuadraticForm(C_i) into s<i>, and returns the sparse 16-bit digit
+   histogram of the order keys of S_i's scores (the other rows count as -inf).
+3. select: the exact top |S_{i+1}| by radix select (curate.metrics.topk, as the distributed filter does),
+   ties by lower pool index as `top_count_mask`: histogram rounds narrow the key prefix until the bucket of
+   the cut holds at most `collect_rows` rows (collected whole) or one key value (one task names the tied row
+   at the rank needed). A row stays when key > cut, or key == cut and row <= row cut.
+4. advance: each task writes l<i+1> (the rows the cut drops get level i+1) and, unless i+1 = T, the partial
+   moment over subsample i+1 of S_{i+1}, summed by the driver into C_{i+1}.
+The table's column is `normsim_2d_column(l<T>, s<T-1>)`, read one table at a time by `write_score_table`.
+Embedding passes: 2 per iteration (advance's moment, then score), blocks without a needed row unread from the
+cache. Memory: the driver holds D×D moments, histograms and at most `collect_rows` collected rows, never N
+values; a task holds its span's levels, scores and order keys (~15 bytes a row) and one block of rows.
 
 Bits: every mode (in process, --workers, Ray, any --tasks giving the same spans) runs this code, with the
 same blocks, the same float64 summation order and BLAS pinned to the driver's thread count (OpenBLAS sgemm
@@ -22,11 +31,14 @@ rounding depends on it), so the tables are byte-identical. `--rank/--world-size`
 needs every task's result, so one driver submits them all.
 
 Files live in `<out>.parts/normsim_2d-<layout hash>/` and are deleted after the table is written; a killed
-run is rerun from the start (every task overwrites its files atomically).
+run is rerun from the start (every task overwrites its files atomically and reads only the previous
+iteration's).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +51,49 @@ from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.prefetch import prefetch
 from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool
 from curate.metrics import topk
-from curate.metrics.normsim import QuadraticForm, keep_count, normsim_2d_fractions, second_moment
+from curate.metrics.normsim import (MAX_ITERATIONS, QuadraticForm, nested_sizes, normsim_2d_column, second_moment,
+                                    subsample_mask)
 from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, PoolSpanTask, layout_key, pool_source, remove_parts, task_names
 from curate.run.threads import blas_thread_count, blas_threads
 
 STAGE = "normsim_2d"
 DEFAULT_COLLECT_ROWS = 1 << 20  # (key, row) pairs (12 B each) a cut's bucket may hold to be collected whole
+DEFAULT_ITERATIONS = 100  # the reference's num_iters default (its scripts also ran 168, 200 and 500)
+DEFAULT_FINAL_FRACTION = 0.3
+DEFAULT_SUBSAMPLE = 0.1  # the reference's cal_target_variance(downsample_ratio=0.1)
+DEFAULT_SEED = 0
+PREFILTER_FILE = "prefilter.npy"  # the pre-filter's uids, sorted and unique, copied into the parts directory
+
+
+@dataclass(frozen=True)
+class Normsim2dOptions:
+    """The schedule: T iterations down to ⌈F·N⌉ rows of the pool, subsample fraction r of S_i for C_i, the seed
+    of the subsamples, and the pre-filter (a subset file of `curate filter`, or "" for the whole pool)."""
+
+    iterations: int = DEFAULT_ITERATIONS
+    final_fraction: float = DEFAULT_FINAL_FRACTION
+    subsample: float = DEFAULT_SUBSAMPLE
+    seed: int = DEFAULT_SEED
+    prefilter: str = ""
+
+    def check(self) -> "Normsim2dOptions":
+        """The options as plain values, each checked (a clear CurateError naming the option)."""
+        if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or \
+                not 1 <= int(self.iterations) <= MAX_ITERATIONS:
+            raise CurateError(f"--iterations must be an integer from 1 to {MAX_ITERATIONS}, got {self.iterations}")
+        for option, value in (("--final-fraction", self.final_fraction), ("--subsample", self.subsample)):
+            if not 0.0 < float(value) <= 1.0:
+                raise CurateError(f"{option} must be in (0, 1], got {value}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= int(self.seed) < 2**64:
+            raise CurateError(f"--seed must be an integer from 0 to 2^64-1, got {self.seed}")
+        prefilter = str(self.prefilter or "")
+        return Normsim2dOptions(int(self.iterations), float(self.final_fraction), float(self.subsample),
+                                int(self.seed), prefilter)
+
+    def describe(self) -> dict:
+        return {"iterations": self.iterations, "final_fraction": self.final_fraction, "subsample": self.subsample,
+                "seed": self.seed, "prefilter": self.prefilter or None}
 
 
 @dataclass
@@ -57,6 +105,9 @@ class Normsim2dLayout:
     dim: int
     iterations: int
     final_fraction: float
+    subsample: float
+    seed: int
+    prefilter: str  # path|size|mtime of the pre-filter's uid file, "" without one
     block_rows: int
     tasks: int
     numpy: str
@@ -64,30 +115,39 @@ class Normsim2dLayout:
 
 @dataclass
 class Normsim2dTask(PoolSpanTask):
-    """One map task of round `round` over pool rows start..stop-1 (whole tables).
+    """One map task of iteration `iteration` over pool rows start..stop-1 (whole tables).
 
-    kind "moment": the partial second moment of the rows kept this round (cut_key/cut_row: the previous
-    round's cut; cut_row < 0 for every row); "score": the scores against `c<round>.npy` (+ the digit
-    histogram unless `last`); "select": `query` answered over this round's scores.
+    kind "start": levels l0 (from `prefilter`, the uid file in the parts directory, or all candidates) and
+    the partial moment of subsample 0; "score": the scores of S_i against `c<i>.npy` (+ the digit histogram
+    when `histogram`); "select": `query` answered over S_i's scores; "advance": levels l<i+1> from the cut
+    (cut_key, cut_row) and, unless i+1 = T, the partial moment of subsample i+1 of S_{i+1}.
     """
 
     kind: str
-    round: int
+    iteration: int
+    iterations: int
+    subsample: float
+    seed: int
     block_rows: int
     blas_threads: int  # the driver's BLAS thread count, which the products' bits depend on (0: leave)
+    prefilter: bool = False
+    histogram: bool = True
     cut_key: int = 0
     cut_row: int = -1
-    last: bool = False
     query: tuple = ()  # ("hist", prefix, bits) | ("collect", prefix, bits) | ("nth", key, rank)
 
 
-def moment_file(parts_dir, t: int, name: str | None = None) -> Path:
-    """The driver's C_t (`name` None) or task `name`'s partial of round t."""
-    return Path(parts_dir) / (f"c{t}.npy" if name is None else f"m{t}-{name}.npy")
+def moment_file(parts_dir, i: int, name: str | None = None) -> Path:
+    """The driver's C_i (`name` None) or task `name`'s partial sum of iteration i."""
+    return Path(parts_dir) / (f"c{i}.npy" if name is None else f"m{i}-{name}.npy")
 
 
-def score_file(parts_dir, t: int, name: str) -> Path:
-    return Path(parts_dir) / f"r{t}-{name}.npy"
+def level_file(parts_dir, i: int, name: str) -> Path:
+    return Path(parts_dir) / f"l{i}-{name}.npy"
+
+
+def score_file(parts_dir, i: int, name: str) -> Path:
+    return Path(parts_dir) / f"s{i}-{name}.npy"
 
 
 def load_part(path: Path, shape: tuple, dtype, mmap: bool = False) -> np.ndarray:
@@ -103,7 +163,7 @@ def load_part(path: Path, shape: tuple, dtype, mmap: bool = False) -> np.ndarray
     return array
 
 
-def _save(path: Path, array: np.ndarray) -> None:
+def save_part(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
@@ -114,10 +174,15 @@ def kept_rows(keys: np.ndarray, rows: np.ndarray, cut_key: int, cut_row: int) ->
     return (keys > key) | ((keys == key) & (rows <= cut_row))
 
 
+def selection_keys(levels: np.ndarray, scores: np.ndarray, alive_level: int) -> np.ndarray:
+    """Order keys of the scores of S_i's rows (level T+1); every other row counts as -inf, below them all."""
+    return topk.order_keys(np.where(levels == alive_level, scores, np.float32(-np.inf)).astype(np.float32))
+
+
 # ---------------------------------------------------------------- the tasks
 
 _POOLS: dict[tuple, EmbeddingPool] = {}  # one open pool per process: a worker runs many tasks
-_FORMS: dict[str, QuadraticForm] = {}  # the round's C_t, loaded once per process
+_FORMS: dict[str, QuadraticForm] = {}  # the iteration's C_i, loaded once per process
 
 
 def _pool(task: Normsim2dTask) -> EmbeddingPool:
@@ -129,7 +194,7 @@ def _pool(task: Normsim2dTask) -> EmbeddingPool:
 
 
 def _form(task: Normsim2dTask, dim: int) -> QuadraticForm:
-    path = moment_file(task.parts_dir, task.round)
+    path = moment_file(task.parts_dir, task.iteration)
     try:
         stat = path.stat()
     except OSError:
@@ -141,61 +206,115 @@ def _form(task: Normsim2dTask, dim: int) -> QuadraticForm:
     return _FORMS[key]
 
 
-def _blocks(task: Normsim2dTask, pool: EmbeddingPool):
-    from curate.stages.normsim import _image_blocks
+def _blocks(task: Normsim2dTask, pool: EmbeddingPool, needed: np.ndarray):
+    from curate.stages.normsim import image_blocks
 
     # the cache when this process finds it, else the tables: the same blocks, the same bytes
-    return prefetch(_image_blocks(pool, task.cache_dir, task.start, task.stop, task.block_rows))
+    return prefetch(image_blocks(pool, task.cache_dir, task.start, task.stop, task.block_rows, needed))
 
 
-def _span_keys(task: Normsim2dTask, t: int) -> np.ndarray:
-    scores = load_part(score_file(task.parts_dir, t, task.name), (task.stop - task.start,), np.float32)
-    return topk.order_keys(scores)
+def _levels(task: Normsim2dTask, i: int) -> np.ndarray:
+    return load_part(level_file(task.parts_dir, i, task.name), (task.stop - task.start,), np.int16)
+
+
+def _scores(task: Normsim2dTask, i: int) -> np.ndarray:
+    return load_part(score_file(task.parts_dir, i, task.name), (task.stop - task.start,), np.float32)
 
 
 def normsim_2d_task(task: Normsim2dTask) -> dict:
     """Run one map task (module level, so worker processes and Ray can unpickle it)."""
     with blas_threads(task.blas_threads):
-        if task.kind == "moment":
-            return _moment_task(task)
+        if task.kind == "start":
+            return _start_task(task)
         if task.kind == "score":
             return _score_task(task)
+        if task.kind == "advance":
+            return _advance_task(task)
         return _select_task(task)
 
 
-def _moment_task(task: Normsim2dTask) -> dict:
-    pool = _pool(task)
-    kept = None
-    if task.cut_row >= 0:
-        keys = _span_keys(task, task.round - 1)
-        kept = kept_rows(keys, np.arange(task.start, task.stop), task.cut_key, task.cut_row)
+def _partial_moment(task: Normsim2dTask, pool: EmbeddingPool, members: np.ndarray, i: int) -> dict:
+    """Σ x xᵀ over the rows of subsample i among `members` (one float32 product per block, added in float64)
+    into m<i>; returns how many rows it summed."""
+    picked = members.copy()
+    for at in range(0, len(picked), 1 << 20):  # the draws' uint64 temporaries stay a few MiB
+        rows = np.arange(task.start + at, min(task.start + at + (1 << 20), task.stop))
+        picked[at:at + len(rows)] &= subsample_mask(rows, task.seed, i, task.subsample)
     moment = np.zeros((pool.dim, pool.dim), dtype=np.float64)
-    row = 0
-    for rows in _blocks(task, pool):
-        chosen = rows if kept is None else rows[kept[row:row + len(rows)]]
-        row += len(rows)
-        if len(chosen):  # one float32 product per block, added in float64
-            second_moment(chosen, moment, chunk_rows=len(chosen))
-    _save(moment_file(task.parts_dir, task.round, task.name), moment)
-    return {"task": task.name, "rows": int(row if kept is None else kept.sum())}
+    for _, _, rows in _blocks(task, pool, picked):  # the picked rows of each block
+        if rows is not None:
+            second_moment(rows, moment, chunk_rows=len(rows))
+    save_part(moment_file(task.parts_dir, i, task.name), moment)
+    return {"sampled": int(picked.sum())}
+
+
+def prefilter_members(pool: EmbeddingPool, start: int, stop: int, pairs: np.ndarray) -> np.ndarray:
+    """Which pool rows start..stop-1 (whole tables) have their uid in `pairs` (sorted, unique `u8,u8`)."""
+    import pyarrow.parquet as pq
+
+    from curate.io.uids import DATACOMP_DTYPE, uid_halves
+    from curate.stages.normsim import table_starts
+
+    members = []
+    for file, first in zip(pool.files, table_starts(pool)[:-1]):
+        if start <= first < stop:
+            high, low = uid_halves(pq.read_table(file, columns=["uid"]).column("uid"), str(file))
+            query = np.empty(len(high), dtype=DATACOMP_DTYPE)
+            query["f0"], query["f1"] = high, low
+            at = np.minimum(np.searchsorted(pairs, query), max(len(pairs) - 1, 0))
+            members.append(pairs[at] == query if len(pairs) else np.zeros(len(query), bool))
+    return np.concatenate(members) if members else np.zeros(0, bool)
+
+
+def _start_task(task: Normsim2dTask) -> dict:
+    pool = _pool(task)
+    alive = task.iterations + 1
+    if task.prefilter:
+        pairs = np.load(Path(task.parts_dir) / PREFILTER_FILE, mmap_mode="r")  # this run's own copy
+        members = prefilter_members(pool, task.start, task.stop, pairs)
+    else:
+        members = np.ones(task.stop - task.start, dtype=bool)
+    save_part(level_file(task.parts_dir, 0, task.name), np.where(members, alive, 0).astype(np.int16))
+    everyone = np.ones(task.stop - task.start, dtype=bool)  # the reference's C_0: before the pre-filter
+    return {"task": task.name, "rows": int(members.sum()), **_partial_moment(task, pool, everyone, 0)}
 
 
 def _score_task(task: Normsim2dTask) -> dict:
     pool = _pool(task)
     form = _form(task, pool.dim)
-    scores = np.empty(task.stop - task.start, dtype=np.float32)
-    row = 0
-    for rows in _blocks(task, pool):
-        scores[row:row + len(rows)] = form(rows)
-        row += len(rows)
-    _save(score_file(task.parts_dir, task.round, task.name), scores)
-    if task.last:
+    i, alive = task.iteration, task.iterations + 1
+    levels = _levels(task, i)
+    members = levels == alive
+    scored = np.ones(len(levels), dtype=bool) if i == 0 else members
+    scores = np.zeros(len(levels), dtype=np.float32) if i == 0 else _scores(task, i - 1).copy()
+    for first, end, rows in _blocks(task, pool, scored):  # the scored rows of each block
+        if rows is not None:
+            at = first - task.start
+            scores[at + np.flatnonzero(scored[at:end - task.start])] = form(rows)
+    save_part(score_file(task.parts_dir, i, task.name), scores)
+    if not task.histogram:
         return {"task": task.name}
-    return {"task": task.name, **score_histogram(scores)}
+    return {"task": task.name, **score_histogram(selection_keys(levels, scores, alive))}
 
 
 def _select_task(task: Normsim2dTask) -> dict:
-    return {"task": task.name, **answer_query(_span_keys(task, task.round), task.start, task.query)}
+    keys = selection_keys(_levels(task, task.iteration), _scores(task, task.iteration), task.iterations + 1)
+    return {"task": task.name, **answer_query(keys, task.start, task.query)}
+
+
+def _advance_task(task: Normsim2dTask) -> dict:
+    i, alive = task.iteration, task.iterations + 1
+    levels = _levels(task, i)
+    members = levels == alive
+    keys = selection_keys(levels, _scores(task, i), alive)
+    kept = members & kept_rows(keys, np.arange(task.start, task.stop), task.cut_key, task.cut_row)
+    levels = levels.copy()
+    levels[members & ~kept] = i + 1
+    save_part(level_file(task.parts_dir, i + 1, task.name), levels)
+    result = {"task": task.name, "rows": int(kept.sum())}
+    if i + 1 < task.iterations:
+        result.update(_partial_moment(task, _pool(task), kept, i + 1))
+    return result
 
 
 def answer_query(keys: np.ndarray, start: int, query: tuple) -> dict:
@@ -212,31 +331,35 @@ def answer_query(keys: np.ndarray, start: int, query: tuple) -> dict:
     return {"keys": keys[rows], "rows": start + rows.astype(np.int64)}
 
 
-def score_histogram(scores: np.ndarray) -> dict:
+def score_histogram(keys: np.ndarray) -> dict:
     """The score map's answer: the first 16-bit digit of every row's order key."""
-    return {"hist": topk.sparse_histogram(topk.digit_histogram(topk.order_keys(scores), 0))}
+    return {"hist": topk.sparse_histogram(topk.digit_histogram(keys, 0))}
 
 
 # ---------------------------------------------------------------- the driver
 
-class ScoreParts:
-    """The last round's scores in pool order, read part by part on slicing (for `write_score_table`)."""
+class ColumnParts:
+    """The normsim_2d column in pool order, computed part by part on slicing from the final levels and
+    scores (for `write_score_table`)."""
 
-    def __init__(self, parts_dir: Path, t: int, names: list[str], spans: list[tuple[int, int]]):
-        self.parts_dir, self.t, self.names, self.spans = parts_dir, t, names, spans
+    def __init__(self, parts_dir: Path, iterations: int, names: list[str], spans: list[tuple[int, int]]):
+        self.parts_dir, self.iterations, self.names, self.spans = parts_dir, iterations, names, spans
         self.n = spans[-1][1]
 
     def __len__(self) -> int:
         return self.n
 
-    def _part(self, index: int) -> np.ndarray:
+    def _part(self, index: int, lo: int, hi: int) -> np.ndarray:
         start, stop = self.spans[index]
-        return load_part(score_file(self.parts_dir, self.t, self.names[index]), (stop - start,), np.float32,
-                         mmap=True)
+        levels = load_part(level_file(self.parts_dir, self.iterations, self.names[index]), (stop - start,),
+                           np.int16, mmap=True)
+        scores = load_part(score_file(self.parts_dir, self.iterations - 1, self.names[index]), (stop - start,),
+                           np.float32, mmap=True)
+        return normsim_2d_column(levels[lo:hi], scores[lo:hi])
 
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, _ = index.indices(self.n)
-        pieces = [np.array(self._part(i)[max(start, a) - a:min(stop, b) - a])
+        pieces = [self._part(i, max(start, a) - a, min(stop, b) - a)
                   for i, (a, b) in enumerate(self.spans) if a < stop and start < b]
         return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
 
@@ -275,17 +398,45 @@ def select_cut(answers: list[dict], count: int, collect_rows: int, ask: Callable
         answers = ask(list(range(len(answers))), ("hist", prefix, bits))
 
 
-def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, iterations: int,
-                      final_fraction: float, *, executor: str = "local", workers: int = 1, tasks: int | None = None,
-                      retries: int = 1, ray_address: str | None = None, collect_rows: int | None = None,
-                      block_rows: int | None = None) -> tuple[ScoreParts, dict]:
-    """Run every round with its files in `root/normsim_2d-<layout hash>`; returns the last round's scores
-    (parts there: the caller deletes them, `remove_parts`) and what ran."""
+def prefilter_identity(prefilter: str) -> str:
+    """path|size|mtime of the pre-filter's uid file (a changed file gets a new parts directory)."""
+    if not prefilter:
+        return ""
+    from curate.stages.export import subset_file
+
+    path = subset_file(prefilter)
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def copy_prefilter(prefilter: str, parts_dir: Path) -> int:
+    """The pre-filter's uids, sorted and unique, into the parts directory (tasks map this copy, which no one
+    else truncates); returns how many."""
+    from curate.stages.export import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
+
+    path = subset_file(prefilter)
+    pairs = load_subset(path, mmap=True)  # only read here, and copied before the tasks map anything
+    if is_sorted_unique(pairs):  # as `curate filter` writes it: copied as bytes, never held in memory
+        with atomic_path(parts_dir / PREFILTER_FILE) as tmp:
+            shutil.copyfile(path, tmp)
+    else:
+        save_part(parts_dir / PREFILTER_FILE, sorted_unique_pairs(np.asarray(pairs)))
+    return len(np.load(parts_dir / PREFILTER_FILE, mmap_mode="r"))
+
+
+def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, options: Normsim2dOptions, *,
+                      executor: str = "local", workers: int = 1, tasks: int | None = None, retries: int = 1,
+                      ray_address: str | None = None, collect_rows: int | None = None,
+                      block_rows: int | None = None) -> tuple[ColumnParts, dict]:
+    """Run every iteration with its files in `root/normsim_2d-<layout hash>`; returns the column (parts there:
+    the caller deletes them, `remove_parts`) and what ran."""
     from curate.stages.normsim import normsim_task_spans
 
     started = time.perf_counter()
+    options = options.check()
     collect_rows = DEFAULT_COLLECT_ROWS if collect_rows is None else int(collect_rows)
-    layout = Normsim2dLayout(pool.fingerprint(), pool.n_rows, pool.dim, int(iterations), float(final_fraction),
+    layout = Normsim2dLayout(pool.fingerprint(), pool.n_rows, pool.dim, options.iterations, options.final_fraction,
+                             options.subsample, options.seed, prefilter_identity(options.prefilter),
                              int(block_rows or READ_BATCH_ROWS), int(tasks or DEFAULT_TASKS), np.__version__)
     spans = normsim_task_spans(pool, layout)
     names = task_names(len(spans))
@@ -293,14 +444,29 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, iter
     parts_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(parts_dir)  # left by writers killed in an earlier run
     source, threads = pool_source(emb_dir), blas_thread_count() or 0
-    fractions = normsim_2d_fractions(int(iterations), float(final_fraction))
+    iterations, n, dim = options.iterations, pool.n_rows, pool.dim
     map_rounds = 0
 
-    def task(i: int, kind: str, t: int, **fields) -> Normsim2dTask:
-        return Normsim2dTask(names[i], spans[i][0], spans[i][1], source, str(memmap_dir), layout.fingerprint,
-                             str(parts_dir), kind, t, layout.block_rows, threads, **fields)
+    def task(index: int, kind: str, i: int, **fields) -> Normsim2dTask:
+        return Normsim2dTask(names[index], spans[index][0], spans[index][1], source, str(memmap_dir),
+                             layout.fingerprint, str(parts_dir), kind, i, iterations, options.subsample,
+                             options.seed, layout.block_rows, threads, **fields)
 
+    def reduce_moment(i: int, results: list[dict]) -> int:
+        """C_i = the partials summed in span order (one float64 order for every executor) / k; returns k."""
+        moment = np.zeros((dim, dim), dtype=np.float64)
+        for name in names:
+            part = moment_file(parts_dir, i, name)
+            moment += load_part(part, (dim, dim), np.float64)
+            part.unlink()
+        sampled = sum(r["sampled"] for r in results)
+        save_part(moment_file(parts_dir, i), moment / sampled if sampled else moment)
+        return sampled
+
+    prefilter_uids = None
     try:
+        if options.prefilter:
+            prefilter_uids = copy_prefilter(options.prefilter, parts_dir)
         with executor_session(executor, workers=int(workers), ray_address=ray_address) as run:
 
             def submit(round_tasks: list[Normsim2dTask], label: str) -> list[dict]:
@@ -313,41 +479,61 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, iter
                 map_rounds += 1
                 return report.results
 
-            cut = (0, -1)
-            kept = [pool.n_rows]
-            for t in range(len(fractions)):
-                last = t == len(fractions) - 1
-                results = submit([task(i, "moment", t, cut_key=cut[0], cut_row=cut[1]) for i in range(len(spans))],
-                                 f"round {t + 1} moment")
-                if sum(r["rows"] for r in results) != kept[-1]:  # the cut must select exactly the count
-                    raise RuntimeError(f"round {t + 1}: the moment map saw {sum(r['rows'] for r in results)} kept "
-                                       f"rows, expected {kept[-1]}")
-                moment = np.zeros((pool.dim, pool.dim), dtype=np.float64)
-                for name in names:  # span order: one float64 summation order for every executor
-                    part = moment_file(parts_dir, t, name)
-                    moment += load_part(part, (pool.dim, pool.dim), np.float64)
-                    part.unlink()
-                _save(moment_file(parts_dir, t), moment)
-                for name in names if t else ():  # the previous round's scores were only needed for its cut
-                    score_file(parts_dir, t - 1, name).unlink(missing_ok=True)
-                results = submit([task(i, "score", t, last=last) for i in range(len(spans))], f"round {t + 1} score")
-                moment_file(parts_dir, t).unlink()
-                if last:
-                    break
-                count = keep_count(pool.n_rows, fractions[t + 1])
+            results = submit([task(i, "start", 0, prefilter=bool(options.prefilter)) for i in range(len(spans))],
+                             "start")
+            candidates = sum(r["rows"] for r in results)
+            if candidates == 0:
+                raise CurateError(f"--prefilter {options.prefilter}: none of its {prefilter_uids} uids is in the "
+                                  "pool; give the subset `curate filter` wrote from this pool's score tables")
+            try:
+                sizes = nested_sizes(n, candidates, options.final_fraction, iterations)
+            except ValueError as exc:
+                raise CurateError(f"--prefilter {options.prefilter}: {exc}; lower --final-fraction or keep more "
+                                  "in the pre-filter") from None
+            subsampled = [reduce_moment(0, results)]
+            for i in range(iterations):
+                select = sizes[i + 1] < sizes[i]
+                results = submit([task(k, "score", i, histogram=select) for k in range(len(spans))],
+                                 f"iteration {i + 1} score")
+                moment_file(parts_dir, i).unlink()
+                for name in names if i else ():  # the previous scores live on in this iteration's
+                    score_file(parts_dir, i - 1, name).unlink(missing_ok=True)
+                cut = (0, n)  # nothing to remove: every key >= 0 passes
+                if select:
 
-                def ask(indices: list[int], query: tuple, t=t) -> list[dict]:
-                    return submit([task(i, "select", t, query=query) for i in indices], f"round {t + 1} selection")
+                    def ask(indices: list[int], query: tuple, i=i) -> list[dict]:
+                        return submit([task(k, "select", i, query=query) for k in indices],
+                                      f"iteration {i + 1} selection")
 
-                cut_key, cut_row = select_cut(results, count, collect_rows, ask)
-                cut = (int(cut_key), int(cut_row))
-                kept.append(count)
+                    cut = tuple(int(c) for c in select_cut(results, sizes[i + 1], collect_rows, ask))
+                results = submit([task(k, "advance", i, cut_key=cut[0], cut_row=cut[1]) for k in range(len(spans))],
+                                 f"iteration {i + 1} advance")
+                if sum(r["rows"] for r in results) != sizes[i + 1]:  # the cut must select exactly the count
+                    raise RuntimeError(f"iteration {i + 1}: the advance map kept {sum(r['rows'] for r in results)} "
+                                       f"rows, expected {sizes[i + 1]}")
+                for name in names:
+                    level_file(parts_dir, i, name).unlink(missing_ok=True)
+                if i + 1 < iterations:
+                    subsampled.append(reduce_moment(i + 1, results))
     except BaseException:
         remove_parts(parts_dir, root)  # a rerun starts over: nothing here is reused
         raise
     finally:
-        _POOLS.clear()  # in process: drop the pool and C_t after the run
+        _POOLS.clear()  # in process: drop the pool and C_i after the run
         _FORMS.clear()
+    (parts_dir / PREFILTER_FILE).unlink(missing_ok=True)
     info = {"executor": executor, "workers": int(workers), "tasks": len(spans), "map_rounds": map_rounds,
-            "kept_rows": kept, "seconds": round(time.perf_counter() - started, 3)}
-    return ScoreParts(parts_dir, len(fractions) - 1, names, spans), info
+            "kept_rows": sizes, "subsample_rows": subsampled, "prefilter_uids": prefilter_uids,
+            "seconds": round(time.perf_counter() - started, 3)}
+    return ColumnParts(parts_dir, iterations, names, spans), info
+
+
+def options_from(iterations=None, final_fraction=None, subsample=None, seed=None, prefilter=None
+                 ) -> Normsim2dOptions:
+    """Options with None meaning the default (for callers passing CLI or recipe values through)."""
+    defaults = Normsim2dOptions()
+    return Normsim2dOptions(defaults.iterations if iterations is None else iterations,
+                            defaults.final_fraction if final_fraction is None else final_fraction,
+                            defaults.subsample if subsample is None else subsample,
+                            defaults.seed if seed is None else seed,
+                            str(os.fspath(prefilter)) if prefilter else "")
