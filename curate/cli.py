@@ -65,11 +65,11 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # outside typer's own handling
-        console.print(interrupted_message(), highlight=False)
+        console.print(interrupted_message(), highlight=False, soft_wrap=True)
         sys.exit(130)
     except SystemExit as exc:
         if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
-            console.print(interrupted_message(), highlight=False)
+            console.print(interrupted_message(), highlight=False, soft_wrap=True)
         raise
 
 

@@ -81,6 +81,7 @@ class DecodedSample:
 
 # ---------------------------------------------------------------- shard lists
 
+EMPTY_SHARD = "empty file (0 bytes): the shard holds no samples; was its download or copy cut short?"
 PIPE_PREFIX = "pipe:"  # webdataset's convention: `pipe:COMMAND` reads the shard from the command's stdout
 
 
@@ -245,6 +246,9 @@ def _iter_tar(url: str, on_problem: ProblemFn, compressed_error: str | None = No
             damaged = None
         except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
             damaged = exc
+        if tail.total == 0 and not compressed:  # not damage: a file with nothing in it (an interrupted copy?)
+            on_problem("", EMPTY_SHARD)
+            return
         if damaged is not None and compressed and tail.total == 0:
             # not compressed after all (a damaged plain tar can start with a magic number): read it as it is
             yield from _iter_tar(url, on_problem, compressed_error=f"{type(damaged).__name__}: {damaged}")
@@ -261,9 +265,7 @@ def _iter_tar(url: str, on_problem: ProblemFn, compressed_error: str | None = No
         damage, last_complete = tail.end_problem(member_end, found_member, key)
         if key is not None and last_complete:
             yield RawSample(key, members, url, index)
-        if tail.total == 0:  # not damage: a file with nothing in it (an interrupted download or copy?)
-            on_problem("", "empty file (0 bytes): the shard holds no samples; was its download or copy cut short?")
-        elif damage:
+        if damage:
             kept = "samples before it are kept" if last_complete or key is None else \
                 f"the last sample {key!r} may be incomplete and is not read"
             on_problem(key or "", f"corrupt or truncated tar: {damage}; {kept}")

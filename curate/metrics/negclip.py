@@ -124,7 +124,8 @@ def lse_terms(image, text, batches: Iterable[Batch], logit_scale: float, device:
 
     `image`, `text`: (N, D) arrays indexable by sorted integer arrays (numpy arrays, memmaps or PoolRows;
     fp16 is fine, rows are converted to float32 on `device`). Rows of the next batch are gathered in a
-    background thread while the current batch computes. `on_batch(rows)` is called after each batch.
+    background thread while the current batch computes. `on_batch(n)` is called after each batch with the
+    number of samples whose term it gives (a ragged batch's fill rows not counted: K partitions count K·N).
     """
     device = torch.device(device)
 
@@ -146,7 +147,7 @@ def lse_terms(image, text, batches: Iterable[Batch], logit_scale: float, device:
             row, col = batch_lse(v.to(device), t.to(device), logit_scale, tile_elements)
             yield batch, (row + col).cpu().numpy()
             if on_batch is not None:
-                on_batch(len(batch.members))
+                on_batch(int(batch.own.sum()))  # the samples whose term this batch gives (fill rows excluded)
 
 
 def negclip_lse_sum(image, text, logit_scale: float, k: int, batch_size: int, seed: int,
