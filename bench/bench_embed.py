@@ -55,7 +55,8 @@ def predecode(corpus: Path, teacher) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(work: Path, samples: int, batch_size: int, workers: int, device: str, repeats: int, log=print) -> dict:
     from curate.models import load_teacher
-    from curate.stages.embed import EmbedConfig, embed
+    from curate.stages.embed import EmbedConfig
+    from curate.stages.embed.entry import run as embed
 
     corpus = make_corpus_once(work / f"embed-corpus-{samples}", samples, shards=max(1, workers))
     teacher = load_teacher(MODEL, "none", device=device)
@@ -89,7 +90,7 @@ def run(work: Path, samples: int, batch_size: int, workers: int, device: str, re
         summary = embed(str(corpus), out, config, progress=lambda rows: ends.append(time.perf_counter()))
         timings["stage_ends"] = ends + [time.perf_counter()]  # the last write and marker count too
         timings["stage_start"] = start
-        timings["embedded"] = summary["embedded"]
+        timings["embedded"] = summary.embedded
 
     steady = {"stage": [], "limit": []}
 

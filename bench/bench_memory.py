@@ -1,7 +1,7 @@
 """Peak memory of the pool-wide stages at pool scale: score (negclip), normsim, filter, each in a fresh process.
 
 For each pool size N (d = 512, fp16, 50k-row tables), in order:
-  score      `score(pool, "clipscore,negclip", k=1, batch_size=B)`, cold: it also builds the fp16 `.npy`
+  score      `score.run(pool, out, ScoreConfig(k=1, batch_size=B))`, cold: it also builds the fp16 `.npy`
              caches (this is the pass that writes N·D·2·2 bytes).
   normsim_inf `normsim(pool, target 1000×512, "inf")`, streamed from the Parquet tables (no cache given).
   normsim_2  `normsim(pool, target, "2")` with the score's cache directory: reads the fp16 cache.
@@ -25,7 +25,8 @@ from pool import make_pool, random_unit_rows
 
 SETUP = """
 import numpy as np, torch
-from curate.stages.score import score
+from curate.config import configure
+from curate.stages import score
 from curate.stages.normsim import normsim
 from curate.stages.filter import filter_pool
 import pyarrow, faiss
@@ -35,8 +36,8 @@ import pyarrow, faiss
 def stage_bodies(pool: Path, target: Path, work: Path, batch_size: int) -> dict[str, str]:
     cache, scores, ns_inf, ns_2 = work / "cache", work / "scores.parquet", work / "ns_inf.parquet", work / "ns_2.parquet"
     return {
-        "score": f"score({str(pool)!r}, 'clipscore,negclip', {str(scores)!r}, k=1, batch_size={batch_size}, "
-                 f"seed=0, device='cpu', cache_dir={str(cache)!r})",
+        "score": f"score.run({str(pool)!r}, {str(scores)!r}, *configure(score.ScoreConfig, k=1, "
+                 f"batch_size={batch_size}, seed=0, device='cpu', cache_dir={str(cache)!r}))",
         "normsim_inf": f"normsim({str(pool)!r}, {str(target)!r}, 'inf', {str(ns_inf)!r}, device='cpu')",
         "normsim_2": f"normsim({str(pool)!r}, {str(target)!r}, '2', {str(ns_2)!r}, device='cpu', "
                      f"cache_dir={str(cache)!r})",

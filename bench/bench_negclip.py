@@ -44,7 +44,7 @@ def gather_rate(pool_dir: Path, cache: Path, batch_size: int, batches: int = 8) 
     page-cached fp16 caches: the I/O side of negclip at scale."""
     from curate.io.tables import EmbeddingPool
     from curate.metrics.negclip import partition_batches
-    from curate.stages.score import PoolRows
+    from curate.stages.common import PoolRows
 
     pool = EmbeddingPool(pool_dir)
     image, text = PoolRows(pool, "image_embedding", cache), PoolRows(pool, "text_embedding", cache)
@@ -60,7 +60,7 @@ def gather_rate(pool_dir: Path, cache: Path, batch_size: int, batches: int = 8) 
 
 def run(work: Path, n_rows: int, dim: int, k: int, batch_size: int, repeats: int, device: str = "cpu",
         log=print) -> dict:
-    from curate.stages.score import score
+    from common import run_score
 
     started = time.perf_counter()
     pool_dir = make_pool(work / f"pool-{n_rows}x{dim}", n_rows, dim, rows_per_file=50_000)
@@ -74,7 +74,7 @@ def run(work: Path, n_rows: int, dim: int, k: int, batch_size: int, repeats: int
     logit_scale = 100.0
 
     cold_start = time.perf_counter()
-    score(pool_dir, "negclip", out, k=k, batch_size=batch_size, seed=0, device=device, cache_dir=cache)
+    run_score(pool_dir, out, metrics="negclip", k=k, batch_size=batch_size, seed=0, device=device, cache_dir=cache)
     cold = time.perf_counter() - cold_start
     log(f"  negclip cold run (builds the fp16 cache): {cold:.2f} s")
 
@@ -84,7 +84,7 @@ def run(work: Path, n_rows: int, dim: int, k: int, batch_size: int, repeats: int
         result["limit_scores"] = bare_negclip(image, text, logit_scale, k, batch_size, 0)
 
     def stage():
-        score(pool_dir, "negclip", out, k=k, batch_size=batch_size, seed=0, device=device, cache_dir=cache)
+        run_score(pool_dir, out, metrics="negclip", k=k, batch_size=batch_size, seed=0, device=device, cache_dir=cache)
 
     comparison = compare(stage, limit, repeats, log, "negclip")
     import pyarrow.parquet as pq

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from common import compare
-from curate.io.tables import EmbeddingPool
 from pool import load_pool_arrays, make_pool, random_unit_rows
 
 

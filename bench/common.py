@@ -185,3 +185,11 @@ def gib(x: float) -> str:
 
 def mib(x: float) -> str:
     return f"{x / 2**20:.0f} MiB"
+
+
+def run_score(emb, out, progress=None, **values):
+    """`curate.stages.score.run` with its options as keywords (split between ScoreConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.score import ScoreConfig, run
+
+    return run(emb, out, *configure(ScoreConfig, **values), progress=progress)

@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from curate.stages.normsim import normsim
-    from curate.stages.score import score
+    from common import run_score
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -69,8 +69,7 @@ def main() -> int:
     runs = {}
     for device in ("cpu", args.device, args.device):
         out = work / f"score-{device}-{len(runs)}.parquet"
-        seconds = timed(lambda: score(pool, "clipscore,negclip", out, k=2, batch_size=4096, seed=0, device=device,
-                                      cache_dir=cache))
+        seconds = timed(lambda: run_score(pool, out, metrics="clipscore,negclip", k=2, batch_size=4096, seed=0, device=device, cache_dir=cache))
         runs[out] = seconds
         print(f"score on {device}: {seconds:.2f} s")
     (cpu_out, dev_out, dev_again) = list(runs)

@@ -14,7 +14,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
+from curate.stages import embed as embed_stage
+from curate.stages.embed import EmbedConfig
+from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate web-scale image-text corpora with a CLIP teacher.")
@@ -181,84 +185,51 @@ RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="auto or HOST:PORT
 MAP_WORKERS_OPTION = typer.Option(1, help="local executor: processes running the map tasks (1: this process).")
 
 
-@app.command("embed")
+@stage_command(app, "embed", EmbedConfig, embed_stage.RUN_OPTIONS)
 def embed_cmd(
     shards: List[str] = typer.Argument(..., help="Directory, glob, brace pattern (data/{00000..00009}.tar), fsspec URL "
                                                  "or pipe:COMMAND; with --images-only also an ImageFolder DIR/CLASS/*.jpg."),
     out: Path = typer.Option(..., "--out", help="Embedding directory: one <stem>.parquet per shard."),
-    model: str = typer.Option("ViT-L-14", help="open_clip model name (ViT-L-14, ViT-B-32, curate-tiny, ...)."),
-    pretrained: str = typer.Option("openai", help="open_clip tag (openai, laion2b_...), a local checkpoint path, "
-                                                  "or none (random weights, asked for by name)."),
-    images_only: bool = typer.Option(False, "--images-only", help="Embed images alone (no captions needed; "
-                                     "ImageFolder layout accepted), e.g. a NormSim target."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Re-embed finished shards of OUT that were made with "
-                                   "another teacher, precision or mode (default: refuse)."),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (autocast on CUDA)."),
-    workers: int = typer.Option(2, help="DataLoader decode workers."),
-    keep_json: bool = typer.Option(True, "--keep-json/--no-keep-json", help="Keep each sample's .json as a `json` column."),
-    rank: Optional[int] = RANK_OPTION,
-    world_size: Optional[int] = WORLD_SIZE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    tasks: int = typer.Option(1, help="Split this rank's shards into this many tasks (one teacher load each)."),
-    retries: int = RETRIES_OPTION,
-    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed task."),
-    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    *, cfg: EmbedConfig, opts: RunOptions,
 ):
     """Embed tar shards with a CLIP teacher into L2-normalised fp16 Parquet tables keyed by uid."""
-    from curate.stages.embed import EmbedConfig, embed
+    from curate.stages.embed import entry as embed
     from curate.ui import embed_summary_line, embed_summary_table, sample_progress
 
-    config = EmbedConfig(model, pretrained, device, precision, batch_size, workers, keep_json, images_only)
     on_interrupt(lambda: f"{finished_units(out, 'embed')} shard(s) finished in {out}")
     with sample_progress("embed") as advance:
-        result = embed(shards, out, config, rank, world_size, executor, tasks, retries, fail_fast, ray_address,
-                       progress=advance, overwrite=overwrite)
-    if result["shards"] or result["failures"]:
+        result = embed.run(shards, out, cfg, opts, progress=advance)
+    if result.shards or result.failures:
         console.print(embed_summary_table(result))
     console.print(embed_summary_line(result), highlight=False)
-    if result["redone"]:
-        console.print(f"--overwrite: {len(result['redone'])} shard(s) made with other parameters were embedded again")
-    if result["random_init"]:
+    if result.redone:
+        console.print(f"--overwrite: {len(result.redone)} shard(s) made with other parameters were embedded again")
+    if result.random_init:
         console.print("[bold yellow]warning[/]: --pretrained none: a randomly initialised teacher; these embeddings "
                       "carry no meaning (recorded as random_init in the tables' metadata)", highlight=False)
-    if result["content_uids"]:
-        console.print(f"[yellow]note[/]: {result['content_uids']:,} of {result['embedded']:,} uids were derived from "
+    if result.content_uids:
+        console.print(f"[yellow]note[/]: {result.content_uids:,} of {result.embedded:,} uids were derived from "
                       "content (no valid `uid` in the sample's .json, as in img2dataset's default shards). "
                       "DataComp's resharder finds samples by that field, so it cannot copy these from the input "
                       "shards; `curate export` writes the uid into each exported sample's .json.", highlight=False)
-    if result["failures"]:
-        names = ", ".join(f["task"] for f in result["failures"])
-        raise CurateError(f"embed: {len(result['failures'])} task(s) failed after retries ({names}); "
-                          f"finished shards are kept, rerun to retry. First error: {result['failures'][0]['error'].splitlines()[-1]}")
+    if result.failures:
+        names = ", ".join(f["task"] for f in result.failures)
+        raise CurateError(f"embed: {len(result.failures)} task(s) failed after retries ({names}); "
+                          f"finished shards are kept, rerun to retry. First error: {result.failures[0]['error'].splitlines()[-1]}")
 
 # ---------------------------------------------------------------- score / normsim
 
-def _rate_line(command: str, result: dict, detail: str) -> str:
-    return (f"[bold]{command}[/]: {result['rows']:,} rows in {result['seconds']:.2f} s "
-            f"({result['rows_per_s']:,.0f} rows/s), {detail} -> {result['out']}")
+def rate_line(command: str, result, detail: str) -> str:
+    rows, seconds, rate, out = ((result[k] for k in ("rows", "seconds", "rows_per_s", "out")) if isinstance(result, dict)
+                                else (result.rows, result.seconds, result.rows_per_s, result.out))
+    return f"[bold]{command}[/]: {rows:,} rows in {seconds:.2f} s ({rate:,.0f} rows/s), {detail} -> {out}"
 
 
-@app.command("score")
+@stage_command(app, "score", ScoreConfig, SCORE_RUN_OPTIONS)
 def score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    metric: str = typer.Option("clipscore,negclip", "--metric", help="Comma-separated: clipscore, negclip."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + one float32 column per metric."),
-    k: int = typer.Option(10, "--k", help="negclip: number of random partitions of the pool (K)."),
-    batch_size: int = typer.Option(32768, "--batch-size", help="negclip: batch size B (min(B, N) is used)."),
-    seed: int = typer.Option(0, "--seed", help="negclip: partition seed; the same seed gives identical scores."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the fp16 memmap caches go "
-                                             "(default: OUT's directory/.curate-cache)."),
-    rank: Optional[int] = RANK_OPTION,
-    world_size: Optional[int] = WORLD_SIZE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    workers: int = MAP_WORKERS_OPTION,
-    tasks: Optional[int] = typer.Option(None, help="negclip: map tasks the K x ceil(N/B) batches are cut into, "
-                                        "the same for every rank (default 32)."),
-    retries: int = RETRIES_OPTION,
-    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    *, cfg: ScoreConfig, opts: RunOptions,
 ):
     """CLIPScore and negCLIPLoss (Wang et al. 2024, Eq. 2) of every sample, exact and seeded.
 
@@ -266,29 +237,27 @@ def score_cmd(
     map tasks with completion markers under OUT.parts/; the rank that finishes last writes the table,
     byte-identical to a one-process run.
     """
-    from curate.stages.score import score
+    from curate.stages import score
     from curate.ui import sample_progress
 
     on_interrupt(lambda: "finished negclip map tasks (if any ran as tasks) are kept beside the output")
     with sample_progress("score") as advance:
-        result = score(emb, metric, out, k=k, batch_size=batch_size, seed=seed, device=device,
-                       cache_dir=cache_dir, progress=advance, executor=executor, workers=workers,
-                       ray_address=ray_address, rank=rank, world_size=world_size, retries=retries, tasks=tasks)
-    params = result["params"]
-    tasks_info = result.get("negclip_tasks")
-    if result["out"] is None:
+        result = score.run(emb, out, cfg, opts, progress=advance)
+    params = result.params
+    tasks_info = result.negclip_tasks
+    if result.out is None:
         console.print(f"[bold]score[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
                       f"({tasks_info['ran']} negclip map tasks run, {tasks_info['already_done']} already done); "
                       f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
                       f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
         return
-    detail = ", ".join(result["metrics"])
-    if "negclip" in result["metrics"]:
+    detail = ", ".join(result.metrics)
+    if "negclip" in result.metrics:
         detail += f" (K={params['k']}, B={params['effective_batch_size']}, seed={params['seed']})"
     if tasks_info:
         detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
                    f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
-    console.print(_rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
+    console.print(rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
 
 
 @app.command("normsim")
@@ -370,7 +339,7 @@ def normsim_cmd(
                    f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
     if result.get("note"):
         detail += f"; {result['note']}"
-    console.print(_rate_line("normsim", result, detail), highlight=False)
+    console.print(rate_line("normsim", result, detail), highlight=False)
 
 
 # ---------------------------------------------------------------- filter / export / import

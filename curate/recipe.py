@@ -19,6 +19,7 @@ embed and export resume shard by shard on their own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -27,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from curate.config import RunOptions, config_from_table, recipe_keys
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
+from curate.stages.embed import EmbedConfig
+from curate.stages.score import ScoreConfig
 from curate.run.markers import Markers
 from curate.stages.normsim_2d import Normsim2dOptions
 
@@ -36,22 +40,29 @@ REQUIRED = object()
 NORMSIM_2D = Normsim2dOptions()  # the defaults of `curate normsim --p 2d`, so the recipe's are the same
 NORMSIM_2D_KEYS = ("iterations", "final_fraction", "subsample", "seed", "prefilter")
 
-# section -> key -> (type(s), default). Types are checked; unknown keys are errors naming the key.
-SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
-    "run": {"dir": (str, REQUIRED), "executor": (str, "local"), "workers": (int, 1), "ray_address": (str, ""),
-            "device": (str, "auto"), "retries": (int, 1)},
-    "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
-              "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
+# A section's keys: its inputs and outputs (paths, relative to [run] dir; REQUIRED or a default) written here,
+# then every option of its stage's config (curate/config.py), generated: the same names, defaults and checks
+# as the command line. [run] device is the default of every section's `device`.
+SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
+    "run": (RunOptions, None),
     # the same teacher default as `curate embed` (the paper's ViT-L-14/openai); "tiny-cached" names the
     # project's self-trained curate-tiny and "none" random weights, both only when written out
-    "teacher": {"model": (str, "ViT-L-14"), "pretrained": (str, "openai"), "precision": (str, "fp32")},
-    "embed": {"shards": (str, REQUIRED), "out": (str, "emb"), "batch_size": (int, 256), "workers": (int, 2),
-              "tasks": (int, 1), "images_only": (bool, False)},
-    "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb"), "batch_size": (int, 256),
-                     "workers": (int, 2), "tasks": (int, 1), "images_only": (bool, False)},
+    "teacher": (EmbedConfig, "teacher"),
+    "embed": (EmbedConfig, None),
+    "embed_target": (EmbedConfig, None),
+    "score": (ScoreConfig, None),
+}
+# section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
+# errors naming the key.
+SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
+    "run": {"dir": (str, REQUIRED), "device": (str, "auto")},
+    "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
+              "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
+    "teacher": {},
+    "embed": {"shards": (str, REQUIRED), "out": (str, "emb")},
+    "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb")},
     "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
-    "score": {"metrics": (list, ["clipscore", "negclip"]), "k": (int, 10), "batch_size": (int, 32768),
-              "seed": (int, 0), "out": (str, "scores.parquet")},
+    "score": {"out": (str, "scores.parquet")},
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
                 "index": (str, "flat"), "iterations": (int, NORMSIM_2D.iterations),
                 "final_fraction": ((float, int), NORMSIM_2D.final_fraction),
@@ -66,8 +77,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "truth": {"subsets": (list, [])},
     "report": {"out": (str, "report.html")},
 }
-CHOICES = {("run", "executor"): ("local", "ray"), ("run", "device"): ("auto", "cpu", "cuda"),
-           ("teacher", "precision"): ("fp32", "fp16", "bf16"), ("import_datacomp", "arch"): ("l14", "b32"),
+CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32"),
            ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
            ("filter", "fraction_rule"): ("exact", "datacomp")}
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
@@ -104,12 +114,15 @@ def load_recipe(path: str | Path) -> dict:
         raise CurateError(f"{path}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
     if "run" not in raw:
         raise CurateError(f"{path}: missing [run] section (it needs at least `dir`)")
-    recipe: dict[str, Any] = {}
+    recipe: dict[str, Any] = {"run": _validate(path, "run", raw["run"])}
+    defaults = {"device": recipe["run"]["device"]}
     for section, value in raw.items():
+        if section == "run":
+            continue
         entries = value if section == "filter" else [value]
         if section == "filter" and not isinstance(value, list):
             raise CurateError(f"{path}: write filters as [[filter]] tables (a list), each with a `name`")
-        recipe[section] = [_validate(path, section, e) for e in entries]
+        recipe[section] = [_validate(path, section, e, defaults) for e in entries]
         if section != "filter":
             recipe[section] = recipe[section][0]
     names = [f["name"] for f in recipe.get("filter", [])]
@@ -162,15 +175,30 @@ def prefilter_filter(recipe: dict) -> dict | None:
     return next((f for f in recipe.get("filter", []) if name and f["name"] == name), None)
 
 
-def _validate(path: Path, section: str, table: Any) -> dict:
+def section_keys(section: str) -> list[str]:
+    """Every key a section takes: its own (SCHEMA), then its stage config's options."""
+    keys = list(SCHEMA[section])
+    if section in SECTION_CONFIGS:
+        keys += [k for k in recipe_keys(*SECTION_CONFIGS[section]) if k not in keys]
+    return keys
+
+
+def _validate(path: Path, section: str, table: Any, defaults: dict | None = None) -> dict:
     if not isinstance(table, dict):
         raise CurateError(f"{path}: [{section}] must be a table of keys")
     spec = SCHEMA[section]
+    known = section_keys(section)
     for key in table:
-        if key not in spec:
-            raise CurateError(f"{path}: [{section}] unknown key {key!r}; known: {', '.join(spec)}")
+        if key not in known:
+            raise CurateError(f"{path}: [{section}] unknown key {key!r}; known: {', '.join(known)}")
     out = {}
+    if section in SECTION_CONFIGS:  # the options: checked as the stage checks them, defaults filled in
+        config, config_section = SECTION_CONFIGS[section]
+        cfg = config_from_table(config, table, f"{path}: [{section}]", config_section, defaults)
+        out.update({name: getattr(cfg, name) for name in recipe_keys(config, config_section)})
     for key, (types, default) in spec.items():
+        if key in out:
+            continue
         if key not in table:
             if default is REQUIRED:
                 raise CurateError(f"{path}: [{section}] needs `{key}`")
@@ -190,15 +218,23 @@ def _validate(path: Path, section: str, table: Any) -> dict:
     return out
 
 
+def run_options(run: dict) -> RunOptions:
+    """The recipe's [run] executor settings as every stage's RunOptions."""
+    return RunOptions(**{name: run[name] for name in recipe_keys(RunOptions)})
+
+
 def executor_options(run: dict) -> dict:
-    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages (score, normsim,
-    filter, export)."""
+    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages still taking them
+    one by one (normsim, filter, export)."""
     return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
             "ray_address": run["ray_address"] or None}
 
 
-def require_reduced(result: dict, step: str, tasks_key: str) -> dict:
-    """A map/reduce stage's summary, or an error when this Slurm rank's peers are not done (nothing to chain yet)."""
+def require_reduced(result, step: str, tasks_key: str) -> dict:
+    """A map/reduce stage's summary (as a dict), or an error when this Slurm rank's peers are not done (nothing
+    to chain yet)."""
+    if not isinstance(result, dict):
+        result = dataclasses.asdict(result)
     if result["out"] is None:
         raise CurateError(f"{step}: {result[tasks_key]['missing']} map tasks of other ranks are still missing; "
                           "rerun when they are done")
@@ -210,7 +246,7 @@ def plan(recipe: dict) -> list[Step]:
     run = recipe["run"]
     root = Path(run["dir"])
     at = lambda p: p if ("://" in p or Path(p).is_absolute() or p in NAMED_TARGETS) else str(root / p)  # noqa: E731
-    teacher = recipe.get("teacher", SCHEMA_DEFAULTS("teacher"))
+    teacher = recipe.get("teacher") or {k: o.default for k, o in recipe_keys(EmbedConfig, "teacher").items()}
     steps: list[Step] = []
 
     def add(name, section, params, inputs, outputs, fn):
@@ -259,15 +295,15 @@ def plan(recipe: dict) -> list[Step]:
             shards, out = at(e["shards"]), at(e["out"])
 
             def run_embed(bar=None, e=e, shards=shards, out=out, section=section):
-                from curate.stages.embed import EmbedConfig, embed
+                from curate.stages.embed import entry
 
-                config = EmbedConfig(teacher["model"], teacher_weights(), run["device"], teacher["precision"],
-                                     e["batch_size"], e["workers"], images_only=e["images_only"])
-                result = embed(shards, out, config, executor=run["executor"], tasks=e["tasks"],
-                               retries=run["retries"], ray_address=run["ray_address"] or None, progress=bar)
-                if result["failures"]:
-                    raise CurateError(f"{section}: {len(result['failures'])} task(s) failed; rerun to retry")
-                return {k: result[k] for k in ("embedded", "skipped", "shards_total", "content_uids", "seconds")}
+                options = {k: e[k] for k in recipe_keys(EmbedConfig)}
+                config = EmbedConfig(**{**teacher, "pretrained": teacher_weights()}, **options)
+                result = entry.run(shards, out, config, run_options(run), progress=bar)
+                if result.failures:
+                    raise CurateError(f"{section}: {len(result.failures)} task(s) failed; rerun to retry")
+                return {k: getattr(result, k) for k in ("embedded", "skipped", "shards_total", "content_uids",
+                                                        "seconds")}
             add(section, section, {**e, "teacher": teacher_identity}, [shards], [out], run_embed)
 
     emb = at(recipe.get("embed", recipe.get("import_datacomp", {"out": "emb"}))["out"])
@@ -287,11 +323,11 @@ def plan(recipe: dict) -> list[Step]:
         score_tables.append(out)
 
         def run_score(bar=None, s=s, out=out):
-            from curate.stages.score import score
+            from curate.stages import score
 
-            result = score(emb, s["metrics"], out, s["k"], s["batch_size"], s["seed"], run["device"],
-                           progress=bar, **executor_options(run))
-            return require_reduced(result, "score", "negclip_tasks")
+            config = ScoreConfig(**{k: s[k] for k in recipe_keys(ScoreConfig)})
+            return require_reduced(score.run(emb, out, config, run_options(run), progress=bar), "score",
+                                   "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
 
     subsets: dict[str, str] = {}
@@ -392,10 +428,6 @@ def plan(recipe: dict) -> list[Step]:
         step.params["upstream"] = upstream
         upstream = step.digest
     return steps
-
-
-def SCHEMA_DEFAULTS(section: str) -> dict:  # noqa: N802 - reads like a constant
-    return {k: v for k, (_, v) in SCHEMA[section].items() if v is not REQUIRED}
 
 
 def step_status(step: Step, markers: Markers) -> str:

@@ -78,10 +78,10 @@ def sample_progress(label: str, total: float | None = None, unit: str = "samples
         bar.close()
 
 
-def embed_summary_line(result: dict) -> str:
-    return (f"embed: {result['embedded']:,} embedded, {result['skipped']:,} skipped, "
-            f"{result['shards_skipped_done']} of {result['shards_total']} shards already done, "
-            f"{result['seconds']:.1f} s -> {result['out']}")
+def embed_summary_line(result) -> str:
+    return (f"embed: {result.embedded:,} embedded, {result.skipped:,} skipped, "
+            f"{result.shards_skipped_done} of {result.shards_total} shards already done, "
+            f"{result.seconds:.1f} s -> {result.out}")
 
 
 def embed_summary_table(result: dict, max_rows: int = 20) -> Table:
@@ -89,11 +89,11 @@ def embed_summary_table(result: dict, max_rows: int = 20) -> Table:
     table = Table()
     for col in ("shard", "embedded", "skipped", "notes", "skip reasons"):  # fold, never cut: names must stay apart
         table.add_column(col, justify="right" if col in ("embedded", "skipped", "notes") else "left", overflow="fold")
-    for f in result.get("failures", []):
+    for f in result.failures:
         table.add_row(f["task"], "-", "-", "-", f"FAILED after {f['attempts']} attempt(s): "
                       f"{f['error'].splitlines()[-1] if f['error'] else 'error'}")
     # shards with skips or notes first: with thousands of shards the damaged ones must not hide below the cut
-    shards = sorted(result["shards"], key=lambda s: not (s["skipped"] or s["notes"]))
+    shards = sorted(result.shards, key=lambda s: not (s["skipped"] or s["notes"]))
     for s in shards[:max_rows]:
         reasons = ", ".join(f"{k} ×{v}" for k, v in sorted(s["reasons"].items()))
         table.add_row(s["shard"], f"{s['embedded']:,}", f"{s['skipped']:,}", f"{s['notes']:,}", reasons)

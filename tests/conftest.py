@@ -88,3 +88,11 @@ def one_line_error(code: int, text: str) -> str:
     lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, text
     return lines[0]
+
+
+def run_score(emb, out, progress=None, **values):
+    """`curate.stages.score.run` with its options as keywords (split between ScoreConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.score import ScoreConfig, run
+
+    return run(emb, out, *configure(ScoreConfig, **values), progress=progress)

@@ -56,7 +56,7 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
     from conftest import make_embedding_dir
     from curate.io.uids import write_uid_npy
     from curate.stages.export import export_subset
-    from curate.stages.score import score
+    from conftest import run_score
     from test_export import make_shard, sample, uid_of
 
     pid = dead_pid()
@@ -72,11 +72,11 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
     stale = [plant(out.parent), plant(out.parent / ".curate-cache")]
     parts = out.parent / "s.parquet.parts"
     for rank in range(2):  # map/reduce parts, kept by a rank split
-        score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3, rank=rank, world_size=2)
+        run_score(emb, out, metrics="clipscore,negclip", k=2, batch_size=8, device="cpu", tasks=3, rank=rank, world_size=2)
     assert pq.read_table(out).num_rows == 35
     part_dirs = [d for d in parts.iterdir() if d.is_dir()]
     stale += [plant(part_dirs[0]), plant(part_dirs[0] / "_markers" / "negclip")]
-    score(emb, "clipscore,negclip", out, k=2, batch_size=8, device="cpu", tasks=3, rank=0, world_size=2)
+    run_score(emb, out, metrics="clipscore,negclip", k=2, batch_size=8, device="cpu", tasks=3, rank=0, world_size=2)
     assert part_dirs[0].is_dir() and not [s for s in stale if s.exists()]
 
     (tmp_path / "shards").mkdir()

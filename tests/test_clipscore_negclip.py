@@ -16,12 +16,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_score
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool, read_meta
 from curate.metrics.clipscore import clipscore
 from curate.metrics.negclip import batch_lse, negclip, partition_batches
-from curate.stages.score import score
 
 
 # ---------------------------------------------------------------- independent references (plain loops)
@@ -195,8 +194,8 @@ def _pool_arrays(emb: Path):
 
 def test_score_stage_multiple_files_matches_reference(tmp_path):
     emb = make_embedding_dir(tmp_path / "emb", [9, 14, 6], dim=8, seed=2, logit_scale=30.0)
-    result = score(emb, "clipscore,negclip", tmp_path / "s.parquet", k=2, batch_size=7, seed=3, device="cpu")
-    assert result["rows"] == 29
+    result = run_score(emb, tmp_path / "s.parquet", metrics="clipscore,negclip", k=2, batch_size=7, seed=3, device="cpu")
+    assert result.rows == 29
     table = pq.read_table(tmp_path / "s.parquet")
     assert table.column_names == ["uid", "clipscore", "negclip"]
     assert str(table.schema.field("negclip").type) == "float" == str(table.schema.field("clipscore").type)
@@ -209,10 +208,10 @@ def test_score_stage_multiple_files_matches_reference(tmp_path):
     assert meta["teacher"]["logit_scale"] == 30.0
     assert meta["params"]["k"] == 2 and meta["params"]["batch_size"] == 7 and meta["params"]["seed"] == 3
     # Rerun: identical bytes; B > N: one batch of all N.
-    score(emb, "clipscore,negclip", tmp_path / "s2.parquet", k=2, batch_size=7, seed=3, device="cpu")
+    run_score(emb, tmp_path / "s2.parquet", metrics="clipscore,negclip", k=2, batch_size=7, seed=3, device="cpu")
     assert (tmp_path / "s.parquet").read_bytes() == (tmp_path / "s2.parquet").read_bytes()
-    big = score(emb, ["negclip"], tmp_path / "big.parquet", k=1, batch_size=10_000, seed=0, device="cpu")
-    assert big["params"]["effective_batch_size"] == 29
+    big = run_score(emb, tmp_path / "big.parquet", metrics=["negclip"], k=1, batch_size=10_000, seed=0, device="cpu")
+    assert big.params["effective_batch_size"] == 29
     np.testing.assert_allclose(pq.read_table(tmp_path / "big.parquet").column("negclip").to_numpy(),
                                reference_negclip(v, t, 30.0, 1, 29, 0), atol=2e-5)
 
@@ -223,18 +222,18 @@ def test_score_stage_errors(tmp_path):
     for kwargs, message in [({"k": 0}, "--k"), ({"batch_size": 0}, "--batch-size"),
                             ({"metrics": "clipscore,foo"}, "unknown metric foo")]:
         with pytest.raises(CurateError, match=message):
-            score(emb, out=out, device="cpu", **{"metrics": "negclip", **kwargs})
+            run_score(emb, out, device="cpu", **{"metrics": "negclip", **kwargs})
     make_embedding_dir(tmp_path / "mixed", [3], dim=4, seed=1, logit_scale=100.0)
     make_embedding_dir(tmp_path / "other", [3], dim=4, seed=2, logit_scale=50.0)
     (tmp_path / "other" / "shard-00000.parquet").rename(tmp_path / "mixed" / "shard-00001.parquet")
     with pytest.raises(CurateError, match="different teachers"):
-        score(tmp_path / "mixed", out=out, device="cpu")
+        run_score(tmp_path / "mixed", out, device="cpu")
     from curate.io.tables import TeacherInfo, embedding_schema, write_table_atomic
 
     write_table_atomic(embedding_schema(4).empty_table(), tmp_path / "empty" / "e.parquet",
                        meta={"teacher": TeacherInfo("m", "none", 4, 100.0).to_dict(), "shard": "e.tar"})
     with pytest.raises(CurateError, match="the pool has no rows"):
-        score(tmp_path / "empty", out=out, device="cpu")
+        run_score(tmp_path / "empty", out, device="cpu")
     assert not out.exists()
 
 
@@ -247,7 +246,7 @@ def test_score_rejects_non_finite_embedding(tmp_path):
     write_table_atomic(table, tmp_path / "emb" / "t.parquet",
                        meta={"teacher": TeacherInfo("m", "none", 4, 100.0).to_dict(), "shard": "t.tar"})
     with pytest.raises(CurateError, match=r"t.parquet: image_embedding of row 1 \(uid b{32}\) is not finite"):
-        score(tmp_path / "emb", out=tmp_path / "s.parquet", device="cpu")
+        run_score(tmp_path / "emb", tmp_path / "s.parquet", device="cpu")
 
 
 def test_cli_score_and_error(tmp_path, monkeypatch, capsys):
@@ -274,7 +273,6 @@ def test_cli_score_and_error(tmp_path, monkeypatch, capsys):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from curate.stages.score import score
 
     torch.set_num_threads(1)  # this test is about memory; one thread keeps it quick on a loaded 2-core box
 
@@ -283,17 +281,20 @@ MEMORY_SCRIPT = textwrap.dedent("""
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
+    from curate.stages import score
+
     small, big, out, cache = sys.argv[1:5]
+    config = score.ScoreConfig(k=1, batch_size=256, seed=0, device="cpu", cache_dir=cache)
     # Warm-up on a one-table pool: one-off costs (allocator pools, thread stacks) are not the pool's.
-    score(small, "clipscore,negclip", out, k=1, batch_size=256, seed=0, device="cpu", cache_dir=cache)
+    score.run(small, out, config)
     try:  # reset the peak (VmHWM) to the current RSS (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
     before = status("VmRSS:")
-    result = score(big, "clipscore,negclip", out, k=1, batch_size=256, seed=0, device="cpu", cache_dir=cache)
-    print(json.dumps({"before": before, "peak": status("VmHWM:"), "seconds": result["seconds"]}))
+    result = score.run(big, out, config)
+    print(json.dumps({"before": before, "peak": status("VmHWM:"), "seconds": result.seconds}))
 """)
 
 
@@ -320,7 +321,7 @@ def test_score_streams_pool_peak_rss(tmp_path):
 
 
 def test_usable_rows_fp16_bit_trick_matches_isfinite_and_nonzero():
-    from curate.stages.score import usable_rows
+    from curate.stages.common import usable_rows
 
     rng = np.random.default_rng(11)
     rows = rng.standard_normal((400, 9)).astype(np.float16)

@@ -452,7 +452,7 @@ def test_odd_image_modes_embed_like_their_rgb_conversion(dirty_run, teacher):
 
 
 def test_extreme_aspect_images_are_fast_and_match_the_full_preprocess(teacher):
-    from curate.stages.embed import crop_extreme_aspect
+    from curate.stages.embed.tasks import crop_extreme_aspect
 
     strip = wide_strip()
     started = time.perf_counter()
@@ -478,7 +478,7 @@ def test_captions_decode_with_replacement_and_are_stored_whole(dirty_run):
 
 
 def test_a_megabyte_caption_is_tokenised_fast(teacher):
-    from curate.stages.embed import ShardBatches
+    from curate.stages.embed.tasks import ShardBatches
 
     huge = "word " * 200_000
     batches = ShardBatches([], teacher.preprocess, teacher.tokenizer, 4, teacher.context_length, None)
@@ -744,7 +744,7 @@ def test_k_and_b_larger_than_the_pool_are_the_documented_edge(tmp_path, monkeypa
 
 
 PARAMETER_ERRORS = [
-    (["score", "{pool}", "--out", "{tmp}/s.parquet", "--device", "cpu", "--k", "0"], [r"--k must be >= 1"]),
+    (["score", "{pool}", "--out", "{tmp}/s.parquet", "--device", "cpu", "--k", "0"], [r"--k 0 must be >= 1"]),
     (["score", "{pool}", "--out", "{tmp}/s.parquet", "--device", "cpu", "--batch-size", "0"], [r"--batch-size"]),
     (["score", "{pool}", "--out", "{tmp}/s.parquet", "--device", "cpu", "--metric", "normsim_inf"],
      [r"unknown metric normsim_inf"]),

@@ -1,5 +1,6 @@
 """`curate embed`: schema, norms, uids, recorded skips, resume and byte-identical reruns."""
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -12,7 +13,8 @@ from PIL import Image
 
 from curate.io.tables import EmbeddingPool, vectors_to_numpy, read_meta
 from curate.io.uids import content_uid
-from curate.stages.embed import EmbedConfig, embed
+from curate.stages.embed import EmbedConfig
+from curate.stages.embed.entry import run as embed
 from curate.stages.synth import make_corpus
 from conftest import one_line_error, run_curate
 
@@ -44,7 +46,7 @@ def png(color=(0, 128, 255)):
 
 def test_embed_schema_norms_uids(corpus, tmp_path):
     result = embed(str(corpus), tmp_path / "emb", CONFIG)
-    assert result["embedded"] == 60 and result["skipped"] == 0 and result["shards_total"] == 3
+    assert result.embedded == 60 and result.skipped == 0 and result.shards_total == 3
     pool = EmbeddingPool(tmp_path / "emb")
     assert pool.n_rows == 60 and pool.teacher.model == "curate-tiny" and pool.dim == pool.teacher.embed_dim
     table = pq.read_table(pool.files[0])
@@ -72,7 +74,7 @@ def test_bad_samples_are_skipped_and_recorded(tmp_path):
         ("latin.png", png((9, 9, 9))), ("latin.txt", b"caf\xe9 au lait"),
     ]))
     result = embed(str(shards), tmp_path / "emb", CONFIG)
-    assert result["embedded"] == 2 and result["skipped"] == 3
+    assert result.embedded == 2 and result.skipped == 3
     table = pq.read_table(tmp_path / "emb" / "00000.parquet")
     assert table.column("key").to_pylist() == ["ok", "latin"]
     assert table.column("uid").to_pylist()[0] == content_uid(good, "a blue square")
@@ -82,7 +84,7 @@ def test_bad_samples_are_skipped_and_recorded(tmp_path):
     assert "missing caption" in by_key["nocap"]["reason"]
     assert "empty caption" in by_key["blank"]["reason"]
     assert by_key["latin"]["kind"] == "note" and "UTF-8" in by_key["latin"]["reason"]
-    assert result["shards"][0]["reasons"]
+    assert result.shards[0]["reasons"]
 
 
 def test_rerun_skips_done_and_resumes_missing_byte_identical(corpus, tmp_path):
@@ -91,12 +93,12 @@ def test_rerun_skips_done_and_resumes_missing_byte_identical(corpus, tmp_path):
     first = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     again = embed(str(corpus), out, CONFIG)
-    assert again["shards_skipped_done"] == 3 and again["embedded"] == 0
+    assert again.shards_skipped_done == 3 and again.embedded == 0
     # an interrupted run: one shard's output and marker are missing
     (out / "00001.parquet").unlink()
     (out / "_markers" / "embed" / "00001.done").unlink()
     resumed = embed(str(corpus), out, CONFIG)
-    assert resumed["shards_skipped_done"] == 2 and [s["shard"] for s in resumed["shards"]] == ["00001"]
+    assert resumed.shards_skipped_done == 2 and [s["shard"] for s in resumed.shards] == ["00001"]
     assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == first
     assert (out / "00000.parquet").stat().st_mtime_ns == mtimes["00000.parquet"]
 
@@ -107,13 +109,13 @@ def test_output_without_marker_is_redone(corpus, tmp_path):
     (out / "_markers" / "embed" / "00002.done").unlink()  # killed after the rename, before the marker
     (out / "00002.parquet").write_bytes(b"partial garbage")
     result = embed(str(corpus), out, CONFIG)
-    assert [s["shard"] for s in result["shards"]] == ["00002"]
+    assert [s["shard"] for s in result.shards] == ["00002"]
     assert pq.read_table(out / "00002.parquet").num_rows == 20
 
 
 def test_workers_do_not_change_bytes(corpus, tmp_path):
     embed(str(corpus), tmp_path / "a", CONFIG)
-    embed(str(corpus), tmp_path / "b", EmbedConfig(**{**CONFIG.__dict__, "workers": 2}))
+    embed(str(corpus), tmp_path / "b", dataclasses.replace(CONFIG, workers=2))
     for p in sorted((tmp_path / "a").glob("*.parquet")):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
 

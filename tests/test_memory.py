@@ -24,7 +24,8 @@ ROWS_PER_FILE, FILES, DIM = 50_000, 8, 128
 SCRIPT = textwrap.dedent("""
     import json, sys
     from curate.stages.normsim import normsim
-    from curate.stages.score import score
+    from curate.config import configure
+    from curate.stages import score
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -37,8 +38,8 @@ SCRIPT = textwrap.dedent("""
 
     small, big, target, work = sys.argv[1:5]
     runs = {
-        "score": lambda pool, tag: score(pool, "clipscore,negclip", f"{work}/{tag}-s.parquet", k=1,
-                                         batch_size=1024, seed=0, device="cpu", cache_dir=f"{work}/{tag}-cache"),
+        "score": lambda pool, tag: score.run(pool, f"{work}/{tag}-s.parquet", *configure(
+            score.ScoreConfig, k=1, batch_size=1024, seed=0, device="cpu", cache_dir=f"{work}/{tag}-cache")),
         "normsim_inf": lambda pool, tag: normsim(pool, target, "inf", f"{work}/{tag}-inf.parquet", device="cpu"),
         "normsim_2": lambda pool, tag: normsim(pool, target, "2", f"{work}/{tag}-2.parquet", device="cpu"),
         # reads the fp16 cache that score built, instead of the tables
@@ -102,7 +103,7 @@ def test_streamed_cache_reads_reject_non_finite_and_zero_rows(tmp_path, bad, mes
     """PoolRows checks every read (fp16 magnitude bits): a bad row anywhere in a gather names its uid."""
     from curate.errors import CurateError
     from curate.io.tables import EmbeddingPool
-    from curate.stages.score import PoolRows
+    from curate.stages.common import PoolRows
 
     emb = make_embedding_dir(tmp_path / "emb", [5, 4], dim=8, seed=3)
     pool = EmbeddingPool(emb)

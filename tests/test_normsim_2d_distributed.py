@@ -139,11 +139,11 @@ def test_blocks_smaller_than_the_tables_and_cut_short_at_their_ends(tmp_path):
 def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path):
     """The reference's recipe: CLIPScore's top 50 %, then NormSim_2-D down to 20 % of the pool. `curate filter`
     by the normsim_2d column keeps exactly the subset the transcription of the reference loop selects."""
-    from curate.stages.score import score
+    from conftest import run_score
 
     pool = make_embedding_dir(tmp_path / "emb", [300, 250, 450], dim=8, seed=9)
     scores = tmp_path / "scores.parquet"
-    score(pool, "clipscore", scores, device="cpu")
+    run_score(pool, scores, metrics="clipscore", device="cpu")
     filter_pool([scores], tmp_path / "pre", keeps=["clipscore:0.5"])
     out = tmp_path / "ns.parquet"
     result = run(pool, out, iterations=40, final_fraction=0.2, prefilter=tmp_path / "pre", seed=11)

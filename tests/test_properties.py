@@ -106,7 +106,7 @@ def test_uid_npy_file_round_trips_in_datacomp_layout(values):
        seed=st.integers(0, 2**16))
 def test_score_stage_negclip_is_never_positive_and_ignores_how_the_pool_is_split(n, d, cuts, batch_size, k,
                                                                                   logit_scale, seed):
-    from curate.stages.score import score
+    from conftest import run_score
 
     count("score-stage-negclip")
     rng = np.random.default_rng(seed)
@@ -116,8 +116,8 @@ def test_score_stage_negclip_is_never_positive_and_ignores_how_the_pool_is_split
         one = write_pool(tmp / "one", image, text, [n], logit_scale)
         many = write_pool(tmp / "many", image, text, random_splits(cuts, n), logit_scale)
         kw = dict(k=k, batch_size=batch_size, seed=seed, device="cpu")
-        score(one, "clipscore,negclip", tmp / "one.parquet", **kw)
-        score(many, "clipscore,negclip", tmp / "many.parquet", **kw)
+        run_score(one, tmp / "one.parquet", metrics="clipscore,negclip", **kw)
+        run_score(many, tmp / "many.parquet", metrics="clipscore,negclip", **kw)
         a, b = pq.read_table(tmp / "one.parquet"), pq.read_table(tmp / "many.parquet")
     negclip = np.asarray(a.column("negclip"))
     assert (negclip <= 1e-4).all()  # each LSE holds s_ii/τ itself (fp16 storage, float32 output)

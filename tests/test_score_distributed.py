@@ -24,7 +24,8 @@ from curate.metrics.negclip import (batch_lse, negclip_lse_sum, reduce_span_term
                                     task_spans)
 from curate.run.markers import MARKER_DIR
 from curate.stages import score as score_module
-from curate.stages.score import NEGCLIP_STAGE, parts_root, score
+from conftest import run_score
+from curate.stages.score import NEGCLIP_STAGE, parts_root
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 PARAMS = {"metrics": "clipscore,negclip", "k": 3, "batch_size": 7, "seed": 3, "device": "cpu"}
@@ -40,8 +41,8 @@ def pool(tmp_path) -> Path:
 
 
 def in_process(pool: Path, out: Path, **params) -> bytes:
-    result = score(pool, out=out, **{**PARAMS, **params})
-    assert "negclip_tasks" not in result and not parts_root(out).exists()  # the default path makes no parts
+    result = run_score(pool, out, **{**PARAMS, **params})
+    assert result.negclip_tasks is None and not parts_root(out).exists()  # the default path makes no parts
     return out.read_bytes()
 
 
@@ -61,17 +62,17 @@ def test_three_ranks_give_the_in_process_table_byte_for_byte(pool, tmp_path):
     out = tmp_path / "ranks" / "s.parquet"
     infos = []
     for rank in range(3):
-        result = score(pool, out=out, rank=rank, world_size=3, **PARAMS)
-        infos.append(result["negclip_tasks"])
-        assert (result["out"] is None) == (rank < 2)  # only the rank that completes the set reduces
+        result = run_score(pool, out, rank=rank, world_size=3, **PARAMS)
+        infos.append(result.negclip_tasks)
+        assert (result.out is None) == (rank < 2)  # only the rank that completes the set reduces
         assert out.exists() == (rank == 2)
     assert [i["ran"] for i in infos] == [5, 5, 5] and [i["missing"] for i in infos] == [10, 5, 0]
     assert infos[2]["reduced"] and infos[2]["device"] == "cpu"
     assert out.read_bytes() == want
     # a second reducer (any rank rerun) writes the same bytes without recomputing a task
     before = task_files(out)
-    again = score(pool, out=out, rank=0, world_size=3, **PARAMS)
-    assert again["negclip_tasks"]["ran"] == 0 and task_files(out) == before
+    again = run_score(pool, out, rank=0, world_size=3, **PARAMS)
+    assert again.negclip_tasks["ran"] == 0 and task_files(out) == before
     assert out.read_bytes() == want
 
 
@@ -79,7 +80,7 @@ def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp
     want = in_process(pool, tmp_path / "one" / "s.parquet")
     out = tmp_path / "ranks" / "s.parquet"
     for rank in (0, 2):  # rank 1 "was killed" before it started
-        assert score(pool, out=out, rank=rank, world_size=3, **PARAMS)["out"] is None
+        assert run_score(pool, out, rank=rank, world_size=3, **PARAMS).out is None
     spans = task_spans(29, 7, 3, 32)
     everything = {f"t{i:05d}" for i in range(len(spans))}
     rank1 = {f"t{i:05d}" for i in range(1, len(spans), 3)}
@@ -91,9 +92,9 @@ def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp
     remove = score_module.remove_single_driver_parts
     monkeypatch.setattr(score_module, "remove_single_driver_parts",
                         lambda *a: (seen.update(task_files(out)), remove(*a)))
-    result = score(pool, out=out, **PARAMS)
-    info = result["negclip_tasks"]
-    assert result["out"] == str(out) and info["ran"] == len(rank1) and info["already_done"] == len(everything - rank1)
+    result = run_score(pool, out, **PARAMS)
+    info = result.negclip_tasks
+    assert result.out == str(out) and info["ran"] == len(rank1) and info["already_done"] == len(everything - rank1)
     assert {name for name in seen if seen[name] != before.get(name)} == rank1  # the others were not rewritten
     assert out.read_bytes() == want
     assert not parts_root(out).exists()
@@ -104,9 +105,9 @@ def test_slurm_array_variables_choose_the_rank(pool, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     for task_id in ("1", "0"):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task_id)
-        result = score(pool, out=out, **PARAMS)
-        assert result["negclip_tasks"]["rank"] == int(task_id) and result["negclip_tasks"]["world_size"] == 2
-    assert result["out"] == str(out)
+        result = run_score(pool, out, **PARAMS)
+        assert result.negclip_tasks["rank"] == int(task_id) and result.negclip_tasks["world_size"] == 2
+    assert result.out == str(out)
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
     assert out.read_bytes() == in_process(pool, tmp_path / "one.parquet")
@@ -117,17 +118,17 @@ def test_slurm_array_variables_choose_the_rank(pool, tmp_path, monkeypatch):
 def test_local_process_pool_matches_in_process(pool, tmp_path):
     want = in_process(pool, tmp_path / "one" / "s.parquet")
     out = tmp_path / "pool" / "s.parquet"
-    result = score(pool, out=out, executor="local", workers=2, tasks=4, **PARAMS)
-    assert result["negclip_tasks"]["tasks"] == 4 and result["negclip_tasks"]["ran"] == 4
+    result = run_score(pool, out, executor="local", workers=2, tasks=4, **PARAMS)
+    assert result.negclip_tasks["tasks"] == 4 and result.negclip_tasks["ran"] == 4
     assert out.read_bytes() == want
 
 
 def test_ray_matches_local(pool, tmp_path, ray_session):  # noqa: F811 - the fixture
     local = tmp_path / "local" / "s.parquet"
-    score(pool, out=local, executor="local", tasks=5, **PARAMS)
+    run_score(pool, local, executor="local", tasks=5, **PARAMS)
     out = tmp_path / "ray" / "s.parquet"
-    result = score(pool, out=out, executor="ray", tasks=5, **PARAMS)
-    assert result["negclip_tasks"]["ran"] == 5
+    result = run_score(pool, out, executor="ray", tasks=5, **PARAMS)
+    assert result.negclip_tasks["ran"] == 5
     assert out.read_bytes() == local.read_bytes() == in_process(pool, tmp_path / "one" / "s.parquet")
 
 
@@ -162,8 +163,8 @@ def test_distributed_negclip_matches_a_plain_loop(tmp_path):
     emb = make_embedding_dir(tmp_path / "emb", [5, 6], dim=4, seed=9, logit_scale=20.0)
     out = tmp_path / "s.parquet"
     for rank in range(2):
-        result = score(emb, "negclip", out, k=2, batch_size=4, seed=1, device="cpu", rank=rank, world_size=2, tasks=3)
-    assert result["out"] == str(out)
+        result = run_score(emb, out, metrics="negclip", k=2, batch_size=4, seed=1, device="cpu", rank=rank, world_size=2, tasks=3)
+    assert result.out == str(out)
     pool = EmbeddingPool(emb)
     want = loop_negclip(pool.matrix("image_embedding").astype(np.float32),
                         pool.matrix("text_embedding").astype(np.float32), 20.0, 2, 4, 1)
@@ -267,21 +268,21 @@ def test_a_changed_pool_never_reuses_old_terms(tmp_path):
     emb = make_embedding_dir(tmp_path / "emb", [9, 14, 6], dim=8, seed=2, logit_scale=30.0)
     out = tmp_path / "s.parquet"
     for rank in range(2):  # a rank split keeps its parts (another rank may still be reducing from them)
-        old = score(emb, out=out, tasks=4, rank=rank, world_size=2, **PARAMS)["negclip_tasks"]["parts_dir"]
+        old = run_score(emb, out, tasks=4, rank=rank, world_size=2, **PARAMS).negclip_tasks["parts_dir"]
     make_embedding_dir(tmp_path / "emb", [9, 14, 6], dim=8, seed=5, logit_scale=30.0)  # re-embedded tables
-    result = score(emb, out=out, tasks=4, **PARAMS)
-    assert result["negclip_tasks"]["ran"] == 4 and result["negclip_tasks"]["parts_dir"] != old
+    result = run_score(emb, out, tasks=4, **PARAMS)
+    assert result.negclip_tasks["ran"] == 4 and result.negclip_tasks["parts_dir"] != old
     assert out.read_bytes() == in_process(emb, tmp_path / "one" / "s.parquet")
     assert list(parts_root(out).iterdir()) == [Path(old)]  # the single driver deleted only its own parts
 
 
 def test_a_marked_task_whose_output_is_gone_is_a_clear_error(pool, tmp_path):
     out = tmp_path / "s.parquet"
-    score(pool, out=out, rank=0, world_size=2, tasks=4, **PARAMS)
+    run_score(pool, out, rank=0, world_size=2, tasks=4, **PARAMS)
     victim = next(parts_root(out).glob("negclip-*/t00002.npy"))
     victim.unlink()
     with pytest.raises(CurateError, match=r"t00002.npy: map output of a task marked done is missing"):
-        score(pool, out=out, rank=1, world_size=2, tasks=4, **PARAMS)
+        run_score(pool, out, rank=1, world_size=2, tasks=4, **PARAMS)
 
 
 def test_option_errors(pool, tmp_path):
@@ -289,7 +290,7 @@ def test_option_errors(pool, tmp_path):
                              ({"executor": "slurm"}, "--executor 'slurm'"),
                              ({"rank": 3, "world_size": 2}, "--rank 3 --world-size 2")]:
         with pytest.raises(CurateError, match=message):
-            score(pool, out=tmp_path / "s.parquet", **options, **PARAMS)
+            run_score(pool, tmp_path / "s.parquet", **options, **PARAMS)
 
 
 # ---------------------------------------------------------------- command line

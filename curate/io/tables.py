@@ -329,7 +329,7 @@ class EmbeddingPool:
         columns = list(columns)
         for f in self.files:
             pf = open_table(f)
-            _require_columns(f, pf.schema_arrow, columns)
+            require_columns(f, pf.schema_arrow, columns)
             for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns, use_threads=False):
                 block = {c: column_to_numpy(batch.column(c), dtype, f) for c in columns}
                 for c, values in block.items():
@@ -338,10 +338,15 @@ class EmbeddingPool:
                                           f"teacher metadata says embed_dim {self.dim}; re-embed that shard")
                 yield f, block
 
+    def uid_array(self) -> pa.Array:
+        """The uid column of the whole pool as one Arrow string array (no Python object per row)."""
+        parts = [pq.read_table(f, columns=["uid"]).column("uid") for f in self.files]
+        return pa.chunked_array([c for p in parts for c in p.chunks], type=pa.string()).combine_chunks()
+
     def column(self, name: str) -> np.ndarray:
         """A scalar column of the whole pool (e.g. uid): one array, pool order."""
         for f in self.files:
-            _require_columns(f, pq.read_schema(f), [name])
+            require_columns(f, pq.read_schema(f), [name])
         parts = [pq.read_table(f, columns=[name]).column(name).to_numpy(zero_copy_only=False) for f in self.files]
         return np.concatenate(parts) if parts else np.empty(0, dtype=object)
 
@@ -360,7 +365,7 @@ class EmbeddingPool:
     def matrix(self, column: str, cache_dir: str | Path | None = None) -> np.ndarray:
         """The whole pool's `column` as an (N, D) float16 array; memory-mapped from `cache_dir` when given."""
         for f in self.files:
-            _require_columns(f, pq.read_schema(f), [column])
+            require_columns(f, pq.read_schema(f), [column])
         if cache_dir is None:
             parts = [block[column] for _, block in self.iter_chunks([column], dtype=np.float16)]
             return np.concatenate(parts) if parts else np.empty((0, self.dim), np.float16)
@@ -394,7 +399,7 @@ def _check_embedding_columns(path: Path, schema: pa.Schema, dim: int) -> None:
                               f"metadata says embed_dim {dim}; the file is inconsistent: re-embed that shard")
 
 
-def _require_columns(path: Path, schema: pa.Schema, columns: Iterable[str]) -> None:
+def require_columns(path: Path, schema: pa.Schema, columns: Iterable[str]) -> None:
     missing = [c for c in columns if c not in schema.names]
     image_only = "image_embedding" in schema.names and not {"caption", "text_embedding"} & set(schema.names)
     if missing and image_only and set(missing) <= {"caption", "text_embedding"}:

@@ -77,7 +77,7 @@ def matrix_digest(matrix: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(matrix).tobytes()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
+def target_cache_dir() -> Path:
     """$CURATE_CACHE, else ~/.cache/curate."""
     return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate")
 
@@ -274,7 +274,7 @@ def _teacher_key(teacher: TeacherInfo, templates: str) -> str:
 def imagenet_text_target(teacher: TeacherInfo, device: str = "cpu", cache_dir: str | Path | None = None,
                          templates: str = "openai") -> np.ndarray:
     """(1000, D) zero-shot class embeddings of ImageNet-1k with `teacher`'s text tower (cached per teacher)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else target_cache_dir()
     path = cache / "targets" / f"imagenet-text-{templates}-{_teacher_key(teacher, templates)}.npy"
     if path.exists():
         cached = np.load(path, allow_pickle=False)

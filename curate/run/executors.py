@@ -10,62 +10,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import multiprocessing as mp
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator
 
 from curate.errors import CurateError
-
-
-@dataclass
-class TaskFailure:
-    task: str
-    error: str
-    attempts: int
-    user_error: bool = False  # a CurateError (bad input, missing weights): not retried, its message says it all
-
-
-@dataclass
-class RunReport:
-    results: list[Any] = field(default_factory=list)
-    failures: list[TaskFailure] = field(default_factory=list)
-
-    def raise_user_error(self) -> None:
-        """A task's CurateError as the run's own one-line error (the first; others are alike or follow from it)."""
-        for failure in self.failures:
-            if failure.user_error:
-                raise CurateError(failure.error)
-
-    def raise_if_failed(self, stage: str) -> None:
-        self.raise_user_error()
-        if self.failures:
-            lines = "; ".join(f"{f.task} ({f.error.splitlines()[-1] if f.error else 'error'}, {f.attempts} attempts)"
-                              for f in self.failures)
-            raise CurateError(f"{stage}: {len(self.failures)} task(s) failed after retries: {lines}. "
-                              "Finished work is kept; rerun to retry only these.")
-
-
-def _call_with_retries(fn: Callable, task: Any, retries: int) -> tuple[Any, TaskFailure | None]:
-    last = ""
-    for attempt in range(1, retries + 2):
-        try:
-            return fn(task), None
-        except CurateError as exc:  # a user error will not go away on retry
-            return None, TaskFailure(_name(task), str(exc), attempt, user_error=True)
-        except Exception:  # noqa: BLE001 - any crash of a task is retried, then reported
-            last = traceback.format_exc()
-    return None, TaskFailure(_name(task), last.strip(), retries + 1)
-
-
-def _name(task: Any) -> str:
-    return getattr(task, "name", None) or str(task)
-
-
-class Executor:
-    """Run `fn(task)` for every task; results come back in task order."""
-
-    def run(self, fn: Callable, tasks: Sequence[Any], retries: int = 0, fail_fast: bool = False) -> RunReport:
-        raise NotImplementedError
+from curate.run.executor_base import Executor, RunReport, TaskFailure, call_with_retries, task_name
 
 
 class LocalExecutor(Executor):
@@ -80,7 +28,7 @@ class LocalExecutor(Executor):
         report = RunReport(results=[None] * len(tasks))
         if self.workers == 1 or len(tasks) <= 1:
             for i, task in enumerate(tasks):
-                report.results[i], failure = _call_with_retries(fn, task, retries)
+                report.results[i], failure = call_with_retries(fn, task, retries)
                 if failure:
                     report.failures.append(failure)
                     if fail_fast:
@@ -99,13 +47,13 @@ def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
 
 def _run_in_pool(pool: cf.ProcessPoolExecutor, fn, tasks, retries: int, fail_fast: bool,
                  report: RunReport) -> RunReport:
-    futures = {pool.submit(_call_with_retries, fn, t, retries): i for i, t in enumerate(tasks)}
+    futures = {pool.submit(call_with_retries, fn, t, retries): i for i, t in enumerate(tasks)}
     for fut in cf.as_completed(futures):
         i = futures[fut]
         try:
             report.results[i], failure = fut.result()
         except Exception as exc:  # noqa: BLE001 - the worker process died (killed, out of memory)
-            failure = TaskFailure(_name(tasks[i]), f"{type(exc).__name__}: {exc}", 1)
+            failure = TaskFailure(task_name(tasks[i]), f"{type(exc).__name__}: {exc}", 1)
         if failure:
             report.failures.append(failure)
             if fail_fast:

@@ -23,7 +23,8 @@ import numpy as np
 
 from curate.errors import CurateError
 from curate.io.atomic import sweep_stale_temps, temp_path, write_text_atomic
-from curate.run.executors import RunReport, make_executor
+from curate.run.executor_base import RunReport
+from curate.run.executors import make_executor
 from curate.run.markers import Markers
 from curate.run.ranks import resolve_rank, split_for_rank
 

@@ -1,7 +1,7 @@
 """`--executor ray`: the same tasks as `LocalExecutor`, run as Ray tasks on a local Ray or a cluster.
 
 Semantics match `LocalExecutor`: results in task order, application errors retried `retries` times inside
-the task (`_call_with_retries`; Ray's own `max_retries` only covers dead workers, which it also retries),
+the task (`call_with_retries`; Ray's own `max_retries` only covers dead workers, which it also retries),
 `CurateError` not retried, failures collected into `RunReport.failures`, `fail_fast` cancels the rest.
 
 `fn` and the tasks travel to other processes (maybe other machines) by pickling: pass a module-level
@@ -18,7 +18,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from curate.errors import CurateError
-from curate.run.executors import Executor, RunReport, TaskFailure, _call_with_retries, _name
+from curate.run.executor_base import Executor, RunReport, TaskFailure, call_with_retries, task_name
 
 INSTALL_HINT = "pip install 'curate[ray]'"
 CONNECT_TIMEOUT_S = 5.0  # Ray itself waits minutes on an address where nothing listens
@@ -97,7 +97,7 @@ class RayExecutor(Executor):
             except Exception as exc:  # noqa: BLE001 - say what to change instead of a pickling traceback
                 raise TypeError(f"RayExecutor: cannot send {fn!r} to Ray workers ({exc}); "
                                 "pass a module-level function and picklable tasks") from exc
-            self._drive(ray.remote(_call_with_retries), fn_ref, tasks, retries, fail_fast, report)
+            self._drive(ray.remote(call_with_retries), fn_ref, tasks, retries, fail_fast, report)
         finally:
             if started:
                 ray.shutdown()
@@ -120,9 +120,9 @@ class RayExecutor(Executor):
         while next_task < len(tasks) or in_flight:
             while next_task < len(tasks) and len(in_flight) < self.max_in_flight:
                 ref = remote.options(
-                    name=_name(tasks[next_task])[:200], num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                    name=task_name(tasks[next_task])[:200], num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                     max_retries=retries,  # Ray retries a task whose worker died (OOM kill, segfault) this often
-                    retry_exceptions=False,  # application errors are retried inside _call_with_retries
+                    retry_exceptions=False,  # application errors are retried inside call_with_retries
                 ).remote(fn_ref, tasks[next_task], retries)
                 in_flight[ref] = next_task
                 next_task += 1
@@ -136,7 +136,7 @@ class RayExecutor(Executor):
                 try:
                     report.results[index], failure = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died more often than Ray retries it
-                    failure = TaskFailure(_name(tasks[index]), f"{type(exc).__name__}: {exc}".strip(), retries + 1)
+                    failure = TaskFailure(task_name(tasks[index]), f"{type(exc).__name__}: {exc}".strip(), retries + 1)
                 if failure:
                     report.failures.append(failure)
             if fail_fast and report.failures:

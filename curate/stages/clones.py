@@ -42,48 +42,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool, write_table_atomic
 from curate.metrics import adacl
 from curate.metrics import clones as cm
 from curate.metrics.negclip import batches_per_partition, effective_batch_size, partition_batches
+from curate.models.teacher import resolve_device
+from curate.stages.common import clipscore_blocks, pool_cache_dir
 
 CLONE_TRUTH = ("clone", "duplicate")
 # Default batch: every query sees 4095 in-batch negatives, about the 4096 negatives of the paper's memory bank.
 DEFAULT_BATCH_SIZE = 4096
 DEFAULT_EPS = 0.1
 DEFAULT_K = 10
-
-
-def resolve_device(device: str) -> str:
-    """The teachers' device rule (curate.models.teacher.resolve_device), as a string."""
-    from curate.models.teacher import resolve_device as teacher_device
-
-    return str(teacher_device(device))
-
-
-def cache_dir_for(cache_dir: str | Path | None, out: Path) -> Path:
-    """Where the fp16 memmap caches go: --cache-dir, else beside the output (shared with `curate score`)."""
-    from curate.stages.score import default_cache_dir
-
-    return Path(cache_dir) if cache_dir is not None else default_cache_dir(out)
-
-
-def pool_uids(pool: EmbeddingPool) -> pa.Array:
-    """The uid column as one Arrow string array (no Python objects per row)."""
-    parts = [pq.read_table(f, columns=["uid"]).column("uid") for f in pool.files]
-    return pa.chunked_array([c for p in parts for c in p.chunks], type=pa.string()).combine_chunks()
-
-
-def positive_similarities(img: np.ndarray, txt: np.ndarray, block: int = 65536) -> np.ndarray:
-    out = np.empty(len(img), dtype=np.float32)
-    for s in range(0, len(img), block):
-        a = np.asarray(img[s:s + block], dtype=np.float32)
-        b = np.asarray(txt[s:s + block], dtype=np.float32)
-        out[s:s + block] = np.einsum("ij,ij->i", a, b)
-    return out
 
 
 def knn_direction_pass(queries, database, positive, k, margin, tau, device, query_block):
@@ -203,11 +175,11 @@ def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BA
     k = min(k, n - 1)
     tau = pool.teacher.tau
     margin = tau if margin is None else float(margin)
-    device = resolve_device(device)
-    cache = cache_dir_for(cache_dir, out)
+    device = str(resolve_device(device))
+    cache = pool_cache_dir(out, cache_dir)
     img = pool.matrix("image_embedding", cache)
     txt = pool.matrix("text_embedding", cache)
-    positive = positive_similarities(img, txt)
+    positive = clipscore_blocks(img, txt)
 
     found, batches = batch_discovery(img, txt, n, batch_size, seed, tau, eps)
 
@@ -224,7 +196,7 @@ def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BA
         dup[q0:q0 + len(sims)] = cm.first_duplicate(sims, ids, np.arange(q0, q0 + len(sims)), dup_threshold)
     dup = cm.resolve_duplicate_roots(dup)
 
-    uids = pool_uids(pool)
+    uids = pool.uid_array()
     f64 = pa.float64()
     table = pa.table({
         "uid": uids,

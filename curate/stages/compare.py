@@ -289,11 +289,14 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.io.tables import EmbeddingPool
     from curate.io.uids import write_uid_npy
     from curate.models.teacher import model_config, resolve_device
-    from curate.stages.embed import EmbedConfig, embed, plan_embed
+    from curate.config import RunOptions
+    from curate.stages import score
+    from curate.stages.embed import EmbedConfig
+    from curate.stages.embed.entry import plan_embed
+    from curate.stages.embed.entry import run as embed
     from curate.stages.evaluate import pool_field
     from curate.stages.filter import filter_pool
     from curate.stages.normsim import normsim
-    from curate.stages.score import score
     from curate.stages.synth import CORRUPTION_KINDS, make_corpus
 
     cfg = config.resolved()
@@ -320,9 +323,9 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     for source, dest in ((corpus, emb_dir), (corpus / "target", target_emb)):
         if plan_embed(str(source), dest, 0, 1)[1]:
             log(f"embedding {source} with {teacher_model}")
-        result = embed(str(source), dest, embed_config, rank=0, world_size=1)
-        if result["failures"]:
-            raise CurateError(f"embedding {source} failed: {result['failures'][0]['error'].splitlines()[-1]}")
+        result = embed(str(source), dest, embed_config, RunOptions(rank=0, world_size=1))
+        if result.failures:
+            raise CurateError(f"embedding {source} failed: {result.failures[0]['error'].splitlines()[-1]}")
     timings["embed"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -330,8 +333,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     scores_path = cache / f"scores-{score_key}.parquet"
     if not scores_path.is_file():
         log("scoring: clipscore, negclip")
-        score(emb_dir, ("clipscore", "negclip"), scores_path, k=cfg.negclip_k, batch_size=cfg.negclip_batch,
-              seed=0, device=cfg.device, cache_dir=cache / "memmap")
+        score.run(emb_dir, scores_path, score.ScoreConfig(k=cfg.negclip_k, batch_size=cfg.negclip_batch, seed=0,
+                                                          device=cfg.device, cache_dir=cache / "memmap"))
     normsim_paths = {}
     for p in ("inf", "2"):
         normsim_paths[p] = cache / f"normsim_{p}-{embed_key}.parquet"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -54,7 +53,7 @@ import orjson
 import pyarrow as pa
 
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path, sweep_stale_temps, temp_path, write_text_atomic
+from curate.io.atomic import atomic_path, file_sha256, sweep_stale_temps, temp_path, write_text_atomic
 from curate.io.shards import (CAPTION_EXT, INVALID_JSON_REPLACED, MAX_MEMBER_BYTES, RawSample, ShardReadError,
                                expand_shards, is_pipe, iter_shard, json_is_invalid, json_with_uid, raw_json,
                                sample_uid)
@@ -192,14 +191,6 @@ def load_subset(path: Path, mmap: bool = False) -> np.ndarray:
                           "array of DataComp's structured 'u8,u8' (high and low 64 bits of the 128-bit uid); "
                           "write it with `curate filter`")
     return pairs
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class PieceBuffer:
@@ -774,7 +765,7 @@ def export_subset(shards_spec, subset: str | Path, out_dir: str | Path, shard_si
     urls = expand_shards(shards_spec)
     out = Path(out_dir)
     # `format`: how samples are written (2: content uids go into the .json); tars of another format are not reused
-    config = {"shards": urls, "subset_sha256": _file_sha256(uid_file), "shard_size": shard_size, "format": 2}
+    config = {"shards": urls, "subset_sha256": file_sha256(uid_file), "shard_size": shard_size, "format": 2}
     out.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(out)  # tars of an export killed earlier
     earlier = _check_out_dir(out, config)

@@ -42,14 +42,15 @@ import numpy as np
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.prefetch import prefetch
-from curate.io.tables import (READ_BATCH_ROWS, EmbeddingPool, _require_columns, column_to_numpy, open_table,
+from curate.io.tables import (READ_BATCH_ROWS, EmbeddingPool, require_columns, column_to_numpy, open_table,
                                to_float32)
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_parts_dir,
                                   open_task_output, parts_root, parts_started, pool_source, remove_parts, start_map,
                                   remove_single_driver_parts, task_file, wants_tasks, write_once)
 from curate.run.markers import Markers
 from curate.run.threads import blas_thread_count, blas_threads, torch_threads
-from curate.stages.score import PoolRows, check_finite, default_cache_dir, write_score_table
+from curate.models.teacher import resolve_device
+from curate.stages.common import PoolRows, check_finite, pool_cache_dir, write_score_table
 
 P_VALUES = ("inf", "2", "2d")
 INDEX_KINDS = ("flat", "ivf")
@@ -152,7 +153,6 @@ def _load_target(pool: EmbeddingPool, target_spec, p: str, index: str, device: s
     """(target (M, D) float32, torch device or None); records the target's kind, source, rows and digest (and
     the templates of imagenet-text) in `info`."""
     from curate.io.targets import IMAGENET_TEXT, open_target
-    from curate.stages.score import resolve_device
 
     # torch (and a device) only where needed: the exact p=inf product and embedding the imagenet-text prompts.
     needs_device = (p == "inf" and index == "flat") or str(target_spec) == IMAGENET_TEXT
@@ -389,7 +389,7 @@ def _half_blocks(pool: EmbeddingPool, memmap_dir: str | Path | None, start: int 
     def from_tables() -> Iterator[tuple[int, Callable]]:
         for index, first in spans:
             parquet = open_table(pool.files[index])
-            _require_columns(pool.files[index], parquet.schema_arrow, [column])
+            require_columns(pool.files[index], parquet.schema_arrow, [column])
             row = first
             for batch in parquet.iter_batches(batch_size=block_rows, columns=[column], use_threads=False):
                 half = column_to_numpy(batch.column(column), np.float16, pool.files[index])
@@ -666,7 +666,7 @@ def normsim(emb_dir: str | Path, target: str | None, p, out: str | Path, index: 
     pool = EmbeddingPool(emb_dir)
     if hasattr(progress, "set_total"):
         progress.set_total(pool.n_rows)
-    memmap_dir = cache_dir if cache_dir is not None else default_cache_dir(out)
+    memmap_dir = pool_cache_dir(out, cache_dir)
     summary: dict = {}
     if p == "2d" and (rank is not None or world_size is not None or "SLURM_ARRAY_TASK_ID" in os.environ):
         raise CurateError("--p 2d cannot be split into ranks: each of its rounds needs every map task's result, so "

@@ -21,7 +21,8 @@ from curate.errors import CurateError
 from curate.io.atomic import write_bytes_atomic
 from curate.io.tables import EmbeddingPool, write_table_atomic
 from curate.metrics import pcme as pm
-from curate.stages.clones import cache_dir_for, pool_uids, positive_similarities, resolve_device
+from curate.models.teacher import resolve_device
+from curate.stages.common import clipscore_blocks, pool_cache_dir
 
 HEADS_FORMAT = "curate-pcme-heads/1"
 
@@ -71,7 +72,7 @@ def calibrate(emb: str | Path, out: str | Path, *, pairs: int = 200_000, seed: i
     n = pool.n_rows
     if n < 2:
         raise CurateError(f"{emb}: calibration needs at least 2 samples (positives and negatives), found {n}")
-    cache = cache_dir_for(cache_dir, out)
+    cache = pool_cache_dir(out, cache_dir)
     img = pool.matrix("image_embedding", cache)
     txt = pool.matrix("text_embedding", cache)
     rng = np.random.default_rng(seed)
@@ -81,13 +82,13 @@ def calibrate(emb: str | Path, out: str | Path, *, pairs: int = 200_000, seed: i
     s_pos = np.einsum("ij,ij->i", v, _gather(txt, rows))
     s_neg = np.einsum("ij,ij->i", v, _gather(txt, partners))
     fit = pm.fit_match_logistic(s_pos, s_neg)
-    positive = positive_similarities(img, txt)
+    positive = clipscore_blocks(img, txt)
     p_match = pm.match_prob_from_cosine(positive, fit["a"], fit["b"])
     summary = {"tier": 1, "model": "p = sigmoid(-a * (2 - 2 s) + b)", **fit, "n_pairs": int(len(rows)),
                "seed": seed, "teacher": pool.teacher.to_dict(), "source": str(emb)}
     if truth:
         summary["truth_check"] = truth_check(pool, truth, {"p_match": p_match}, {"p_match"})
-    table = pa.table({"uid": pool_uids(pool), "similarity": pa.array(positive, pa.float32()),
+    table = pa.table({"uid": pool.uid_array(), "similarity": pa.array(positive, pa.float32()),
                       "p_match": pa.array(p_match, pa.float64())})
     write_table_atomic(table, out, meta={"pcme": summary}, row_group_size=1 << 20)
     return summary
@@ -113,8 +114,8 @@ def fit(emb: str | Path, out: str | Path, *, loss: str = "csd", steps: int = 300
     n = pool.n_rows
     if n < 2:
         raise CurateError(f"{emb}: fitting heads needs at least 2 samples, found {n}")
-    dev = torch.device(resolve_device(device))
-    cache = cache_dir_for(cache_dir, out)
+    dev = resolve_device(device)
+    cache = pool_cache_dir(out, cache_dir)
     rng = np.random.default_rng(seed)
     rows = _sample_rows(n, min(n, int(max_samples)), rng)
     x_img = torch.from_numpy(_gather(pool.matrix("image_embedding", cache), rows)).to(dev)
@@ -191,7 +192,7 @@ def score(emb: str | Path, heads_path: str | Path, out: str | Path, *, estimator
     if ckpt["teacher"] != pool.teacher.to_dict():
         raise CurateError(f"{heads_path}: heads were fitted on embeddings of teacher {ckpt['teacher']}, but {emb} "
                           f"has {pool.teacher.to_dict()}; fit heads on this teacher's embeddings")
-    dev = torch.device(resolve_device(device))
+    dev = resolve_device(device)
     heads.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("p_match", "csd", "uncertainty_img", "uncertainty_txt")}
@@ -211,6 +212,6 @@ def score(emb: str | Path, heads_path: str | Path, out: str | Path, *, estimator
         summary["truth_check"] = truth_check(
             pool, truth, {k: arrays[k] for k in ("p_match", "uncertainty", "uncertainty_img", "uncertainty_txt")},
             {"p_match"})
-    table = pa.table({"uid": pool_uids(pool), **{k: pa.array(v, pa.float64()) for k, v in arrays.items()}})
+    table = pa.table({"uid": pool.uid_array(), **{k: pa.array(v, pa.float64()) for k, v in arrays.items()}})
     write_table_atomic(table, out, meta={"pcme": summary}, row_group_size=1 << 20)
     return summary

@@ -24,19 +24,19 @@ Passes over the pool (pool order = files sorted by name, rows in file order):
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curate.config import RunOptions, check_config, option, positive
 from curate.errors import CurateError
-from curate.io.atomic import atomic_path, sweep_stale_temps
-from curate.io.tables import EmbeddingPool, to_float32, with_meta
+from curate.io.atomic import atomic_path
+from curate.io.tables import EmbeddingPool, to_float32
+from curate.models.teacher import resolve_device
+from curate.stages.common import PoolRows, check_finite, pool_cache_dir, write_score_table
 from curate.run.mapreduce import (DEFAULT_TASKS, PoolSpanTask, check_task_options, layout_key, layout_parts_dir,
                                   open_task_output, parts_started, pool_source, start_map, task_file, wants_tasks)
 from curate.run.mapreduce import parts_root  # noqa: F401 - re-exported: where negclip's map outputs live
@@ -44,17 +44,37 @@ from curate.run.mapreduce import remove_single_driver_parts
 from curate.run.markers import Markers
 
 METRICS = ("clipscore", "negclip")
+SCORE_RUN_OPTIONS = ("executor", "workers", "tasks", "retries", "ray_address", "rank", "world_size")
 
 
-def resolve_device(device: str):
-    """'auto' -> cuda when present, else cpu (the teachers' rule, curate.models.resolve_device)."""
-    from curate.models.teacher import resolve_device as teacher_device
+@dataclass(frozen=True)
+class ScoreConfig:
+    metrics: List[str] = option(list(METRICS), "Metrics to compute (repeat, or comma-separated): clipscore, "
+                                "negclip.", "--metric")
+    k: int = option(10, "negclip: number of random partitions of the pool (K).", "--k", check=positive)
+    batch_size: int = option(32768, "negclip: batch size B (min(B, N) is used).", "--batch-size", check=positive)
+    seed: int = option(0, "negclip: partition seed; the same seed gives identical scores.")
+    device: str = option("auto", "auto (cuda when present), cpu or cuda.")
+    cache_dir: Optional[Path] = option(None, "Where the fp16 memmap caches go (default: OUT's directory/"
+                                       ".curate-cache).", "--cache-dir")
 
-    return teacher_device(device or "auto")
+
+@dataclass
+class ScoreResult:
+    out: str | None  # None: this rank finished its map tasks, others are missing (`negclip_tasks` says how many)
+    rows: int
+    metrics: list[str]
+    seconds: float
+    rows_per_s: float
+    params: dict
+    teacher: dict
+    negclip_tasks: dict | None = None
 
 
 def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
-    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    """Metric names from a list whose items may be comma-separated (`--metric clipscore,negclip`)."""
+    items = [metrics] if isinstance(metrics, str) else list(metrics)
+    names = [m.strip() for item in items for m in str(item).split(",")]
     names = list(dict.fromkeys(m for m in names if m))
     if not names:
         raise CurateError(f"no metric given; use one or more of {', '.join(METRICS)}")
@@ -63,135 +83,6 @@ def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
         raise CurateError(f"unknown metric {', '.join(unknown)}; `curate score` computes {', '.join(METRICS)} "
                           "(NormSim is `curate normsim`)")
     return names
-
-
-def pool_location(pool: EmbeddingPool, row: int) -> tuple[Path, int, str]:
-    """(file, row within file, uid) of a pool row, for error messages."""
-    ends = np.cumsum(pool.file_rows)
-    index = int(np.searchsorted(ends, row, side="right"))
-    within = row - (int(ends[index - 1]) if index else 0)
-    uid = pq.read_table(pool.files[index], columns=["uid"]).column("uid")[within].as_py()
-    return pool.files[index], within, uid
-
-
-def usable_rows(rows: np.ndarray) -> np.ndarray:
-    """Per row of an (n, D) block: finite and not all zeros.
-
-    For fp16 one integer pass instead of isfinite + any (14x faster: numpy's fp16 ufuncs convert every
-    value): the magnitude bits of an fp16 are >= 0x7C00 exactly for inf and NaN, and a row whose largest
-    magnitude is 0 is all (±)zeros.
-    """
-    if rows.dtype == np.float16 and rows.ndim == 2:
-        magnitude = np.bitwise_and(rows.view(np.uint16), 0x7FFF).max(axis=1, initial=0)
-        return (magnitude < 0x7C00) & (magnitude > 0)
-    return np.isfinite(rows).all(axis=1) & rows.any(axis=1)
-
-
-def check_finite(pool: EmbeddingPool, rows: np.ndarray, first_row: int, column: str) -> None:
-    """A non-finite or zero-norm embedding is a user error naming the table and uid (re-embed it or drop the table).
-
-    Zero-norm rows are finite but not L2-normalised: every score of them would be a silent 0.
-    """
-    if usable_rows(rows).all():  # the usual case, checked cheaply; the messages below need the details
-        return
-    finite = np.isfinite(rows).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        file, within, uid = pool_location(pool, first_row + bad)
-        raise CurateError(f"{file}: {column} of row {within} (uid {uid}) is not finite "
-                          f"({int((~finite).sum())} non-finite rows in this block); re-embed that shard or remove the table")
-    zero = ~np.any(rows, axis=1)
-    if zero.any():
-        bad = int(np.flatnonzero(zero)[0])
-        file, within, uid = pool_location(pool, first_row + bad)
-        raise CurateError(f"{file}: {column} of row {within} (uid {uid}) is all zeros (norm 0, not L2-normalised); "
-                          f"{int(zero.sum())} such rows in this chunk; re-embed that shard or remove the table")
-
-
-class PoolRows:
-    """An (N, D) fp16 column of a pool, read from its `.npy` cache by slices or sorted index arrays.
-
-    Rows are read with positional reads (preadv) straight into the output array, one call per run of
-    consecutive rows, not through a memory map: gathering random rows from a mapping faults in whole
-    page-cache folios (up to 2 MiB each) around every row and RSS would grow to the file's size. Here RSS
-    holds only what a read returns; the file's pages stay in the OS page cache. Every read is checked
-    for non-finite and all-zero rows.
-    """
-
-    _fd = None  # set last in __init__; __del__ must not fail when __init__ did
-
-    def __init__(self, pool: EmbeddingPool, column: str, cache_dir: str | Path):
-        self.pool, self.column = pool, column
-        cached = pool.matrix(column, cache_dir)
-        self.path = Path(cached.filename)
-        self.shape, self.dtype, self._offset = cached.shape, cached.dtype, int(cached.offset)
-        del cached
-        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self):
-        self.close()
-
-    def __getitem__(self, index) -> np.ndarray:
-        return self.read(index)
-
-    def read(self, index, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows `index` (a step-1 slice or an index array), read into `out` (reused: a fresh array of a few MiB
-        costs more in page faults than its reads) or a new array; returns the filled rows."""
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self.shape[0])
-            if step != 1:
-                raise ValueError("PoolRows slices must have step 1")
-            rows = np.arange(start, max(start, stop))
-        else:
-            rows = np.asarray(index, dtype=np.int64)
-        if out is None:
-            out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
-        else:
-            out = out[:len(rows)]
-            if out.dtype != self.dtype or out.shape[1:] != tuple(self.shape[1:]) or not out.flags.c_contiguous:
-                raise ValueError(f"out must be C-contiguous {self.dtype} rows of shape {self.shape[1:]}")
-        if len(rows):
-            buffer, fd, preadv = memoryview(out).cast("B"), self._fd, os.preadv
-            # runs of consecutive rows: file offsets and output byte ranges computed in numpy, so that the
-            # Python loop (one iteration per run, ~1 per row for random batches) only issues the reads
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            starts = np.concatenate(([0], breaks)) * self._row_bytes
-            ends = np.concatenate((breaks, [len(rows)])) * self._row_bytes
-            offsets = self._offset + rows[np.concatenate(([0], breaks))] * self._row_bytes
-            for offset, a, b in zip(offsets.tolist(), starts.tolist(), ends.tolist()):
-                if preadv(fd, [buffer[a:b]], offset) != b - a:
-                    raise CurateError(f"{self.path}: cache file is shorter than expected; delete it and rerun")
-        usable = usable_rows(out)
-        if not usable.all():
-            bad = int(np.flatnonzero(~usable)[0])
-            check_finite(self.pool, out[bad:bad + 1], int(rows[bad]), self.column)
-        return out
-
-
-def write_score_table(pool: EmbeddingPool, columns: dict[str, np.ndarray], out: str | Path, meta: dict) -> Path:
-    """`uid` + float32 columns, one row group per input table (uids read one table at a time), atomically."""
-    out = Path(out)
-    fields = [pa.field("uid", pa.string())] + [pa.field(name, pa.float32()) for name in columns]
-    schema = with_meta(pa.table({f.name: pa.array([], f.type) for f in fields}), meta).schema
-    sweep_stale_temps(out.parent)  # a table write killed earlier
-    start = 0
-    with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False, use_dictionary=False) as writer:
-            for file, n in zip(pool.files, pool.file_rows):
-                uids = pq.read_table(file, columns=["uid"]).column("uid")
-                arrays = [uids] + [pa.array(np.asarray(col[start:start + n], dtype=np.float32)) for col in columns.values()]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-                start += n
-    return out
 
 
 def clipscore_pass(pool: EmbeddingPool) -> np.ndarray:
@@ -224,11 +115,6 @@ def clipscore_from_rows(image: PoolRows, text: PoolRows, chunk_rows: int = 1 << 
         s_ii[start:start + chunk_rows] = clipscore(to_float32(image[start:start + chunk_rows], out=buffers[0]),
                                                    to_float32(text[start:start + chunk_rows], out=buffers[1]))
     return s_ii
-
-
-def default_cache_dir(out: str | Path) -> Path:
-    """The fp16 memmap caches live beside the output unless told otherwise."""
-    return Path(out).parent / ".curate-cache"
 
 
 # ---------------------------------------------------------------- negclip as map tasks + a reduce
@@ -418,29 +304,25 @@ class ScaledProgress:
         self.progress(n * self.factor)
 
 
-def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str | Path = "scores.parquet",
-          k: int = 10, batch_size: int = 32768, seed: int = 0, device: str = "auto",
-          cache_dir: str | Path | None = None, progress: Callable[[int], None] | None = None, *,
-          executor: str = "local", workers: int = 1, ray_address: str | None = None, rank: int | None = None,
-          world_size: int | None = None, retries: int = 1, tasks: int | None = None) -> dict:
-    """Score a pool and write `out`; returns a summary {rows, seconds, rows_per_s, out, metrics, ...}.
+def run(emb_dir: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(), opts: RunOptions = RunOptions(),
+        progress: Callable[[int], None] | None = None) -> ScoreResult:
+    """Score a pool and write `out`.
 
-    negclip runs in this process unless any of executor/workers/rank/world_size/tasks (or a Slurm array)
-    asks for map tasks, or finished map tasks of the same layout lie beside `out` (a rerun completes them).
-    Distributed, `out` is None in the summary when this rank finished its tasks but others are missing;
+    negclip runs in this process unless the run options (executor, workers, ranks, tasks, or a Slurm array)
+    ask for map tasks, or finished map tasks of the same layout lie beside `out` (a rerun completes them).
+    Distributed, `out` is None in the result when this rank finished its tasks but others are missing;
     `negclip_tasks` then says how many.
     """
     from curate.metrics.negclip import effective_batch_size, negclip_from_lse_sum, negclip_lse_sum
 
+    check_config(cfg)
+    k, batch_size, seed, device, cache_dir = cfg.k, cfg.batch_size, cfg.seed, cfg.device, cfg.cache_dir
+    executor, workers, ray_address, rank, world_size, retries, tasks = (
+        opts.executor, opts.workers, opts.ray_address, opts.rank, opts.world_size, opts.retries, opts.tasks)
     started = time.perf_counter()
-    names = parse_metrics(metrics)
+    names = parse_metrics(cfg.metrics)
     if progress is not None and "negclip" in names:
         progress = ScaledProgress(progress, 1.0 / max(1, int(k)))  # K passes over N samples: the bar counts samples
-    if "negclip" in names:
-        if int(k) < 1:
-            raise CurateError(f"--k must be >= 1 (number of random partitions), got {k}")
-        if int(batch_size) < 1:
-            raise CurateError(f"--batch-size must be >= 1, got {batch_size}")
     check_task_options(workers, tasks, retries)
     torch_device = resolve_device(device)
     pool = EmbeddingPool(emb_dir)
@@ -456,7 +338,7 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     summary: dict = {}
     lse_sum = None
     if "negclip" in names:
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out)
+        cache = pool_cache_dir(out, cache_dir)
         # every rank builds a missing cache itself (atomic rename of identical bytes, so racing ranks agree)
         image = PoolRows(pool, "image_embedding", cache)
         text = PoolRows(pool, "text_embedding", cache)
@@ -467,9 +349,8 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
             summary["negclip_tasks"] = info
             if lse_sum is None:  # other ranks' tasks are still missing: whoever finishes last reduces
                 seconds = time.perf_counter() - started
-                return {"out": None, "rows": n, "metrics": names, "seconds": seconds,
-                        "rows_per_s": n / seconds if seconds > 0 else float("inf"), "params": params,
-                        "teacher": pool.teacher.to_dict(), **summary}
+                return ScoreResult(None, n, names, seconds, n / seconds if seconds > 0 else float("inf"), params,
+                                   pool.teacher.to_dict(), summary.get("negclip_tasks"))
         s_ii = clipscore_from_rows(image, text)
     else:
         s_ii = clipscore_pass(pool)
@@ -496,6 +377,5 @@ def score(emb_dir: str | Path, metrics: str | Sequence[str] = METRICS, out: str 
     write_score_table(pool, columns, out, meta)
     remove_single_driver_parts(summary.get("negclip_tasks"), out)
     seconds = time.perf_counter() - started
-    return {"out": str(out), "rows": n, "metrics": names, "seconds": seconds,
-            "rows_per_s": n / seconds if seconds > 0 else float("inf"), "params": params,
-            "teacher": pool.teacher.to_dict(), **summary}
+    return ScoreResult(str(out), n, names, seconds, n / seconds if seconds > 0 else float("inf"), params,
+                       pool.teacher.to_dict(), summary.get("negclip_tasks"))

@@ -155,7 +155,7 @@ def train_teacher(corpus: str, out: str | Path, config: TeacherTrainConfig | Non
 
 # ---------------------------------------------------------------- the cached tiny teacher
 
-def default_cache_dir() -> Path:
+def tiny_teacher_cache_dir() -> Path:
     """$CURATE_CACHE/teacher, else <repo>/.cache/teacher for a source checkout, else ~/.cache/curate/teacher."""
     env = os.environ.get("CURATE_CACHE")
     if env:
@@ -177,7 +177,7 @@ def tiny_teacher_recipe() -> dict:
 def tiny_teacher_path(cache_dir: Path | None = None) -> Path:
     """Where the cached teacher for the current recipe lives (the name changes with the recipe)."""
     digest = hashlib.sha256(json.dumps(tiny_teacher_recipe(), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cache_dir or default_cache_dir()) / f"curate-tiny-{digest}.pt"
+    return Path(cache_dir or tiny_teacher_cache_dir()) / f"curate-tiny-{digest}.pt"
 
 
 def ensure_tiny_teacher(cache_dir: Path | None = None, on_log: Callable[[dict], None] | None = None) -> Path:
