@@ -16,7 +16,9 @@ from rich.markup import escape
 
 from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
+from curate.stages import dedup as dedup_stage
 from curate.stages import embed as embed_stage
+from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
@@ -703,6 +705,35 @@ def report_cmd(
         console.print(f"[yellow]note[/]: {note}", highlight=False)
     console.print(f"[bold]report[/]: {', '.join(result['sections']) or 'no section'} "
                   f"({result['bytes'] / 1024:,.0f} KiB, {result['seconds']:.1f} s) -> {result['out']}", highlight=False)
+
+# ---------------------------------------------------------------- dedup
+
+@stage_command(app, "dedup", DedupConfig, dedup_stage.RUN_OPTIONS)
+def dedup_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, cluster, centroid_similarity, similarity, "
+                                               "duplicate_of, semdedup_keep."),
+    *, cfg: DedupConfig, opts: RunOptions,
+):
+    """Semantic deduplication (SemDeDup): k-means on the image embeddings, then near-duplicates within clusters.
+
+    The summary gives the cluster sizes and the kept fraction at every --eps, to choose k and ε in one run;
+    `curate filter --drop-duplicates OUT` keeps the non-duplicates.
+    """
+    from curate.stages.dedup.entry import run
+    from curate.ui import sample_progress
+
+    with sample_progress("dedup") as advance:
+        result = run(emb, out, cfg, opts, progress=advance)
+    sizes = result.cluster_sizes
+    console.print(f"[bold]dedup[/]: {result.rows:,} rows in {result.clusters:,} clusters (sizes: median "
+                  f"{sizes['median']:g}, p90 {sizes['p90']:g}, p99 {sizes['p99']:g}, max {sizes['max']:,}; "
+                  f"{sizes['singletons']:,} singletons, {sizes['empty']:,} empty), {result.seconds:.1f} s -> {out}",
+                  highlight=False)
+    for eps, kept in result.kept.items():
+        console.print(f"  eps {eps}: keeps {kept:,} of {result.rows:,} ({kept / result.rows:.1%}), drops "
+                      f"{result.rows - kept:,} as semantic duplicates", highlight=False)
+
 
 # ---------------------------------------------------------------- run
 

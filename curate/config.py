@@ -141,14 +141,40 @@ def typer_parameter(opt: Option, kind: int = inspect.Parameter.KEYWORD_ONLY) -> 
     import typer
 
     annotation = opt.type
+    callback = None
     if typing.get_origin(annotation) in (list, List):  # a repeatable option
-        annotation = List[typing.get_args(annotation)[0]]
+        item = typing.get_args(annotation)[0]
+        annotation = List[item]
+        if item in (int, float):  # numbers also comma-separated: --eps 0.01,0.05,0.1
+            callback, annotation = number_list_callback(item, opt), List[str]
     help_text = opt.info.help
     if opt.info.choices and not all(str(c) in help_text for c in opt.info.choices):
         help_text += f" One of: {', '.join(map(str, opt.info.choices))}."
-    default = typer.Option(opt.default, *(opt.info.flags or ("--" + opt.name.replace("_", "-"),)), help=help_text,
-                           show_default=opt.default not in (None, [], ""))
+    default = typer.Option([str(v) for v in opt.default] if callback else opt.default,
+                           *(opt.info.flags or ("--" + opt.name.replace("_", "-"),)), help=help_text,
+                           show_default=opt.default not in (None, [], ""), callback=callback)
     return inspect.Parameter(opt.name, kind, default=default, annotation=annotation)
+
+
+def number_list_callback(item: type, opt: Option):
+    """A typer callback turning a repeatable option's strings into numbers (see `split_numbers`); typer calls
+    it with the value alone."""
+    def callback(values: List[str]):
+        return split_numbers(item, opt, values)
+    return callback
+
+
+def split_numbers(item: type, opt: Option, values: list[str]) -> list:
+    """A repeatable numeric option's values, each possibly comma-separated, as numbers."""
+    out = []
+    for value in values or []:
+        for part in str(value).split(","):
+            if part.strip():
+                try:
+                    out.append(item(part))
+                except ValueError:
+                    raise CurateError(f"{opt.flag} {value!r}: {part.strip()!r} is not a number") from None
+    return out
 
 
 @dataclass(frozen=True)

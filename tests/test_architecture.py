@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 import typer
 from typer.core import TyperOption
 
@@ -221,7 +220,9 @@ def test_cli_and_recipe_defaults_are_the_configs():
         defaults = {p.name: p.default for p in command.params if isinstance(p, TyperOption)}
         for opt in options_of(spec.config):
             if opt.info.cli:
-                assert defaults[opt.name] == opt.default or (defaults[opt.name] is None and opt.default is None), \
-                    (name, opt.name)
+                default = defaults[opt.name]
+                if isinstance(opt.default, list) and opt.default and not isinstance(opt.default[0], str):
+                    default = [type(opt.default[0])(v) for v in default]  # numbers given as strings (commas)
+                assert default == opt.default, (name, opt.name)
     for section, (config, config_section) in SECTION_CONFIGS.items():
         assert all(o.default == getattr(config(), name) for name, o in recipe_keys(config, config_section).items())

@@ -160,3 +160,15 @@ def clipscore_blocks(image: np.ndarray, text: np.ndarray, block: int = 65536) ->
     for start in range(0, len(image), block):
         out[start:start + block] = clipscore(image[start:start + block], text[start:start + block])
     return out
+
+
+def scores_in_pool_order(pool: EmbeddingPool, table: str | Path, column: str) -> np.ndarray:
+    """A score table's `column` aligned to the pool's rows by uid (float64; NaN for pool rows it lacks)."""
+    try:
+        scores = pq.read_table(table, columns=["uid", column])
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise CurateError(f"{table}: cannot read columns uid and {column} ({exc})") from None
+    index = {uid: i for i, uid in enumerate(scores.column("uid").to_pylist())}
+    values = scores.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    rows = np.array([index.get(u, -1) for u in pool.uid_array().to_pylist()], dtype=np.int64)
+    return np.where(rows >= 0, values[np.maximum(rows, 0)], np.nan)
