@@ -16,8 +16,10 @@ from rich.markup import escape
 
 from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
+from curate.stages import decontaminate as decontaminate_stage
 from curate.stages import dedup as dedup_stage
 from curate.stages import embed as embed_stage
+from curate.stages.decontaminate import DecontaminateConfig
 from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
@@ -733,6 +735,40 @@ def dedup_cmd(
     for eps, kept in result.kept.items():
         console.print(f"  eps {eps}: keeps {kept:,} of {result.rows:,} ({kept / result.rows:.1%}), drops "
                       f"{result.rows - kept:,} as semantic duplicates", highlight=False)
+
+
+# ---------------------------------------------------------------- decontaminate
+
+@stage_command(app, "decontaminate", DecontaminateConfig, decontaminate_stage.RUN_OPTIONS)
+def decontaminate_cmd(
+    emb: Path = typer.Argument(..., help="Embedding directory of the pool (made by `curate embed`)."),
+    against: List[Path] = typer.Option(..., "--against", help="Evaluation or target images: an embedding directory "
+                                       "(e.g. `curate embed EVAL --images-only`) or a .npy/.pt/.parquet matrix; "
+                                       "repeat for several sets."),
+    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, nearest_uid, nearest_set, similarity, "
+                                               "contaminated."),
+    *, cfg: DecontaminateConfig, opts: RunOptions,
+):
+    """Flag pool samples whose image is (near) an evaluation image, so a selection never trains on its test set."""
+    from curate.stages.decontaminate.entry import run
+    from curate.ui import sample_progress
+
+    with sample_progress("decontaminate") as advance:
+        result = run(emb, against, out, cfg, opts, progress=advance)
+    if result.out is None:
+        tasks = result.tasks
+        console.print(f"[bold]decontaminate[/]: rank {tasks['rank']} of {tasks['world_size']} done; "
+                      f"{tasks['missing']} of {tasks['tasks']} tasks still missing. The last rank to finish writes "
+                      f"{out}", highlight=False)
+        return
+    console.print(f"[bold]decontaminate[/]: {result.contaminated:,} of {result.rows:,} pool samples within cosine "
+                  f"{cfg.threshold:g} of one of {result.against_rows:,} evaluation images, {result.seconds:.1f} s "
+                  f"-> {out}", highlight=False)
+    console.print("  nearest-image similarity of the pool (choose --threshold where copies separate from the rest):",
+                  highlight=False)
+    for low, high, count in result.histogram:
+        label = f"[{max(low, -1.0):.2f}, {min(high, 1.0):.2f}{']' if high > 1 else ')'}"  # the open ends read as ±1
+        console.print(f"    {label:>14} {count:>10,}", highlight=False)
 
 
 # ---------------------------------------------------------------- run
