@@ -26,7 +26,8 @@ from pool import make_pool, random_unit_rows
 SETUP = """
 import numpy as np, torch
 from curate.config import configure
-from curate.stages import score
+from curate.stages.score import ScoreConfig
+from curate.stages.score import entry as score
 from curate.stages.normsim import normsim
 from curate.stages.filter import filter_pool
 import pyarrow, faiss
@@ -36,7 +37,7 @@ import pyarrow, faiss
 def stage_bodies(pool: Path, target: Path, work: Path, batch_size: int) -> dict[str, str]:
     cache, scores, ns_inf, ns_2 = work / "cache", work / "scores.parquet", work / "ns_inf.parquet", work / "ns_2.parquet"
     return {
-        "score": f"score.run({str(pool)!r}, {str(scores)!r}, *configure(score.ScoreConfig, k=1, "
+        "score": f"score.run({str(pool)!r}, {str(scores)!r}, *configure(ScoreConfig, k=1, "
                  f"batch_size={batch_size}, seed=0, device='cpu', cache_dir={str(cache)!r}))",
         "normsim_inf": f"normsim({str(pool)!r}, {str(target)!r}, 'inf', {str(ns_inf)!r}, device='cpu')",
         "normsim_2": f"normsim({str(pool)!r}, {str(target)!r}, '2', {str(ns_2)!r}, device='cpu', "

@@ -18,7 +18,8 @@ from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
 from curate.stages import embed as embed_stage
 from curate.stages.embed import EmbedConfig
-from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
+from curate.stages import score as score_stage
+from curate.stages.score import ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate web-scale image-text corpora with a CLIP teacher.")
@@ -225,7 +226,7 @@ def rate_line(command: str, result, detail: str) -> str:
     return f"[bold]{command}[/]: {rows:,} rows in {seconds:.2f} s ({rate:,.0f} rows/s), {detail} -> {out}"
 
 
-@stage_command(app, "score", ScoreConfig, SCORE_RUN_OPTIONS)
+@stage_command(app, "score", ScoreConfig, score_stage.RUN_OPTIONS)
 def score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + one float32 column per metric."),
@@ -237,7 +238,7 @@ def score_cmd(
     map tasks with completion markers under OUT.parts/; the rank that finishes last writes the table,
     byte-identical to a one-process run.
     """
-    from curate.stages import score
+    from curate.stages.score import entry as score
     from curate.ui import sample_progress
 
     on_interrupt(lambda: "finished negclip map tasks (if any ran as tasks) are kept beside the output")

@@ -323,7 +323,7 @@ def plan(recipe: dict) -> list[Step]:
         score_tables.append(out)
 
         def run_score(bar=None, s=s, out=out):
-            from curate.stages import score
+            from curate.stages.score import entry as score
 
             config = ScoreConfig(**{k: s[k] for k in recipe_keys(ScoreConfig)})
             return require_reduced(score.run(emb, out, config, run_options(run), progress=bar), "score",

@@ -290,7 +290,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.io.uids import write_uid_npy
     from curate.models.teacher import model_config, resolve_device
     from curate.config import RunOptions
-    from curate.stages import score
+    from curate.stages.score import ScoreConfig
+    from curate.stages.score import entry as score
     from curate.stages.embed import EmbedConfig
     from curate.stages.embed.entry import plan_embed
     from curate.stages.embed.entry import run as embed
@@ -333,8 +334,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     scores_path = cache / f"scores-{score_key}.parquet"
     if not scores_path.is_file():
         log("scoring: clipscore, negclip")
-        score.run(emb_dir, scores_path, score.ScoreConfig(k=cfg.negclip_k, batch_size=cfg.negclip_batch, seed=0,
-                                                          device=cfg.device, cache_dir=cache / "memmap"))
+        score.run(emb_dir, scores_path, ScoreConfig(k=cfg.negclip_k, batch_size=cfg.negclip_batch, seed=0,
+                                                    device=cfg.device, cache_dir=cache / "memmap"))
     normsim_paths = {}
     for p in ("inf", "2"):
         normsim_paths[p] = cache / f"normsim_{p}-{embed_key}.parquet"
