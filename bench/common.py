@@ -194,3 +194,12 @@ def run_score(emb, out, progress=None, **values):
     from curate.stages.score.entry import run
 
     return run(emb, out, *configure(ScoreConfig, **values), progress=progress)
+
+
+def run_normsim(emb, out, progress=None, **values):
+    """`curate.stages.normsim.entry.run` with its options as keywords (split between NormsimConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.normsim import NormsimConfig
+    from curate.stages.normsim.entry import run
+
+    return run(emb, out, *configure(NormsimConfig, **values), progress=progress)

@@ -297,7 +297,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.stages.embed.entry import run as embed
     from curate.stages.evaluate import pool_field
     from curate.stages.filter import filter_pool
-    from curate.stages.normsim import normsim
+    from curate.stages.normsim import NormsimConfig
+    from curate.stages.normsim import entry as normsim
     from curate.stages.synth import CORRUPTION_KINDS, make_corpus
 
     cfg = config.resolved()
@@ -341,7 +342,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
         normsim_paths[p] = cache / f"normsim_{p}-{embed_key}.parquet"
         if not normsim_paths[p].is_file():
             log(f"NormSim_{p} against {corpus / 'target'}")
-            normsim(emb_dir, str(target_emb), p, normsim_paths[p], device=cfg.device, cache_dir=cache / "memmap")
+            normsim.run(emb_dir, normsim_paths[p], NormsimConfig(target=str(target_emb), p=p, device=cfg.device,
+                                                                 cache_dir=cache / "memmap"))
     timings["score"] = time.perf_counter() - tick
 
     # -- subsets (cheap; rewritten every run)
