@@ -3,8 +3,10 @@
 For each pool size N (d = 512, fp16, 50k-row tables), in order:
   score      `score.run(pool, out, ScoreConfig(k=1, batch_size=B))`, cold: it also builds the fp16 `.npy`
              caches (this is the pass that writes N·D·2·2 bytes).
-  normsim_inf `normsim(pool, target 1000×512, "inf")`, streamed from the Parquet tables (no cache given).
-  normsim_2  `normsim(pool, target, "2")` with the score's cache directory: reads the fp16 cache.
+  normsim_inf `normsim.run(pool, out, NormsimConfig(target=1000×512, p="inf"))`, streamed from the Parquet
+             tables (no cache given).
+  normsim_2  `normsim.run(pool, out, NormsimConfig(target, p="2"))` with the score's cache directory: reads
+             the fp16 cache.
   filter     `filter_pool([score table, normsim_inf table], keep negclip:0.3, normsim_inf:0.2)`.
 Peak = VmHWM of the process (Linux), whole process: interpreter, torch, numpy, pyarrow included. "Above
 imports" subtracts the RSS measured right before the stage call. RSS counts resident pages only: the
@@ -26,8 +28,10 @@ from pool import make_pool, random_unit_rows
 SETUP = """
 import numpy as np, torch
 from curate.config import configure
-from curate.stages import score
-from curate.stages.normsim import normsim
+from curate.stages.score import ScoreConfig
+from curate.stages.score import entry as score
+from curate.stages.normsim import NormsimConfig
+from curate.stages.normsim import entry as normsim
 from curate.stages.filter import filter_pool
 import pyarrow, faiss
 """
@@ -36,11 +40,12 @@ import pyarrow, faiss
 def stage_bodies(pool: Path, target: Path, work: Path, batch_size: int) -> dict[str, str]:
     cache, scores, ns_inf, ns_2 = work / "cache", work / "scores.parquet", work / "ns_inf.parquet", work / "ns_2.parquet"
     return {
-        "score": f"score.run({str(pool)!r}, {str(scores)!r}, *configure(score.ScoreConfig, k=1, "
+        "score": f"score.run({str(pool)!r}, {str(scores)!r}, *configure(ScoreConfig, k=1, "
                  f"batch_size={batch_size}, seed=0, device='cpu', cache_dir={str(cache)!r}))",
-        "normsim_inf": f"normsim({str(pool)!r}, {str(target)!r}, 'inf', {str(ns_inf)!r}, device='cpu')",
-        "normsim_2": f"normsim({str(pool)!r}, {str(target)!r}, '2', {str(ns_2)!r}, device='cpu', "
-                     f"cache_dir={str(cache)!r})",
+        "normsim_inf": f"normsim.run({str(pool)!r}, {str(ns_inf)!r}, NormsimConfig(target={str(target)!r}, "
+                       f"p='inf', device='cpu'))",
+        "normsim_2": f"normsim.run({str(pool)!r}, {str(ns_2)!r}, NormsimConfig(target={str(target)!r}, p='2', "
+                     f"device='cpu', cache_dir={str(cache)!r}))",
         "filter": f"filter_pool([{str(scores)!r}, {str(ns_inf)!r}], {str(work / 'subset')!r}, "
                   f"keeps=['negclip:0.3', 'normsim_inf:0.2'])",
     }

@@ -37,7 +37,7 @@ def numpy_second_moment_route(v: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def run(work: Path, n_rows: int, dim: int, target_rows: int, repeats: int, log=print) -> dict:
-    from curate.stages.normsim import normsim
+    from common import run_normsim
 
     import pyarrow.parquet as pq
 
@@ -53,7 +53,7 @@ def run(work: Path, n_rows: int, dim: int, target_rows: int, repeats: int, log=p
     # cold: the stage builds the pool's fp16 cache from the Parquet lists first (once per pool version)
     cold_out = work / "normsim-cold.parquet"
     started, cpu_started = time.perf_counter(), time.process_time()
-    normsim(pool_dir, str(target_path), "inf", cold_out, device="cpu", cache_dir=cache)
+    run_normsim(pool_dir, cold_out, target=str(target_path), p="inf", device="cpu", cache_dir=cache)
     results["cold"] = {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
                        "n_rows": n_rows}
     log(f"  normsim cold (builds the fp16 cache from Parquet, then scores inf): {results['cold']['wall_s']:.2f} s")
@@ -67,7 +67,7 @@ def run(work: Path, n_rows: int, dim: int, target_rows: int, repeats: int, log=p
             held["scores"] = limit_fn(v, target)
 
         def stage():
-            normsim(pool_dir, str(target_path), p, out, device="cpu", cache_dir=cache_dir)
+            run_normsim(pool_dir, out, target=str(target_path), p=p, device="cpu", cache_dir=cache_dir)
 
         comparison = compare(stage, limit, repeats, log, name)
         stage_scores = pq.read_table(out, columns=[f"normsim_{p}"]).column(0).to_numpy()

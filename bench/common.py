@@ -188,8 +188,18 @@ def mib(x: float) -> str:
 
 
 def run_score(emb, out, progress=None, **values):
-    """`curate.stages.score.run` with its options as keywords (split between ScoreConfig and RunOptions)."""
+    """`curate.stages.score.entry.run` with its options as keywords (split between ScoreConfig and RunOptions)."""
     from curate.config import configure
-    from curate.stages.score import ScoreConfig, run
+    from curate.stages.score import ScoreConfig
+    from curate.stages.score.entry import run
 
     return run(emb, out, *configure(ScoreConfig, **values), progress=progress)
+
+
+def run_normsim(emb, out, progress=None, **values):
+    """`curate.stages.normsim.entry.run` with its options as keywords (split between NormsimConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.normsim import NormsimConfig
+    from curate.stages.normsim.entry import run
+
+    return run(emb, out, *configure(NormsimConfig, **values), progress=progress)

@@ -41,8 +41,7 @@ def column(path: Path, name: str) -> np.ndarray:
 def main() -> int:
     import torch
 
-    from curate.stages.normsim import normsim
-    from common import run_score
+    from common import run_normsim, run_score
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -82,7 +81,8 @@ def main() -> int:
         outs = {}
         for device in ("cpu", args.device):
             outs[device] = work / f"normsim-{p}-{device}.parquet"
-            seconds = timed(lambda: normsim(pool, str(target), p, outs[device], device=device, cache_dir=cache))
+            seconds = timed(lambda: run_normsim(pool, outs[device], target=str(target), p=p, device=device,
+                                                cache_dir=cache))
             print(f"normsim_{p} on {device}: {seconds:.2f} s")
         agree(f"normsim_{p}", column(outs["cpu"], f"normsim_{p}"), column(outs[args.device], f"normsim_{p}"))
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic  # noqa: E402
 from curate.metrics.normsim import keep_count, top_fraction_mask  # noqa: E402
-from curate.stages.normsim import normsim  # noqa: E402
+from common import run_normsim  # noqa: E402
 from test_normsim import reference_vas_d  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         top = {}
         for seed in (0, 1, 2):
             out = Path(tmp) / f"n{seed}.parquet"
-            normsim(Path(tmp) / "emb", "none", "2d", out, cache_dir=Path(tmp) / "cache", seed=seed)
+            run_normsim(Path(tmp) / "emb", out, target="none", p="2d", cache_dir=Path(tmp) / "cache", seed=seed)
             top[f"curate seed {seed}"] = set(np.flatnonzero(top_fraction_mask(
                 pq.read_table(out).column("normsim_2d").to_numpy(), 0.3)).tolist())
         top["transcription seed 0"] = set(reference_vas_d(v, 100, 0.3, 0.1, 0)[-1])

@@ -19,10 +19,13 @@ from curate.errors import CurateError
 from curate.stages import decontaminate as decontaminate_stage
 from curate.stages import dedup as dedup_stage
 from curate.stages import embed as embed_stage
+from curate.stages import normsim as normsim_stage
+from curate.stages import score as score_stage
 from curate.stages.decontaminate import DecontaminateConfig
 from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
-from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
+from curate.stages.normsim import NormsimConfig
+from curate.stages.score import ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate web-scale image-text corpora with a CLIP teacher.")
@@ -229,7 +232,7 @@ def rate_line(command: str, result, detail: str) -> str:
     return f"[bold]{command}[/]: {rows:,} rows in {seconds:.2f} s ({rate:,.0f} rows/s), {detail} -> {out}"
 
 
-@stage_command(app, "score", ScoreConfig, SCORE_RUN_OPTIONS)
+@stage_command(app, "score", ScoreConfig, score_stage.RUN_OPTIONS)
 def score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + one float32 column per metric."),
@@ -241,7 +244,7 @@ def score_cmd(
     map tasks with completion markers under OUT.parts/; the rank that finishes last writes the table,
     byte-identical to a one-process run.
     """
-    from curate.stages import score
+    from curate.stages.score import entry as score
     from curate.ui import sample_progress
 
     on_interrupt(lambda: "finished negclip map tasks (if any ran as tasks) are kept beside the output")
@@ -264,45 +267,11 @@ def score_cmd(
     console.print(rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
 
 
-@app.command("normsim")
+@stage_command(app, "normsim", NormsimConfig, normsim_stage.RUN_OPTIONS)
 def normsim_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Image embeddings: an embedding directory (e.g. "
-                                         "`curate embed IMAGENET_TRAIN --images-only`), a .npy/.pt/.parquet "
-                                         "matrix or a directory of them (the reference's in1k_clip_vit_l14_*.pt); "
-                                         "imagenet-text (class prompts, text tower); or none (with --p 2d)."),
-    p: str = typer.Option("inf", "--p", help="inf, 2, or 2d (the pool as its own, iteratively refined target)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + normsim_inf | normsim_2 | normsim_2d."),
-    index: str = typer.Option("flat", "--index", help="p=inf: flat (exact) or ivf (approximate)."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", help="ivf: number of clusters (default ~4·sqrt(2M))."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf: clusters probed per query (default nlist/8)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="p=2d: iterations T, each removing an equal "
-                                             "chunk of the lowest scores (default 100, the reference's)."),
-    final_fraction: Optional[float] = typer.Option(None, "--final-fraction", help="p=2d: keep ceil(F*N) of the pool "
-                                                   "after the last iteration (default 0.3)."),
-    subsample: Optional[float] = typer.Option(None, "--subsample", help="p=2d: fraction of the current subset whose "
-                                              "second moment is the next target (default 0.1, the reference's)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="p=2d: seed of the subsamples (default 0); the same "
-                                       "seed gives the same table."),
-    prefilter: Optional[Path] = typer.Option(None, "--prefilter", help="p=2d: start from this subset (the --out "
-                                             "directory of `curate filter`, e.g. --keep clipscore:0.3, or a "
-                                             "uids.npy), as the reference starts after its CLIPScore filter."),
-    templates: str = typer.Option("openai", "--templates", help="imagenet-text: openai (80) or simple (7) prompt "
-                                  "templates."),
-    device: str = typer.Option("auto", help="Device for the exact p=inf product and the imagenet-text prompts "
-                               "(auto: cuda when present)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache directory: the imagenet-text target's "
-                                             "embeddings (default ~/.cache/curate) and the pool's fp16 image cache, "
-                                             "read when `curate score` built it there, built by p=2d (default: OUT's "
-                                             "directory/.curate-cache)."),
-    rank: Optional[int] = RANK_OPTION,
-    world_size: Optional[int] = WORLD_SIZE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    workers: int = MAP_WORKERS_OPTION,
-    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of whole tables), "
-                                        "the same for every rank (default 32); p=2d's float64 sums follow them."),
-    retries: int = RETRIES_OPTION,
-    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    *, cfg: NormsimConfig, opts: RunOptions,
 ):
     """NormSim_p (Wang et al. 2024, Eq. 3) of every sample's image embedding against a target set.
 
@@ -314,35 +283,32 @@ def normsim_cmd(
     same bytes; it refuses a rank split. Its column orders the pool so that `curate filter --keep
     normsim_2d:F` keeps exactly the run's subset at its --final-fraction F.
     """
-    from curate.stages.normsim import normsim
+    from curate.stages.normsim import entry as normsim
     from curate.ui import sample_progress
 
     with sample_progress("normsim") as advance:
-        result = normsim(emb, target, p, out, index=index, nlist=nlist, nprobe=nprobe, iterations=iterations,
-                         final_fraction=final_fraction, device=device, cache_dir=cache_dir, templates=templates,
-                         progress=advance, subsample=subsample, seed=seed, prefilter=prefilter, executor=executor, workers=workers, ray_address=ray_address, rank=rank,
-                         world_size=world_size, retries=retries, tasks=tasks)
-    tasks_info = result.get("normsim_tasks")
-    if result["out"] is None:
+        result = normsim.run(emb, out, cfg, opts, progress=advance)
+    tasks_info = result.normsim_tasks
+    if result.out is None:
         console.print(f"[bold]normsim[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
                       f"({tasks_info['ran']} map tasks run, {tasks_info['already_done']} already done); "
                       f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
                       f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
         return
-    params = result["params"]
-    detail = f"{result['column']} vs {params.get('target')}"
+    params = result.params
+    detail = f"{result.column} vs {params.get('target')}"
     if "target_rows" in params:
         kind = {"image_embeddings": "image embeddings", "text_prompts": "class prompts"}.get(params.get("target_kind"))
         detail += f" ({params['target_rows']:,} rows{', ' + kind if kind else ''})"
     if params.get("index") == "ivf":
         detail += f", ivf nlist={params['nlist']} nprobe={params['nprobe']}"
-    if result["missing"]:
-        detail += f", {result['missing']:,} rows with no IVF candidate (NaN)"
+    if result.missing:
+        detail += f", {result.missing:,} rows with no IVF candidate (NaN)"
     if tasks_info:
         detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
                    f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
-    if result.get("note"):
-        detail += f"; {result['note']}"
+    if result.note:
+        detail += f"; {result.note}"
     console.print(rate_line("normsim", result, detail), highlight=False)
 
 

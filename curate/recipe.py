@@ -5,8 +5,9 @@ Sections (all optional except [run]; see examples/recipes/ and README):
   [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
   [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
-  [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index, and for p = 2d
-                                                          iterations, final_fraction, subsample, seed, prefilter
+  [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index, nlist, nprobe,
+                                                          templates, and for p = 2d iterations, final_fraction,
+                                                          subsample, seed, prefilter
   [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target,
                                                           fraction_rule
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
@@ -31,14 +32,12 @@ from typing import Any, Callable
 from curate.config import RunOptions, config_from_table, recipe_keys
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
-from curate.stages.embed import EmbedConfig
-from curate.stages.score import ScoreConfig
 from curate.run.markers import Markers
-from curate.stages.normsim_2d import Normsim2dOptions
+from curate.stages.embed import EmbedConfig
+from curate.stages.normsim import SCHEDULE_OPTIONS, NormsimConfig
+from curate.stages.score import ScoreConfig
 
 REQUIRED = object()
-NORMSIM_2D = Normsim2dOptions()  # the defaults of `curate normsim --p 2d`, so the recipe's are the same
-NORMSIM_2D_KEYS = ("iterations", "final_fraction", "subsample", "seed", "prefilter")
 
 # A section's keys: its inputs and outputs (paths, relative to [run] dir; REQUIRED or a default) written here,
 # then every option of its stage's config (curate/config.py), generated: the same names, defaults and checks
@@ -51,6 +50,7 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "embed": (EmbedConfig, None),
     "embed_target": (EmbedConfig, None),
     "score": (ScoreConfig, None),
+    "normsim": (NormsimConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
@@ -63,10 +63,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb")},
     "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
     "score": {"out": (str, "scores.parquet")},
+    # p: a list here (one table per p); prefilter: a subset path or the name of a [[filter]], run first
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
-                "index": (str, "flat"), "iterations": (int, NORMSIM_2D.iterations),
-                "final_fraction": ((float, int), NORMSIM_2D.final_fraction),
-                "subsample": ((float, int), NORMSIM_2D.subsample), "seed": (int, NORMSIM_2D.seed),
                 "prefilter": (str, "")},
     "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
                "out": (str, "clones.parquet")},
@@ -78,10 +76,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "report": {"out": (str, "report.html")},
 }
 CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32"),
-           ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
-           ("filter", "fraction_rule"): ("exact", "datacomp")}
-POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
-                 "iterations"}
+           ("filter", "mode"): ("sequential", "independent"), ("filter", "fraction_rule"): ("exact", "datacomp")}
+POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
 
@@ -146,21 +142,17 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def _check_normsim_2d(path: Path, recipe: dict, raw: dict) -> None:
-    """The 2d schedule keys: only with p = 2d, in range; a `prefilter` naming a [[filter]] runs it before
-    NormSim, so it may only use the [score] table."""
+    """The 2d schedule keys: only with p = 2d (their ranges are the config's checks), then set to the schedule
+    the run uses (the defaults filled in); a `prefilter` naming a [[filter]] runs it before NormSim, so it may
+    only use the [score] table."""
     n = recipe["normsim"]
     if "2d" not in [str(p) for p in n["p"]]:
-        given = [key for key in NORMSIM_2D_KEYS if key in raw]
+        given = [key for key in SCHEDULE_OPTIONS if key in raw]
         if given:
             raise CurateError(f"{path}: [normsim] {given[0]} sets NormSim_2-D's schedule; it needs \"2d\" in p")
         return
-    try:
-        Normsim2dOptions(n["iterations"], n["final_fraction"], n["subsample"], n["seed"]).check()
-    except CurateError as exc:
-        message = str(exc)
-        for key in NORMSIM_2D_KEYS:
-            message = message.replace("--" + key.replace("_", "-"), key)
-        raise CurateError(f"{path}: [normsim] {message}") from None
+    schedule = NormsimConfig(**{key: n[key] for key in SCHEDULE_OPTIONS if key != "prefilter"}).schedule()
+    n.update({key: getattr(schedule, key) for key in SCHEDULE_OPTIONS if key != "prefilter"})
     prefilter = prefilter_filter(recipe)
     if prefilter is not None:
         uses = [s.split(":")[0] for s in prefilter["keep"] + prefilter["min"] + prefilter["max"]]
@@ -195,7 +187,8 @@ def _validate(path: Path, section: str, table: Any, defaults: dict | None = None
     if section in SECTION_CONFIGS:  # the options: checked as the stage checks them, defaults filled in
         config, config_section = SECTION_CONFIGS[section]
         cfg = config_from_table(config, table, f"{path}: [{section}]", config_section, defaults)
-        out.update({name: getattr(cfg, name) for name in recipe_keys(config, config_section)})
+        values = {name: getattr(cfg, name) for name in recipe_keys(config, config_section)}
+        out.update({name: str(v) if isinstance(v, Path) else v for name, v in values.items()})  # TOML's strings
     for key, (types, default) in spec.items():
         if key in out:
             continue
@@ -225,7 +218,7 @@ def run_options(run: dict) -> RunOptions:
 
 def executor_options(run: dict) -> dict:
     """The recipe's [run] executor settings as keyword arguments of the map/reduce stages still taking them
-    one by one (normsim, filter, export)."""
+    one by one (filter, export)."""
     return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
             "ray_address": run["ray_address"] or None}
 
@@ -248,6 +241,7 @@ def plan(recipe: dict) -> list[Step]:
     at = lambda p: p if ("://" in p or Path(p).is_absolute() or p in NAMED_TARGETS) else str(root / p)  # noqa: E731
     teacher = recipe.get("teacher") or {k: o.default for k, o in recipe_keys(EmbedConfig, "teacher").items()}
     steps: list[Step] = []
+    cache_dir = lambda section: at(section["cache_dir"]) if section["cache_dir"] else None  # noqa: E731
 
     def add(name, section, params, inputs, outputs, fn):
         steps.append(Step(name, section, {"section": params, "inputs": inputs}, inputs, outputs, fn))
@@ -323,9 +317,9 @@ def plan(recipe: dict) -> list[Step]:
         score_tables.append(out)
 
         def run_score(bar=None, s=s, out=out):
-            from curate.stages import score
+            from curate.stages.score import entry as score
 
-            config = ScoreConfig(**{k: s[k] for k in recipe_keys(ScoreConfig)})
+            config = ScoreConfig(**{k: s[k] for k in recipe_keys(ScoreConfig)} | {"cache_dir": cache_dir(s)})
             return require_reduced(score.run(emb, out, config, run_options(run), progress=bar), "score",
                                    "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
@@ -353,23 +347,25 @@ def plan(recipe: dict) -> list[Step]:
 
     if "normsim" in recipe:
         n = recipe["normsim"]
+        options = {k: n[k] for k in recipe_keys(NormsimConfig) if k not in SCHEDULE_OPTIONS} | \
+            {"cache_dir": cache_dir(n)}
         for p in n["p"]:
             out = at(n["out"]).replace(".parquet", f"_{p}.parquet") if len(n["p"]) > 1 else at(n["out"])
             score_tables.append(out)
             target = None if n["target"] == "none" else at(n["target"])
-            schedule, params, inputs = {}, {key: n[key] for key in n if key not in NORMSIM_2D_KEYS}, []
+            schedule, params, inputs = {}, {key: n[key] for key in n if key not in SCHEDULE_OPTIONS}, []
             if str(p) == "2d":
                 pre = "" if not n["prefilter"] else subsets.get(n["prefilter"], at(n["prefilter"]))
-                schedule = {key: n[key] for key in NORMSIM_2D_KEYS[:-1]} | {"prefilter": pre or None}
-                params.update({key: n[key] for key in NORMSIM_2D_KEYS})
+                schedule = {key: n[key] for key in SCHEDULE_OPTIONS if key != "prefilter"} | {"prefilter": pre or None}
+                params.update({key: n[key] for key in SCHEDULE_OPTIONS})
                 inputs = [pre] if pre else []
 
             def run_normsim(bar=None, p=str(p), out=out, target=target, schedule=schedule):
-                from curate.stages.normsim import normsim
+                from curate.stages.normsim import entry as normsim
 
-                result = normsim(emb, target, p, out, index=n["index"], device=run["device"], progress=bar, **schedule,
-                                 **executor_options(run))
-                return require_reduced(result, f"normsim {p}", "normsim_tasks")
+                config = NormsimConfig(target=target, p=p, **options, **schedule)
+                return require_reduced(normsim.run(emb, out, config, run_options(run), progress=bar),
+                                       f"normsim {p}", "normsim_tasks")
             add(f"normsim:{p}", "normsim", {**params, "p": p}, [emb] + ([target] if target else []) + inputs, [out],
                 run_normsim)
 

@@ -281,10 +281,11 @@ MEMORY_SCRIPT = textwrap.dedent("""
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
-    from curate.stages import score
+    from curate.stages.score import ScoreConfig
+    from curate.stages.score import entry as score
 
     small, big, out, cache = sys.argv[1:5]
-    config = score.ScoreConfig(k=1, batch_size=256, seed=0, device="cpu", cache_dir=cache)
+    config = ScoreConfig(k=1, batch_size=256, seed=0, device="cpu", cache_dir=cache)
     # Warm-up on a one-table pool: one-off costs (allocator pools, thread stacks) are not the pool's.
     score.run(small, out, config)
     try:  # reset the peak (VmHWM) to the current RSS (Linux >= 4.0)

@@ -253,7 +253,7 @@ def test_inline_normsim_is_joined_by_uid(tmp_path):
     table = write_scores(tmp_path / "s.parquet", [pool_uids[i] for i in order], negclip=negclip)
     calls = []
 
-    def fake_normsim(pool, target, p):  # stands in for curate.stages.normsim.normsim_scores: pool order
+    def fake_normsim(pool, target, p):  # stands in for curate.stages.normsim.local.normsim_scores: pool order
         calls.append((target, p))
         return np.arange(pool.n_rows, dtype=np.float32)
 

@@ -23,9 +23,11 @@ ROWS_PER_FILE, FILES, DIM = 50_000, 8, 128
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from curate.stages.normsim import normsim
     from curate.config import configure
-    from curate.stages import score
+    from curate.stages.normsim import NormsimConfig
+    from curate.stages.normsim import entry as normsim
+    from curate.stages.score import ScoreConfig
+    from curate.stages.score import entry as score
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -39,12 +41,14 @@ SCRIPT = textwrap.dedent("""
     small, big, target, work = sys.argv[1:5]
     runs = {
         "score": lambda pool, tag: score.run(pool, f"{work}/{tag}-s.parquet", *configure(
-            score.ScoreConfig, k=1, batch_size=1024, seed=0, device="cpu", cache_dir=f"{work}/{tag}-cache")),
-        "normsim_inf": lambda pool, tag: normsim(pool, target, "inf", f"{work}/{tag}-inf.parquet", device="cpu"),
-        "normsim_2": lambda pool, tag: normsim(pool, target, "2", f"{work}/{tag}-2.parquet", device="cpu"),
+            ScoreConfig, k=1, batch_size=1024, seed=0, device="cpu", cache_dir=f"{work}/{tag}-cache")),
+        "normsim_inf": lambda pool, tag: normsim.run(pool, f"{work}/{tag}-inf.parquet", *configure(
+            NormsimConfig, target=target, p="inf", device="cpu")),
+        "normsim_2": lambda pool, tag: normsim.run(pool, f"{work}/{tag}-2.parquet", *configure(
+            NormsimConfig, target=target, p="2", device="cpu")),
         # reads the fp16 cache that score built, instead of the tables
-        "normsim_inf_cached": lambda pool, tag: normsim(pool, target, "inf", f"{work}/{tag}-infc.parquet",
-                                                        device="cpu", cache_dir=f"{work}/{tag}-cache"),
+        "normsim_inf_cached": lambda pool, tag: normsim.run(pool, f"{work}/{tag}-infc.parquet", *configure(
+            NormsimConfig, target=target, p="inf", device="cpu", cache_dir=f"{work}/{tag}-cache")),
     }
     for name, run in runs.items():
         run(small, "small")

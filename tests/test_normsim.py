@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import (EmbeddingPool, TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
@@ -22,7 +22,9 @@ from curate.io.targets import load_target
 from curate.metrics.normsim import (build_ivf_index, keep_count, nested_sizes, normsim_2, normsim_2d, normsim_inf,
                                     normsim_inf_exact, second_moment, splitmix64_mix, subsample_draws, subsample_mask,
                                     top_fraction_mask)
-from curate.stages.normsim import normsim, normsim_scores
+from curate.stages.normsim import NormsimConfig
+from curate.stages.normsim.local import normsim_scores
+from curate.stages.normsim.targets import normsim_target
 
 
 # ---------------------------------------------------------------- independent references (plain loops)
@@ -326,18 +328,18 @@ def test_imagenet_text_target_averages_templates_and_caches(tmp_path, monkeypatc
                         raising=False)
     teacher = TeacherInfo("fake", "none", 8, 100.0)
     FakeTextTower.calls = 0
-    got = load_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple")
+    got = normsim_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple").matrix
     assert got.shape == (1000, 8) and FakeTextTower.calls > 0
     for cls in (0, 417, 999):
         name = z.IMAGENET_CLASSNAMES[cls]
         mean = np.mean([prompt_vector(t(name), 8) for t in z.SIMPLE_IMAGENET_TEMPLATES], axis=0)
         np.testing.assert_allclose(got[cls], mean / np.linalg.norm(mean), atol=1e-5)
     FakeTextTower.calls = 0
-    again = load_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple")
+    again = normsim_target("imagenet-text", teacher, cache_dir=tmp_path, templates="simple").matrix
     assert FakeTextTower.calls == 0 and np.array_equal(got, again)  # served from the per-teacher cache
     with pytest.raises(CurateError, match="dimension 8 but the pool's have 4|dim"):
-        load_target("imagenet-text", TeacherInfo("fake", "none", 4, 100.0), cache_dir=tmp_path / "other",
-                    templates="simple")
+        normsim_target("imagenet-text", TeacherInfo("fake", "none", 4, 100.0), cache_dir=tmp_path / "other",
+                       templates="simple")
 
 
 # ---------------------------------------------------------------- the stage and the CLI
@@ -345,8 +347,8 @@ def test_imagenet_text_target_averages_templates_and_caches(tmp_path, monkeypatc
 def test_stage_hand_case_and_columns(tmp_path):
     pool_dir = write_pool(tmp_path / "emb", np.array([[0.6, 0.8], [1.0, 0.0], [-0.8, 0.6]], np.float32))
     np.save(tmp_path / "axes.npy", np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
-    normsim(pool_dir, str(tmp_path / "axes.npy"), "inf", tmp_path / "inf.parquet")
-    normsim(pool_dir, str(tmp_path / "axes.npy"), "2", tmp_path / "two.parquet")
+    run_normsim(pool_dir, tmp_path / "inf.parquet", target=str(tmp_path / "axes.npy"), p="inf")
+    run_normsim(pool_dir, tmp_path / "two.parquet", target=str(tmp_path / "axes.npy"), p="2")
     inf = pq.read_table(tmp_path / "inf.parquet")
     two = pq.read_table(tmp_path / "two.parquet")
     assert inf.column_names == ["uid", "normsim_inf"] and two.column_names == ["uid", "normsim_2"]
@@ -363,14 +365,14 @@ def test_stage_matches_reference_multiple_files(tmp_path):
     pool = EmbeddingPool(emb)
     v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()])
     for p in ("inf", "2"):
-        result = normsim(emb, str(tmp_path / "target.npy"), p, tmp_path / f"{p}.parquet")
-        assert result["rows"] == 35
+        result = run_normsim(emb, tmp_path / f"{p}.parquet", target=str(tmp_path / "target.npy"), p=p)
+        assert result.rows == 35
         got = pq.read_table(tmp_path / f"{p}.parquet").column(f"normsim_{p}").to_numpy()
         np.testing.assert_allclose(got, reference_normsim(v, target, float(p)), atol=1e-5)
-    np.testing.assert_allclose(normsim_scores(pool, str(tmp_path / "target.npy"), "inf", index="ivf", nlist=3,
-                                              nprobe=3), reference_normsim(v, target, float("inf")), atol=1e-5)
-    normsim(emb, None, "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, subsample=0.5, seed=2,
-            cache_dir=tmp_path / "c")
+    ivf = NormsimConfig(target=str(tmp_path / "target.npy"), p="inf", index="ivf", nlist=3, nprobe=3)
+    np.testing.assert_allclose(normsim_scores(pool, ivf), reference_normsim(v, target, float("inf")), atol=1e-5)
+    run_normsim(emb, tmp_path / "2d.parquet", target=None, p="2d", iterations=3, final_fraction=0.5, subsample=0.5,
+                seed=2, cache_dir=tmp_path / "c")
     got = pq.read_table(tmp_path / "2d.parquet").column("normsim_2d").to_numpy()
     assert subsets_of_column(got, 3) == reference_vas_d(v, 3, 0.5, 0.5, 2)
     np.testing.assert_allclose(got, normsim_2d(v, 3, 0.5, 0.5, 2), rtol=1e-6, atol=1e-6)
@@ -380,8 +382,8 @@ def test_stage_matches_reference_multiple_files(tmp_path):
     assert params["schedule"] == "nested" and params["prefilter"] is None
     assert params["kept_rows"] == [35, 29, 23, 18] and len(params["subsample_rows"]) == 3
     first = (tmp_path / "2d.parquet").read_bytes()
-    normsim(emb, "none", "2d", tmp_path / "2d.parquet", iterations=3, final_fraction=0.5, subsample=0.5, seed=2,
-            cache_dir=tmp_path / "c")
+    run_normsim(emb, tmp_path / "2d.parquet", target="none", p="2d", iterations=3, final_fraction=0.5, subsample=0.5,
+                seed=2, cache_dir=tmp_path / "c")
     assert (tmp_path / "2d.parquet").read_bytes() == first
 
 
@@ -395,19 +397,19 @@ def test_stage_parameter_errors(tmp_path):
              (dict(target="none", p="2"), "needs a target"),
              (dict(target=str(tmp_path / "t.npy"), p="2d"), "pass --target none"),
              (dict(target=str(tmp_path / "t4.npy"), p="inf"), r"t4\.npy: target embeddings have dimension 4 but the pool's have 3"),
-             (dict(target=str(tmp_path / "t.npy"), p="inf", index="hnsw"), "--index must be flat or ivf"),
+             (dict(target=str(tmp_path / "t.npy"), p="inf", index="hnsw"), "--index 'hnsw'; choose one of flat, ivf"),
              (dict(target=None, p="2d", final_fraction=0.0), "--final-fraction"),
-             (dict(target=None, p="2d", iterations=0), "--iterations must be an integer from 1 to 10000"),
-             (dict(target=None, p="2d", iterations=10_001), "--iterations must be an integer from 1 to 10000"),
-             (dict(target=None, p="2d", subsample=0.0), r"--subsample must be in \(0, 1\]"),
-             (dict(target=None, p="2d", subsample=1.5), r"--subsample must be in \(0, 1\]"),
-             (dict(target=None, p="2d", seed=-1), "--seed must be an integer from 0"),
+             (dict(target=None, p="2d", iterations=0), "--iterations 0 must be an integer from 1 to 10000"),
+             (dict(target=None, p="2d", iterations=10_001), "--iterations 10001 must be an integer from 1 to 10000"),
+             (dict(target=None, p="2d", subsample=0.0), r"--subsample 0.0 must be in \(0, 1\]"),
+             (dict(target=None, p="2d", subsample=1.5), r"--subsample 1.5 must be in \(0, 1\]"),
+             (dict(target=None, p="2d", seed=-1), "--seed -1 must be an integer from 0"),
              (dict(target=None, p="2d", prefilter=tmp_path / "nothing"), "no subset uid file"),
              (dict(target=str(tmp_path / "t.npy"), p="2", iterations=5), "use them with --p 2d, not --p 2"),
              (dict(target=str(tmp_path / "t.npy"), p="inf", prefilter=tmp_path), "use them with --p 2d, not --p inf")]
     for kwargs, message in cases:
         with pytest.raises(CurateError, match=message):
-            normsim(emb, out=out, **kwargs)
+            run_normsim(emb, out, **kwargs)
     assert not out.exists()
 
 
@@ -506,7 +508,7 @@ def test_max_abs_scorer_reused_across_calls_of_any_size():
 def test_stage_blocks_from_tables_and_cache_match_reference(tmp_path, monkeypatch, target_rows):
     """Many blocks per file (shared out to worker threads), both sources."""
     import curate.io.tables as tables
-    import curate.stages.normsim as stage
+    import curate.stages.normsim.common as stage
 
     monkeypatch.setattr(tables, "READ_BATCH_ROWS", 4)
     monkeypatch.setattr(stage, "READ_BATCH_ROWS", 4)
@@ -520,11 +522,12 @@ def test_stage_blocks_from_tables_and_cache_match_reference(tmp_path, monkeypatc
     for p in ("inf", "2"):
         want = reference_normsim(v, target, float(p))
         for cache in (None, tmp_path / "cache"):
-            result = normsim(emb, str(tmp_path / "target.npy"), p, tmp_path / "out.parquet", cache_dir=cache)
+            result = run_normsim(emb, tmp_path / "out.parquet", target=str(tmp_path / "target.npy"), p=p,
+                                 cache_dir=cache)
             got = pq.read_table(tmp_path / "out.parquet").column(f"normsim_{p}").to_numpy()
             np.testing.assert_allclose(got, want, atol=1e-5)
             if p == "2":
-                assert result["params"]["route"] == ("direct" if target_rows < 6 else "second moment")
+                assert result.params["route"] == ("direct" if target_rows < 6 else "second moment")
 
 
 @pytest.mark.parametrize("source", ["tables", "cache"])
@@ -532,7 +535,7 @@ def test_scoring_threads_same_bits_for_any_thread_count(tmp_path, source):
     """The CPU products run one BLAS thread per block, so 1, 2 or 5 worker threads (and the pending form,
     sliced table by table as the table writer does) give identical bits, equal to the plain loops."""
     from curate.metrics.normsim import MaxAbsInnerProduct, QuadraticForm
-    from curate.stages.normsim import _score_rows, table_starts
+    from curate.stages.normsim.common import score_rows, table_starts
 
     emb = make_embedding_dir(tmp_path / "emb", [37, 5, 60], dim=8, seed=21)
     pool = EmbeddingPool(emb)
@@ -543,22 +546,22 @@ def test_scoring_threads_same_bits_for_any_thread_count(tmp_path, source):
     v = np.concatenate([c["image_embedding"] for _, c in pool.iter_chunks()]).astype(np.float32)
     target = random_unit(11, 8, np.random.default_rng(22))
     for p, scorer in (("inf", MaxAbsInnerProduct(target, tile_elements=33)), ("2", QuadraticForm(second_moment(target)))):
-        runs = [_score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=t) for t in (1, 2, 5)]
+        runs = [score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=t) for t in (1, 2, 5)]
         starts = table_starts(pool)
-        with _score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=2, pending=True) as scoring:
+        with score_rows(pool, scorer, cache, 0, pool.n_rows, 6, threads=2, pending=True) as scoring:
             runs.append(np.concatenate([scoring[a:b] for a, b in zip(starts[:-1], starts[1:])]))
             runs.append(scoring.result())
         for run in runs[1:]:
             np.testing.assert_array_equal(run, runs[0])
         np.testing.assert_allclose(runs[0], reference_normsim(v, target, float(p)), atol=1e-5)
         # a span of whole tables (a map task) gives the same rows
-        np.testing.assert_array_equal(_score_rows(pool, scorer, cache, starts[1], starts[3], 6, threads=2),
+        np.testing.assert_array_equal(score_rows(pool, scorer, cache, starts[1], starts[3], 6, threads=2),
                                       runs[0][starts[1]:])
 
 
 def test_scoring_threads_raise_a_worker_error_and_restore_thread_settings(tmp_path):
     from curate.run.threads import blas_thread_count
-    from curate.stages.normsim import _score_rows
+    from curate.stages.normsim.common import score_rows
 
     import torch
 
@@ -574,10 +577,10 @@ def test_scoring_threads_raise_a_worker_error_and_restore_thread_settings(tmp_pa
 
     before = (torch.get_num_threads(), blas_thread_count())
     with pytest.raises(RuntimeError, match="scorer broke on block 3"):
-        _score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2)
+        score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2)
     assert len(calls) < 20  # the workers stopped instead of scoring the other 17 blocks
     calls.clear()
     with pytest.raises(RuntimeError, match="scorer broke on block 3"):
-        with _score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2, pending=True) as scoring:
+        with score_rows(pool, scorer, None, 0, pool.n_rows, 4, threads=2, pending=True) as scoring:
             scoring[0:80]
     assert (torch.get_num_threads(), blas_thread_count()) == before

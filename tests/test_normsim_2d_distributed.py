@@ -1,4 +1,4 @@
-"""NormSim_2-D as rounds of map tasks (curate/stages/normsim_2d.py): one code path for every mode, so the
+"""NormSim_2-D as rounds of map tasks (curate/stages/normsim/rounds.py): one code path for every mode, so the
 in-process run, worker processes, Ray and any --tasks giving the same spans write the same bytes; every
 iteration's subset is the one the plain transcription of the reference loop selects; the cut of each
 iteration is `top_count_mask`'s exactly; `curate filter --keep normsim_2d:F` keeps the reference's subset."""
@@ -11,16 +11,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_embedding_dir
+from conftest import make_embedding_dir, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.io.uids import read_uid_npy, write_uid_npy
 from curate.metrics import topk
 from curate.metrics.normsim import keep_count, nested_sizes, normsim_2d, top_count_mask, top_fraction_mask
 from curate.run.mapreduce import parts_root
-from curate.stages import normsim_2d as stage2d
+from curate.config import RunOptions
+from curate.stages.normsim import Normsim2dSchedule, NormsimConfig
+from curate.stages.normsim import rounds as stage2d
 from curate.stages.filter import filter_pool
-from curate.stages.normsim import normsim
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 from test_normsim import reference_vas_d, subsets_of_column, write_pool
 
@@ -28,8 +29,8 @@ from test_normsim import reference_vas_d, subsets_of_column, write_pool
 pytestmark = pytest.mark.usefixtures("no_slurm")
 
 
-def run(pool, out, **options) -> dict:
-    return normsim(pool, "none", "2d", out, cache_dir=Path(out).parent / "cache", **options)
+def run(pool, out, **options):
+    return run_normsim(pool, out, target="none", p="2d", cache_dir=Path(out).parent / "cache", **options)
 
 
 def column(out) -> np.ndarray:
@@ -117,7 +118,7 @@ def test_stage_selects_what_the_reference_loop_selects(tmp_path, tasks, iteratio
     got = column(out)
     assert subsets_of_column(got, iterations) == reference_vas_d(v, iterations, final_fraction, subsample, seed)
     np.testing.assert_allclose(got, normsim_2d(v, iterations, final_fraction, subsample, seed), rtol=1e-6, atol=1e-6)
-    info = result["normsim_2d_tasks"]
+    info = result.normsim_2d_tasks
     assert info["tasks"] == min(tasks or 32, 4) and info["kept_rows"] == nested_sizes(410, 410, final_fraction,
                                                                                       iterations)
     assert not parts_root(out).exists()  # the parts are deleted once the table is written
@@ -129,8 +130,8 @@ def test_blocks_smaller_than_the_tables_and_cut_short_at_their_ends(tmp_path):
     pool = EmbeddingPool(make_embedding_dir(tmp_path / "emb", [20, 13, 9], dim=5, seed=8))
     pool.matrix("image_embedding", tmp_path / "cache")
     for tasks in (1, 2):
-        parts, info = stage2d.normsim_2d_rounds(pool, pool.files, tmp_path / "cache", tmp_path / f"parts{tasks}",
-                                                stage2d.Normsim2dOptions(6, 0.3, 0.5, 1), tasks=tasks, block_rows=7)
+        parts, info = stage2d.normsim_2d_parts(pool, pool.files, tmp_path / "cache", tmp_path / f"parts{tasks}",
+                                               Normsim2dSchedule(6, 0.3, 0.5, 1), RunOptions(tasks=tasks), block_rows=7)
         got = parts.to_array()
         assert subsets_of_column(got, 6) == reference_vas_d(pool_matrix(pool.files), 6, 0.3, 0.5, 1)
         np.testing.assert_allclose(got, normsim_2d(pool_matrix(pool.files), 6, 0.3, 0.5, 1), atol=1e-6)
@@ -151,7 +152,7 @@ def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path)
     candidates = np.isin(uids, read_uid_npy(tmp_path / "pre" / "uids.npy"))
     want = reference_vas_d(pool_matrix(pool), 40, 0.2, 0.1, 11, candidates)
     assert subsets_of_column(column(out), 40) == want
-    assert result["params"]["prefilter_uids"] == 500 and result["params"]["kept_rows"][0] == 500
+    assert result.params["prefilter_uids"] == 500 and result.params["kept_rows"][0] == 500
     want_uids = sorted(uids[i] for i in want[-1])
     filter_pool([scores, out], tmp_path / "final", keeps=["normsim_2d:0.2"])
     assert sorted(read_uid_npy(tmp_path / "final" / "uids.npy")) == want_uids
@@ -165,7 +166,7 @@ def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path)
     again = tmp_path / "again" / "ns.parquet"
     result = run(pool, again, iterations=40, final_fraction=0.2, prefilter=tmp_path / "shuffled.npy", seed=11)
     assert again.read_bytes() != out.read_bytes()  # the metadata names another file and count ...
-    assert column(again).tobytes() == column(out).tobytes() and result["params"]["prefilter_uids"] == 502
+    assert column(again).tobytes() == column(out).tobytes() and result.params["prefilter_uids"] == 502
 
 
 def test_prefilter_errors(tmp_path):
@@ -231,7 +232,7 @@ def test_in_process_workers_and_tasks_giving_the_same_spans_write_the_same_bytes
         out = tmp_path / name / "n.parquet"
         result = run(pool, out, **schedule, **options)
         assert out.read_bytes() == want.read_bytes(), name
-        assert result["normsim_2d_tasks"]["tasks"] == 5 and not parts_root(out).exists()
+        assert result.normsim_2d_tasks["tasks"] == 5 and not parts_root(out).exists()
 
 
 def test_a_rerun_is_idempotent_and_ranks_are_refused(pool, tmp_path, monkeypatch):
@@ -275,16 +276,16 @@ def test_ray_gives_the_in_process_bytes(tmp_path, ray_session):  # noqa: F811 - 
     run(pool, want, iterations=3)
     out = tmp_path / "ray" / "n.parquet"
     result = run(pool, out, iterations=3, executor="ray")
-    assert result["normsim_2d_tasks"]["executor"] == "ray" and result["normsim_2d_tasks"]["tasks"] == 3
+    assert result.normsim_2d_tasks["executor"] == "ray" and result.normsim_2d_tasks["tasks"] == 3
     assert out.read_bytes() == want.read_bytes()
 
 
 def test_normsim_scores_for_the_inline_filter_runs_the_same_rounds(pool, tmp_path):
-    from curate.stages.normsim import normsim_scores
+    from curate.stages.normsim.local import normsim_scores
 
     out = tmp_path / "n.parquet"
     run(pool, out)
     cache = tmp_path / "inline-cache"
-    scores = normsim_scores(EmbeddingPool(pool), None, "2d", memmap_dir=cache)
+    scores = normsim_scores(EmbeddingPool(pool), NormsimConfig(p="2d"), memmap_dir=cache)
     assert scores.dtype == np.float32 and scores.tobytes() == column(out).tobytes()
     assert [p.name for p in cache.iterdir()] == [next(cache.glob("image_embedding-*.npy")).name]  # no round files

@@ -1,7 +1,7 @@
 """Distributed NormSim (p = inf, 2): map tasks over runs of whole tables + a concatenation give the one-process
 table, byte for byte.
 
-Ranks are simulated by calling `normsim` once per rank in this process; the local process pool and a real local
+Ranks are simulated by calling the stage's `run` once per rank in this process; the local process pool and a real local
 Ray (the module-scoped `ray_session` of tests/test_executors.py) run the same tasks in other processes.
 """
 
@@ -17,13 +17,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SLURM_VARS, make_embedding_dir, run_cli
+from conftest import SLURM_VARS, make_embedding_dir, run_cli, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.run.mapreduce import parts_root
 from curate.run.markers import MARKER_DIR
-from curate.stages import normsim as stage
-from curate.stages.normsim import NORMSIM_STAGE, normsim, normsim_layout, normsim_task_spans, table_starts
+from curate.stages.normsim import common, entry
+from curate.stages.normsim.common import table_spans, table_starts
+from curate.stages.normsim.tasks import NORMSIM_STAGE, normsim_layout
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 DIM = 64
@@ -48,13 +49,14 @@ def target_file(tmp_path: Path, rows: int, seed: int = 7, dim: int = DIM) -> str
     return str(path)
 
 
-def run(pool, target, p, out, index="flat", **options) -> dict:
-    return normsim(pool, target, p, out, index=index, device="cpu", cache_dir=Path(out).parent / "cache", **options)
+def run(pool, target, p, out, index="flat", **options):
+    return run_normsim(pool, out, target=target, p=p, index=index, device="cpu", cache_dir=Path(out).parent / "cache",
+                       **options)
 
 
 def in_process(pool, target, p, out, index="flat") -> bytes:
     result = run(pool, target, p, out, index)
-    assert "normsim_tasks" not in result and not parts_root(out).exists()  # the default path makes no parts
+    assert result.normsim_tasks is None and not parts_root(out).exists()  # the default path makes no parts
     return Path(out).read_bytes()
 
 
@@ -77,8 +79,8 @@ def test_three_ranks_give_the_in_process_table_byte_for_byte(pool, tmp_path, p, 
     infos = []
     for rank in range(3):
         result = run(pool, target, p, out, index, rank=rank, world_size=3)
-        infos.append(result["normsim_tasks"])
-        assert (result["out"] is None) == (rank < 2)  # only the rank that completes the set reduces
+        infos.append(result.normsim_tasks)
+        assert (result.out is None) == (rank < 2)  # only the rank that completes the set reduces
         assert out.exists() == (rank == 2)
     assert [i["ran"] for i in infos] == [2, 2, 1] and [i["missing"] for i in infos] == [3, 1, 0]
     assert infos[2]["reduced"] and infos[2]["tasks"] == 5
@@ -86,19 +88,19 @@ def test_three_ranks_give_the_in_process_table_byte_for_byte(pool, tmp_path, p, 
     # a second reducer (any rank rerun) writes the same bytes without recomputing a task
     before = task_files(out)
     again = run(pool, target, p, out, index, rank=0, world_size=3)
-    assert again["normsim_tasks"]["ran"] == 0 and task_files(out) == before and out.read_bytes() == want
+    assert again.normsim_tasks["ran"] == 0 and task_files(out) == before and out.read_bytes() == want
 
 
 def test_ranks_reading_the_fp16_cache_give_the_table_streamed_from_parquet(pool, tmp_path, monkeypatch):
     """Several blocks per table (ring buffers reused), tasks over the cache; the one-process run streams."""
-    monkeypatch.setattr(stage, "READ_BATCH_ROWS", 16)
+    monkeypatch.setattr(common, "READ_BATCH_ROWS", 16)
     target = target_file(tmp_path, 100)
     want = in_process(pool, target, "inf", tmp_path / "one" / "n.parquet")
     out = tmp_path / "ranks" / "n.parquet"
     EmbeddingPool(pool).matrix("image_embedding", out.parent / "cache")
     for rank in range(2):
         result = run(pool, target, "inf", out, rank=rank, world_size=2, tasks=3)
-    assert result["normsim_tasks"]["tasks"] == 3 and out.read_bytes() == want
+    assert result.normsim_tasks["tasks"] == 3 and out.read_bytes() == want
 
 
 def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp_path, monkeypatch):
@@ -106,7 +108,7 @@ def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tm
     want = in_process(pool, target, "2", tmp_path / "one" / "n.parquet")
     out = tmp_path / "ranks" / "n.parquet"
     for rank in (0, 2):  # rank 1 "was killed" before it started
-        assert run(pool, target, "2", out, rank=rank, world_size=3)["out"] is None
+        assert run(pool, target, "2", out, rank=rank, world_size=3).out is None
     everything = {f"t{i:05d}" for i in range(5)}
     rank1 = {"t00001", "t00004"}
     assert marker_names(out) == set(task_files(out)) == everything - rank1
@@ -114,11 +116,11 @@ def test_a_missing_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tm
     # the same command without --rank/--world-size: finds the started parts, runs what is missing, reduces
     # and, as the only driver, deletes the parts once the table is written (seen here just before)
     seen = {}
-    remove = stage.remove_single_driver_parts
-    monkeypatch.setattr(stage, "remove_single_driver_parts", lambda *a: (seen.update(task_files(out)), remove(*a)))
+    remove = entry.remove_single_driver_parts
+    monkeypatch.setattr(entry, "remove_single_driver_parts", lambda *a: (seen.update(task_files(out)), remove(*a)))
     result = run(pool, target, "2", out)
-    info = result["normsim_tasks"]
-    assert result["out"] == str(out) and info["ran"] == 2 and info["already_done"] == 3
+    info = result.normsim_tasks
+    assert result.out == str(out) and info["ran"] == 2 and info["already_done"] == 3
     assert {name for name in seen if seen[name] != before.get(name)} == rank1  # the others were not rewritten
     assert out.read_bytes() == want
     assert not parts_root(out).exists()
@@ -131,8 +133,8 @@ def test_slurm_array_variables_choose_the_rank(pool, tmp_path, monkeypatch):
     for task_id in ("1", "0"):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task_id)
         result = run(pool, target, "inf", out)
-        assert result["normsim_tasks"]["rank"] == int(task_id) and result["normsim_tasks"]["world_size"] == 2
-    assert result["out"] == str(out)
+        assert result.normsim_tasks["rank"] == int(task_id) and result.normsim_tasks["world_size"] == 2
+    assert result.out == str(out)
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
     assert out.read_bytes() == in_process(pool, target, "inf", tmp_path / "one" / "n.parquet")
@@ -157,7 +159,7 @@ def test_task_spans_are_runs_of_whole_tables_covering_the_pool(pool):
     assert starts == [0, 60, 105, 175, 205, 260]
     for tasks, want in [(1, [(0, 260)]), (2, [(0, 105), (105, 260)]), (3, [(0, 60), (60, 175), (175, 260)]),
                         (5, list(zip(starts[:-1], starts[1:]))), (32, list(zip(starts[:-1], starts[1:])))]:
-        assert normsim_task_spans(emb, normsim_layout(emb, "inf", params, 8192, tasks)) == want
+        assert table_spans(emb, normsim_layout(emb, "inf", params, 8192, tasks).tasks) == want
 
 
 # ---------------------------------------------------------------- executors
@@ -167,7 +169,7 @@ def test_local_process_pool_matches_in_process(pool, tmp_path):
     want = in_process(pool, target, "inf", tmp_path / "one" / "n.parquet")
     out = tmp_path / "pool" / "n.parquet"
     result = run(pool, target, "inf", out, executor="local", workers=2, tasks=3)
-    assert result["normsim_tasks"]["tasks"] == 3 and result["normsim_tasks"]["ran"] == 3
+    assert result.normsim_tasks["tasks"] == 3 and result.normsim_tasks["ran"] == 3
     assert out.read_bytes() == want
 
 
@@ -179,7 +181,7 @@ def test_ray_matches_in_process(tmp_path, ray_session, p, index):  # noqa: F811 
     target = target_file(tmp_path, 300, dim=256)
     out = tmp_path / "ray" / "n.parquet"
     result = run(pool, target, p, out, index, executor="ray", tasks=3)
-    assert result["normsim_tasks"]["ran"] == 3
+    assert result.normsim_tasks["ran"] == 3
     assert out.read_bytes() == in_process(pool, target, p, tmp_path / "one" / "n.parquet", index)
 
 
@@ -230,7 +232,7 @@ def test_2d_refuses_a_rank_split_and_runs_its_map_tasks_under_executor_options(p
     for options in ({"workers": 2}, {"tasks": 5}):  # 5 tables: the default spans
         out = tmp_path / "-".join(options) / "n.parquet"
         result = run(pool, "none", "2d", out, **options)
-        assert result["normsim_2d_tasks"]["tasks"] == 5 and not parts_root(out).exists()
+        assert result.normsim_2d_tasks["tasks"] == 5 and not parts_root(out).exists()
         assert out.read_bytes() == want
 
 
@@ -238,10 +240,10 @@ def test_a_changed_target_never_reuses_old_scores(pool, tmp_path):
     out = tmp_path / "n.parquet"
     first = target_file(tmp_path, 100, seed=1)
     for rank in range(2):  # a rank split keeps its parts (another rank may still be reducing from them)
-        old = run(pool, first, "inf", out, tasks=2, rank=rank, world_size=2)["normsim_tasks"]["parts_dir"]
+        old = run(pool, first, "inf", out, tasks=2, rank=rank, world_size=2).normsim_tasks["parts_dir"]
     second = target_file(tmp_path, 100, seed=2)
     result = run(pool, second, "inf", out, tasks=2)
-    assert result["normsim_tasks"]["ran"] == 2 and result["normsim_tasks"]["parts_dir"] != old
+    assert result.normsim_tasks["ran"] == 2 and result.normsim_tasks["parts_dir"] != old
     assert out.read_bytes() == in_process(pool, second, "inf", tmp_path / "one" / "n.parquet")
     assert list(parts_root(out).iterdir()) == [Path(old)]  # the single driver deleted only its own parts
 
@@ -298,5 +300,5 @@ def test_recipe_runs_normsim_with_the_run_executor_settings(pool, tmp_path):
     assert result["normsim_tasks"]["ran"] == 5  # 5 tables, 2 worker processes
     assert Path(result["out"]).read_bytes() == in_process(pool, target, "2", tmp_path / "one" / "n.parquet")
     result = normsim_steps("none", "2d")["normsim:2d"].run()
-    assert result["normsim_2d_tasks"]["workers"] == 2 and "normsim_tasks" not in result
+    assert result["normsim_2d_tasks"]["workers"] == 2 and result["normsim_tasks"] is None
     assert Path(result["out"]).read_bytes() == in_process(pool, "none", "2d", tmp_path / "one2d" / "n.parquet")

@@ -12,14 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_embedding_dir, run_cli
+from conftest import make_embedding_dir, run_cli, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import (TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target, open_target
 from curate.recipe import load_recipe
 from curate.stages.filter import filter_pool
-from curate.stages.normsim import normsim
 
 DIM = 6
 TEACHER = TeacherInfo("test", "none", DIM, 100.0)
@@ -125,7 +124,7 @@ def test_score_table_records_the_target_kind_source_and_digest(tmp_path, raw):
     for name, fmt, files in (("image-only embedding dir", "embedding_dir", 2), ("pt dict image_features", "pt", 1),
                              ("reference in1k .pt files", "files_dir", 5)):
         out = tmp_path / f"{fmt}.parquet"
-        normsim(pool, str(paths[name]), "inf", out, device="cpu")
+        run_normsim(pool, out, target=str(paths[name]), p="inf", device="cpu")
         params = read_meta(out)["params"]
         assert params["target_kind"] == "image_embeddings" and params["target_format"] == fmt, name
         assert params["target_path"] == str(paths[name].resolve()) and params["target_files"] == files
@@ -133,7 +132,7 @@ def test_score_table_records_the_target_kind_source_and_digest(tmp_path, raw):
         assert params["target"] == str(paths[name])
     # the inline NormSim of `curate filter` records the same in kept.parquet and stats.json
     scores = tmp_path / "scores.parquet"
-    normsim(pool, str(paths["npy float32"]), "2", scores)
+    run_normsim(pool, scores, target=str(paths["npy float32"]), p="2")
     result = filter_pool([scores], tmp_path / "subset", keeps=["normsim_2:0.5"], normsim="inf",
                          target=str(paths["image-only embedding dir"]), emb=pool)
     stats = json.loads((tmp_path / "subset" / "stats.json").read_text())
@@ -164,7 +163,7 @@ def test_imagenet_text_is_recorded_as_text_prompts(tmp_path, monkeypatch):
     monkeypatch.setattr(curate.models, "load_teacher", lambda *a, **k: FakeTextTower(DIM), raising=False)
     pool = make_embedding_dir(tmp_path / "pool", [4], dim=DIM, seed=3)
     out = tmp_path / "text.parquet"
-    normsim(pool, "imagenet-text", "2", out, templates="simple", cache_dir=tmp_path / "cache")
+    run_normsim(pool, out, target="imagenet-text", p="2", templates="simple", cache_dir=tmp_path / "cache")
     params = read_meta(out)["params"]
     assert params["target"] == "imagenet-text" and params["target_kind"] == "text_prompts"
     assert params["target_format"] == "imagenet-text" and params["templates"] == "simple"
@@ -174,7 +173,7 @@ def test_imagenet_text_is_recorded_as_text_prompts(tmp_path, monkeypatch):
 def test_imagenet_names_the_image_target_in_one_line(tmp_path, monkeypatch, capsys):
     pool = make_embedding_dir(tmp_path / "pool", [4], dim=DIM, seed=3)
     np.save(tmp_path / "t.npy", np.eye(DIM, dtype=np.float32))
-    normsim(pool, str(tmp_path / "t.npy"), "2", tmp_path / "scores.parquet")
+    run_normsim(pool, tmp_path / "scores.parquet", target=str(tmp_path / "t.npy"), p="2")
     monkeypatch.chdir(tmp_path)
     for command in (["normsim", pool, "--target", "imagenet", "--out", tmp_path / "n.parquet"],
                     ["filter", tmp_path / "scores.parquet", "--keep", "normsim_inf:0.5", "--normsim", "inf",

@@ -131,7 +131,7 @@ def test_score_stage_negclip_is_never_positive_and_ignores_how_the_pool_is_split
 @given(n=st.integers(1, 30), m=st.integers(1, 12), d=st.integers(2, 8), cuts=st.lists(st.integers(0, 30), max_size=3),
        seed=st.integers(0, 2**16))
 def test_normsim_stage_inf_le_2_le_sqrt_m_inf(n, m, d, cuts, seed):
-    from curate.stages.normsim import normsim
+    from conftest import run_normsim
 
     count("normsim-stage-inequality")
     rng = np.random.default_rng(seed)
@@ -140,8 +140,8 @@ def test_normsim_stage_inf_le_2_le_sqrt_m_inf(n, m, d, cuts, seed):
         pool = write_pool(tmp / "pool", unit_rows(rng, n, d), unit_rows(rng, n, d), random_splits(cuts, n))
         target = unit_rows(rng, m, d).astype(np.float32)
         np.save(tmp / "target.npy", target)
-        normsim(pool, str(tmp / "target.npy"), "inf", tmp / "inf.parquet")
-        normsim(pool, str(tmp / "target.npy"), "2", tmp / "two.parquet")
+        run_normsim(pool, tmp / "inf.parquet", target=str(tmp / "target.npy"), p="inf")
+        run_normsim(pool, tmp / "two.parquet", target=str(tmp / "target.npy"), p="2")
         inf = np.asarray(pq.read_table(tmp / "inf.parquet").column("normsim_inf"), np.float64)
         two = np.asarray(pq.read_table(tmp / "two.parquet").column("normsim_2"), np.float64)
     tolerance = 2e-3  # embeddings are stored as fp16

@@ -37,10 +37,11 @@ def write(tmp_path, text):
     ("[score\n", "not valid TOML"),
     ("[normsim]\ntarget = 't'\niterations = 5\n", r"\[normsim\] iterations sets NormSim_2-D's schedule; it needs "
                                                  r"\"2d\" in p"),
-    ("[normsim]\ntarget = 'none'\np = ['2d']\niterations = 0\n", r"\[normsim\] iterations = 0 must be >= 1"),
-    ("[normsim]\ntarget = 'none'\np = ['2d']\nsubsample = 0\n", r"\[normsim\] subsample must be in \(0, 1\]"),
-    ("[normsim]\ntarget = 'none'\np = ['2d']\nfinal_fraction = 1.5\n", r"\[normsim\] final_fraction must be in"),
-    ("[normsim]\ntarget = 'none'\np = ['2d']\nseed = -2\n", r"\[normsim\] seed must be an integer from 0"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\niterations = 0\n", r"\[normsim\] iterations = 0 must be an integer "
+                                                                  r"from 1 to 10000"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nsubsample = 0\n", r"\[normsim\] subsample = 0 must be in \(0, 1\]"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nfinal_fraction = 1.5\n", r"\[normsim\] final_fraction = 1.5 must be in"),
+    ("[normsim]\ntarget = 'none'\np = ['2d']\nseed = -2\n", r"\[normsim\] seed = -2 must be an integer from 0"),
     ("[normsim]\ntarget = 'none'\np = ['2d']\nprefilter = 'pre'\n[[filter]]\nname = 'pre'\n"
      "keep = ['normsim_2d:0.5']\n", r"prefilter = 'pre' runs before NormSim, so that \[\[filter\]\] can only use"),
 ])
@@ -180,12 +181,13 @@ def test_a_normsim_2d_prefilter_names_a_filter_that_runs_first(tmp_path, monkeyp
     """The reference's recipe in one file: the pre-filter's [[filter]] runs on the [score] table before NormSim_2-D,
     which gets its subset and the schedule keys; the other filters run after, on both tables."""
     import curate.stages.filter as filter_module
-    import curate.stages.normsim as normsim_module
+    from curate.stages.normsim import entry as normsim_entry
 
     calls = []
     monkeypatch.setattr(filter_module, "filter_pool", lambda tables, out, *a, **k: calls.append(("filter", tables, out))
                         or filter_module.FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir=str(out)))
-    monkeypatch.setattr(normsim_module, "normsim", lambda *a, **k: calls.append(("normsim", k)) or {"out": "x"})
+    monkeypatch.setattr(normsim_entry, "run", lambda emb, out, cfg, opts, progress: calls.append(("normsim", cfg))
+                        or {"out": "x"})
     steps = plan(load_recipe(write(tmp_path, "[score]\n" + PREFILTERED)))
     assert [s.name for s in steps] == ["score", "filter:clipscore_50", "normsim:2d", "filter:final"]
     for step in steps[1:]:
@@ -193,7 +195,7 @@ def test_a_normsim_2d_prefilter_names_a_filter_that_runs_first(tmp_path, monkeyp
     out = tmp_path / "out"
     assert calls[0] == ("filter", [str(out / "scores.parquet")], str(out / "subsets" / "clipscore_50"))
     options = calls[1][1]
-    assert {k: options[k] for k in ("iterations", "final_fraction", "subsample", "seed", "prefilter")} == {
+    assert {k: getattr(options, k) for k in ("iterations", "final_fraction", "subsample", "seed", "prefilter")} == {
         "iterations": 7, "final_fraction": 0.2, "subsample": 0.1, "seed": 3,
         "prefilter": str(out / "subsets" / "clipscore_50")}
     assert calls[2] == ("filter", [str(out / "scores.parquet"), str(out / "normsim.parquet")],
@@ -202,10 +204,10 @@ def test_a_normsim_2d_prefilter_names_a_filter_that_runs_first(tmp_path, monkeyp
 
 
 def test_normsim_2d_recipe_defaults_are_the_cli_defaults(tmp_path):
-    from curate.stages.normsim_2d import Normsim2dOptions
+    from curate.stages.normsim import NormsimConfig
 
     recipe = load_recipe(write(tmp_path, "[normsim]\ntarget = 'none'\np = ['2d']\n"))
-    defaults = Normsim2dOptions()
+    defaults = NormsimConfig(p="2d").schedule()
     assert [recipe["normsim"][k] for k in ("iterations", "final_fraction", "subsample", "seed")] == [
         defaults.iterations, defaults.final_fraction, defaults.subsample, defaults.seed] == [100, 0.3, 0.1, 0]
     step = plan(recipe)[0]

@@ -23,9 +23,10 @@ from curate.io.tables import EmbeddingPool
 from curate.metrics.negclip import (batch_lse, negclip_lse_sum, reduce_span_terms, span_own_count, span_terms,
                                     task_spans)
 from curate.run.markers import MARKER_DIR
-from curate.stages import score as score_module
+from curate.run.mapreduce import parts_root
+from curate.stages.score import entry as score_entry
 from conftest import run_score
-from curate.stages.score import NEGCLIP_STAGE, parts_root
+from curate.stages.score.common import NEGCLIP_STAGE
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 PARAMS = {"metrics": "clipscore,negclip", "k": 3, "batch_size": 7, "seed": 3, "device": "cpu"}
@@ -89,8 +90,8 @@ def test_a_killed_rank_is_finished_by_a_rerun_that_runs_only_its_tasks(pool, tmp
     # the same command without --rank/--world-size: finds the started parts, runs what is missing, reduces
     # and, as the only driver, deletes the parts once the table is written (seen here just before)
     seen = {}
-    remove = score_module.remove_single_driver_parts
-    monkeypatch.setattr(score_module, "remove_single_driver_parts",
+    remove = score_entry.remove_single_driver_parts
+    monkeypatch.setattr(score_entry, "remove_single_driver_parts",
                         lambda *a: (seen.update(task_files(out)), remove(*a)))
     result = run_score(pool, out, **PARAMS)
     info = result.negclip_tasks

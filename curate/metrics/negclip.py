@@ -25,7 +25,7 @@ of at most `tile_elements` logits; column LSEs of the tiles are merged with ``to
 per batch is O(b·D + tile), never O(b²) unless the tile is b², and never O(N²). Per-sample sums of the 2K
 terms are kept in float64.
 
-Map/reduce (distributed runs, curate/stages/score.py): the K·⌈N/b⌉ (partition, batch) pairs, in flat order
+Map/reduce (distributed runs, curate/stages/score/tasks.py): the K·⌈N/b⌉ (partition, batch) pairs, in flat order
 p = partition·⌈N/b⌉ + batch, are cut into T contiguous spans (`task_spans`). A map task computes its
 span's terms (`span_terms`: the float32 row+column LSE of every *own* member, batch by batch, members in
 sorted order); the members themselves are rebuilt from the seed, so only the terms are stored. The reduce

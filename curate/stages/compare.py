@@ -290,13 +290,15 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.io.uids import write_uid_npy
     from curate.models.teacher import model_config, resolve_device
     from curate.config import RunOptions
-    from curate.stages import score
+    from curate.stages.score import ScoreConfig
+    from curate.stages.score import entry as score
     from curate.stages.embed import EmbedConfig
     from curate.stages.embed.entry import plan_embed
     from curate.stages.embed.entry import run as embed
     from curate.stages.evaluate import pool_field
     from curate.stages.filter import filter_pool
-    from curate.stages.normsim import normsim
+    from curate.stages.normsim import NormsimConfig
+    from curate.stages.normsim import entry as normsim
     from curate.stages.synth import CORRUPTION_KINDS, make_corpus
 
     cfg = config.resolved()
@@ -333,14 +335,15 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     scores_path = cache / f"scores-{score_key}.parquet"
     if not scores_path.is_file():
         log("scoring: clipscore, negclip")
-        score.run(emb_dir, scores_path, score.ScoreConfig(k=cfg.negclip_k, batch_size=cfg.negclip_batch, seed=0,
-                                                          device=cfg.device, cache_dir=cache / "memmap"))
+        score.run(emb_dir, scores_path, ScoreConfig(k=cfg.negclip_k, batch_size=cfg.negclip_batch, seed=0,
+                                                    device=cfg.device, cache_dir=cache / "memmap"))
     normsim_paths = {}
     for p in ("inf", "2"):
         normsim_paths[p] = cache / f"normsim_{p}-{embed_key}.parquet"
         if not normsim_paths[p].is_file():
             log(f"NormSim_{p} against {corpus / 'target'}")
-            normsim(emb_dir, str(target_emb), p, normsim_paths[p], device=cfg.device, cache_dir=cache / "memmap")
+            normsim.run(emb_dir, normsim_paths[p], NormsimConfig(target=str(target_emb), p=p, device=cfg.device,
+                                                                 cache_dir=cache / "memmap"))
     timings["score"] = time.perf_counter() - tick
 
     # -- subsets (cheap; rewritten every run)

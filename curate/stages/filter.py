@@ -489,7 +489,8 @@ def inline_normsim(tables: Sequence[ScoreTable], p: str, target: str, emb: str |
     `emb` defaults to the embedding directory the score tables record (`curate score` writes it as `source`).
     `info`, when given, receives what `normsim_scores` used (the target's kind, source, rows and digest).
     """
-    from curate.stages.normsim import column_name, normsim_scores
+    from curate.stages.normsim import NormsimConfig, column_name
+    from curate.stages.normsim.local import normsim_scores
 
     name = column_name(p)
     if emb is None:
@@ -500,7 +501,8 @@ def inline_normsim(tables: Sequence[ScoreTable], p: str, target: str, emb: str |
                               "record an embedding directory that exists)")
         emb = recorded[0]
     pool = EmbeddingPool(emb)
-    scores = np.asarray(normsim_fn(pool, target, p) if normsim_fn else normsim_scores(pool, target, p, info=info))
+    scores = np.asarray(normsim_fn(pool, target, p) if normsim_fn
+                        else normsim_scores(pool, NormsimConfig(target=target, p=p), info=info))
     files = pool.files
     high_parts, low_parts = [], []
     for f in files:

@@ -37,7 +37,6 @@ iteration's).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,54 +45,23 @@ from typing import Callable
 
 import numpy as np
 
+from curate.config import RunOptions
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.prefetch import prefetch
 from curate.io.tables import READ_BATCH_ROWS, EmbeddingPool
+from curate.io.uids import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
 from curate.metrics import topk
-from curate.metrics.normsim import (MAX_ITERATIONS, QuadraticForm, nested_sizes, normsim_2d_column, second_moment,
-                                    subsample_mask)
+from curate.metrics.normsim import QuadraticForm, nested_sizes, normsim_2d_column, second_moment, subsample_mask
 from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, PoolSpanTask, layout_key, pool_source, remove_parts, task_names
 from curate.run.threads import blas_thread_count, blas_threads
+from curate.stages.normsim import Normsim2dSchedule
+from curate.stages.normsim.common import image_blocks, table_spans, table_starts
 
 STAGE = "normsim_2d"
 DEFAULT_COLLECT_ROWS = 1 << 20  # (key, row) pairs (12 B each) a cut's bucket may hold to be collected whole
-DEFAULT_ITERATIONS = 100  # the reference's num_iters default (its scripts also ran 168, 200 and 500)
-DEFAULT_FINAL_FRACTION = 0.3
-DEFAULT_SUBSAMPLE = 0.1  # the reference's cal_target_variance(downsample_ratio=0.1)
-DEFAULT_SEED = 0
 PREFILTER_FILE = "prefilter.npy"  # the pre-filter's uids, sorted and unique, copied into the parts directory
-
-
-@dataclass(frozen=True)
-class Normsim2dOptions:
-    """The schedule: T iterations down to ⌈F·N⌉ rows of the pool, subsample fraction r of S_i for C_i, the seed
-    of the subsamples, and the pre-filter (a subset file of `curate filter`, or "" for the whole pool)."""
-
-    iterations: int = DEFAULT_ITERATIONS
-    final_fraction: float = DEFAULT_FINAL_FRACTION
-    subsample: float = DEFAULT_SUBSAMPLE
-    seed: int = DEFAULT_SEED
-    prefilter: str = ""
-
-    def check(self) -> "Normsim2dOptions":
-        """The options as plain values, each checked (a clear CurateError naming the option)."""
-        if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or \
-                not 1 <= int(self.iterations) <= MAX_ITERATIONS:
-            raise CurateError(f"--iterations must be an integer from 1 to {MAX_ITERATIONS}, got {self.iterations}")
-        for option, value in (("--final-fraction", self.final_fraction), ("--subsample", self.subsample)):
-            if not 0.0 < float(value) <= 1.0:
-                raise CurateError(f"{option} must be in (0, 1], got {value}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= int(self.seed) < 2**64:
-            raise CurateError(f"--seed must be an integer from 0 to 2^64-1, got {self.seed}")
-        prefilter = str(self.prefilter or "")
-        return Normsim2dOptions(int(self.iterations), float(self.final_fraction), float(self.subsample),
-                                int(self.seed), prefilter)
-
-    def describe(self) -> dict:
-        return {"iterations": self.iterations, "final_fraction": self.final_fraction, "subsample": self.subsample,
-                "seed": self.seed, "prefilter": self.prefilter or None}
 
 
 @dataclass
@@ -207,8 +175,6 @@ def _form(task: Normsim2dTask, dim: int) -> QuadraticForm:
 
 
 def _blocks(task: Normsim2dTask, pool: EmbeddingPool, needed: np.ndarray):
-    from curate.stages.normsim import image_blocks
-
     # the cache when this process finds it, else the tables: the same blocks, the same bytes
     return prefetch(image_blocks(pool, task.cache_dir, task.start, task.stop, task.block_rows, needed))
 
@@ -253,7 +219,6 @@ def prefilter_members(pool: EmbeddingPool, start: int, stop: int, pairs: np.ndar
     import pyarrow.parquet as pq
 
     from curate.io.uids import DATACOMP_DTYPE, uid_halves
-    from curate.stages.normsim import table_starts
 
     members = []
     for file, first in zip(pool.files, table_starts(pool)[:-1]):
@@ -402,8 +367,6 @@ def prefilter_identity(prefilter: str) -> str:
     """path|size|mtime of the pre-filter's uid file (a changed file gets a new parts directory)."""
     if not prefilter:
         return ""
-    from curate.stages.export import subset_file
-
     path = subset_file(prefilter)
     stat = path.stat()
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -412,8 +375,6 @@ def prefilter_identity(prefilter: str) -> str:
 def copy_prefilter(prefilter: str, parts_dir: Path) -> int:
     """The pre-filter's uids, sorted and unique, into the parts directory (tasks map this copy, which no one
     else truncates); returns how many."""
-    from curate.stages.export import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
-
     path = subset_file(prefilter)
     pairs = load_subset(path, mmap=True)  # only read here, and copied before the tasks map anything
     if is_sorted_unique(pairs):  # as `curate filter` writes it: copied as bytes, never held in memory
@@ -424,33 +385,32 @@ def copy_prefilter(prefilter: str, parts_dir: Path) -> int:
     return len(np.load(parts_dir / PREFILTER_FILE, mmap_mode="r"))
 
 
-def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, options: Normsim2dOptions, *,
-                      executor: str = "local", workers: int = 1, tasks: int | None = None, retries: int = 1,
-                      ray_address: str | None = None, collect_rows: int | None = None,
-                      block_rows: int | None = None) -> tuple[ColumnParts, dict]:
-    """Run every iteration with its files in `root/normsim_2d-<layout hash>`; returns the column (parts there:
-    the caller deletes them, `remove_parts`) and what ran."""
-    from curate.stages.normsim import normsim_task_spans
-
+def normsim_2d_parts(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, schedule: Normsim2dSchedule,
+                     opts: RunOptions = RunOptions(), collect_rows: int | None = None,
+                     block_rows: int | None = None) -> tuple[ColumnParts, dict]:
+    """The normsim_2d column as parts: every iteration run with its files in `root/normsim_2d-<layout hash>`
+    (opts: executor, workers, tasks, retries, ray_address); returns the column (parts there: the caller deletes
+    them, `remove_parts`) and what ran. Builds the pool's fp16 image cache in `memmap_dir` first."""
     started = time.perf_counter()
-    options = options.check()
+    executor, workers, tasks, retries = opts.executor, int(opts.workers), opts.tasks, int(opts.retries)
+    pool.matrix("image_embedding", memmap_dir)  # the fp16 cache: 2T passes read it instead of decoding Parquet
     collect_rows = DEFAULT_COLLECT_ROWS if collect_rows is None else int(collect_rows)
-    layout = Normsim2dLayout(pool.fingerprint(), pool.n_rows, pool.dim, options.iterations, options.final_fraction,
-                             options.subsample, options.seed, prefilter_identity(options.prefilter),
+    layout = Normsim2dLayout(pool.fingerprint(), pool.n_rows, pool.dim, schedule.iterations, schedule.final_fraction,
+                             schedule.subsample, schedule.seed, prefilter_identity(schedule.prefilter),
                              int(block_rows or READ_BATCH_ROWS), int(tasks or DEFAULT_TASKS), np.__version__)
-    spans = normsim_task_spans(pool, layout)
+    spans = table_spans(pool, layout.tasks)
     names = task_names(len(spans))
     parts_dir = Path(root) / f"{STAGE}-{layout_key(layout)}"
     parts_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(parts_dir)  # left by writers killed in an earlier run
     source, threads = pool_source(emb_dir), blas_thread_count() or 0
-    iterations, n, dim = options.iterations, pool.n_rows, pool.dim
+    iterations, n, dim = schedule.iterations, pool.n_rows, pool.dim
     map_rounds = 0
 
     def task(index: int, kind: str, i: int, **fields) -> Normsim2dTask:
         return Normsim2dTask(names[index], spans[index][0], spans[index][1], source, str(memmap_dir),
-                             layout.fingerprint, str(parts_dir), kind, i, iterations, options.subsample,
-                             options.seed, layout.block_rows, threads, **fields)
+                             layout.fingerprint, str(parts_dir), kind, i, iterations, schedule.subsample,
+                             schedule.seed, layout.block_rows, threads, **fields)
 
     def reduce_moment(i: int, results: list[dict]) -> int:
         """C_i = the partials summed in span order (one float64 order for every executor) / k; returns k."""
@@ -465,9 +425,9 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, opti
 
     prefilter_uids = None
     try:
-        if options.prefilter:
-            prefilter_uids = copy_prefilter(options.prefilter, parts_dir)
-        with executor_session(executor, workers=int(workers), ray_address=ray_address) as run:
+        if schedule.prefilter:
+            prefilter_uids = copy_prefilter(schedule.prefilter, parts_dir)
+        with executor_session(executor, workers=workers, ray_address=opts.ray_address) as run:
 
             def submit(round_tasks: list[Normsim2dTask], label: str) -> list[dict]:
                 nonlocal map_rounds
@@ -479,16 +439,16 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, opti
                 map_rounds += 1
                 return report.results
 
-            results = submit([task(i, "start", 0, prefilter=bool(options.prefilter)) for i in range(len(spans))],
+            results = submit([task(i, "start", 0, prefilter=bool(schedule.prefilter)) for i in range(len(spans))],
                              "start")
             candidates = sum(r["rows"] for r in results)
             if candidates == 0:
-                raise CurateError(f"--prefilter {options.prefilter}: none of its {prefilter_uids} uids is in the "
+                raise CurateError(f"--prefilter {schedule.prefilter}: none of its {prefilter_uids} uids is in the "
                                   "pool; give the subset `curate filter` wrote from this pool's score tables")
             try:
-                sizes = nested_sizes(n, candidates, options.final_fraction, iterations)
+                sizes = nested_sizes(n, candidates, schedule.final_fraction, iterations)
             except ValueError as exc:
-                raise CurateError(f"--prefilter {options.prefilter}: {exc}; lower --final-fraction or keep more "
+                raise CurateError(f"--prefilter {schedule.prefilter}: {exc}; lower --final-fraction or keep more "
                                   "in the pre-filter") from None
             subsampled = [reduce_moment(0, results)]
             for i in range(iterations):
@@ -522,18 +482,18 @@ def normsim_2d_rounds(pool: EmbeddingPool, emb_dir, memmap_dir, root: Path, opti
         _POOLS.clear()  # in process: drop the pool and C_i after the run
         _FORMS.clear()
     (parts_dir / PREFILTER_FILE).unlink(missing_ok=True)
-    info = {"executor": executor, "workers": int(workers), "tasks": len(spans), "map_rounds": map_rounds,
+    info = {"executor": executor, "workers": workers, "tasks": len(spans), "map_rounds": map_rounds,
             "kept_rows": sizes, "subsample_rows": subsampled, "prefilter_uids": prefilter_uids,
             "seconds": round(time.perf_counter() - started, 3)}
     return ColumnParts(parts_dir, iterations, names, spans), info
 
 
-def options_from(iterations=None, final_fraction=None, subsample=None, seed=None, prefilter=None
-                 ) -> Normsim2dOptions:
-    """Options with None meaning the default (for callers passing CLI or recipe values through)."""
-    defaults = Normsim2dOptions()
-    return Normsim2dOptions(defaults.iterations if iterations is None else iterations,
-                            defaults.final_fraction if final_fraction is None else final_fraction,
-                            defaults.subsample if subsample is None else subsample,
-                            defaults.seed if seed is None else seed,
-                            str(os.fspath(prefilter)) if prefilter else "")
+def normsim_2d_params(schedule: Normsim2dSchedule, ran: dict) -> dict:
+    """What a table of `normsim_2d_parts` records: the schedule, the sizes |S_0..S_T|, the subsample sizes."""
+    params = {"target": "none", "schedule": "nested", **schedule.describe(), "kept_rows": ran["kept_rows"],
+              "subsample_rows": ran["subsample_rows"],
+              "column": "level + min(s, 1)/2: level 0 removed by the pre-filter, i+1 removed in iteration i, "
+                        "T+1 kept; s = sqrt(v'Cv) with C the mean x x' of the last subsample it was scored on"}
+    if schedule.prefilter:
+        params["prefilter_uids"] = ran["prefilter_uids"]
+    return params
