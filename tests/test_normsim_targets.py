@@ -12,13 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_embedding_dir, run_cli
+from conftest import make_embedding_dir, run_cli, run_filter
 from curate.errors import CurateError
 from curate.io.tables import (TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target, open_target
 from curate.recipe import load_recipe
-from curate.stages.filter import filter_pool
 from curate.stages.normsim import normsim
 
 DIM = 6
@@ -134,7 +133,7 @@ def test_score_table_records_the_target_kind_source_and_digest(tmp_path, raw):
     # the inline NormSim of `curate filter` records the same in kept.parquet and stats.json
     scores = tmp_path / "scores.parquet"
     normsim(pool, str(paths["npy float32"]), "2", scores)
-    result = filter_pool([scores], tmp_path / "subset", keeps=["normsim_2:0.5"], normsim="inf",
+    result = run_filter([scores], tmp_path / "subset", keep=["normsim_2:0.5"], normsim="inf",
                          target=str(paths["image-only embedding dir"]), emb=pool)
     stats = json.loads((tmp_path / "subset" / "stats.json").read_text())
     assert result.kept == 5

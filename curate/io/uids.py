@@ -1,4 +1,5 @@
-"""Sample uids: 32 lowercase hex digits (128 bits), and DataComp's `.npy` subset layout.
+"""Sample uids: 32 lowercase hex digits (128 bits), and DataComp's `.npy` subset layout (sorted `u8,u8`
+pairs; reading and checking subset files).
 
 Rule (documented in README): the uid is the `uid` field of the sample's `.json` when present and valid,
 otherwise the first 32 hex digits of sha256(image bytes + b"\\0" + caption as UTF-8).
@@ -114,3 +115,78 @@ def read_uid_npy(path: str | Path) -> list[str]:
             "(high and low 64 bits of the 128-bit uid); write it with `curate filter` or uids_to_pairs()"
         )
     return pairs_to_uids(arr)
+
+
+# ---------------------------------------------------------------- uid halves in order; subset files
+
+def uid_order(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Indices that sort the uids ascending. Random uids almost never share a high half, so one
+    argsort of it usually suffices (about twice as fast as a two-key lexsort)."""
+    order = np.argsort(high)
+    sorted_high = high[order]
+    if len(order) > 1 and (sorted_high[1:] == sorted_high[:-1]).any():
+        order = np.lexsort((low, high))
+    return order
+
+
+def sorted_uid_pairs(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """DataComp's subset array: structured `u8,u8` (high, low), sorted."""
+    order = uid_order(high, low)
+    pairs = np.empty(len(order), dtype=DATACOMP_DTYPE)
+    pairs["f0"], pairs["f1"] = high[order], low[order]
+    return pairs
+
+
+def subset_file(subset: str | Path) -> Path:
+    """The uid file of a subset: the --out directory of `curate filter` (its uids.npy) or a DataComp `.npy`;
+    anything else (a Parquet table, not a .npy) is a clear error."""
+    path = Path(subset)
+    if path.is_dir():
+        path = path / "uids.npy"
+    if not path.is_file():
+        raise CurateError(f"{path}: no subset uid file; give the --out directory of `curate filter` "
+                          "or a DataComp .npy subset")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == b"PAR1":
+        raise CurateError(f"{path}: is a Parquet table, not a subset; export takes the uids a selection kept: the "
+                          "--out directory of `curate filter` (or its uids.npy), or a DataComp .npy subset. To "
+                          "select from a score table run `curate filter` first")
+    if magic != b"\x93NUMPY":
+        raise CurateError(f"{path}: not a .npy file ({len(magic) and 'starts with ' + repr(magic) or 'empty'}); "
+                          "give the --out directory of `curate filter` or a DataComp .npy subset")
+    return path
+
+
+def sorted_unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The subset sorted, each uid once (a repeated uid in the file would otherwise be reported missing)."""
+    pairs = sorted_uid_pairs(pairs["f0"], pairs["f1"])
+    if len(pairs) > 1:
+        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+    return pairs
+
+
+def is_sorted_unique(pairs: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether the (high, low) pairs are strictly increasing (checked in chunks: no temporaries the size of a
+    billion-uid subset)."""
+    for start in range(0, max(len(pairs) - 1, 0), chunk):
+        part = np.asarray(pairs[start:start + chunk + 1])
+        high, low = part["f0"], part["f1"]
+        if not ((high[1:] > high[:-1]) | ((high[1:] == high[:-1]) & (low[1:] > low[:-1]))).all():
+            return False
+    return True
+
+
+def load_subset(path: Path, mmap: bool = False) -> np.ndarray:
+    """A DataComp subset file: structured `u8,u8` (high, low); any other dtype is a clear error. Read into
+    memory unless `mmap` (a mapped file that its owner truncates meanwhile would kill the process: map only
+    files of this export's own, or only to check the header)."""
+    try:
+        pairs = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CurateError(f"{path}: cannot read as a .npy uid file ({exc})") from None
+    if pairs.dtype != DATACOMP_DTYPE or pairs.ndim != 1:
+        raise CurateError(f"{path}: uid file has dtype {pairs.dtype} and shape {pairs.shape}, expected a 1-D "
+                          "array of DataComp's structured 'u8,u8' (high and low 64 bits of the 128-bit uid); "
+                          "write it with `curate filter`")
+    return pairs

@@ -402,7 +402,7 @@ def prefilter_identity(prefilter: str) -> str:
     """path|size|mtime of the pre-filter's uid file (a changed file gets a new parts directory)."""
     if not prefilter:
         return ""
-    from curate.stages.export import subset_file
+    from curate.io.uids import subset_file
 
     path = subset_file(prefilter)
     stat = path.stat()
@@ -412,7 +412,7 @@ def prefilter_identity(prefilter: str) -> str:
 def copy_prefilter(prefilter: str, parts_dir: Path) -> int:
     """The pre-filter's uids, sorted and unique, into the parts directory (tasks map this copy, which no one
     else truncates); returns how many."""
-    from curate.stages.export import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
+    from curate.io.uids import is_sorted_unique, load_subset, sorted_unique_pairs, subset_file
 
     path = subset_file(prefilter)
     pairs = load_subset(path, mmap=True)  # only read here, and copied before the tasks map anything
