@@ -67,7 +67,9 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
     shard read twice) and check it writes the stage's tars."""
     from curate.io.shards import expand_shards
     from curate.io.uids import write_uid_npy
-    from curate.stages.export import export_subset
+    from curate.config import configure
+    from curate.stages.export import ExportConfig
+    from curate.stages.export.entry import run as export
 
     started = time.perf_counter()
     name = f"export-corpus-{samples}" + ("" if image_size == 224 else f"-{image_size}px")
@@ -81,7 +83,7 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
     def stage():
         out = work / "export-out"
         shutil.rmtree(out, ignore_errors=True)
-        report = export_subset(str(corpus), work / "export-subset", out, shard_size=1000)
+        report = export(str(corpus), work / "export-subset", out, *configure(ExportConfig, shard_size=1000))
         written["samples"] = report.written
         written["bytes"] = sum(p.stat().st_size for p in out.glob("*.tar"))
 
@@ -95,7 +97,8 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
     for _ in range(repeats):
         shutil.rmtree(work / "export-out-30", ignore_errors=True)
         start = time.perf_counter()
-        report = export_subset(str(corpus), work / "export-subset-30", work / "export-out-30", shard_size=1000)
+        report = export(str(corpus), work / "export-subset-30", work / "export-out-30",
+                        *configure(ExportConfig, shard_size=1000))
         subset_times.append(time.perf_counter() - start)
     log(f"  export of a 30 % subset: best {min(subset_times):.3f} s, {report.written} samples written")
     extra.update(subset30_s=subset_times, subset30_written=report.written,
@@ -105,8 +108,8 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
         for _ in range(repeats):
             shutil.rmtree(work / "export-out-tasks", ignore_errors=True)
             start = time.perf_counter()
-            export_subset(str(corpus), work / "export-subset", work / "export-out-tasks", shard_size=1000, workers=2,
-                          tasks=4)
+            export(str(corpus), work / "export-subset", work / "export-out-tasks",
+                   *configure(ExportConfig, shard_size=1000, workers=2, tasks=4))
             task_times.append(time.perf_counter() - start)
         same = all(a.read_bytes() == b.read_bytes() for a, b in zip(sorted((work / "export-out").glob("*.tar")),
                                                                      sorted((work / "export-out-tasks").glob("*.tar"))))
@@ -120,7 +123,8 @@ def run(work: Path, samples: int, repeats: int, log=print, image_size: int = 640
             tar_times.append(time.perf_counter() - start)
         shutil.rmtree(work / "export-out-iter-shard", ignore_errors=True)
         start = time.perf_counter()
-        export_subset(str(corpus), work / "export-subset", work / "export-out-iter-shard", shard_size=1000, fast=False)
+        export(str(corpus), work / "export-subset", work / "export-out-iter-shard",
+               *configure(ExportConfig, shard_size=1000, fast=False))
         iter_shard_s = time.perf_counter() - start
         fast_tars = sorted((work / "export-out").glob("*.tar"))
         slow_tars = sorted((work / "export-out-iter-shard").glob("*.tar"))

@@ -7,7 +7,7 @@ For each pool size N (d = 512, fp16, 50k-row tables), in order:
              tables (no cache given).
   normsim_2  `normsim.run(pool, out, NormsimConfig(target, p="2"))` with the score's cache directory: reads
              the fp16 cache.
-  filter     `filter_pool([score table, normsim_inf table], keep negclip:0.3, normsim_inf:0.2)`.
+  filter     `filter.entry.run([score table, normsim_inf table], out, FilterConfig(keep=[negclip:0.3, normsim_inf:0.2]))`.
 Peak = VmHWM of the process (Linux), whole process: interpreter, torch, numpy, pyarrow included. "Above
 imports" subtracts the RSS measured right before the stage call. RSS counts resident pages only: the
 `.npy` caches are read with positional reads (no memory map), and the pages the kernel keeps in its page
@@ -32,7 +32,8 @@ from curate.stages.score import ScoreConfig
 from curate.stages.score import entry as score
 from curate.stages.normsim import NormsimConfig
 from curate.stages.normsim import entry as normsim
-from curate.stages.filter import filter_pool
+from curate.stages.filter import FilterConfig
+from curate.stages.filter.entry import run as filter_run
 import pyarrow, faiss
 """
 
@@ -46,8 +47,8 @@ def stage_bodies(pool: Path, target: Path, work: Path, batch_size: int) -> dict[
                        f"p='inf', device='cpu'))",
         "normsim_2": f"normsim.run({str(pool)!r}, {str(ns_2)!r}, NormsimConfig(target={str(target)!r}, p='2', "
                      f"device='cpu', cache_dir={str(cache)!r}))",
-        "filter": f"filter_pool([{str(scores)!r}, {str(ns_inf)!r}], {str(work / 'subset')!r}, "
-                  f"keeps=['negclip:0.3', 'normsim_inf:0.2'])",
+        "filter": f"filter_run([{str(scores)!r}, {str(ns_inf)!r}], {str(work / 'subset')!r}, "
+                  f"*configure(FilterConfig, keep=['negclip:0.3', 'normsim_inf:0.2']))",
     }
 
 
@@ -122,12 +123,13 @@ def filter_direct(work: Path, n_rows: int, log=print) -> dict:
     log(f"  memory: score tables {n_rows:,} rows ready ({time.perf_counter() - started:.1f} s)")
     out = work / f"filter-direct-{n_rows}"
     shutil.rmtree(out, ignore_errors=True)
-    call = f"filter_pool([{str(scores)!r}, {str(normsims)!r}], {str(out)!r}, keeps=['negclip:0.3', 'normsim_inf:0.2']"
-    stats = peak_rss(SETUP, call + ")")
+    call = (f"filter_run([{str(scores)!r}, {str(normsims)!r}], {str(out)!r}, "
+            f"*configure(FilterConfig, keep=['negclip:0.3', 'normsim_inf:0.2']")
+    stats = peak_rss(SETUP, call + "))")
     shutil.rmtree(out, ignore_errors=True)
     log(f"  memory: filter at N={n_rows:,}: peak {stats['peak'] / 2**20:.0f} MiB, {stats['seconds']:.1f} s")
     # the same selection as map tasks over the 1M-row files, run in this one process (--tasks 10)
-    tasks = peak_rss(SETUP, call + ", tasks=10)")
+    tasks = peak_rss(SETUP, call + ", tasks=10))")
     shutil.rmtree(out, ignore_errors=True)
     log(f"  memory: filter as map tasks at N={n_rows:,}: peak {tasks['peak'] / 2**20:.0f} MiB, "
         f"{tasks['seconds']:.1f} s")

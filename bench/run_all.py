@@ -218,7 +218,7 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
                      f"{'identical' if x['map_tasks_same_tars'] else 'DIFFERENT'} tars; the way to spread an export "
                      "over machines, not a speed-up on one")
     if exports:
-        L += ["- where the time goes (curate/io/tar_blocks.py, curate/stages/export.py): a reader thread reads the "
+        L += ["- where the time goes (curate/io/tar_blocks.py, curate/stages/export/): a reader thread reads the "
               "shards in 4 MiB pieces; the main thread scans each piece's headers with numpy (the ustar-magic blocks "
               "linked by their sizes), parses each `.json` for the uid with orjson (~1 µs per sample) and patches "
               "new headers; a writer thread writes block ranges, while the piece is still in the CPU cache, "
@@ -273,9 +273,9 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
                      "The linear fit above overestimates it (allocator high-water marks at small N are noisy).")]
             if fd.get("map_tasks"):
                 mt = fd["map_tasks"]
-                L.append(f"The same selection as map tasks (`filter_pool(..., tasks=10)`: a radix select per --keep "
-                         f"over 10 spans of the 1M-row files, run in this one process): peak {mib(mt['peak'])} "
-                         f"(+{mib(mt['growth'])} above imports), {mt['seconds']:.0f} s, same outputs.")
+                L.append(f"The same selection as map tasks (`filter.entry.run(..., RunOptions(tasks=10))`: a radix "
+                         f"select per --keep over 10 spans of the 1M-row files, run in this one process): peak "
+                         f"{mib(mt['peak'])} (+{mib(mt['growth'])} above imports), {mt['seconds']:.0f} s, same outputs.")
         bb = m["big_batch"]
         L += ["", f"O(B²) side: score at b = {bb['batch_size']} on {bb['n_rows']:,} rows: peak {mib(bb['score']['peak'])} "
               f"(+{mib(bb['score']['growth'])} above imports). Logits are computed in tiles of 2^24 float32 "

@@ -19,11 +19,15 @@ from curate.errors import CurateError
 from curate.stages import decontaminate as decontaminate_stage
 from curate.stages import dedup as dedup_stage
 from curate.stages import embed as embed_stage
+from curate.stages import export as export_stage
+from curate.stages import filter as filter_stage
 from curate.stages import normsim as normsim_stage
 from curate.stages import score as score_stage
 from curate.stages.decontaminate import DecontaminateConfig
 from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
+from curate.stages.export import ExportConfig
+from curate.stages.filter import FilterConfig
 from curate.stages.normsim import NormsimConfig
 from curate.stages.score import ScoreConfig
 
@@ -318,36 +322,13 @@ import_app = typer.Typer(no_args_is_help=True, help="Convert other tools' files 
 app.add_typer(import_app, name="import")
 
 
-@app.command("filter")
+@stage_command(app, "filter", FilterConfig, filter_stage.RUN_OPTIONS)
 def filter_cmd(
     tables: List[Path] = typer.Argument(..., help="Score tables (Parquet: uid + metric columns) or directories of "
                                                   "them; joined on uid. The first one sets the pool order. Files in "
                                                   "a row with the same columns (a shell glob) are one table."),
     out: Path = typer.Option(..., "--out", help="Subset directory: uids.npy (DataComp), kept.parquet, stats.json."),
-    keep: List[str] = typer.Option([], "--keep", help="METRIC:FRACTION, repeatable: keep the top ceil(F*N) of the "
-                                                      "pool by METRIC (higher is better, ties by uid ascending; "
-                                                      "see --fraction-rule)."),
-    min_: List[str] = typer.Option([], "--min", help="METRIC:X, repeatable: keep score >= X (before the keeps)."),
-    max_: List[str] = typer.Option([], "--max", help="METRIC:X, repeatable: keep score <= X (before the keeps)."),
-    mode: str = typer.Option("sequential", "--mode", help="sequential: each --keep ranks what the previous left; "
-                                                         "independent: intersect each metric's own top fraction."),
-    fraction_rule: str = typer.Option("exact", "--fraction-rule", help="exact: a --keep keeps ceil(F*N) rows, ties "
-                                      "by uid; datacomp: DataComp's apply_filter rule, every row scoring at least the "
-                                      "(int(F*N)+1)-th largest score (reproduces a DataComp baseline's uid file)."),
-    normsim: Optional[str] = typer.Option(None, "--normsim", help="inf, 2 or 2d: compute normsim_<p> inline."),
-    target: Optional[str] = typer.Option(None, "--target", help="NormSim target: image embeddings (embedding dir, "
-                                                                ".npy/.pt/.parquet or a directory of them), "
-                                                                "imagenet-text, or none (with 2d)."),
-    emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables for --normsim (default: the one the "
-                                                          "score tables record)."),
-    executor: str = EXECUTOR_OPTION,
-    workers: int = MAP_WORKERS_OPTION,
-    tasks: Optional[int] = typer.Option(None, help="Map tasks the tables are cut into (runs of row groups; "
-                                        "default 32)."),
-    retries: int = RETRIES_OPTION,
-    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
-    rank: Optional[int] = RANK_OPTION,
-    world_size: Optional[int] = WORLD_SIZE_OPTION,
+    *, cfg: FilterConfig, opts: RunOptions,
 ):
     """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file.
 
@@ -357,11 +338,9 @@ def filter_cmd(
     """
     from rich.table import Table
 
-    from curate.stages.filter import filter_pool
+    from curate.stages.filter import entry as filter_entry
 
-    result = filter_pool(tables, out, keeps=keep, mins=min_, maxs=max_, mode=mode, normsim=normsim,
-                         target=target, emb=emb, executor=executor, workers=workers, tasks=tasks, retries=retries,
-                         ray_address=ray_address, rank=rank, world_size=world_size, fraction_rule=fraction_rule)
+    result = filter_entry.run(tables, out, cfg, opts)
     table = Table(title=f"filter ({result.mode}) of a pool of {result.pool}")
     for column in ("step", "rows ranked", "kept", "removed", "cut score", "NaN"):
         table.add_column(column, justify="left" if column == "step" else "right")
@@ -373,31 +352,25 @@ def filter_cmd(
     console.print(f"kept {result.kept} of {result.pool} ({result.kept / result.pool:.1%}) -> {result.out_dir}")
 
 
-@app.command("export")
+@stage_command(app, "export", ExportConfig, export_stage.RUN_OPTIONS)
 def export_cmd(
     shards: List[str] = typer.Argument(..., help="Input shards: directory, glob, brace pattern or fsspec URL."),
     subset: Path = typer.Option(..., "--subset", help="A `curate filter` output directory or a DataComp uids .npy."),
     out: Path = typer.Option(..., "--out", help="Output directory for NNNNN.tar shards."),
-    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per output shard."),
-    executor: str = EXECUTOR_OPTION,
-    workers: int = MAP_WORKERS_OPTION,
-    tasks: Optional[int] = typer.Option(None, help="Map tasks per pass (runs of input shards, then of output "
-                                        "tars; default 32)."),
-    retries: int = RETRIES_OPTION,
-    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    *, cfg: ExportConfig, opts: RunOptions,
 ):
     """Copy the subset's samples (all members, input order) into new tar shards.
 
     With --executor ray, --workers N or --tasks T the export runs as two passes of map tasks (find the kept
     samples per input shard, then write the output tars) around a small reduce, with the same outputs.
     """
-    from curate.stages.export import ERRORS, MISSING, export_subset
+    from curate.stages.export import entry as export_entry
+    from curate.stages.export.common import ERRORS, MISSING
     from curate.ui import sample_progress
 
     on_interrupt(lambda: f"{len(list(out.glob('*.tar')))} finished tar(s) in {out} are kept")
     with sample_progress("export") as advance:
-        report = export_subset(shards, subset, out, shard_size, executor=executor, workers=workers, tasks=tasks,
-                               retries=retries, ray_address=ray_address, progress=advance)
+        report = export_entry.run(shards, subset, out, cfg, opts, progress=advance)
     if report.noop:
         console.print(f"{out}: export already complete ({report.written} samples); nothing to do")
         return

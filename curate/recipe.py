@@ -34,6 +34,8 @@ from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.run.markers import Markers
 from curate.stages.embed import EmbedConfig
+from curate.stages.export import ExportConfig
+from curate.stages.filter import FilterConfig
 from curate.stages.normsim import SCHEDULE_OPTIONS, NormsimConfig
 from curate.stages.score import ScoreConfig
 
@@ -51,6 +53,8 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "embed_target": (EmbedConfig, None),
     "score": (ScoreConfig, None),
     "normsim": (NormsimConfig, None),
+    "filter": (FilterConfig, None),
+    "export": (ExportConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
@@ -68,15 +72,12 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
                 "prefilter": (str, "")},
     "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
                "out": (str, "clones.parquet")},
-    "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
-               "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, ""),
-               "fraction_rule": (str, "exact")},
-    "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export"), "shard_size": (int, 10000)},
+    "filter": {"name": (str, REQUIRED)},
+    "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export")},
     "truth": {"subsets": (list, [])},
     "report": {"out": (str, "report.html")},
 }
-CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32"),
-           ("filter", "mode"): ("sequential", "independent"), ("filter", "fraction_rule"): ("exact", "datacomp")}
+CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32")}
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
@@ -217,8 +218,8 @@ def run_options(run: dict) -> RunOptions:
 
 
 def executor_options(run: dict) -> dict:
-    """The recipe's [run] executor settings as keyword arguments of the map/reduce stages still taking them
-    one by one (filter, export)."""
+    """The recipe's [run] executor settings without `tasks` (filter and export keep their own task counts), as
+    keyword arguments of their RunOptions."""
     return {"executor": run["executor"], "workers": run["workers"], "retries": run["retries"],
             "ray_address": run["ray_address"] or None}
 
@@ -331,13 +332,14 @@ def plan(recipe: dict) -> list[Step]:
         subsets[f["name"]] = out
 
         def run_filter(bar=None, f=f, out=out, tables=list(tables)):
-            from curate.stages.filter import filter_pool
+            from curate.stages.filter import entry
 
+            options = {k: f[k] for k in recipe_keys(FilterConfig)}
+            config = FilterConfig(**{**options, "normsim": f["normsim"] or None,
+                                     "target": at(f["target"]) if f["target"] else None}, emb=Path(emb))
             # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
-            executor = {} if f["normsim"] else executor_options(run)
-            result = filter_pool(tables, out, f["keep"], f["min"], f["max"], f["mode"],
-                                 f["normsim"] or None, at(f["target"]) if f["target"] else None, emb, **executor,
-                                 fraction_rule=f["fraction_rule"])
+            opts = RunOptions() if f["normsim"] else RunOptions(**executor_options(run))
+            result = entry.run(tables, out, config, opts)
             return {"kept": result.kept, "pool": result.pool}
         add(f"filter:{f['name']}", "filter", f, list(tables), [out], run_filter)
 
@@ -403,10 +405,11 @@ def plan(recipe: dict) -> list[Step]:
         out = at(x["out"])
 
         def run_export(bar=None, x=x, shards=shards, out=out):
-            from curate.stages.export import export_subset
+            from curate.stages.export import entry
 
-            report = export_subset(shards, subsets[x["subset"]], out, x["shard_size"], progress=bar,
-                                   **executor_options(run))
+            config = ExportConfig(**{k: x[k] for k in recipe_keys(ExportConfig)})
+            report = entry.run(shards, subsets[x["subset"]], out, config, RunOptions(**executor_options(run)),
+                               progress=bar)
             return {k: v for k, v in vars(report).items() if isinstance(v, (int, float, str))}
         add("export", "export", x, [shards, subsets[x["subset"]]], [out], run_export)
 

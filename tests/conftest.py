@@ -106,3 +106,19 @@ def run_normsim(emb, out, progress=None, **values):
     from curate.stages.normsim.entry import run
 
     return run(emb, out, *configure(NormsimConfig, **values), progress=progress)
+def run_filter(tables, out, **values):
+    """`curate.stages.filter.entry.run` with its options as keywords (split between FilterConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.filter import FilterConfig
+    from curate.stages.filter.entry import run
+
+    return run(tables, out, *configure(FilterConfig, **values))
+
+
+def run_export(shards, subset, out, progress=None, **values):
+    """`curate.stages.export.entry.run` with its options as keywords (split between ExportConfig and RunOptions)."""
+    from curate.config import configure
+    from curate.stages.export import ExportConfig
+    from curate.stages.export.entry import run
+
+    return run(shards, subset, out, *configure(ExportConfig, **values), progress=progress)

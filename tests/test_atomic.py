@@ -55,8 +55,7 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
 
     from conftest import make_embedding_dir
     from curate.io.uids import write_uid_npy
-    from curate.stages.export import export_subset
-    from conftest import run_score
+    from conftest import run_export, run_score
     from test_export import make_shard, sample, uid_of
 
     pid = dead_pid()
@@ -83,5 +82,5 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
     make_shard(tmp_path / "shards" / "00000.tar", [sample(f"k{i}", i) for i in range(5)])
     write_uid_npy([uid_of(i) for i in range(3)], tmp_path / "subset" / "uids.npy")
     left = plant(tmp_path / "exported")
-    report = export_subset(str(tmp_path / "shards"), tmp_path / "subset", tmp_path / "exported", shard_size=2)
+    report = run_export(str(tmp_path / "shards"), tmp_path / "subset", tmp_path / "exported", shard_size=2)
     assert report.written == 3 and not left.exists()

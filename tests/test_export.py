@@ -18,9 +18,12 @@ from hypothesis import strategies as st
 from curate.errors import CurateError
 from curate.io import tar_blocks
 from curate.io.shards import RawSample, base_plus_ext, sample_uid
-from curate.io.uids import content_uid, read_uid_npy, uids_to_pairs, write_uid_npy
-from curate.stages import export as export_module
-from curate.stages.export import CARRY_BYTES, MANIFEST, PIECE_BYTES, SubsetIndex, export_subset
+from curate.io.uids import content_uid, is_sorted_unique, read_uid_npy, uids_to_pairs, write_uid_npy
+from curate.stages.export import common as export_common
+from curate.stages.export import local as export_local
+from curate.stages.export.common import CARRY_BYTES, MANIFEST, PIECE_BYTES, SubsetIndex
+
+from conftest import run_export
 
 
 def uid_of(i: int) -> str:
@@ -62,7 +65,7 @@ def test_export_keeps_all_members_in_input_order_and_splits_shards(tmp_path, cor
     keep = [1, 4, 5, 7, 10]
     write_uid_npy([uid_of(i) for i in keep] + [uid_of(99)], tmp_path / "subset" / "uids.npy")
     out = tmp_path / "out"
-    report = export_subset(str(corpus), tmp_path / "subset", out, shard_size=2)
+    report = run_export(str(corpus), tmp_path / "subset", out, shard_size=2)
     assert report.written == 5 and report.missing == 1 and report.subset == 6
     assert [s["samples"] for s in report.shards] == [2, 2, 1]
     members = [m for name in ("00000.tar", "00001.tar", "00002.tar") for m in read_tar(out / name)]
@@ -81,12 +84,12 @@ def test_export_keeps_all_members_in_input_order_and_splits_shards(tmp_path, cor
 
 def test_export_is_deterministic_and_a_complete_rerun_is_a_noop(tmp_path, corpus):
     write_uid_npy([uid_of(i) for i in range(0, 12, 2)], tmp_path / "uids.npy")
-    a = export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "a", shard_size=4)
-    export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "b", shard_size=4)
+    a = run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "a", shard_size=4)
+    run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "b", shard_size=4)
     for name in ("00000.tar", "00001.tar"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     mtime = (tmp_path / "a" / "00000.tar").stat().st_mtime_ns
-    again = export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "a", shard_size=4)
+    again = run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "a", shard_size=4)
     assert again.noop and again.written == a.written == 6
     assert (tmp_path / "a" / "00000.tar").stat().st_mtime_ns == mtime
 
@@ -94,15 +97,15 @@ def test_export_is_deterministic_and_a_complete_rerun_is_a_noop(tmp_path, corpus
 def test_an_interrupted_export_resumes_to_identical_bytes(tmp_path, corpus):
     write_uid_npy([uid_of(i) for i in range(12)], tmp_path / "uids.npy")
     full = tmp_path / "full"
-    export_subset(str(corpus), tmp_path / "uids.npy", full, shard_size=5)
+    run_export(str(corpus), tmp_path / "uids.npy", full, shard_size=5)
     part = tmp_path / "part"
-    export_subset(str(corpus), tmp_path / "uids.npy", part, shard_size=5)
+    run_export(str(corpus), tmp_path / "uids.npy", part, shard_size=5)
     # as if killed after the first tar: later tars, records and the final manifest are missing
     manifest = json.loads((part / MANIFEST).read_text())
     (part / MANIFEST).write_text(json.dumps({"complete": False, "config": manifest["config"]}))
     for name in ("00001.tar", "00002.tar", "missing_uids.npy"):
         (part / name).unlink()
-    report = export_subset(str(corpus), tmp_path / "uids.npy", part, shard_size=5)
+    report = run_export(str(corpus), tmp_path / "uids.npy", part, shard_size=5)
     assert report.tars_reused == 1 and report.written == 12 and not report.noop
     assert sorted(p.name for p in part.iterdir()) == sorted(p.name for p in full.iterdir())
     for p in full.iterdir():
@@ -112,13 +115,13 @@ def test_an_interrupted_export_resumes_to_identical_bytes(tmp_path, corpus):
 
 def test_another_export_or_foreign_tars_in_out_dir_are_refused(tmp_path, corpus):
     write_uid_npy([uid_of(1)], tmp_path / "uids.npy")
-    export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=5)
+    run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=5)
     with pytest.raises(CurateError, match="holds an export of other shards, another subset or shard size"):
-        export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=3)
+        run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=3)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.tar").write_bytes(b"")
     with pytest.raises(CurateError, match="did not write"):
-        export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "foreign")
+        run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "foreign")
 
 
 def test_malicious_member_names_never_escape_out_dir(tmp_path):
@@ -136,7 +139,7 @@ def test_malicious_member_names_never_escape_out_dir(tmp_path):
     write_uid_npy(uids, work / "uids.npy")
     out = work / "out"
     before = {p for p in tmp_path.rglob("*")}
-    report = export_subset(str(shards), work / "uids.npy", out, shard_size=10)
+    report = run_export(str(shards), work / "uids.npy", out, shard_size=10)
     assert report.written == 4 and report.missing == 0
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p.is_relative_to(out) for p in created)  # nothing written outside OUT_DIR
@@ -157,7 +160,7 @@ def test_repeated_uids_are_exported_once_and_recorded(tmp_path):
     shards.mkdir()
     make_shard(shards / "00000.tar", [sample("x", 1), sample("y", 1), sample("z", 2)])
     write_uid_npy([uid_of(1), uid_of(2)], tmp_path / "uids.npy")
-    report = export_subset(str(shards), tmp_path / "uids.npy", tmp_path / "out")
+    report = run_export(str(shards), tmp_path / "uids.npy", tmp_path / "out")
     assert report.written == 2 and report.problems == 1
     errors = pq.read_table(tmp_path / "out" / "_errors" / "export.parquet").to_pylist()
     assert errors[0]["key"] == "y" and "already exported" in errors[0]["reason"]
@@ -166,7 +169,7 @@ def test_repeated_uids_are_exported_once_and_recorded(tmp_path):
 def test_a_corrupt_shard_is_recorded_and_the_rest_exported(tmp_path, corpus):
     (corpus / "00002.tar").write_bytes(b"this is not a tar file" * 100)
     write_uid_npy([uid_of(0), uid_of(11)], tmp_path / "uids.npy")
-    report = export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "out")
+    report = run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "out")
     assert report.written == 2 and report.problems >= 1
     errors = pq.read_table(tmp_path / "out" / "_errors" / "export.parquet").to_pylist()
     assert any(e["shard"].endswith("00002.tar") for e in errors)
@@ -175,13 +178,13 @@ def test_a_corrupt_shard_is_recorded_and_the_rest_exported(tmp_path, corpus):
 def test_bad_subset_files_are_clear_errors(tmp_path, corpus):
     np.save(tmp_path / "wrong.npy", np.arange(5, dtype=np.uint64))
     with pytest.raises(CurateError, match="wrong.npy: uid file has dtype uint64.*'u8,u8'"):
-        export_subset(str(corpus), tmp_path / "wrong.npy", tmp_path / "out")
+        run_export(str(corpus), tmp_path / "wrong.npy", tmp_path / "out")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(CurateError, match="no subset uid file"):
-        export_subset(str(corpus), tmp_path / "empty_dir", tmp_path / "out")
+        run_export(str(corpus), tmp_path / "empty_dir", tmp_path / "out")
     write_uid_npy([uid_of(1)], tmp_path / "uids.npy")
     with pytest.raises(CurateError, match="--shard-size 0"):
-        export_subset(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=0)
+        run_export(str(corpus), tmp_path / "uids.npy", tmp_path / "out", shard_size=0)
 
 
 def test_cli_export_reports_written_and_missing(tmp_path, corpus):
@@ -253,13 +256,13 @@ def test_a_sorted_subset_is_used_as_it_is_and_looked_up_alike():
     highs = rng.integers(0, 2 ** 62, 300)
     uids = sorted({f"{int(h):016x}{int(low):016x}" for h in highs for low in rng.integers(0, 4, 2)})  # shared highs
     pairs = uids_to_pairs(uids)
-    assert all(export_module.is_sorted_unique(pairs, chunk) for chunk in (1, 7, 1 << 24))
+    assert all(is_sorted_unique(pairs, chunk) for chunk in (1, 7, 1 << 24))
     index = SubsetIndex(pairs)
     assert np.shares_memory(index.high, pairs) and np.shares_memory(index.low, pairs)
     shuffled = pairs[rng.permutation(len(pairs))]
     repeated = np.concatenate([pairs[:40], pairs[39:]])  # one uid twice, in order
     for other in (shuffled, repeated):
-        assert not any(export_module.is_sorted_unique(other, chunk) for chunk in (1, 7, 1 << 24))
+        assert not any(is_sorted_unique(other, chunk) for chunk in (1, 7, 1 << 24))
     queries = uids[::3] + [f"{i:032x}" for i in range(5)] + [None]
     want = index.positions(queries).tolist()
     assert want == [index.position(u) if u is not None else -1 for u in queries]
@@ -328,7 +331,7 @@ def export_both(shards, subset_file, out, shard_size, **kwargs):
     results = []
     for fast in (True, False):
         target = out / ("fast" if fast else "slow")
-        report = export_subset(str(shards), subset_file, target, shard_size=shard_size, fast=fast, **kwargs)
+        report = run_export(str(shards), subset_file, target, shard_size=shard_size, fast=fast, **kwargs)
         files = {p.relative_to(target).as_posix(): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
         manifest = json.loads(files.pop(MANIFEST))
         manifest["report"].pop("out_dir")
@@ -347,23 +350,23 @@ def assert_same_outputs(fast, slow):
 def count_fast_shards(monkeypatch):
     """For each local shard: whether the fast path read it to the end (else it handed it to iter_shard)."""
     taken = []
-    original = export_module._stream_shard
+    original = export_local._stream_shard
 
     def spy(*args):
         result = yield from original(*args)
         taken.append(result is None)
         return result
 
-    monkeypatch.setattr(export_module, "_stream_shard", spy)
+    monkeypatch.setattr(export_local, "_stream_shard", spy)
     return taken
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_path_writes_the_same_bytes_and_records_as_iter_shard(tmp_path, seed, count_fast_shards, monkeypatch):
-    monkeypatch.setattr(export_module, "BACKGROUND_WRITES", seed % 2 == 0)  # both ways of writing
+    monkeypatch.setattr(export_local, "BACKGROUND_WRITES", seed % 2 == 0)  # both ways of writing
     # pieces from one block (most samples span pieces; carries beyond the carry room) to whole shards
-    monkeypatch.setattr(export_module, "PIECE_BYTES", (512, 1024, 3072, 1 << 20)[seed % 4])
-    monkeypatch.setattr(export_module, "CARRY_BYTES", (512, 4096, 1 << 20)[seed % 3])
+    monkeypatch.setattr(export_common, "PIECE_BYTES", (512, 1024, 3072, 1 << 20)[seed % 4])
+    monkeypatch.setattr(export_common, "CARRY_BYTES", (512, 4096, 1 << 20)[seed % 3])
     subset = write_random_corpus(tmp_path / "shards", seed)
     write_uid_npy(subset, tmp_path / "uids.npy")
     inputs = {p: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
@@ -462,8 +465,8 @@ def test_shards_the_fast_path_does_not_handle_exactly_go_through_iter_shard(tmp_
                                                                             monkeypatch):
     """Each variant either streams to its end or goes on in iter_shard from the samples committed so far
     (the bad part may come pieces after them); both ways give the bytes of iter_shard alone."""
-    monkeypatch.setattr(export_module, "PIECE_BYTES", piece)
-    monkeypatch.setattr(export_module, "CARRY_BYTES", 1024)
+    monkeypatch.setattr(export_common, "PIECE_BYTES", piece)
+    monkeypatch.setattr(export_common, "CARRY_BYTES", 1024)
     variants = dirty_variants()
     for name, data in variants.items():
         case = tmp_path / name.replace(" ", "_")
@@ -502,7 +505,7 @@ def test_header_chain_from_the_magic_is_the_walked_chain_or_none():
 def test_nonzero_padding_is_not_copied(tmp_path, count_fast_shards, monkeypatch, mode):
     """Bytes the readers ignore (member padding) must not reach the output, nor the input file change."""
     if mode == "small pieces":
-        monkeypatch.setattr(export_module, "PIECE_BYTES", 512)
+        monkeypatch.setattr(export_common, "PIECE_BYTES", 512)
     options = {"tasks": 1} if mode == "map tasks" else {}
     members = [("k1.jpg", b"img" * 100), ("k1.json", json.dumps({"uid": uid_of(1)}).encode())]
     data = bytearray(tarfile_writer_bytes(members, tarfile.GNU_FORMAT))
@@ -544,7 +547,7 @@ def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_pa
                                                                          piece):
     """Whatever bytes are changed, the fast path either handles the shard exactly like iter_shard or leaves
     it to iter_shard (from the samples it committed before the damage, when read in pieces)."""
-    export_module.PIECE_BYTES, export_module.CARRY_BYTES = piece, 1024  # (hypothesis: no monkeypatch fixture)
+    export_common.PIECE_BYTES, export_common.CARRY_BYTES = piece, 1024  # (hypothesis: no monkeypatch fixture)
     members = []
     for i in range(3):
         members += [(f"k{i}.jpg", bytes([i]) * (100 + 400 * i)), (f"k{i}.txt", f"cap {i}".encode()),
@@ -559,15 +562,15 @@ def test_any_damage_to_a_clean_shard_gives_the_same_outputs_on_both_paths(tmp_pa
     try:
         fast, slow = export_both(root / "shards", root / "uids.npy", root / "out", shard_size=shard_size)
     finally:
-        export_module.PIECE_BYTES, export_module.CARRY_BYTES = PIECE_BYTES, CARRY_BYTES
+        export_common.PIECE_BYTES, export_common.CARRY_BYTES = PIECE_BYTES, CARRY_BYTES
     assert_same_outputs(fast, slow)
 
 
 def test_members_larger_than_a_piece_are_carried_over_in_a_growing_buffer(tmp_path, count_fast_shards, monkeypatch):
     """A member many pieces long (and longer than the room for carried bytes) is read into a buffer of its own
     that doubles as pieces arrive; the samples around it keep their bytes."""
-    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
-    monkeypatch.setattr(export_module, "CARRY_BYTES", 512)
+    monkeypatch.setattr(export_common, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(export_common, "CARRY_BYTES", 512)
     rng = random.Random(5)
     samples = [sample(f"k{i}", i, {f"k{i}.jpg": rng.randbytes(size)})
                for i, size in enumerate([100, 70_000, 3000, 1, 200_000, 512, 40])]
@@ -583,12 +586,12 @@ def test_members_larger_than_a_piece_are_carried_over_in_a_growing_buffer(tmp_pa
 def test_a_shard_that_changes_while_read_in_pieces_goes_on_in_iter_shard(tmp_path, monkeypatch, change):
     """The reader checks the end of a shard against its size when opened: a file that grew or shrank meanwhile
     is handed to iter_shard (which reads what is there now) from the samples already committed."""
-    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
-    monkeypatch.setattr(export_module, "READ_AHEAD", 0)  # one piece read at a time: the change lands in between
+    monkeypatch.setattr(export_common, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(export_common, "READ_AHEAD", 0)  # one piece read at a time: the change lands in between
     path = tmp_path / "00000.tar"
     make_shard(path, [sample(f"k{i}", i, {f"k{i}.jpg": bytes(900)}) for i in range(6)])
     original = path.read_bytes()
-    reader = export_module._PieceReader([str(path)], [0])
+    reader = export_common.PieceReader([str(path)], [0])
     try:
         first = reader.next()
         assert first.number == 0 and first.length == 1024 and not first.error
@@ -610,15 +613,15 @@ def test_a_shard_that_changes_while_read_in_pieces_goes_on_in_iter_shard(tmp_pat
 def test_fast_path_resume_reuses_finished_tars_and_matches_a_fresh_export(tmp_path):
     subset = write_random_corpus(tmp_path / "shards", 11, shards=4)
     write_uid_npy(subset, tmp_path / "uids.npy")
-    full = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", shard_size=3)
+    full = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", shard_size=3)
     part = tmp_path / "part"
-    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
+    run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
     manifest = json.loads((part / MANIFEST).read_text())
     (part / MANIFEST).write_text(json.dumps({"complete": False, "config": manifest["config"]}))
     tars = sorted(part.glob("*.tar"))
     for p in tars[len(tars) // 2:]:
         p.unlink()
-    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
+    report = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", part, shard_size=3)
     assert report.tars_reused == len(tars) // 2 and report.written == full.written
     for p in (tmp_path / "full").glob("*.tar"):
         assert (part / p.name).read_bytes() == p.read_bytes()
@@ -634,18 +637,18 @@ def test_a_resumed_export_records_what_a_fresh_one_does(tmp_path, tasks):
         (tmp_path / "shards" / f"0-{i}.tar").write_bytes(bytes(variants[name]))
     write_uid_npy(subset + [uid_of(1), uid_of(2)], tmp_path / "uids.npy")
     options = {"shard_size": 2, "tasks": tasks}
-    full = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", **options)
+    full = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "full", **options)
     errors = pq.read_table(tmp_path / "full" / "_errors" / "export.parquet").to_pylist()
     # (sample k2 carries the odd member in both variant shards: the second one is a repeat, not exported)
     assert sum("not exported" in row["reason"] for row in errors) == 1
     part = tmp_path / "part"
-    export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, **options)
+    run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", part, **options)
     manifest = json.loads((part / MANIFEST).read_text())
     (part / MANIFEST).write_text(json.dumps({"complete": False, "config": manifest["config"]}))
     tars = sorted(part.glob("*.tar"))
     for p in tars[len(tars) // 2:]:
         p.unlink()
-    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", part, **options)
+    report = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", part, **options)
     assert report.tars_reused == len(tars) // 2 and report.problems == full.problems
     assert pq.read_table(part / "_errors" / "export.parquet").to_pylist() == errors
     assert (part / "missing_uids.npy").read_bytes() == (tmp_path / "full" / "missing_uids.npy").read_bytes()
@@ -657,7 +660,7 @@ def test_fsspec_urls_take_the_fast_path_with_the_bytes_of_local_files(tmp_path, 
     """Shards behind an fsspec URL (here memory://, as s3:// or gs:// would be) are read in pieces too, and give
     the tars and records of the same files read locally."""
     fsspec = pytest.importorskip("fsspec")
-    monkeypatch.setattr(export_module, "PIECE_BYTES", 1024)
+    monkeypatch.setattr(export_common, "PIECE_BYTES", 1024)
     subset = write_random_corpus(tmp_path / "shards", 6, shards=3)
     variants = dirty_variants()
     for name in ("truncated", "plain"):
@@ -668,10 +671,10 @@ def test_fsspec_urls_take_the_fast_path_with_the_bytes_of_local_files(tmp_path, 
     for path in sorted((tmp_path / "shards").iterdir()):
         memory.pipe(f"/{root}/{path.name}", path.read_bytes())
     try:
-        local = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "local", shard_size=2,
+        local = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "local", shard_size=2,
                               tasks=tasks)
         count_fast_shards.clear()
-        remote = export_subset(f"memory://{root}/*.tar", tmp_path / "uids.npy", tmp_path / "remote", shard_size=2,
+        remote = run_export(f"memory://{root}/*.tar", tmp_path / "uids.npy", tmp_path / "remote", shard_size=2,
                                tasks=tasks)
     finally:
         memory.rm(f"/{root}", recursive=True)
@@ -693,7 +696,7 @@ def test_progress_counts_every_sample_in_a_finished_tar(tmp_path, tasks):
     subset = write_random_corpus(tmp_path / "shards", 8, shards=3)
     write_uid_npy(subset, tmp_path / "uids.npy")
     seen = []
-    report = export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2,
+    report = run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2,
                            tasks=tasks, progress=seen.append)
     assert report.written > 2 and sum(seen) == report.written
     assert len(seen) == (1 if tasks else len(report.shards))  # per tar in one process; map tasks: at the end
@@ -703,7 +706,7 @@ def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monke
     subset = write_random_corpus(tmp_path / "shards", 3, shards=4)
     write_uid_npy(subset, tmp_path / "uids.npy")
     calls = []
-    original = export_module._TarWriter._write
+    original = export_local._TarWriter._write
 
     def failing(self, pieces):
         calls.append(1)
@@ -711,9 +714,9 @@ def test_a_failed_write_stops_the_export_and_leaves_no_temp_file(tmp_path, monke
             raise OSError(28, "No space left on device")
         original(self, pieces)
 
-    monkeypatch.setattr(export_module._TarWriter, "_write", failing)
+    monkeypatch.setattr(export_local._TarWriter, "_write", failing)
     with pytest.raises(OSError, match="No space left"):
-        export_subset(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2)
+        run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "out", shard_size=2)
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
     assert not json.loads((tmp_path / "out" / MANIFEST).read_text())["complete"]
 
@@ -725,8 +728,8 @@ def test_write_gathered_writes_every_byte_in_order(tmp_path, monkeypatch, short_
     rng = random.Random(3)
     pieces = [bytes([i % 251]) * rng.choice([0, 1, 511, 512, 3000]) for i in range(40)]
     pieces += [memoryview(bytearray(b"xyz" * 700))[5:1900], np.arange(300, dtype=np.uint8).reshape(3, 100)]
-    monkeypatch.setattr(export_module, "IOV_MAX", 7)
-    real_writev, calls = export_module.os.writev, []
+    monkeypatch.setattr(export_local, "IOV_MAX", 7)
+    real_writev, calls = export_local.os.writev, []
 
     def counted(written: int) -> int:  # a loop that stopped advancing fails here instead of filling the disk
         calls.append(written)
@@ -734,13 +737,13 @@ def test_write_gathered_writes_every_byte_in_order(tmp_path, monkeypatch, short_
         return written
 
     if short_writes:  # at most 1000 bytes per call, cut anywhere
-        monkeypatch.setattr(export_module.os, "writev", lambda fd, views: counted(
+        monkeypatch.setattr(export_local.os, "writev", lambda fd, views: counted(
             real_writev(fd, [bytes(b"".join(bytes(v) for v in views)[:1000])])))
     if without_writev:
-        monkeypatch.delattr(export_module.os, "writev")
+        monkeypatch.delattr(export_local.os, "writev")
     with open(tmp_path / "out", "wb", buffering=0) as f:
         if short_writes and without_writev:
             real_write = f.write
             f = type("Short", (), {"write": lambda self, v: counted(real_write(bytes(v)[:700])), "name": "out"})()
-        export_module.write_gathered(f, pieces)
+        export_local.write_gathered(f, pieces)
     assert (tmp_path / "out").read_bytes() == b"".join(bytes(memoryview(p).cast("B")) for p in pieces)

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curate.errors import CurateError
-from curate.io.uids import read_uid_npy
-from curate.stages.filter import KeepStep, Bound, filter_pool, parse_keep, select, uid_halves
+from curate.io.uids import read_uid_npy, uid_halves
+from curate.stages.filter.common import Bound, KeepStep, parse_keep
+from curate.stages.filter.local import select
 
-from conftest import make_embedding_dir, run_cli
+from conftest import make_embedding_dir, run_cli, run_filter
 
 
 def random_uids(rng, n):
@@ -204,7 +205,7 @@ def test_filter_writes_datacomp_uids_kept_table_and_stats(tmp_path):
     perm = rng.permutation(n)  # the second table lists the same uids in another order
     b = write_scores(tmp_path / "ns.parquet", [uids[i] for i in perm], normsim_inf=normsim[perm])
     out = tmp_path / "subset"
-    result = filter_pool([a, b], out, keeps=["negclip:0.3", "normsim_inf:0.2"])
+    result = run_filter([a, b], out, keep=["negclip:0.3", "normsim_inf:0.2"])
     f32 = {"negclip": negclip.astype(np.float32), "normsim_inf": normsim.astype(np.float32)}
     expected_rows = oracle(uids, f32, [("negclip", "0.3"), ("normsim_inf", "0.2")])
     assert result.pool == n and result.kept == 8 == len(expected_rows)
@@ -225,7 +226,7 @@ def test_filter_writes_datacomp_uids_kept_table_and_stats(tmp_path):
     assert stats["metrics"]["normsim_inf"]["table"] == str(b)
     # a rerun writes the same bytes
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    filter_pool([a, b], out, keeps=["negclip:0.3", "normsim_inf:0.2"])
+    run_filter([a, b], out, keep=["negclip:0.3", "normsim_inf:0.2"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -237,12 +238,14 @@ def test_a_directory_of_tables_is_one_table(tmp_path):
     write_scores(tmp_path / "parts" / "0001.parquet", uids[:10], m=scores[:10])
     write_scores(tmp_path / "parts" / "0002.parquet", uids[10:], m=scores[10:])
     write_scores(tmp_path / "whole.parquet", uids, m=scores)
-    filter_pool([tmp_path / "parts"], tmp_path / "a", keeps=["m:0.5"])
-    filter_pool([tmp_path / "whole.parquet"], tmp_path / "b", keeps=["m:0.5"])
+    run_filter([tmp_path / "parts"], tmp_path / "a", keep=["m:0.5"])
+    run_filter([tmp_path / "whole.parquet"], tmp_path / "b", keep=["m:0.5"])
     assert kept_uids(tmp_path / "a") == kept_uids(tmp_path / "b")
 
 
-def test_inline_normsim_is_joined_by_uid(tmp_path):
+def test_inline_normsim_is_joined_by_uid(tmp_path, monkeypatch):
+    import curate.stages.normsim.local as normsim_module
+
     emb = make_embedding_dir(tmp_path / "emb", [7, 5], dim=8, seed=5)
     from curate.io.tables import EmbeddingPool
 
@@ -253,17 +256,17 @@ def test_inline_normsim_is_joined_by_uid(tmp_path):
     table = write_scores(tmp_path / "s.parquet", [pool_uids[i] for i in order], negclip=negclip)
     calls = []
 
-    def fake_normsim(pool, target, p):  # stands in for curate.stages.normsim.local.normsim_scores: pool order
-        calls.append((target, p))
-        return np.arange(pool.n_rows, dtype=np.float32)
+    def fake_normsim(pool, cfg, info=None):  # stands in for curate.stages.normsim.local.normsim_scores
+        calls.append((cfg.target, cfg.p))
+        return np.arange(pool.n_rows, dtype=np.float32)  # pool order
 
+    monkeypatch.setattr(normsim_module, "normsim_scores", fake_normsim)
     out = tmp_path / "sub"
-    filter_pool([table], out, keeps=["normsim_inf:0.25"], normsim="inf", target="T", emb=emb,
-                normsim_fn=fake_normsim)
+    run_filter([table], out, keep=["normsim_inf:0.25"], normsim="inf", target="T", emb=emb)
     assert calls == [("T", "inf")]
     assert sorted(kept_uids(out)) == sorted(pool_uids[-3:])  # the 3 highest fake scores are the last pool rows
     with pytest.raises(CurateError, match="--emb"):
-        filter_pool([table], out, keeps=["negclip:0.5"], normsim="inf", target="T", normsim_fn=fake_normsim)
+        run_filter([table], out, keep=["negclip:0.5"], normsim="inf", target="T")
 
 
 def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_path):
@@ -277,7 +280,7 @@ def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_
     scores = pa.table({"uid": pa.array(uids), "negclip": pa.array(np.linspace(0, 1, 12, dtype=np.float32))})
     write_table_atomic(scores, tmp_path / "scores.parquet", meta={"stage": "score", "source": str(emb)})
     out = tmp_path / "sub"
-    filter_pool([tmp_path / "scores.parquet"], out, keeps=["negclip:0.5", "normsim_inf:0.25"], normsim="inf",
+    run_filter([tmp_path / "scores.parquet"], out, keep=["negclip:0.5", "normsim_inf:0.25"], normsim="inf",
                 target=str(target))
     v = vectors_to_numpy(pq.read_table(emb / "shard-00000.parquet").column("image_embedding"))
     v = np.concatenate([v, vectors_to_numpy(pq.read_table(emb / "shard-00001.parquet").column("image_embedding"))])
@@ -296,17 +299,17 @@ def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_
 def test_unknown_metric_lists_the_available_ones(tmp_path):
     t = write_scores(tmp_path / "s.parquet", [f"{i:032x}" for i in range(4)], negclip=[1, 2, 3, 4], clipscore=[1, 1, 1, 1])
     with pytest.raises(CurateError, match=r"unknown metric 'normsim_inf'.*clipscore, negclip"):
-        filter_pool([t], tmp_path / "o", keeps=["normsim_inf:0.2"])
+        run_filter([t], tmp_path / "o", keep=["normsim_inf:0.2"])
 
 
 def test_duplicate_uids_name_the_file_and_an_example(tmp_path):
     uids = [f"{i:032x}" for i in range(5)] + [f"{3:032x}"]
     t = write_scores(tmp_path / "dup.parquet", uids, m=range(6))
     with pytest.raises(CurateError, match=rf"dup.parquet: uid {3:032x} appears more than once"):
-        filter_pool([t], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([t], tmp_path / "o", keep=["m:0.5"])
     good = write_scores(tmp_path / "good.parquet", uids[:5] + [f"{9:032x}"], n=range(6))
     with pytest.raises(CurateError, match="dup.parquet.*more than once"):  # a duplicate in a joined table too
-        filter_pool([good, t], tmp_path / "o", keeps=["n:0.5"])
+        run_filter([good, t], tmp_path / "o", keep=["n:0.5"])
 
 
 def test_tables_with_different_uids_say_which_and_how_many(tmp_path):
@@ -314,7 +317,7 @@ def test_tables_with_different_uids_say_which_and_how_many(tmp_path):
     a = write_scores(tmp_path / "a.parquet", uids, m=range(6))
     b = write_scores(tmp_path / "b.parquet", uids[:4] + [f"{7:032x}"], n=range(5))
     with pytest.raises(CurateError, match=r"b.parquet: its uids differ.*2 pool uids are missing.*1 of its 5 uids"):
-        filter_pool([a, b], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([a, b], tmp_path / "o", keep=["m:0.5"])
 
 
 def test_same_metric_in_two_tables_is_an_error(tmp_path):
@@ -323,7 +326,7 @@ def test_same_metric_in_two_tables_is_an_error(tmp_path):
     b = write_scores(tmp_path / "b.parquet", uids, m=range(4))
     # files with the same columns are read as the parts of one table (a shell glob); the same uids in both
     with pytest.raises(CurateError, match="appears more than once .* give each metric once"):
-        filter_pool([a, b], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([a, b], tmp_path / "o", keep=["m:0.5"])
 
 
 @pytest.mark.parametrize("uid_column, message", [
@@ -336,16 +339,16 @@ def test_bad_uid_columns_are_clear_errors(tmp_path, uid_column, message):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"uid": uid_column, "m": pa.array(np.arange(4.0))}), path)
     with pytest.raises(CurateError, match=f"bad.parquet: .*{message}"):
-        filter_pool([path], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([path], tmp_path / "o", keep=["m:0.5"])
 
 
 def test_no_uid_column_and_not_parquet_are_clear_errors(tmp_path):
     pq.write_table(pa.table({"id": ["x"], "m": [1.0]}), tmp_path / "nouid.parquet")
     with pytest.raises(CurateError, match="nouid.parquet: no `uid` column"):
-        filter_pool([tmp_path / "nouid.parquet"], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([tmp_path / "nouid.parquet"], tmp_path / "o", keep=["m:0.5"])
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(CurateError, match="junk.parquet: not a readable Parquet"):
-        filter_pool([tmp_path / "junk.parquet"], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([tmp_path / "junk.parquet"], tmp_path / "o", keep=["m:0.5"])
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -361,9 +364,9 @@ def test_bad_fractions_are_clear_errors(spec, message):
 def test_empty_pool_and_empty_selection_are_errors(tmp_path):
     t = write_scores(tmp_path / "empty.parquet", [], m=[])
     with pytest.raises(CurateError, match="empty.parquet: the score table has no rows"):
-        filter_pool([t], tmp_path / "o", keeps=["m:0.5"])
+        run_filter([t], tmp_path / "o", keep=["m:0.5"])
     with pytest.raises(CurateError, match="nothing to select"):
-        filter_pool([t], tmp_path / "o")
+        run_filter([t], tmp_path / "o")
 
 
 def test_keep_step_count_is_exact_fraction_arithmetic():

@@ -14,10 +14,9 @@ import pytest
 
 from curate.errors import CurateError
 from curate.metrics import topk
-from curate.stages import filter_distributed as fd
-from curate.stages.filter import filter_pool
+from curate.stages.filter import tasks as filter_tasks
 
-from conftest import run_cli
+from conftest import run_cli, run_filter
 from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
 
 SPECIAL32 = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, -3.4028235e38, 3.4028235e38, 1.0,
@@ -154,51 +153,51 @@ CASES = [  # keeps, mins, maxs, mode
 @pytest.mark.parametrize("keeps,mins,maxs,mode", CASES)
 def test_distributed_equals_in_memory(tmp_path, monkeypatch, keeps, mins, maxs, mode, collect_rows):
     if collect_rows:
-        monkeypatch.setattr(fd, "DEFAULT_COLLECT_ROWS", collect_rows)
+        monkeypatch.setattr(filter_tasks, "DEFAULT_COLLECT_ROWS", collect_rows)
     a, b = make_pool(tmp_path, seed=len(keeps) + len(mins))
-    options = dict(keeps=keeps, mins=mins, maxs=maxs, mode=mode)
-    filter_pool([a, b], tmp_path / "memory", **options)
-    result = filter_pool([a, b], tmp_path / "dist", tasks=3, **options)
+    options = dict(keep=keeps, min=mins, max=maxs, mode=mode)
+    run_filter([a, b], tmp_path / "memory", **options)
+    result = run_filter([a, b], tmp_path / "dist", tasks=3, **options)
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
     assert not (tmp_path / "dist.parts").exists()  # the parts are removed after the reduce
-    again = filter_pool([a, b], tmp_path / "dist", tasks=2, **options)  # a rerun: same files
+    again = run_filter([a, b], tmp_path / "dist", tasks=2, **options)  # a rerun: same files
     assert again.kept == result.kept
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
 
 
 def test_a_rerun_reuses_the_final_parts_of_an_interrupted_run(tmp_path, monkeypatch):
     a, b = make_pool(tmp_path, seed=6)
-    options = dict(keeps=["s32:0.4"], maxs=["tie:0.5"], tasks=3)
+    options = dict(keep=["s32:0.4"], max=["tie:0.5"], tasks=3)
 
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fd, "_write_kept", killed)  # the final map finished, the reduce did not
+    monkeypatch.setattr(filter_tasks, "_write_kept", killed)  # the final map finished, the reduce did not
     with pytest.raises(KeyboardInterrupt):
-        filter_pool([a, b], tmp_path / "dist", **options)
+        run_filter([a, b], tmp_path / "dist", **options)
     assert (tmp_path / "dist.parts").exists() and not (tmp_path / "dist" / "stats.json").exists()
     monkeypatch.undo()
-    filter_pool([a, b], tmp_path / "dist", **options)
+    run_filter([a, b], tmp_path / "dist", **options)
     assert json.loads((tmp_path / "dist" / "stats.json").read_text())["distributed"]["ran"] == 0
     options.pop("tasks")
-    filter_pool([a, b], tmp_path / "memory", **options)
+    run_filter([a, b], tmp_path / "memory", **options)
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
 
 
 def test_two_worker_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(fd, "DEFAULT_COLLECT_ROWS", 10)
+    monkeypatch.setattr(filter_tasks, "DEFAULT_COLLECT_ROWS", 10)
     a, b = make_pool(tmp_path, seed=7)
-    options = dict(keeps=["s32:0.5", "tie:0.3"], mins=["count:-3"])
-    filter_pool([a, b], tmp_path / "memory", **options)
-    filter_pool([a, b], tmp_path / "dist", workers=2, **options)
+    options = dict(keep=["s32:0.5", "tie:0.3"], min=["count:-3"])
+    run_filter([a, b], tmp_path / "memory", **options)
+    run_filter([a, b], tmp_path / "dist", workers=2, **options)
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
 
 
 def test_local_ray(tmp_path, ray_session):  # noqa: F811 - the fixture
     a, b = make_pool(tmp_path, seed=8)
-    options = dict(keeps=["tie:0.5", "s64:0.2"], mode="independent")
-    filter_pool([a, b], tmp_path / "memory", **options)
-    filter_pool([a, b], tmp_path / "dist", executor="ray", tasks=4, **options)
+    options = dict(keep=["tie:0.5", "s64:0.2"], mode="independent")
+    run_filter([a, b], tmp_path / "memory", **options)
+    run_filter([a, b], tmp_path / "dist", executor="ray", tasks=4, **options)
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
 
 
@@ -207,7 +206,7 @@ def test_a_keep_larger_than_the_candidates_is_the_in_memory_error(tmp_path):
     errors = []
     for extra in ({}, {"tasks": 2}):
         with pytest.raises(CurateError) as exc:
-            filter_pool([a, b], tmp_path / "o", keeps=["tie:0.3", "s32:0.4"], **extra)
+            run_filter([a, b], tmp_path / "o", keep=["tie:0.3", "s32:0.4"], **extra)
         errors.append(str(exc.value))
     assert errors[0] == errors[1] and "step 2" in errors[0]
 
@@ -274,9 +273,9 @@ def test_one_file_of_many_row_groups_splits_into_tasks(tmp_path, monkeypatch, ca
         single[name] = tmp_path / name
         single[name].mkdir()
         pq.write_table(pq.read_table(source), single[name] / "all.parquet", row_group_size=20)  # 150 rows: 8 groups
-    options = dict(keeps=["s32:0.5", "tie:0.3"], mins=["count:-3"])
-    filter_pool([single["a1"], single["b1"]], tmp_path / "memory", **options)
-    result = filter_pool([single["a1"], single["b1"]], tmp_path / "dist", tasks=4, **options)
+    options = dict(keep=["s32:0.5", "tie:0.3"], min=["count:-3"])
+    run_filter([single["a1"], single["b1"]], tmp_path / "memory", **options)
+    result = run_filter([single["a1"], single["b1"]], tmp_path / "dist", tasks=4, **options)
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
     assert json.loads((tmp_path / "dist" / "stats.json").read_text())["distributed"]["tasks"] == 4
     assert result.kept > 0

@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import make_embedding_dir, run_curate
+from conftest import make_embedding_dir, run_curate, run_filter
 from curate.io.tables import EmbeddingPool, vectors_to_numpy
-from curate.stages.filter import filter_pool
 
 duckdb = pytest.importorskip("duckdb")
 pl = pytest.importorskip("polars")
@@ -206,8 +205,8 @@ def write_pool_scores(path, values: np.ndarray, seed: int = 0) -> list[str]:
 def test_hand_case_0_3_of_400_keeps_121_with_datacomps_rule_and_120_with_ours(tmp_path):
     values = np.linspace(0, 1, 400).astype(np.float32)
     write_pool_scores(tmp_path / "s.parquet", values)
-    assert filter_pool([tmp_path / "s.parquet"], tmp_path / "ours", ["clip_l14_similarity_score:0.3"]).kept == 120
-    result = filter_pool([tmp_path / "s.parquet"], tmp_path / "dc", ["clip_l14_similarity_score:0.3"],
+    assert run_filter([tmp_path / "s.parquet"], tmp_path / "ours", keep=["clip_l14_similarity_score:0.3"]).kept == 120
+    result = run_filter([tmp_path / "s.parquet"], tmp_path / "dc", keep=["clip_l14_similarity_score:0.3"],
                          fraction_rule="datacomp")
     assert result.kept == 121 == int(datacomp_keep(values, 0.3).sum())
 
@@ -220,7 +219,7 @@ def test_datacomp_rule_reproduces_apply_filters_subset(tmp_path, fraction, distr
     values[rng.choice(1000, 25, replace=False)] = np.nan  # never kept, as `>= threshold` is False for NaN
     uids = write_pool_scores(tmp_path / "s.parquet", values)
     options = {"tasks": 4} if distributed else {}
-    filter_pool([tmp_path / "s.parquet"], tmp_path / "dc", [f"clip_l14_similarity_score:{fraction}"],
+    run_filter([tmp_path / "s.parquet"], tmp_path / "dc", keep=[f"clip_l14_similarity_score:{fraction}"],
                 fraction_rule="datacomp", **options)
     keep = datacomp_keep(values, fraction)
     want = np.array(sorted((int(u[:16], 16), int(u[16:], 16)) for u, k in zip(uids, keep) if k), dtype=U16)
@@ -233,7 +232,7 @@ def test_where_datacomps_formula_would_keep_nothing_the_rule_is_an_error(tmp_pat
     assert datacomp_keep(values, 0.99).sum() == 0
     write_pool_scores(tmp_path / "s.parquet", values)
     with pytest.raises(Exception, match=r"int\(0.99 x 100\) \+ 1 = 100 \(DataComp's rule\).* only 95 rows"):
-        filter_pool([tmp_path / "s.parquet"], tmp_path / "dc", ["clip_l14_similarity_score:0.99"],
+        run_filter([tmp_path / "s.parquet"], tmp_path / "dc", keep=["clip_l14_similarity_score:0.99"],
                     fraction_rule="datacomp")
 
 

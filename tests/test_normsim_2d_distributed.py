@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_embedding_dir, run_normsim
+from conftest import make_embedding_dir, run_filter, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool
 from curate.io.uids import read_uid_npy, write_uid_npy
@@ -21,7 +21,6 @@ from curate.run.mapreduce import parts_root
 from curate.config import RunOptions
 from curate.stages.normsim import Normsim2dSchedule, NormsimConfig
 from curate.stages.normsim import rounds as stage2d
-from curate.stages.filter import filter_pool
 from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 from test_normsim import reference_vas_d, subsets_of_column, write_pool
 
@@ -145,7 +144,7 @@ def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path)
     pool = make_embedding_dir(tmp_path / "emb", [300, 250, 450], dim=8, seed=9)
     scores = tmp_path / "scores.parquet"
     run_score(pool, scores, metrics="clipscore", device="cpu")
-    filter_pool([scores], tmp_path / "pre", keeps=["clipscore:0.5"])
+    run_filter([scores], tmp_path / "pre", keep=["clipscore:0.5"])
     out = tmp_path / "ns.parquet"
     result = run(pool, out, iterations=40, final_fraction=0.2, prefilter=tmp_path / "pre", seed=11)
     uids = pq.read_table(out).column("uid").to_pylist()
@@ -154,9 +153,9 @@ def test_filter_keeps_the_reference_subset_after_a_clipscore_prefilter(tmp_path)
     assert subsets_of_column(column(out), 40) == want
     assert result.params["prefilter_uids"] == 500 and result.params["kept_rows"][0] == 500
     want_uids = sorted(uids[i] for i in want[-1])
-    filter_pool([scores, out], tmp_path / "final", keeps=["normsim_2d:0.2"])
+    run_filter([scores, out], tmp_path / "final", keep=["normsim_2d:0.2"])
     assert sorted(read_uid_npy(tmp_path / "final" / "uids.npy")) == want_uids
-    filter_pool([scores, out], tmp_path / "chained", keeps=["clipscore:0.5", "normsim_2d:0.2"])  # sequential
+    run_filter([scores, out], tmp_path / "chained", keep=["clipscore:0.5", "normsim_2d:0.2"])  # sequential
     assert sorted(read_uid_npy(tmp_path / "chained" / "uids.npy")) == want_uids
     # an unsorted uid file with repeats and uids from elsewhere gives the same table
     extra = read_uid_npy(tmp_path / "pre" / "uids.npy") + ["f" * 32, "0" * 32]

@@ -12,13 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_embedding_dir, run_cli, run_normsim
+from conftest import make_embedding_dir, run_cli, run_filter, run_normsim
 from curate.errors import CurateError
 from curate.io.tables import (TeacherInfo, build_embedding_table, numpy_to_vectors, read_meta,
                               write_table_atomic)
 from curate.io.targets import load_target, open_target
 from curate.recipe import load_recipe
-from curate.stages.filter import filter_pool
 
 DIM = 6
 TEACHER = TeacherInfo("test", "none", DIM, 100.0)
@@ -133,7 +132,7 @@ def test_score_table_records_the_target_kind_source_and_digest(tmp_path, raw):
     # the inline NormSim of `curate filter` records the same in kept.parquet and stats.json
     scores = tmp_path / "scores.parquet"
     run_normsim(pool, scores, target=str(paths["npy float32"]), p="2")
-    result = filter_pool([scores], tmp_path / "subset", keeps=["normsim_2:0.5"], normsim="inf",
+    result = run_filter([scores], tmp_path / "subset", keep=["normsim_2:0.5"], normsim="inf",
                          target=str(paths["image-only embedding dir"]), emb=pool)
     stats = json.loads((tmp_path / "subset" / "stats.json").read_text())
     assert result.kept == 5

@@ -79,7 +79,8 @@ def random_splits(draw_sizes: list[int], n: int) -> list[int]:
                        max_size=40))
 def test_uid_npy_file_round_trips_in_datacomp_layout(values):
     """write_uid_npy -> file -> read_uid_npy and export's subset index give back exactly the uids."""
-    from curate.stages.export import SubsetIndex, load_subset
+    from curate.io.uids import load_subset
+    from curate.stages.export.common import SubsetIndex
 
     count("uid-npy-round-trip")
     uids = [f"{v:032x}" for v in values]
@@ -158,7 +159,7 @@ fractions = st.builds(lambda num, den: Fraction(min(num, den), den), st.integers
 def test_filter_stage_keeps_exactly_ceil_fraction_and_writes_matching_uid_files(n, fraction, cuts, ties,
                                                                                  shuffle_seed):
     """Through files: two score tables (a directory split anyhow, and one in another row order) joined on uid."""
-    from curate.stages.filter import filter_pool
+    from conftest import run_filter
 
     count("filter-stage-exact")
     rng = np.random.default_rng(shuffle_seed)
@@ -175,7 +176,7 @@ def test_filter_stage_keeps_exactly_ceil_fraction_and_writes_matching_uid_files(
             pq.write_table(pa.table({"uid": uids[lo:hi], "negclip": scores[lo:hi]}), tmp / "a" / f"{f:03d}.parquet")
         order = rng.permutation(n)
         pq.write_table(pa.table({"uid": [uids[i] for i in order], "other": other[order]}), tmp / "b.parquet")
-        result = filter_pool([tmp / "a", tmp / "b.parquet"], tmp / "out", keeps=[f"negclip:{text}"])
+        result = run_filter([tmp / "a", tmp / "b.parquet"], tmp / "out", keep=[f"negclip:{text}"])
         kept = pq.read_table(tmp / "out" / "kept.parquet")
         from_npy = read_uid_npy(tmp / "out" / "uids.npy")
     assert result.kept == expected == kept.num_rows
@@ -348,7 +349,7 @@ member_names = st.lists(st.sampled_from(list("ab/.\\-_~ é") + ["..", "../", "/a
        ext=st.sampled_from(["txt", "TXT", "json", "tar.gz", "x/../../y", "..", "a b"]))
 def test_export_never_writes_outside_its_directory_whatever_the_member_names(keys, ext):
     from curate.io.shards import expand_shards, sample_uid
-    from curate.stages.export import export_subset
+    from conftest import run_export
 
     count("export-names")
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,7 +368,7 @@ def test_export_never_writes_outside_its_directory_whatever_the_member_names(key
                 if (u := sample_uid(raw))]
         write_uid_npy(sorted(set(uids)), tmp / "uids.npy")
         before = set(tmp.rglob("*"))
-        report = export_subset(str(tmp / "in"), tmp / "uids.npy", tmp / "out", shard_size=2)
+        report = run_export(str(tmp / "in"), tmp / "uids.npy", tmp / "out", shard_size=2)
         created = set(tmp.rglob("*")) - before
         assert all(p == tmp / "out" or (tmp / "out") in p.parents for p in created), created
         assert report.written == len(set(uids))

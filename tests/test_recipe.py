@@ -123,15 +123,16 @@ def test_cli_dry_run_and_error_exit(tmp_path):
 def test_the_run_executor_settings_reach_the_filter_unless_it_computes_normsim_inline(tmp_path, monkeypatch):
     """[run] workers / executor make the recipe's filter the map-task filter (same outputs, bounded memory);
     a filter with inline NormSim stays in memory, which the map-task filter refuses."""
-    import curate.stages.filter as filter_module
+    from curate.config import RunOptions
+    from curate.stages.filter import FilterResult, entry
 
     calls = []
 
-    def fake_filter_pool(*args, **kwargs):
-        calls.append(kwargs)
-        return filter_module.FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir="")
+    def fake_filter(tables, out, cfg, opts):
+        calls.append((cfg, opts))
+        return FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir="")
 
-    monkeypatch.setattr(filter_module, "filter_pool", fake_filter_pool)
+    monkeypatch.setattr(entry, "run", fake_filter)
     text = "workers = 2\nretries = 3\n" + SMALL + """
 [[filter]]
 name = "inline"
@@ -142,22 +143,24 @@ target = "target_emb"
     steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
     steps["filter:both"].run()
     steps["filter:inline"].run()
-    assert calls[0] == {"executor": "local", "workers": 2, "retries": 3, "ray_address": None,
-                        "fraction_rule": "exact"}
-    assert calls[1] == {"fraction_rule": "exact"}
+    assert calls[0][1] == RunOptions(executor="local", workers=2, retries=3, ray_address=None)
+    assert calls[1][1] == RunOptions()
+    assert [cfg.fraction_rule for cfg, _ in calls] == ["exact", "exact"]
+    assert (calls[1][0].normsim, calls[1][0].target) == ("inf", str(tmp_path / "out" / "target_emb"))
     assert steps["filter:both"].run() == {"kept": 5, "pool": 10}  # recorded as the result's own fields
 
 
 def test_the_run_executor_settings_reach_the_export(tmp_path, monkeypatch):
-    import curate.stages.export as export_module
+    from curate.config import RunOptions
+    from curate.stages.export import ExportConfig, ExportReport, entry
 
     calls = []
-    monkeypatch.setattr(export_module, "export_subset",
-                        lambda *args, **kwargs: calls.append(kwargs) or export_module.ExportReport())
+    monkeypatch.setattr(entry, "run", lambda *args, **kwargs: calls.append((args[3:], kwargs)) or ExportReport())
     text = "executor = \"ray\"\nray_address = \"auto\"\n" + SMALL
     steps = {s.name: s for s in plan(load_recipe(write(tmp_path, text)))}
     steps["export"].run()
-    assert calls == [{"executor": "ray", "workers": 1, "retries": 1, "ray_address": "auto", "progress": None}]
+    run_options = RunOptions(executor="ray", workers=1, retries=1, ray_address="auto")
+    assert calls == [((ExportConfig(shard_size=10), run_options), {"progress": None})]
 
 
 PREFILTERED = """
@@ -180,12 +183,12 @@ keep = ["clipscore:0.5"]
 def test_a_normsim_2d_prefilter_names_a_filter_that_runs_first(tmp_path, monkeypatch):
     """The reference's recipe in one file: the pre-filter's [[filter]] runs on the [score] table before NormSim_2-D,
     which gets its subset and the schedule keys; the other filters run after, on both tables."""
-    import curate.stages.filter as filter_module
+    from curate.stages.filter import FilterResult, entry
     from curate.stages.normsim import entry as normsim_entry
 
     calls = []
-    monkeypatch.setattr(filter_module, "filter_pool", lambda tables, out, *a, **k: calls.append(("filter", tables, out))
-                        or filter_module.FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir=str(out)))
+    monkeypatch.setattr(entry, "run", lambda tables, out, *a, **k: calls.append(("filter", tables, out))
+                        or FilterResult(pool=10, kept=5, mode="sequential", steps=[], out_dir=str(out)))
     monkeypatch.setattr(normsim_entry, "run", lambda emb, out, cfg, opts, progress: calls.append(("normsim", cfg))
                         or {"out": "x"})
     steps = plan(load_recipe(write(tmp_path, "[score]\n" + PREFILTERED)))

@@ -25,9 +25,10 @@ from curate.errors import CurateError
 from curate.io.shards import decode_sample, expand_shards, iter_shard
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
 from curate.io.uids import read_uid_npy
-from curate.stages.filter import filter_pool
 from curate.stages.report import build_report
 from curate.stages.synth import make_corpus, write_tar_atomic
+
+from conftest import run_filter
 
 SECTIONS = ("overview", "histograms", "scatter", "removal", "galleries", "compare", "curves", "parameters")
 EVIL_UID = "e" * 32
@@ -71,9 +72,9 @@ def make_run_dir(root: Path, samples: int = 60, seed: int = 0, full: bool = True
     write_table_atomic(pa.table({"uid": uids, "normsim_inf": rng.random(n).astype(np.float32),
                                  "normsim_2": rng.random(n).astype(np.float32)}),
                        run / "normsim.parquet", meta={"stage": "normsim", "teacher": TEACHER.to_dict()})
-    filter_pool([run / "scores.parquet"], run / "subsets" / "clipscore", keeps=["clipscore:0.3"])
-    filter_pool([run / "scores.parquet", run / "normsim.parquet"], run / "subsets" / "negclip_normsim",
-                keeps=["negclip:0.3", "normsim_inf:0.2"])
+    run_filter([run / "scores.parquet"], run / "subsets" / "clipscore", keep=["clipscore:0.3"])
+    run_filter([run / "scores.parquet", run / "normsim.parquet"], run / "subsets" / "negclip_normsim",
+                keep=["negclip:0.3", "normsim_inf:0.2"])
     if full:
         (run / "compare").mkdir()
         (run / "compare" / "compare.md").write_text(

@@ -1,6 +1,6 @@
 """Exact top-k by radix select over order-preserving integer keys (pure numpy, no I/O).
 
-The distributed `curate filter` (curate/stages/filter_distributed.py) finds the k-th largest score of a
+The distributed `curate filter` (curate/stages/filter/tasks.py) finds the k-th largest score of a
 column it never holds whole: map tasks histogram one 16-bit digit of each row's key, a reduce picks the
 bucket holding the cut and narrows the key prefix, until few enough rows remain to collect exactly (radix
 select: Knuth, TAOCP vol. 3, 5.2.5; MSD passes as in Alabi et al. 2012, "Fast k-selection algorithms for

@@ -112,7 +112,7 @@ class CompareConfig:
 
 def subset_size(fraction: float | str, pool: int) -> int:
     """ceil(F·N) with F read as the decimal written, exactly as `curate filter --keep` counts."""
-    from curate.stages.filter import parse_keep
+    from curate.stages.filter.common import parse_keep
 
     return parse_keep(f"x:{fraction}").count(pool)
 
@@ -296,7 +296,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.stages.embed.entry import plan_embed
     from curate.stages.embed.entry import run as embed
     from curate.stages.evaluate import pool_field
-    from curate.stages.filter import filter_pool
+    from curate.stages.filter import FilterConfig
+    from curate.stages.filter import entry as filter_entry
     from curate.stages.normsim import NormsimConfig
     from curate.stages.normsim import entry as normsim
     from curate.stages.synth import CORRUPTION_KINDS, make_corpus
@@ -367,7 +368,7 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
         "negclip_normsim_2": ([scores_path, normsim_paths["2"]], [f"negclip:{first}", f"normsim_2:{fraction}"]),
     }
     for method, (tables, keeps) in recipes.items():
-        result = filter_pool(tables, subsets_dir / method, keeps=keeps)
+        result = filter_entry.run(tables, subsets_dir / method, FilterConfig(keep=keeps))
         subset_uids[(method, None)] = read_subset_uids(subsets_dir / method)
         assert result.kept == k, (method, result.kept, k)
     write_uid_npy(pool_uids, subsets_dir / "no_filter" / "uids.npy")

@@ -158,8 +158,7 @@ def load_pairs(shards, preprocess: Callable, tokenizer: Callable, uids: set[str]
 
 def read_subset_uids(subset: str | Path) -> list[str]:
     """The uids of a `curate filter` output directory (its uids.npy) or of a DataComp `.npy` subset file."""
-    from curate.io.uids import read_uid_npy
-    from curate.stages.export import subset_file
+    from curate.io.uids import read_uid_npy, subset_file
 
     return read_uid_npy(subset_file(subset))
 

@@ -1,5 +1,5 @@
 """`curate export` as map tasks (`--executor ray`, `--workers N`, `--tasks T`): the same tars and records as
-the one-process export (curate/stages/export.py), from any number of processes or Ray workers.
+the one-process export (local.py), from any number of processes or Ray workers.
 
 The output numbering is global (output sample i is the i-th kept sample in input order, tar k holds samples
 k·S .. k·S+S-1), so a shard's samples can be placed only once the kept counts of every earlier shard are
@@ -42,17 +42,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.config import RunOptions
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.shards import INVALID_JSON_REPLACED, ShardReadError, iter_shard, json_is_invalid, sample_uid
 from curate.io.tables import write_table_atomic
 from curate.io.tar_blocks import DeterministicTarWriter
+from curate.io.uids import is_sorted_unique, load_subset, sorted_unique_pairs
 from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, remove_parts, start_map
 from curate.run.markers import Markers
-from curate.stages import export as one
-from curate.stages.export import (ERRORS_SCHEMA, KEY_DIGITS, NO_UID, REPEAT, TAR_FORMAT, ExportReport, FastRun,
-                                  SubsetIndex, is_sorted_unique, load_subset, sorted_unique_pairs)
+from curate.stages.export import ExportReport
+from curate.stages.export.common import (ERRORS_SCHEMA, KEY_DIGITS, NO_UID, REPEAT, TAR_FORMAT, FastRun, PieceReader,
+                                         PlainPieces, SubsetIndex, piece_sample, shard_uids, unexported_members,
+                                         write_fast_run, write_raw_sample, write_records)
 
 FIND, WRITE = "export-find", "export-write"
 CANDIDATES_SCHEMA = pa.schema([("shard", pa.int64()), ("sample", pa.int64()), ("position", pa.int64()),
@@ -154,7 +157,7 @@ def export_find_task(task: FindTask) -> dict:
     problems: list[tuple] = []
     facts = {}
     streamed = {number: url for number, url in task.shards if task.fast}
-    pieces = one._PieceReader(streamed, list(streamed)) if streamed else None
+    pieces = PieceReader(streamed, list(streamed)) if streamed else None
     try:
         for number, url in task.shards:
             stamp = _stamp(url)  # before reading: a change while it is read shows in the write pass
@@ -174,13 +177,13 @@ def export_find_task(task: FindTask) -> dict:
 def _find_plain(url: str, number: int, pieces, subset: SubsetIndex, candidates: list, problems: list) -> int | None:
     """The candidates of a local shard read in pieces by the fast path; returns None when it read the whole
     shard, else the number of samples after which iter_shard must go on (`PlainPieces.rest`)."""
-    walk = one.PlainPieces(number, pieces)
+    walk = PlainPieces(number, pieces)
     for _, region, tar, first in walk:
-        uids, content = one.shard_uids(url, region, tar)
+        uids, content = shard_uids(url, region, tar)
         for sample, (uid, position) in enumerate(zip(uids, subset.positions(uids).tolist())):
             if position >= 0:
                 candidates.append((number, first + sample, position, tar.key(sample)))
-                if content[sample] and json_is_invalid(one.piece_sample(url, region, tar, sample, copy=False)):
+                if content[sample] and json_is_invalid(piece_sample(url, region, tar, sample, copy=False)):
                     problems.append((number, first + sample, 2, url, tar.key(sample), uid, INVALID_JSON_REPLACED))
             elif uid is None:
                 problems.append((number, first + sample, 1, url, tar.key(sample), None, NO_UID))
@@ -202,7 +205,7 @@ def _find_slow(url: str, number: int, skip: int, subset: SubsetIndex, candidates
                 if position >= 0:
                     candidates.append((number, yielded, position, raw.key))
                     problems.extend((number, yielded, 2, url, raw.key, None, reason)
-                                    for reason in one.unexported_members(raw))
+                                    for reason in unexported_members(raw))
                     if json_is_invalid(raw):
                         problems.append((number, yielded, 2, url, raw.key, uid, INVALID_JSON_REPLACED))
                 elif uid is None:
@@ -238,7 +241,7 @@ def export_write_task(task: WriteTask) -> dict:
         runs[tar_number] = [(int(s[0]), part) for s, part in zip(np.split(shards, breaks), np.split(samples, breaks))]
     order = list(dict.fromkeys(number for tar_runs in runs.values() for number, _ in tar_runs))
     streamed = {n: task.shards[str(n)][0] for n in order if task.fast}
-    pieces = one._PieceReader(streamed, list(streamed)) if streamed else None
+    pieces = PieceReader(streamed, list(streamed)) if streamed else None
     cursor = None
     try:
         for tar_number in todo:
@@ -272,7 +275,7 @@ class _ShardCursor:
 
     def __init__(self, url: str, number: int, pieces):
         self.url, self.number = url, number
-        self.plain = one.PlainPieces(number, pieces) if pieces is not None else None
+        self.plain = PlainPieces(number, pieces) if pieces is not None else None
         self.walk = iter(self.plain) if self.plain is not None else None
         self.piece = None  # (buffer, bytes, layout, number of its first sample) of the current piece
         self.slow = None if self.walk is not None else self._slow(0)
@@ -288,9 +291,9 @@ class _ShardCursor:
             if self.piece is not None and samples[done] < self.piece[3] + self.piece[2].samples:
                 source, region, tar, first = self.piece
                 stop = int(np.searchsorted(samples, first + tar.samples))
-                uids, content = one.shard_uids(self.url, region, tar)  # which samples need their uid in the json
-                one._write_run(writer, index + done, FastRun(self.url, source, region, tar, samples[done:stop] - first,
-                                                             uids, content))
+                uids, content = shard_uids(self.url, region, tar)  # which samples need their uid in the json
+                write_fast_run(writer, index + done,
+                               FastRun(self.url, source, region, tar, samples[done:stop] - first, uids, content))
                 done = stop
                 continue
             self.piece = next(self.walk, None)
@@ -313,16 +316,18 @@ class _ShardCursor:
     def _write_slow(self, writer: DeterministicTarWriter, index: int, sample: int) -> None:
         for yielded, raw in self.slow:
             if yielded == sample:
-                one._write_raw(writer, f"{index:0{KEY_DIGITS}d}", raw)
+                write_raw_sample(writer, f"{index:0{KEY_DIGITS}d}", raw)
                 return
         raise CurateError(f"{self.url}: the shard has fewer samples than when this export started; rerun the "
                           "export")
 
 
-def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict, shard_size: int, fast: bool,
-                       executor: str, workers: int, tasks: int | None, retries: int,
-                       ray_address: str | None) -> ExportReport:
-    """Steps 1-4 of the module docstring; `out` is checked and its manifest started by the caller."""
+def export_in_tasks(urls: list[str], uid_file: Path, out: Path, config: dict, shard_size: int, fast: bool,
+                    opts: RunOptions = RunOptions()) -> ExportReport:
+    """Steps 1-4 of the module docstring on `opts`' executor; `out` is checked and its manifest started by the
+    caller."""
+    executor, workers, tasks, retries, ray_address = (opts.executor, int(opts.workers), opts.tasks,
+                                                      int(opts.retries), opts.ray_address)
     count = max(1, min(int(tasks or DEFAULT_TASKS), len(urls))) if urls else 1
     layout = ExportLayout(config, bool(fast), count)
     parts_dir = layout_parts_dir(out, "export", layout)
@@ -350,7 +355,7 @@ def export_distributed(urls: list[str], uid_file: Path, out: Path, config: dict,
     problems.sort(key=lambda row: row[:3])  # stable: input order, as the one-process export meets them
     tars_reused = sum(markers.info(name).get("tars_reused", 0) for name in write_job.names)
     shards = [{"name": f"{k:05d}.tar", "samples": min(shard_size, written - k * shard_size)} for k in range(tar_count)]
-    result = one.write_records(out, index, [row[3:] for row in problems], config,
+    result = write_records(out, index, [row[3:] for row in problems], config,
                                ExportReport(written=written, subset=len(index), input_shards=len(urls),
                                             tars_reused=tars_reused, shards=shards, out_dir=str(out)))
     remove_parts(parts_dir, parts_root(out))

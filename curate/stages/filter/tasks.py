@@ -1,14 +1,14 @@
 """`curate filter` as map tasks: the in-memory filter's selection and outputs, without holding the pool.
 
-Runs when --executor ray, --workers > 1 or --tasks is given (curate.stages.filter.filter_pool). One driver
+Runs when --executor ray, --workers > 1 or --tasks is given (curate.stages.filter.entry.run). One driver
 process runs rounds; each round submits map tasks (runs of row groups, `--tasks`, default 32) to the
 executor and reduces their small results. Memory per process: a histogram, the rows collected at a cut,
 and one row group; the driver never holds a score column. (`curate score` and `curate normsim` write one
 row group per embedding table, so even their single-file tables split into many tasks.)
 
-Rules and outputs are those of curate/stages/filter.py (read its docstring), byte for byte: `uids.npy`, the
-rows and values of `kept.parquet` in pool order (its row groups may differ), and `stats.json` (plus a
-`distributed` entry).
+Rules and outputs are those of the in-memory filter (curate/stages/filter/__init__.py and local.py), byte
+for byte: `uids.npy`, the rows and values of `kept.parquet` in pool order (its row groups may differ), and
+`stats.json` (plus a `distributed` entry).
 
 Selection (curate.metrics.topk): each --keep is a radix select over the order-preserving integer key of its
 score. A round's map histograms one 16-bit digit of the key over the step's candidate rows whose key has
@@ -52,17 +52,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.config import RunOptions
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path
 from curate.io.tables import with_meta
-from curate.io.uids import DATACOMP_DTYPE, uid_halves
+from curate.io.uids import DATACOMP_DTYPE, sorted_uid_pairs, uid_halves, uid_order
 from curate.metrics import topk
 from curate.run.executors import executor_session
 from curate.run.mapreduce import DEFAULT_TASKS, layout_parts_dir, parts_root, remove_parts, start_map
 from curate.run.markers import Markers
-from curate.stages.filter import (Bound, FilterResult, KeepStep, ScoreTable, StepStats, _fraction_text, _to_numpy,
-                                  check_rankable, check_selection, check_unique, metric_sources, scan_score_table,
-                                  sorted_uid_pairs, table_name, uid_order, write_stats)
+from curate.stages.filter import FilterResult, StepStats
+from curate.stages.filter.common import (Bound, KeepStep, ScoreTable, check_rankable, check_selection, check_unique,
+                                         fraction_text, metric_dtype, metric_sources, metric_values, scan_score_table,
+                                         table_name, write_stats)
 
 STAGE = "filter"
 DEFAULT_COLLECT_ROWS = 1 << 20  # rows (key + uid, <= 24 B each) a bucket may hold to be collected whole
@@ -161,7 +163,7 @@ class GroupView:
 
     def values(self, name: str) -> np.ndarray:
         if name not in self._values:
-            self._values[name] = _to_numpy(self._column(self.task.metric_table[name], name))
+            self._values[name] = metric_values(self._column(self.task.metric_table[name], name))
         return self._values[name]
 
     def keys(self, name: str) -> np.ndarray:
@@ -190,7 +192,7 @@ class GroupView:
         rows = np.ones(self.n, dtype=bool)
         for number, b in enumerate(self.task.bounds):
             values = self.values(b.metric)
-            passed = values >= b.value if b.kind == "min" else values <= b.value  # as filter.select compares
+            passed = values >= b.value if b.kind == "min" else values <= b.value  # as local.select compares
             if stats is not None:
                 stats[number][0] += int(rows.sum())
                 stats[number][2] += int((rows & np.isnan(values)).sum())
@@ -383,11 +385,6 @@ def _check_aligned(tables: list[TableInfo]) -> None:
                 "the tables on uid")
 
 
-def _numpy_dtype(arrow_type: pa.DataType) -> np.dtype:
-    """The dtype `_to_numpy` gives a column of this type (integers become float64)."""
-    return np.dtype(np.float64) if pa.types.is_integer(arrow_type) else np.dtype(arrow_type.to_pandas_dtype())
-
-
 @dataclass
 class Selection:
     """The driver's state of one --keep: the key prefix found so far and what ranks above it."""
@@ -410,11 +407,13 @@ class Selection:
         return Query(index, self.kind, self.prefix, self.bits)
 
 
-def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps: Sequence[KeepStep],
-                       bounds: Sequence[Bound], mode: str, args: dict, *, executor: str = "local",
-                       workers: int = 1, tasks: int | None = None, retries: int = 1, ray_address: str | None = None,
-                       collect_rows: int | None = None) -> FilterResult:
-    """The selection of `filter_pool` as rounds of map tasks; writes the same three files into `out_dir`."""
+def filter_in_tasks(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepStep], bounds: Sequence[Bound],
+                    mode: str, args: dict, opts: RunOptions = RunOptions(),
+                    collect_rows: int | None = None) -> FilterResult:
+    """The in-memory filter's selection (local.filter_in_memory) as rounds of map tasks on `opts`' executor;
+    writes the same three files into `out_dir`. `tables`: table arguments, grouped."""
+    executor, workers, tasks, retries, ray_address = (opts.executor, int(opts.workers), opts.tasks,
+                                                      int(opts.retries), opts.ray_address)
     started = time.perf_counter()
     collect_rows = DEFAULT_COLLECT_ROWS if collect_rows is None else int(collect_rows)
     infos = [_scan(t) for t in tables]
@@ -425,7 +424,7 @@ def filter_distributed(tables: Sequence[str | Path], out_dir: str | Path, keeps:
         raise CurateError(f"{infos[0].name}: the score table has no rows; nothing to filter")
     _check_aligned(infos)
     metric_table = {m: t for t, info in enumerate(infos) for m in info.metrics}
-    dtypes = {m: _numpy_dtype(ty) for info in infos for m, ty in zip(info.metrics, info.types)}
+    dtypes = {m: metric_dtype(ty) for info in infos for m, ty in zip(info.metrics, info.types)}
     pool = infos[0]
     n_units = len(pool.unit_rows)
     count = max(1, min(int(tasks or DEFAULT_TASKS), n_units))
@@ -535,7 +534,7 @@ def _reduce(selection: Selection, answers: list[dict], pool_size: int, mode: str
         kept, dropped = kept + dropped, 0
     selection.cut = StepCut(k.metric, cut, uid_high, uid_low)
     selection.stats = StepStats("keep", k.metric, selection.ranked, kept, selection.ranked - kept,
-                                fraction=_fraction_text(k.fraction), nan=selection.nan,
+                                fraction=fraction_text(k.fraction), nan=selection.nan,
                                 threshold=topk.key_value(cut, selection.key_dtype), ties_dropped_by_uid=dropped,
                                 rule=k.rule)
 
