@@ -18,6 +18,7 @@ from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
 from curate.stages import embed as embed_stage
 from curate.stages.embed import EmbedConfig
+from curate.stages.evaluate import EvalConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -581,21 +582,18 @@ def pcme_score_cmd(
         _truth_lines(s["truth_check"])
 
 
-@app.command("eval")
+@stage_command(app, "eval", EvalConfig)
 def eval_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory (a held-out split, or a student's embeddings)."),
     out: Path = typer.Option(..., "--out", help="Output JSON with every number."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Multi-hot labels for PMRP: json:PATH "
-                                         "(e.g. json:labels) or column:NAME."),
-    group_by: str = typer.Option("auto", "--group-by", help="Captions sharing an image: auto (column image_key "
-                                 "if present), none, key, column:NAME or json:PATH."),
+    *, cfg: EvalConfig,
 ):
     """Retrieval: R@1/5/10 both ways, RSUM, R-Precision, mAP@R and PMRP (ζ = 0, 1, 2)."""
-    from curate.stages.evaluate import evaluate, result_table
+    from curate.stages.evaluate import entry as evaluate
 
-    result = evaluate(emb, out, labels=labels, group_by=group_by)
-    Console().print(result_table(result))
-    console.print(f"[bold]eval[/]: RSUM {result['rsum']:.2f} -> {out}", highlight=False)
+    result = evaluate.run(emb, out, cfg)
+    Console().print(evaluate.retrieval_table(result))
+    console.print(f"[bold]eval[/]: RSUM {result.rsum:.2f} -> {out}", highlight=False)
 
 # ---------------------------------------------------------------- train / compare / report
 

@@ -259,7 +259,7 @@ def truth_report(pool: EmbeddingPool, spec: str, predicted: dict[str, np.ndarray
     injected one carries the label, also against the injected samples together with their originals (json
     fields `clone_of` / `duplicate_of`, when `spec` is json:PATH). duplicate_of is read as "belongs to a
     duplicate group" (it points to a sample, or a sample points to it)."""
-    from curate.stages.evaluate import pool_field
+    from curate.stages.common import pool_field
 
     truth = np.asarray([str(v) for v in pool_field(pool, spec)], dtype=object)
     kinds = np.unique(truth)

@@ -294,7 +294,7 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.stages.embed import EmbedConfig
     from curate.stages.embed.entry import plan_embed
     from curate.stages.embed.entry import run as embed
-    from curate.stages.evaluate import pool_field
+    from curate.stages.common import pool_field
     from curate.stages.filter import filter_pool
     from curate.stages.normsim import normsim
     from curate.stages.synth import CORRUPTION_KINDS, make_corpus

@@ -45,7 +45,7 @@ def truth_check(pool: EmbeddingPool, spec: str, scores: dict[str, np.ndarray], c
     """ROC-AUC of each score for clean vs corrupted (truth field `spec`, "clean" or a corruption kind), overall
     and per corruption kind. Scores named in `clean_high` should be high for clean samples (p_match); the others
     high for corrupted ones (uncertainty)."""
-    from curate.stages.evaluate import pool_field
+    from curate.stages.common import pool_field
 
     kinds = np.asarray([str(v) for v in pool_field(pool, spec)], dtype=object)
     clean = kinds == "clean"
