@@ -19,6 +19,7 @@ from curate.errors import CurateError
 from curate.stages import embed as embed_stage
 from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
+from curate.stages.synth import SynthConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -86,32 +87,26 @@ def finished_units(out: Path, stage: str) -> int:
 
 # ---------------------------------------------------------------- synth
 
-@app.command("synth")
-def synth_command(
+@stage_command(app, "synth", SynthConfig)
+def synth_cmd(
     out: Path = typer.Argument(..., help="Output directory (new, empty, or a corpus made with the same parameters)."),
-    samples: int = typer.Option(2000, "--samples", help="Number of image-caption pairs in the main corpus."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives byte-identical shards."),
-    corrupt: float = typer.Option(0.2, "--corrupt", help="Fraction of corrupted samples, in [0, 1)."),
-    target_samples: int = typer.Option(1000, "--target-samples", help="Size of the target set in OUT/target/ (0: none)."),
-    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+    *, cfg: SynthConfig,
 ) -> None:
     """Write a synthetic image-caption corpus with known corruptions, and a target set, as WebDataset shards."""
     from rich.table import Table
 
-    from curate.stages.synth import make_corpus
+    from curate.stages.synth import entry as synth
 
-    summary = make_corpus(out, samples=samples, shard_size=shard_size, seed=seed, corrupt=corrupt,
-                          target_samples=target_samples, image_size=image_size)
-    table = Table(title=f"synth corpus in {summary['out']}")
+    summary = synth.run(out, cfg)
+    table = Table(title=f"synth corpus in {summary.out}")
     table.add_column("truth")
     table.add_column("samples", justify="right")
-    for kind, count in summary["truth_counts"].items():
+    for kind, count in summary.truth_counts.items():
         table.add_row(kind, str(count))
     console.print(table)
-    console.print(f"{summary['samples']} samples in {summary['shards']} shards, "
-                  f"{summary['target_samples']} target samples in {summary['target_shards']} shards, "
-                  f"{summary['seconds']:.1f} s")
+    console.print(f"{summary.samples} samples in {summary.shards} shards, "
+                  f"{summary.target_samples} target samples in {summary.target_shards} shards, "
+                  f"{summary.seconds:.1f} s")
 
 
 # ---------------------------------------------------------------- teacher

@@ -33,6 +33,7 @@ from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.stages.embed import EmbedConfig
 from curate.stages.score import ScoreConfig
+from curate.stages.synth import SynthConfig
 from curate.run.markers import Markers
 from curate.stages.normsim_2d import Normsim2dOptions
 
@@ -51,13 +52,13 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "embed": (EmbedConfig, None),
     "embed_target": (EmbedConfig, None),
     "score": (ScoreConfig, None),
+    "synth": (SynthConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "run": {"dir": (str, REQUIRED), "device": (str, "auto")},
-    "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
-              "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
+    "synth": {"out": (str, "corpus")},
     "teacher": {},
     "embed": {"shards": (str, REQUIRED), "out": (str, "emb")},
     "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb")},
@@ -83,7 +84,7 @@ CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
                  "iterations"}
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
-ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
+ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers")}  # 0 decode workers: in-process
 
 
 @dataclass
@@ -218,6 +219,11 @@ def _validate(path: Path, section: str, table: Any, defaults: dict | None = None
     return out
 
 
+def section_config(config: type, section: dict):
+    """A stage's config from its validated recipe section (the section's inputs and outputs left out)."""
+    return config(**{name: section[name] for name in recipe_keys(config)})
+
+
 def run_options(run: dict) -> RunOptions:
     """The recipe's [run] executor settings as every stage's RunOptions."""
     return RunOptions(**{name: run[name] for name in recipe_keys(RunOptions)})
@@ -257,10 +263,9 @@ def plan(recipe: dict) -> list[Step]:
         out = at(s["out"])
 
         def run_synth(bar=None, s=s, out=out):
-            from curate.stages.synth import make_corpus
+            from curate.stages.synth import entry as synth
 
-            return make_corpus(out, s["samples"], s["shard_size"], s["seed"], s["corrupt"], s["target_samples"],
-                               s["image_size"])
+            return dataclasses.asdict(synth.run(out, section_config(SynthConfig, s), progress=bar))
         add("synth", "synth", s, [], [out], run_synth)
 
     pretrained = {"value": teacher["pretrained"]}

@@ -96,3 +96,11 @@ def run_score(emb, out, progress=None, **values):
     from curate.stages.score import ScoreConfig, run
 
     return run(emb, out, *configure(ScoreConfig, **values), progress=progress)
+
+
+def synth_corpus(out, progress=None, **values):
+    """`curate.stages.synth.entry.run` with its options (SynthConfig) as keywords."""
+    from curate.stages.synth import SynthConfig
+    from curate.stages.synth.entry import run
+
+    return run(out, SynthConfig(**values), progress=progress)

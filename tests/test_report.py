@@ -27,7 +27,8 @@ from curate.io.tables import TeacherInfo, build_embedding_table, write_table_ato
 from curate.io.uids import read_uid_npy
 from curate.stages.filter import filter_pool
 from curate.stages.report import build_report
-from curate.stages.synth import make_corpus, write_tar_atomic
+from curate.stages.synth.entry import write_tar_atomic
+from conftest import synth_corpus
 
 SECTIONS = ("overview", "histograms", "scatter", "removal", "galleries", "compare", "curves", "parameters")
 EVIL_UID = "e" * 32
@@ -42,7 +43,7 @@ def make_run_dir(root: Path, samples: int = 60, seed: int = 0, full: bool = True
     tables carrying the truth json, score tables whose scores depend on the truth, two real filter subsets,
     and (when `full`) compare output, two training curves and run.json."""
     run = root / "run"
-    make_corpus(run / "corpus", samples=samples, shard_size=samples // 2, seed=seed, corrupt=0.3,
+    synth_corpus(run / "corpus", samples=samples, shard_size=samples // 2, seed=seed, corrupt=0.3,
                 target_samples=0, image_size=32)
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")

@@ -281,11 +281,11 @@ def test_pluggable_loss_hooks_are_called():
 
 
 def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
-    from curate.stages.synth import make_corpus
+    from conftest import synth_corpus
     from curate.stages.teacher import TeacherTrainConfig, train_teacher
 
     corpus = tmp_path / "corpus"
-    make_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
+    synth_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
     cfg = TeacherTrainConfig(model="curate-student", steps=3, batch_size=8, seed=2, threads=1, log_every=1)
     summary = train_teacher(str(corpus), tmp_path / "ck.pt", cfg)
     assert summary["samples"] == 30 and sum(summary["excluded_by_truth"].values()) == 10
@@ -307,7 +307,7 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
 def test_cached_teacher_separates_clean_from_swapped(tmp_path):
     """Issue 4 acceptance: on a held-out corpus (other seed), CLIPScore ROC-AUC clean vs swapped >= 0.95."""
     from curate.io.shards import decode_sample, expand_shards, iter_shard
-    from curate.stages.synth import make_corpus
+    from conftest import synth_corpus
     from curate.stages.teacher import TINY_TEACHER_CORPUS, ensure_tiny_teacher
 
     path = ensure_tiny_teacher()
@@ -315,7 +315,7 @@ def test_cached_teacher_separates_clean_from_swapped(tmp_path):
     assert teacher.checkpoint_meta["training"]["corpus_manifest"]["seed"] == TINY_TEACHER_CORPUS["seed"]
     held_out_seed = TINY_TEACHER_CORPUS["seed"] + 1
     corpus = tmp_path / "held-out"
-    make_corpus(corpus, samples=1500, shard_size=500, seed=held_out_seed, corrupt=0.5, target_samples=0)
+    synth_corpus(corpus, samples=1500, shard_size=500, seed=held_out_seed, corrupt=0.5, target_samples=0)
     scores, truths = [], []
     for url in expand_shards(str(corpus)):
         samples = [decode_sample(raw) for raw in iter_shard(url, lambda key, reason: pytest.fail(reason))]

@@ -20,7 +20,8 @@ from curate.errors import CurateError
 from curate.io.shards import expand_shards, iter_shard
 from curate.io.uids import read_uid_npy, write_uid_npy
 from curate.stages import compare as cmp
-from curate.stages.synth import CORRUPTION_KINDS, make_corpus
+from curate.stages.synth import CORRUPTION_KINDS
+from conftest import synth_corpus
 from curate.stages.train_student import (
     StudentConfig,
     evaluate_student,
@@ -35,8 +36,8 @@ FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    make_corpus(root / "pool", samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
-    make_corpus(root / "heldout", samples=40, shard_size=40, seed=22, corrupt=0.0, target_samples=24)
+    synth_corpus(root / "pool", samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
+    synth_corpus(root / "heldout", samples=40, shard_size=40, seed=22, corrupt=0.0, target_samples=24)
     return root
 
 
@@ -330,7 +331,7 @@ def test_compare_rerun_reuses_artefacts(compared, corpus):
 
 
 def test_compare_needs_a_synth_corpus_with_target(tmp_path, random_teacher):
-    make_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
+    synth_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
     with pytest.raises(CurateError, match="target"):
         cmp.compare(tmp_path / "plain", tmp_path / "out", cmp.CompareConfig(teacher=str(random_teacher)))
     (tmp_path / "empty").mkdir()

@@ -297,7 +297,8 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     from curate.stages.common import pool_field
     from curate.stages.filter import filter_pool
     from curate.stages.normsim import normsim
-    from curate.stages.synth import CORRUPTION_KINDS, make_corpus
+    from curate.stages.synth import CORRUPTION_KINDS, SynthConfig
+    from curate.stages.synth import entry as synth
 
     cfg = config.resolved()
     _check(cfg)
@@ -399,7 +400,7 @@ def compare(corpus: str | Path, out_dir: str | Path, config: CompareConfig,
     heldout = cache / f"heldout-{_key(heldout_params)}"
     if not _complete_corpus(heldout, heldout_params):
         log(f"generating the held-out split (seed {heldout_seed}, {cfg.heldout_samples} pairs)")
-        make_corpus(heldout, **heldout_params)
+        synth.run(heldout, SynthConfig(**heldout_params))
     timings["heldout"] = time.perf_counter() - tick
 
     # -- decode once, then train and evaluate every (method, seed), `jobs` runs at a time

@@ -192,10 +192,11 @@ def ensure_tiny_teacher(cache_dir: Path | None = None, on_log: Callable[[dict], 
     with _file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return path
-        from curate.stages.synth import make_corpus
+        from curate.stages.synth import SynthConfig
+        from curate.stages.synth import entry as synth
 
         corpus = path.parent / f"corpus-seed{TINY_TEACHER_CORPUS['seed']}-n{TINY_TEACHER_CORPUS['samples']}"
-        make_corpus(corpus, **TINY_TEACHER_CORPUS)
+        synth.run(corpus, SynthConfig(**TINY_TEACHER_CORPUS))
         train_teacher(str(corpus), path, TINY_TEACHER_TRAIN, on_log=on_log)
     return path
 
