@@ -20,6 +20,7 @@ from curate.stages import embed as embed_stage
 from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
 from curate.stages.synth import SynthConfig
+from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -111,63 +112,41 @@ def synth_cmd(
 
 # ---------------------------------------------------------------- teacher
 
-@teacher_app.command("train")
+@stage_command(teacher_app, "train", TeacherTrainConfig, group="teacher")
 def teacher_train_cmd(
     corpus: str = typer.Argument(..., help="Synth corpus: directory, glob or brace pattern of tar shards."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (atomic), e.g. teacher.pt."),
-    model: str = typer.Option("curate-tiny", "--model", help="Architecture (an open_clip config name)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the cached teacher's recipe)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for init, batches and augmentation (CPU: same seed, same weights)."),
-    threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads; 1 (default) is reproducible "
-                                          "across machines and fastest on a busy machine, 0 means all cores."),
-    device: str = typer.Option("cpu", "--device", help="cpu (deterministic), cuda or auto."),
-    all_pairs: bool = typer.Option(False, "--all-pairs", help="Also train on samples whose json `truth` is not clean."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and small shifts."),
+    *, cfg: TeacherTrainConfig,
 ):
     """Train a small CLIP teacher from scratch on a synth corpus and save a checkpoint with its metadata."""
-    from dataclasses import replace
-
-    from curate.models.teacher import resolve_device
-    from curate.stages.teacher import TINY_TEACHER_TRAIN, train_teacher
-
-    defaults = TINY_TEACHER_TRAIN
-    config = replace(defaults, model=model, seed=seed, threads=threads or None, device=str(resolve_device(device)),
-                     clean_only=not all_pairs, augment=augment,
-                     steps=steps if steps is not None else defaults.steps,
-                     batch_size=batch_size if batch_size is not None else defaults.batch_size,
-                     lr=lr if lr is not None else defaults.lr)
+    from curate.stages.teacher import entry as teacher
 
     def log(entry: dict) -> None:
-        console.print(f"step {entry['step']:>5}/{config.steps}  loss {entry['loss']:.4f}  "
+        console.print(f"step {entry['step']:>5}/{cfg.steps}  loss {entry['loss']:.4f}  "
                       f"lr {entry['lr']:.2e}  logit_scale {entry['logit_scale']:.2f}", highlight=False)
 
-    summary = train_teacher(corpus, out, config, on_log=log)
-    excluded = sum(summary["excluded_by_truth"].values())
-    console.print(f"[bold]teacher[/]: {summary['samples']:,} pairs ({excluded:,} non-clean excluded, "
-                  f"{summary['skipped']:,} skipped), {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"logit_scale {summary['logit_scale']:.2f}; decode {summary['decode_seconds']:.1f} s, "
-                  f"train {summary['train_seconds']:.1f} s -> {summary['out']}", highlight=False)
+    summary = teacher.run(corpus, out, cfg, on_log=log)
+    excluded = sum(summary.excluded_by_truth.values())
+    console.print(f"[bold]teacher[/]: {summary.samples:,} pairs ({excluded:,} non-clean excluded, "
+                  f"{summary.skipped:,} skipped), {summary.steps} steps, final loss {summary.final_loss:.4f}, "
+                  f"logit_scale {summary.logit_scale:.2f}; decode {summary.decode_seconds:.1f} s, "
+                  f"train {summary.train_seconds:.1f} s -> {summary.out}", highlight=False)
 
 
-@teacher_app.command("tiny")
-def teacher_tiny_cmd(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $CURATE_CACHE/teacher; else "
-                                             ".cache/teacher in a source checkout, ~/.cache/curate/teacher when "
-                                             "installed as a package."),
-):
+@stage_command(teacher_app, "tiny", TinyTeacherConfig, group="teacher")
+def teacher_tiny_cmd(*, cfg: TinyTeacherConfig):
     """Print the cached curate-tiny checkpoint's path, training it once (about 3 minutes) if missing."""
-    from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher, tiny_teacher_path
+    from curate.stages.teacher import TINY_TEACHER_TRAIN
+    from curate.stages.teacher.tiny import ensure_tiny_teacher, tiny_teacher_path
     from curate.ui import sample_progress
 
-    path = tiny_teacher_path(cache_dir)
+    path = tiny_teacher_path(cfg.cache_dir)
     if path.is_file():
         print(path)
         return
     console.print(f"training the cached curate-tiny teacher once (about 3 minutes on 2 cores) -> {path}")
     with sample_progress("curate-tiny", total=TINY_TEACHER_TRAIN.steps, unit="steps") as bar:
-        print(ensure_tiny_teacher(cache_dir, on_log=lambda entry: bar(entry["step"] - bar.done)))
+        print(ensure_tiny_teacher(cfg, on_log=lambda entry: bar(entry["step"] - bar.done)))
 
 
 # ---------------------------------------------------------------- embed

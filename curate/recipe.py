@@ -272,7 +272,8 @@ def plan(recipe: dict) -> list[Step]:
 
     def teacher_weights(bar=None) -> str:
         if pretrained["value"] == "tiny-cached":
-            from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher
+            from curate.stages.teacher import TINY_TEACHER_TRAIN
+            from curate.stages.teacher.tiny import ensure_tiny_teacher
 
             def on_log(entry: dict) -> None:  # training steps on the bar (the first run trains for minutes)
                 if bar is not None:
@@ -286,7 +287,7 @@ def plan(recipe: dict) -> list[Step]:
     # what the embed steps' digests hold: a retrained cached teacher (its recipe changed) reruns them
     teacher_identity = dict(teacher)
     if teacher["pretrained"] == "tiny-cached":
-        from curate.stages.teacher import tiny_teacher_path
+        from curate.stages.teacher.tiny import tiny_teacher_path
 
         teacher_identity["weights"] = tiny_teacher_path().name
     needs_teacher = any(k in recipe for k in ("embed", "embed_target")) or \
@@ -442,7 +443,7 @@ def step_status(step: Step, markers: Markers) -> str:
     if step.section == "teacher":
         pretrained = step.params["section"]["pretrained"]
         if pretrained == "tiny-cached":
-            from curate.stages.teacher import tiny_teacher_path
+            from curate.stages.teacher.tiny import tiny_teacher_path
 
             return "cached" if tiny_teacher_path().is_file() else "todo (trains curate-tiny once, ~3 min)"
         return "loads " + pretrained

@@ -282,14 +282,15 @@ def test_pluggable_loss_hooks_are_called():
 
 def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
     from conftest import synth_corpus
-    from curate.stages.teacher import TeacherTrainConfig, train_teacher
+    from curate.stages.teacher import TeacherTrainConfig
+    from curate.stages.teacher.entry import run as train_teacher
 
     corpus = tmp_path / "corpus"
     synth_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
     cfg = TeacherTrainConfig(model="curate-student", steps=3, batch_size=8, seed=2, threads=1, log_every=1)
     summary = train_teacher(str(corpus), tmp_path / "ck.pt", cfg)
-    assert summary["samples"] == 30 and sum(summary["excluded_by_truth"].values()) == 10
-    teacher = load_teacher("curate-student", summary["out"], device="cpu")
+    assert summary.samples == 30 and sum(summary.excluded_by_truth.values()) == 10
+    teacher = load_teacher("curate-student", summary.out, device="cpu")
     meta = teacher.checkpoint_meta
     assert meta["training"]["samples"] == 30 and meta["training"]["clean_only"] is True
     assert meta["training"]["corpus_manifest"]["seed"] == 5
@@ -298,7 +299,7 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
     assert len(meta["history"]) == 3
     # same corpus, config and seed: a byte-identical checkpoint
     again = train_teacher(str(corpus), tmp_path / "ck2.pt", cfg)
-    assert Path(again["out"]).read_bytes() == Path(summary["out"]).read_bytes()
+    assert Path(again.out).read_bytes() == Path(summary.out).read_bytes()
 
 
 # ---------------------------------------------------------------- acceptance: the cached teacher
@@ -308,7 +309,8 @@ def test_cached_teacher_separates_clean_from_swapped(tmp_path):
     """Issue 4 acceptance: on a held-out corpus (other seed), CLIPScore ROC-AUC clean vs swapped >= 0.95."""
     from curate.io.shards import decode_sample, expand_shards, iter_shard
     from conftest import synth_corpus
-    from curate.stages.teacher import TINY_TEACHER_CORPUS, ensure_tiny_teacher
+    from curate.stages.teacher import TINY_TEACHER_CORPUS
+    from curate.stages.teacher.tiny import ensure_tiny_teacher
 
     path = ensure_tiny_teacher()
     teacher = load_teacher("curate-tiny", str(path), device="cpu")

@@ -261,7 +261,7 @@ def _teacher(config: CompareConfig, log: Callable[[str], None]) -> tuple[str, st
     from curate.models.teacher import read_checkpoint
 
     if config.teacher is None:
-        from curate.stages.teacher import ensure_tiny_teacher, tiny_teacher_path
+        from curate.stages.teacher.tiny import ensure_tiny_teacher, tiny_teacher_path
 
         if not tiny_teacher_path().is_file():
             log("training the tiny teacher once (cached for later runs; a few minutes on 2 cores)")
