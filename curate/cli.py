@@ -19,6 +19,7 @@ from curate.errors import CurateError
 from curate.stages import embed as embed_stage
 from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
+from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.synth import SynthConfig
 from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
@@ -415,16 +416,16 @@ def export_cmd(
         console.print(f"[yellow]{report.problems} problems recorded[/] in {out / ERRORS}")
 
 
-@import_app.command("datacomp")
+@stage_command(import_app, "datacomp", ImportDatacompConfig, group="import")
 def import_datacomp_cmd(
     metadata_dir: Path = typer.Argument(..., help="DataComp metadata: NNNNNNNN.parquet next to NNNNNNNN.npz."),
-    arch: str = typer.Option(..., "--arch", help="l14 (ViT-L/14 embeddings) or b32 (ViT-B/32)."),
     out: Path = typer.Option(..., "--out", help="Embedding directory for `curate score` / `curate normsim`."),
+    *, cfg: ImportDatacompConfig,
 ):
     """Turn DataComp's released embeddings into curate embedding tables (no GPU needed to score them)."""
-    from curate.stages.import_datacomp import import_datacomp
+    from curate.stages.import_datacomp import entry as import_datacomp
 
-    report = import_datacomp(metadata_dir, arch, out)
+    report = import_datacomp.run(metadata_dir, out, cfg)
     console.print(f"imported {report.imported} shards ({report.rows} rows, {report.skipped_rows} skipped and "
                   f"recorded), {report.skipped_done} already done -> {out}")
 

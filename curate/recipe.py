@@ -32,6 +32,7 @@ from curate.config import RunOptions, config_from_table, recipe_keys
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.stages.embed import EmbedConfig
+from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.score import ScoreConfig
 from curate.stages.synth import SynthConfig
 from curate.run.markers import Markers
@@ -53,6 +54,7 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "embed_target": (EmbedConfig, None),
     "score": (ScoreConfig, None),
     "synth": (SynthConfig, None),
+    "import_datacomp": (ImportDatacompConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
@@ -62,7 +64,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "teacher": {},
     "embed": {"shards": (str, REQUIRED), "out": (str, "emb")},
     "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb")},
-    "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
+    "import_datacomp": {"metadata": (str, REQUIRED), "out": (str, "emb")},
     "score": {"out": (str, "scores.parquet")},
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
                 "index": (str, "flat"), "iterations": (int, NORMSIM_2D.iterations),
@@ -78,7 +80,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "truth": {"subsets": (list, [])},
     "report": {"out": (str, "report.html")},
 }
-CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32"),
+CHOICES = {("run", "device"): ("auto", "cpu", "cuda"),
            ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
            ("filter", "fraction_rule"): ("exact", "datacomp")}
 POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
@@ -317,9 +319,10 @@ def plan(recipe: dict) -> list[Step]:
         d = recipe["import_datacomp"]
 
         def run_import(bar=None, d=d):
-            from curate.stages.import_datacomp import import_datacomp
+            from curate.stages.import_datacomp import entry as import_datacomp
 
-            return vars(import_datacomp(at(d["metadata"]), d["arch"], emb))
+            return vars(import_datacomp.run(at(d["metadata"]), emb, section_config(ImportDatacompConfig, d),
+                                            progress=bar))
         add("import_datacomp", "import_datacomp", d, [at(d["metadata"])], [emb], run_import)
 
     score_tables: list[str] = []
