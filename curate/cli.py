@@ -17,6 +17,7 @@ from rich.markup import escape
 from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
 from curate.stages import embed as embed_stage
+from curate.stages.clones import ClonesConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
 from curate.stages.import_datacomp import ImportDatacompConfig
@@ -450,42 +451,25 @@ def _truth_lines(check: dict) -> None:
             console.print(f"  {name}: {value}", highlight=False)
 
 
-@app.command("clones")
+@stage_command(app, "clones", ClonesConfig)
 def clones_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + AdaCL clone, k-NN, tier-0 and duplicate "
                                                  "columns."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="AdaCL's discovery batch B (pool partitioned with "
-                                   "--seed as negCLIPLoss does; every query sees B - 1 negatives)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the batch partition."),
-    eps: float = typer.Option(0.1, "--eps", help="AdaCL's ε: the margins put a perfect match at 1 - ε "
-                              "(per-batch margins in the metadata)."),
-    k: int = typer.Option(10, "--k", help="Pool-wide k-NN extension: neighbours per sample (for knn_count, "
-                          "p_match_softmax)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="knn_count margin in cosine units "
-                                           "(default: the teacher's τ, i.e. one logit)."),
-    dup_threshold: float = typer.Option(0.999, "--dup-threshold", help="Image cosine for duplicate_of "
-                                        "(0.999: exact and near-exact copies; lower for a strong teacher)."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda for the exact k-NN."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches "
-                                             "(default: OUT's directory/.curate-cache)."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: also report precision/recall/F1 "
-                                        "of clone_prob > 0.5 (and knn_clone_prob > 0.5) against injected "
-                                        "clone/duplicate samples."),
+    *, cfg: ClonesConfig,
 ):
     """Clone negatives: AdaCL's discovery on seeded batches (clone_prob, partner, anchor), a pool-wide k-NN
     extension, tier-0 uncertainty and duplicates."""
-    from curate.stages.clones import run_clones
+    from curate.stages.clones import entry as clones
 
-    s = run_clones(emb, out, batch_size=batch_size, seed=seed, eps=eps, k=k, margin=margin,
-                   dup_threshold=dup_threshold, device=device, cache_dir=cache_dir, truth=truth)
-    anchor = s["batches"]["i2t"]["median_anchor_similarity"]
+    s = clones.run(emb, out, cfg)
+    anchor = s.batches["i2t"]["median_anchor_similarity"]
     anchor = "none" if anchor is None else f"{anchor:.4f}"
-    console.print(f"[bold]clones[/]: {s['n']:,} samples in {s['n_batches']:,} batches of {s['batch_size']:,}, "
-                  f"{s['n_potential_clones']:,} with clone_prob > 0.5 (median anchor similarity {anchor}), "
-                  f"{s['n_duplicates']:,} duplicates -> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    console.print(f"[bold]clones[/]: {s.n:,} samples in {s.n_batches:,} batches of {s.batch_size:,}, "
+                  f"{s.n_potential_clones:,} with clone_prob > 0.5 (median anchor similarity {anchor}), "
+                  f"{s.n_duplicates:,} duplicates -> {out}", highlight=False)
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
 @pcme_app.command("calibrate")

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from curate.config import RunOptions, config_from_table, recipe_keys
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
+from curate.stages.clones import ClonesConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.score import ScoreConfig
@@ -55,6 +56,7 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "score": (ScoreConfig, None),
     "synth": (SynthConfig, None),
     "import_datacomp": (ImportDatacompConfig, None),
+    "clones": (ClonesConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
@@ -71,8 +73,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
                 "final_fraction": ((float, int), NORMSIM_2D.final_fraction),
                 "subsample": ((float, int), NORMSIM_2D.subsample), "seed": (int, NORMSIM_2D.seed),
                 "prefilter": (str, "")},
-    "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
-               "out": (str, "clones.parquet")},
+    "clones": {"out": (str, "clones.parquet")},
     "filter": {"name": (str, REQUIRED), "keep": (list, []), "min": (list, []), "max": (list, []),
                "mode": (str, "sequential"), "normsim": (str, ""), "target": (str, ""),
                "fraction_rule": (str, "exact")},
@@ -387,10 +388,9 @@ def plan(recipe: dict) -> list[Step]:
         out = at(c["out"])
 
         def run_clones(bar=None, c=c, out=out):
-            from curate.stages.clones import run_clones as clones
+            from curate.stages.clones import entry as clones
 
-            return clones(emb, out, batch_size=c["batch_size"], seed=c["seed"], eps=c["eps"], k=c["k"],
-                          device=run["device"])
+            return clones.run(emb, out, section_config(ClonesConfig, c)).metadata()
         add("clones", "clones", c, [emb], [out], run_clones)
 
     for f in recipe.get("filter", []):

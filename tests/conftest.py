@@ -104,3 +104,11 @@ def synth_corpus(out, progress=None, **values):
     from curate.stages.synth.entry import run
 
     return run(out, SynthConfig(**values), progress=progress)
+
+
+def run_clones(emb, out, **values):
+    """`curate.stages.clones.entry.run` with its options (ClonesConfig) as keywords."""
+    from curate.stages.clones import ClonesConfig
+    from curate.stages.clones.entry import run
+
+    return run(emb, out, ClonesConfig(**values))
