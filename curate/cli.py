@@ -21,6 +21,7 @@ from curate.stages.clones import ClonesConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
 from curate.stages.import_datacomp import ImportDatacompConfig
+from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
 from curate.stages.synth import SynthConfig
 from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
@@ -472,73 +473,53 @@ def clones_cmd(
         _truth_lines(s.truth_check)
 
 
-@pcme_app.command("calibrate")
+@stage_command(pcme_app, "calibrate", PcmeCalibrateConfig, group="pcme")
 def pcme_calibrate_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, similarity, p_match."),
-    pairs: int = typer.Option(200_000, "--pairs", help="Positives sampled for the fit (plus as many negatives)."),
-    seed: int = typer.Option(0, "--seed"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUC clean vs corrupted."),
+    *, cfg: PcmeCalibrateConfig,
 ):
     """Tier 1: fit p(match) = sigmoid(-a(2 - 2s) + b) by logistic regression, write p_match."""
-    from curate.stages.pcme import calibrate
+    from curate.stages.pcme.entry import calibrate_p_match
 
-    s = calibrate(emb, out, pairs=pairs, seed=seed, cache_dir=cache_dir, truth=truth)
-    console.print(f"[bold]pcme calibrate[/]: a={s['a']:.4f} b={s['b']:.4f} from {s['n_pairs']:,} positive and "
+    s = calibrate_p_match(emb, out, cfg)
+    console.print(f"[bold]pcme calibrate[/]: a={s.a:.4f} b={s.b:.4f} from {s.n_pairs:,} positive and "
                   f"negative pairs -> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
-@pcme_app.command("fit")
+@stage_command(pcme_app, "fit", PcmeFitConfig, group="pcme")
 def pcme_fit_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory (frozen teacher embeddings)."),
     out: Path = typer.Option(..., "--out", help="Heads checkpoint (.pt, tensors and plain types only)."),
-    loss: str = typer.Option("csd", "--loss", help="csd (PCME++ closed form) or mc (PCME Monte Carlo)."),
-    steps: int = typer.Option(300, "--steps"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr"),
-    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side ((B·J)² pairs per step; 7 as in "
-                                                        "PCME)."),
-    vib_weight: float = typer.Option(1e-4, "--vib", help="Weight of KL(N(μ,σ²) ‖ N(0,I))."),
-    hidden: int = typer.Option(128, "--hidden", help="Hidden width of the variance heads."),
-    max_samples: int = typer.Option(200_000, "--max-samples", help="Rows sampled for training."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
+    *, cfg: PcmeFitConfig,
 ):
     """Tier 2: train μ / log σ² heads per modality on frozen embeddings (PCME or PCME++ loss)."""
-    from curate.stages.pcme import fit
+    from curate.stages.pcme.entry import fit_heads
 
-    s = fit(emb, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, n_samples=n_samples,
-            vib_weight=vib_weight, hidden=hidden, max_samples=max_samples, seed=seed, device=device,
-            cache_dir=cache_dir)
-    t = s["train"]
-    console.print(f"[bold]pcme fit[/]: {loss} loss {t['loss_curve'][0]:.4f} -> {t['final_loss']:.4f} in {t['steps']} "
-                  f"steps on {t['n_train']:,} rows, a={t['a']:.3f} b={t['b']:.3f} -> {out}", highlight=False)
+    t = fit_heads(emb, out, cfg).train
+    console.print(f"[bold]pcme fit[/]: {cfg.loss} loss {t['loss_curve'][0]:.4f} -> {t['final_loss']:.4f} in "
+                  f"{t['steps']} steps on {t['n_train']:,} rows, a={t['a']:.3f} b={t['b']:.3f} -> {out}",
+                  highlight=False)
 
 
-@pcme_app.command("score")
+@stage_command(pcme_app, "score", PcmeScoreConfig, group="pcme")
 def pcme_score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory."),
     heads: Path = typer.Option(..., "--heads", help="Checkpoint from `curate pcme fit`."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img, "
                              "uncertainty_txt, uncertainty."),
-    estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
-    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side (7 as in PCME)."),
-    seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUCs clean vs corrupted."),
+    *, cfg: PcmeScoreConfig,
 ):
     """Tier 2: match probability and per-modality uncertainty (mean σ²) of every sample."""
-    from curate.stages.pcme import score
+    from curate.stages.pcme.entry import p_match_and_uncertainty
 
-    s = score(emb, heads, out, estimator=estimator, n_samples=n_samples, seed=seed, device=device, truth=truth)
-    console.print(f"[bold]pcme score[/]: {estimator} p_match and uncertainties (a={s['a']:.3f} b={s['b']:.3f}) "
+    s = p_match_and_uncertainty(emb, heads, out, cfg)
+    console.print(f"[bold]pcme score[/]: {cfg.estimator} p_match and uncertainties (a={s.a:.3f} b={s.b:.3f}) "
                   f"-> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
 @stage_command(app, "eval", EvalConfig)
