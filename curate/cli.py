@@ -24,6 +24,7 @@ from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
 from curate.stages.synth import SynthConfig
 from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
+from curate.stages.train_student import StudentConfig
 from curate.stages.score import SCORE_RUN_OPTIONS, ScoreConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -537,45 +538,33 @@ def eval_cmd(
 
 # ---------------------------------------------------------------- train / compare / report
 
-@app.command("train")
+@stage_command(app, "train", StudentConfig)
 def train_cmd(
     source: str = typer.Argument(..., help="A `curate filter` subset directory (uids.npy; needs --corpus) or "
                                            "shards holding only the kept samples (`curate export` output)."),
     out: Path = typer.Option(..., "--out", help="Student directory: student.pt, train.json, curve.png "
                                                "(and eval.json with --heldout/--target)."),
-    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL's Algorithm 1: in-batch clone "
-                                                      "discovery and margins) or pcme "
-                                                      "(PCME++ probabilistic heads)."),
-    steps: int = typer.Option(300, "--steps", help="Training steps; the budget is steps x batch size samples seen."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and augmentation."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Shards the subset was selected from (with a subset)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    model: str = typer.Option("curate-student", "--model", help="Student architecture (an open_clip config)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
     heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out synth shards: retrieval R@1 after training."),
     target: Optional[str] = typer.Option(None, "--target", help="Synth target dir (classes.json): zero-shot top-1."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda. Deterministic on CPU."),
+    *, cfg: StudentConfig,
 ):
     """Train a small student CLIP from scratch on a subset, with a fixed budget of samples seen."""
-    from curate.models.teacher import resolve_device
-    from curate.stages.train_student import StudentConfig, train_student
+    from curate.stages.train_student import entry as train
 
-    config = StudentConfig(model=model, loss=loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                           threads=threads, device=str(resolve_device(device)))
-    every = max(1, steps // 10)
+    every = max(1, cfg.steps // 10)
 
     def on_log(entry: dict) -> None:
-        if entry["step"] % every == 0 or entry["step"] == steps:
-            console.print(f"step {entry['step']}/{steps}: loss {entry['loss']:.4f}", highlight=False)
+        if entry["step"] % every == 0 or entry["step"] == cfg.steps:
+            console.print(f"step {entry['step']}/{cfg.steps}: loss {entry['loss']:.4f}", highlight=False)
 
-    record = train_student(source, out, config, corpus=corpus, heldout=heldout, target=target, on_log=on_log)
-    budget = record["budget"]
+    record = train.run(source, out, cfg, corpus=corpus, heldout=heldout, target=target, on_log=on_log)
+    budget = record.budget
     console.print(f"[bold]train[/]: {budget['train_pairs']} pairs, {budget['samples_seen']} samples seen "
                   f"({budget['steps']} x {budget['batch_size']}, {budget['epochs']:g} epochs) in "
-                  f"{record['train_seconds']:.1f} s -> {record['checkpoint']}", highlight=False)
-    if "eval" in record:
-        ev = record["eval"]
+                  f"{record.train_seconds:.1f} s -> {record.checkpoint}", highlight=False)
+    if record.eval is not None:
+        ev = record.eval
         if "zero_shot" in ev:
             console.print(f"zero-shot top-1 {ev['zero_shot']['top1']:.1f} % ({ev['zero_shot']['n']} images, "
                           f"chance {ev['zero_shot']['chance']:.1f} %)", highlight=False)

@@ -22,13 +22,9 @@ from curate.io.uids import read_uid_npy, write_uid_npy
 from curate.stages import compare as cmp
 from curate.stages.synth import CORRUPTION_KINDS
 from conftest import synth_corpus
-from curate.stages.train_student import (
-    StudentConfig,
-    evaluate_student,
-    load_student,
-    train_student,
-    zero_shot_accuracy,
-)
+from curate.stages.train_student import StudentConfig
+from curate.stages.train_student.entry import run as train_student
+from curate.stages.train_student.evaluation import evaluate_student, load_student, zero_shot_accuracy
 
 FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
 
@@ -75,22 +71,22 @@ def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name in a["state_dict"]:
         assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
-    assert first["history"] == second["history"]
-    assert [h["step"] for h in first["history"]] == [1, 2, 3]
+    assert first.history == second.history
+    assert [h["step"] for h in first.history] == [1, 2, 3]
     # another seed gives another model
     other = train_student(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
-    assert other["history"] != first["history"]
+    assert other.history != first.history
     assert (tmp_path / "a" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if loss == "pcme":
-        assert "pcme_heads" in a["curate"] and "pcme_a" in first["history"][-1]
+        assert "pcme_heads" in a["curate"] and "pcme_a" in first.history[-1]
     if loss == "adacl":
-        assert "adacl_m1" in first["history"][-1] and "adacl_m1_t2i" in first["history"][-1]
+        assert "adacl_m1" in first.history[-1] and "adacl_m1_t2i" in first.history[-1]
 
 
 def test_adacl_training_logs_finite_margins_every_step_and_the_loss_decreases(corpus, tmp_path):
     config = StudentConfig(loss="adacl", seed=5, **{**FAST, "steps": 12})
     record = train_student(str(corpus / "pool"), tmp_path / "adacl", config)
-    history = record["history"]
+    history = record.history
     assert [h["step"] for h in history] == list(range(1, 13))
     for h in history:
         for key in ("adacl_m1", "adacl_m2", "adacl_m1_t2i", "adacl_m2_t2i", "loss"):

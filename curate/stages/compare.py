@@ -47,19 +47,10 @@ import numpy as np
 
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
-from curate.stages.train_student import (
-    EVAL_JSON,
-    TRAIN_JSON,
-    StudentConfig,
-    evaluate_model,
-    load_eval_data,
-    load_pairs,
-    read_subset_uids,
-    save_student,
-    student_transforms,
-    summary_numbers,
-    train_on_pairs,
-)
+from curate.stages.train_student import EVAL_JSON, TRAIN_JSON, StudentConfig
+from curate.stages.train_student.data import load_pairs, read_subset_uids
+from curate.stages.train_student.evaluation import evaluate_model, load_eval_data, summary_numbers
+from curate.stages.train_student.training import save_student, student_transforms, train_on_pairs
 
 FORMAT = "curate-compare/1"
 METHODS = ("no_filter", "random", "clipscore", "negclip", "negclip_normsim_inf", "negclip_normsim_2")
@@ -560,7 +551,8 @@ _WORKER: dict = {}
 def _worker_init(tensors_path: str) -> None:
     import torch
 
-    from curate.stages.train_student import EvalData, PairSet
+    from curate.stages.train_student.data import PairSet
+    from curate.stages.train_student.evaluation import EvalData
 
     saved = torch.load(tensors_path, weights_only=True, mmap=True)
     _WORKER["pairs"] = PairSet(**saved["pairs"])
