@@ -22,6 +22,7 @@ from curate.stages.embed import EmbedConfig
 from curate.stages.evaluate import EvalConfig
 from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
+from curate.stages.report import ReportConfig
 from curate.stages.synth import SynthConfig
 from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
 from curate.stages.train_student import StudentConfig
@@ -605,7 +606,7 @@ def compare_cmd(
     console.print(f"[bold]compare[/]: {len(doc['runs'])} runs in {doc['timings']['total']:.0f} s -> "
                   f"{out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
 
-@app.command("report")
+@stage_command(app, "report", ReportConfig)
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory (what `curate run` wrote): scores, emb/, subsets/, ..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output HTML file (default: RUN_DIR/report.html)."),
@@ -616,20 +617,16 @@ def report_cmd(
     shards: Optional[str] = typer.Option(None, "--shards", help="Shards to read thumbnails from "
                                          "(default: RUN_DIR/corpus/*.tar)."),
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables with the truth json (default: RUN_DIR/emb)."),
-    per_decile: int = typer.Option(3, "--per-decile", help="Gallery: kept and removed samples shown per decile."),
-    thumb_px: int = typer.Option(64, "--thumb-px", help="Gallery thumbnail size in pixels."),
-    max_points: int = typer.Option(20_000, "--max-points", help="Scatter: at most this many points (seeded sample)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the gallery and scatter samples."),
+    *, cfg: ReportConfig,
 ):
     """One self-contained HTML page (no network, opens from disk): histograms, scatter, galleries, removal, compare."""
-    from curate.stages.report import build_report
+    from curate.stages.report import entry as report
 
-    result = build_report(run_dir, out, scores=scores, subsets=subset, shards=shards, emb=emb,
-                          per_decile=per_decile, thumb_px=thumb_px, max_points=max_points, seed=seed)
-    for note in result["notes"]:
+    result = report.run(run_dir, out, cfg, scores=scores, subsets=subset, shards=shards, emb=emb)
+    for note in result.notes:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
-    console.print(f"[bold]report[/]: {', '.join(result['sections']) or 'no section'} "
-                  f"({result['bytes'] / 1024:,.0f} KiB, {result['seconds']:.1f} s) -> {result['out']}", highlight=False)
+    console.print(f"[bold]report[/]: {', '.join(result.sections) or 'no section'} "
+                  f"({result.bytes / 1024:,.0f} KiB, {result.seconds:.1f} s) -> {result.out}", highlight=False)
 
 # ---------------------------------------------------------------- run
 

@@ -34,8 +34,10 @@ from curate.io.atomic import write_text_atomic
 from curate.stages.clones import ClonesConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.import_datacomp import ImportDatacompConfig
+from curate.stages.report import ReportConfig
 from curate.stages.score import ScoreConfig
 from curate.stages.synth import SynthConfig
+from curate.stages.truth import TruthConfig
 from curate.run.markers import Markers
 from curate.stages.normsim_2d import Normsim2dOptions
 
@@ -57,6 +59,8 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "synth": (SynthConfig, None),
     "import_datacomp": (ImportDatacompConfig, None),
     "clones": (ClonesConfig, None),
+    "truth": (TruthConfig, None),
+    "report": (ReportConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
@@ -402,12 +406,10 @@ def plan(recipe: dict) -> list[Step]:
         out = at("truth.json")
 
         def run_truth(bar=None, names=names, out=out):
-            from curate.stages.truth import truth_markdown, truth_table
+            from curate.stages import truth
 
-            table = truth_table(emb, {n: subsets[n] for n in names})
-            write_text_atomic(out, json.dumps(table, indent=2, sort_keys=True))
-            write_text_atomic(out.replace(".json", ".md"), truth_markdown(table) + "\n")
-            return {"truth": table}
+            result = truth.run(emb, {n: subsets[n] for n in names}, out, section_config(TruthConfig, recipe["truth"]))
+            return {"truth": result.table}
         add("truth", "truth", recipe["truth"], [subsets[n] for n in names], [out], run_truth)
 
     if "export" in recipe:
@@ -427,9 +429,9 @@ def plan(recipe: dict) -> list[Step]:
         out = at(recipe["report"]["out"])
 
         def run_report(bar=None, out=out):
-            from curate.stages.report import build_report
+            from curate.stages.report import entry as report
 
-            return {"report": str(build_report(str(root), out)["out"])}
+            return {"report": report.run(str(root), out, section_config(ReportConfig, recipe["report"])).out}
         add("report", "report", recipe["report"], [str(root)], [out], run_report)
     # a change anywhere upstream reruns everything after it: chain each step's digest into the next
     upstream = ""

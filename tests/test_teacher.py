@@ -283,12 +283,12 @@ def test_pluggable_loss_hooks_are_called():
 def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
     from conftest import synth_corpus
     from curate.stages.teacher import TeacherTrainConfig
-    from curate.stages.teacher.entry import run as train_teacher
+    from curate.stages.teacher.entry import run as teacher_run
 
     corpus = tmp_path / "corpus"
     synth_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
     cfg = TeacherTrainConfig(model="curate-student", steps=3, batch_size=8, seed=2, threads=1, log_every=1)
-    summary = train_teacher(str(corpus), tmp_path / "ck.pt", cfg)
+    summary = teacher_run(str(corpus), tmp_path / "ck.pt", cfg)
     assert summary.samples == 30 and sum(summary.excluded_by_truth.values()) == 10
     teacher = load_teacher("curate-student", summary.out, device="cpu")
     meta = teacher.checkpoint_meta
@@ -298,7 +298,7 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
     assert meta["logit_scale"] == pytest.approx(teacher.logit_scale)
     assert len(meta["history"]) == 3
     # same corpus, config and seed: a byte-identical checkpoint
-    again = train_teacher(str(corpus), tmp_path / "ck2.pt", cfg)
+    again = teacher_run(str(corpus), tmp_path / "ck2.pt", cfg)
     assert Path(again.out).read_bytes() == Path(summary.out).read_bytes()
 
 

@@ -23,7 +23,7 @@ from curate.stages import compare as cmp
 from curate.stages.synth import CORRUPTION_KINDS
 from conftest import synth_corpus
 from curate.stages.train_student import StudentConfig
-from curate.stages.train_student.entry import run as train_student
+from curate.stages.train_student.entry import run as train_run
 from curate.stages.train_student.evaluation import evaluate_student, load_student, zero_shot_accuracy
 
 FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
@@ -64,8 +64,8 @@ def corpus_truth(shards) -> dict[str, str]:
 @pytest.mark.parametrize("loss", ["infonce", "adacl", "pcme"])
 def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
     config = StudentConfig(loss=loss, seed=3, **FAST)
-    first = train_student(str(corpus / "pool"), tmp_path / "a", config)
-    second = train_student(str(corpus / "pool"), tmp_path / "b", config)
+    first = train_run(str(corpus / "pool"), tmp_path / "a", config)
+    second = train_run(str(corpus / "pool"), tmp_path / "b", config)
     a = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "student.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -74,7 +74,7 @@ def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
     assert first.history == second.history
     assert [h["step"] for h in first.history] == [1, 2, 3]
     # another seed gives another model
-    other = train_student(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
+    other = train_run(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
     assert other.history != first.history
     assert (tmp_path / "a" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if loss == "pcme":
@@ -85,7 +85,7 @@ def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
 
 def test_adacl_training_logs_finite_margins_every_step_and_the_loss_decreases(corpus, tmp_path):
     config = StudentConfig(loss="adacl", seed=5, **{**FAST, "steps": 12})
-    record = train_student(str(corpus / "pool"), tmp_path / "adacl", config)
+    record = train_run(str(corpus / "pool"), tmp_path / "adacl", config)
     history = record.history
     assert [h["step"] for h in history] == list(range(1, 13))
     for h in history:
@@ -107,7 +107,7 @@ def test_budget_is_logged_and_independent_of_subset_size(corpus, tmp_path):
     write_uid_npy(uids[:120], tmp_path / "large" / "uids.npy")
     records = []
     for name in ("small", "large"):
-        train_student(str(tmp_path / name), tmp_path / f"student-{name}", StudentConfig(**FAST),
+        train_run(str(tmp_path / name), tmp_path / f"student-{name}", StudentConfig(**FAST),
                       corpus=str(corpus / "pool"))
         records.append(json.loads((tmp_path / f"student-{name}" / "train.json").read_text()))
     small, large = (r["budget"] for r in records)
@@ -137,14 +137,14 @@ def test_train_input_errors(corpus, tmp_path):
     uids = sorted(corpus_truth(corpus / "pool"))
     write_uid_npy(uids[:8], tmp_path / "tiny" / "uids.npy")
     with pytest.raises(CurateError, match="fewer than --batch-size 16"):
-        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+        train_run(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
     with pytest.raises(CurateError, match="--corpus"):
-        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST))
+        train_run(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST))
     write_uid_npy(uids[:20] + ["f" * 32], tmp_path / "foreign" / "uids.npy")
     with pytest.raises(CurateError, match="1 of the subset's 21 uids"):
-        train_student(str(tmp_path / "foreign"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+        train_run(str(tmp_path / "foreign"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
     with pytest.raises(CurateError, match="--loss"):
-        train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(**{**FAST, "loss": "hinge"}))
+        train_run(str(corpus / "pool"), tmp_path / "s", StudentConfig(**{**FAST, "loss": "hinge"}))
 
 
 def test_cli_train_error_is_one_line(corpus, tmp_path, monkeypatch, capsys):
@@ -191,7 +191,7 @@ def test_zero_shot_hand_case():
 
 
 def test_evaluate_student_from_checkpoint(corpus, tmp_path):
-    train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(loss="pcme", **FAST))
+    train_run(str(corpus / "pool"), tmp_path / "s", StudentConfig(loss="pcme", **FAST))
     model, heads, meta = load_student(tmp_path / "s" / "student.pt")
     assert heads is not None and meta["budget"]["samples_seen"] == 48
     result = evaluate_student(tmp_path / "s" / "student.pt", str(corpus / "heldout"), str(corpus / "heldout" / "target"))
