@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from curate.compare import CompareConfig
 from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
 from curate.stages import embed as embed_stage
@@ -574,36 +575,24 @@ def train_cmd(
                           f"{ev['retrieval']['t2i']['R@1']:.1f} % ({ev['retrieval']['n_images']} pairs)", highlight=False)
 
 
-@app.command("compare")
+@stage_command(app, "compare", CompareConfig)
 def compare_cmd(
     corpus: Path = typer.Argument(..., help="A synth corpus (`curate synth`, with a target set in CORPUS/target)."),
     out: Path = typer.Option(..., "--out", help="Compare directory: compare.json, compare.md, curves.png, runs/, "
-                                               "subsets/ and cached embeddings and scores."),
-    fraction: float = typer.Option(0.3, "--fraction", help="Subset size as a fraction of the pool (every method)."),
-    seeds: int = typer.Option(3, "--seeds", help="Students per method (seeds 0..N-1)."),
-    quick: bool = typer.Option(False, "--quick", help="The small preset for CI (fewer steps, smaller held-out split)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher checkpoint (default: the cached tiny teacher)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override the preset's training steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's batch size."),
-    loss: str = typer.Option("infonce", "--loss", help="Student loss: infonce, adacl or pcme."),
-    model: str = typer.Option("curate-student", "--model", help="Student architecture."),
-    prefilter: float = typer.Option(1.5, "--prefilter", help="NormSim recipes: negclip first keeps min(1, P x F)."),
-    jobs: int = typer.Option(2, "--jobs", help="Students trained at once (processes)."),
-    threads: int = typer.Option(1, "--threads", help="torch threads per student."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
+                                               "subsets/, and the chain's embeddings and scores (as `curate run` "
+                                               "writes them)."),
+    *, cfg: CompareConfig,
 ):
     """Train students on same-size subsets from each curation method and from random; tabulate vs ground truth."""
     from rich.markdown import Markdown
 
-    from curate.models.teacher import resolve_device
-    from curate.stages.compare import CompareConfig, compare
+    from curate.compare import entry as compare
+    from curate.ui import sample_progress
 
-    config = CompareConfig(fraction=fraction, seeds=seeds, quick=quick, steps=steps, batch_size=batch_size,
-                           model=model, loss=loss, prefilter=prefilter, teacher=str(teacher) if teacher else None,
-                           jobs=jobs, threads=threads, device=str(resolve_device(device)))
-    doc = compare(corpus, out, config, log=lambda message: console.print(message, highlight=False))
+    result = compare.run(corpus, out, cfg, log=lambda message: console.print(message, highlight=False),
+                         progress=lambda label: sample_progress(label))
     Console().print(Markdown((out / "compare.md").read_text()))
-    console.print(f"[bold]compare[/]: {len(doc['runs'])} runs in {doc['timings']['total']:.0f} s -> "
+    console.print(f"[bold]compare[/]: {len(result.runs)} runs in {result.timings['total']:.0f} s -> "
                   f"{out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
 
 @stage_command(app, "report", ReportConfig)

@@ -117,6 +117,12 @@ def load_recipe(path: str | Path) -> dict:
         raise CurateError(f"{path}: recipe file does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    return validate_recipe(raw, path)
+
+
+def validate_recipe(raw: dict, path: str | Path) -> dict:
+    """A recipe given as a dict (what a TOML file parses to) validated as `load_recipe` validates a file: every
+    problem is a CurateError naming `path` (what the messages call its source), the section and the key."""
     unknown = sorted(set(raw) - set(SCHEMA))
     if unknown:
         raise CurateError(f"{path}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
