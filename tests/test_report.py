@@ -28,7 +28,7 @@ from curate.io.uids import read_uid_npy
 from curate.stages.filter import filter_pool
 from curate.stages.report import ReportConfig
 from curate.stages.report.entry import run as report_run
-from curate.stages.synth.entry import write_tar_atomic
+from curate.io.tar_blocks import write_tar_atomic
 from conftest import synth_corpus
 
 SECTIONS = ("overview", "histograms", "scatter", "removal", "galleries", "compare", "curves", "parameters")

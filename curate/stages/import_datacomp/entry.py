@@ -59,7 +59,7 @@ def load_embeddings(npz_path: Path, arch: str, rows: int) -> tuple[np.ndarray, n
     return image, text
 
 
-def normalise_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalised_and_usable(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalise in float32; returns (normalised, usable) where unusable rows are non-finite or zero."""
     matrix = matrix.astype(np.float32)
     norms = np.linalg.norm(matrix, axis=1)
@@ -85,8 +85,8 @@ def import_shard(parquet_path: Path, arch: str, out_dir: Path) -> tuple[int, int
     raw_keys = table.column("key").to_pylist() if "key" in names else uids
     keys = [str(k) if k is not None else "" for k in raw_keys]
     captions = [c or "" for c in table.column(caption_column).to_pylist()]
-    image, image_ok = normalise_rows(image)
-    text, text_ok = normalise_rows(text)
+    image, image_ok = normalised_and_usable(image)
+    text, text_ok = normalised_and_usable(text)
     problems = []
     keep = np.zeros(table.num_rows, dtype=bool)
     for row, uid in enumerate(uids):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -57,7 +55,7 @@ _STREAM_SAMPLE, _STREAM_CORRUPT_SAMPLE, _STREAM_PLAN, _STREAM_TARGET, _STREAM_TA
 
 # ---------------------------------------------------------------- small pure helpers
 
-def sample_uid(seed: int, index: int, namespace: str = "") -> str:
+def synth_uid(seed: int, index: int, namespace: str = "") -> str:
     """uid = first 32 hex of sha256(f"{seed}:{index}"), or of f"{seed}:{namespace}:{index}"."""
     text = f"{seed}:{namespace}:{index}" if namespace else f"{seed}:{index}"
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
@@ -221,7 +219,7 @@ def _main_sample(seed: int, index: int, truth_code: int, partner: int, image_siz
         image, caption = encode_jpeg(render_noise(rng, image_size)), own.caption
     else:
         other = _Sample(seed, partner)
-        extra[PARTNER_FIELD[kind]] = sample_uid(seed, partner)
+        extra[PARTNER_FIELD[kind]] = synth_uid(seed, partner)
         if kind == "swapped":
             image, caption = encode_jpeg(render_picture(own.picture, image_size)), other.caption
         elif kind == "duplicate":
@@ -233,7 +231,7 @@ def _main_sample(seed: int, index: int, truth_code: int, partner: int, image_siz
             image = encode_jpeg(render_picture(_jitter(other.picture, rng), image_size))
             caption = caption_for(attributes, template)
     key = sample_key(index)
-    meta = {"uid": sample_uid(seed, index), "key": key, "truth": kind, "attributes": attributes,
+    meta = {"uid": synth_uid(seed, index), "key": key, "truth": kind, "attributes": attributes,
             "labels": label_vector(attributes), **extra}
     return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}, kind
 
@@ -245,23 +243,15 @@ def _target_sample(seed: int, index: int, class_index: int, image_size: int) -> 
     picture = _sample_layout(rng, attributes)
     caption = caption_for(attributes, int(rng.integers(len(CAPTION_TEMPLATES))))
     key = sample_key(index)
-    meta = {"uid": sample_uid(seed, index, "target"), "key": key, "truth": "clean", "label": class_index,
+    meta = {"uid": synth_uid(seed, index, "target"), "key": key, "truth": "clean", "label": class_index,
             "class_name": TARGET_CLASSES[class_index], "attributes": attributes, "labels": label_vector(attributes)}
     image = encode_jpeg(render_picture(picture, image_size))
     return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}
 
 
-# ---------------------------------------------------------------- tar writing
-
-def write_tar_atomic(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
-    """Write (key, {ext: bytes}) samples as a deterministic tar: members KEY.ext in the given order,
-    mtime 0, uid/gid 0, empty owner names, mode 0o644, USTAR headers; renamed into place when complete."""
-    tar_blocks.write_tar_atomic(path, samples, tarfile.USTAR_FORMAT)
-
-
 # ---------------------------------------------------------------- the stage
 
-def _check_out_dir(out: Path, parameters: dict) -> None:
+def check_corpus_dir(out: Path, parameters: dict) -> None:
     """OUT must be new, empty, or a corpus made with the same parameters (then it is regenerated)."""
     if out.exists() and not out.is_dir():
         raise CurateError(f"{out}: exists and is not a directory; choose another OUT")
@@ -294,7 +284,7 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
     out = Path(out_dir)
     parameters = {"samples": int(samples), "shard_size": int(shard_size), "seed": int(seed), "corrupt": float(corrupt),
                   "target_samples": int(target_samples), "image_size": int(image_size)}
-    _check_out_dir(out, parameters)
+    check_corpus_dir(out, parameters)
     out.mkdir(parents=True, exist_ok=True)
     # Written first, so that a rerun after an interruption recognises the directory and regenerates it.
     write_text_atomic(out / "manifest.json", json.dumps({"format": FORMAT, "complete": False, "parameters": parameters},
@@ -310,7 +300,7 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
             truth_counts[kind] += 1
             rows.append((key, members))
         name = f"{shard_index:05d}.tar"
-        write_tar_atomic(out / name, rows)
+        tar_blocks.write_tar_atomic(out / name, rows)
         shards.append(name)
         if progress is not None:
             progress(len(rows))
@@ -324,7 +314,7 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
         for shard_index, indices in enumerate(_shard_ranges(target_samples, shard_size)):
             rows = [_target_sample(seed, i, int(classes[i]), image_size) for i in indices]
             name = f"{shard_index:05d}.tar"
-            write_tar_atomic(out / "target" / name, rows)
+            tar_blocks.write_tar_atomic(out / "target" / name, rows)
             target_shards.append(name)
             if progress is not None:
                 progress(len(rows))
