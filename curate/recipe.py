@@ -1,16 +1,16 @@
 """`curate run RECIPE.toml`: one file describes the whole chain; `--dry-run` validates it and prints the plan.
 
 Sections (all optional except [run]; see examples/recipes/ and README):
-  [run] dir, executor, workers, ray_address, device      [synth]  make the offline corpus
+  [run] dir, executor, workers, ray_address, device      [synth] out and `curate synth`'s options (samples, ...)
   [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
   [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
   [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index, and for p = 2d
                                                           iterations, final_fraction, subsample, seed, prefilter
-  [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target,
+  [clones] out and `curate clones`' options               [[filter]] name, keep, min, max, mode, normsim, target,
                                                           fraction_rule
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
-  [report] out
+  [report] out and `curate report`'s options (per_decile, thumb_px, max_points, seed)
 Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
 A stage is skipped on rerun when its run marker (written last, with a hash of its parameters) matches;
 embed and export resume shard by shard on their own.
@@ -88,8 +88,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
 CHOICES = {("run", "device"): ("auto", "cpu", "cuda"),
            ("filter", "mode"): ("sequential", "independent"), ("normsim", "index"): ("flat", "ivf"),
            ("filter", "fraction_rule"): ("exact", "datacomp")}
-POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size",
-                 "iterations"}
+POSITIVE_INTS = {"shard_size", "batch_size", "k", "workers", "tasks", "iterations"}
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
 ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers")}  # 0 decode workers: in-process
 
