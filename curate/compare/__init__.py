@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from curate.config import at_least, because, option, positive
+from curate.config import at_least, because, non_negative, option, positive
 from curate.config import fraction as pool_fraction
 from curate.stages.train_student import LOSS_NAMES
 
@@ -91,7 +91,8 @@ class CompareConfig:
     teacher_model: Optional[str] = option(None, "Architecture of --teacher when it is not a curate checkpoint.",
                                           "--teacher-model")
     device: str = option("auto", "auto (cuda when present), cpu or cuda.")
-    threads: Optional[int] = option(1, "torch threads per student (1: small models; see --jobs).", check=positive)
+    threads: Optional[int] = option(1, "torch threads per student (1: small models; see --jobs; 0: torch's default).",
+                                    check=non_negative)
     jobs: int = option(2, "Students trained at once (processes).", check=positive)
 
     def resolved(self) -> "CompareConfig":

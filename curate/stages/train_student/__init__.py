@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from curate.config import at_least, because, option, positive
+from curate.config import at_least, because, non_negative, option, positive
 
 LOSS_NAMES = ("infonce", "adacl", "pcme")
 CHECKPOINT_NAME = "student.pt"
@@ -61,7 +61,7 @@ class StudentConfig:
     warmup: Optional[int] = option(None, "Warmup steps (default: steps // 10, curate.models.train).", cli=False)
     augment: bool = option(True, "Random flips and small shifts.", cli=False)
     seed: int = option(0, "Seed of initialisation, batches and augmentation.")
-    threads: Optional[int] = option(None, "torch threads (default: torch's).", check=positive)
+    threads: Optional[int] = option(None, "torch threads (default and 0: torch's).", check=non_negative)
     device: str = option("auto", "auto (cuda when present), cpu or cuda. Deterministic on CPU.")
     log_every: int = option(10, "Steps between two log entries.", check=positive, cli=False)
     adacl_eps: float = option(0.1, "AdaCL: a perfect match (s = 1) gets probability 1 - eps.", cli=False)
