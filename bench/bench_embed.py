@@ -25,13 +25,14 @@ MODEL = "ViT-B-32"
 
 
 def make_corpus_once(path: Path, samples: int, shards: int) -> Path:
-    from curate.stages.synth import make_corpus
+    from curate.stages.synth import SynthConfig
+    from curate.stages.synth import entry as synth
 
     manifest = path / "manifest.json"
     if not manifest.exists() or '"complete": true' not in manifest.read_text():
         shutil.rmtree(path, ignore_errors=True)
-        make_corpus(path, samples, shard_size=-(-samples // shards), seed=0, corrupt=0.2, target_samples=0,
-                    image_size=224)
+        synth.run(path, SynthConfig(samples=samples, shard_size=-(-samples // shards), seed=0, corrupt=0.2,
+                                    target_samples=0, image_size=224))
     return path
 
 

@@ -23,13 +23,14 @@ from common import compare
 
 
 def make_corpus_once(path: Path, samples: int, shard_size: int, image_size: int) -> Path:
-    from curate.stages.synth import make_corpus
+    from curate.stages.synth import SynthConfig
+    from curate.stages.synth import entry as synth
 
     manifest = path / "manifest.json"
     if not manifest.exists() or '"complete": true' not in manifest.read_text():
         shutil.rmtree(path, ignore_errors=True)
-        make_corpus(path, samples, shard_size=shard_size, seed=0, corrupt=0.0, target_samples=0,
-                    image_size=image_size)
+        synth.run(path, SynthConfig(samples=samples, shard_size=shard_size, seed=0, corrupt=0.0, target_samples=0,
+                                    image_size=image_size))
     return path
 
 

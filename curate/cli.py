@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from curate.compare import CompareConfig
 from curate.config import RunOptions, stage_command
 from curate.errors import CurateError
 from curate.stages import decontaminate as decontaminate_stage
@@ -23,13 +24,21 @@ from curate.stages import export as export_stage
 from curate.stages import filter as filter_stage
 from curate.stages import normsim as normsim_stage
 from curate.stages import score as score_stage
+from curate.stages.clones import ClonesConfig
 from curate.stages.decontaminate import DecontaminateConfig
 from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
+from curate.stages.evaluate import EvalConfig
 from curate.stages.export import ExportConfig
 from curate.stages.filter import FilterConfig
+from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.normsim import NormsimConfig
+from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
+from curate.stages.report import ReportConfig
 from curate.stages.score import ScoreConfig
+from curate.stages.synth import SynthConfig
+from curate.stages.teacher import TeacherTrainConfig, TinyTeacherConfig
+from curate.stages.train_student import StudentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate web-scale image-text corpora with a CLIP teacher.")
@@ -96,93 +105,65 @@ def finished_units(out: Path, stage: str) -> int:
 
 # ---------------------------------------------------------------- synth
 
-@app.command("synth")
-def synth_command(
+@stage_command(app, "synth", SynthConfig)
+def synth_cmd(
     out: Path = typer.Argument(..., help="Output directory (new, empty, or a corpus made with the same parameters)."),
-    samples: int = typer.Option(2000, "--samples", help="Number of image-caption pairs in the main corpus."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives byte-identical shards."),
-    corrupt: float = typer.Option(0.2, "--corrupt", help="Fraction of corrupted samples, in [0, 1)."),
-    target_samples: int = typer.Option(1000, "--target-samples", help="Size of the target set in OUT/target/ (0: none)."),
-    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+    *, cfg: SynthConfig,
 ) -> None:
     """Write a synthetic image-caption corpus with known corruptions, and a target set, as WebDataset shards."""
     from rich.table import Table
 
-    from curate.stages.synth import make_corpus
+    from curate.stages.synth import entry as synth
 
-    summary = make_corpus(out, samples=samples, shard_size=shard_size, seed=seed, corrupt=corrupt,
-                          target_samples=target_samples, image_size=image_size)
-    table = Table(title=f"synth corpus in {summary['out']}")
+    summary = synth.run(out, cfg)
+    table = Table(title=f"synth corpus in {summary.out}")
     table.add_column("truth")
     table.add_column("samples", justify="right")
-    for kind, count in summary["truth_counts"].items():
+    for kind, count in summary.truth_counts.items():
         table.add_row(kind, str(count))
     console.print(table)
-    console.print(f"{summary['samples']} samples in {summary['shards']} shards, "
-                  f"{summary['target_samples']} target samples in {summary['target_shards']} shards, "
-                  f"{summary['seconds']:.1f} s")
+    console.print(f"{summary.samples} samples in {summary.shards} shards, "
+                  f"{summary.target_samples} target samples in {summary.target_shards} shards, "
+                  f"{summary.seconds:.1f} s")
 
 
 # ---------------------------------------------------------------- teacher
 
-@teacher_app.command("train")
+@stage_command(teacher_app, "train", TeacherTrainConfig, group="teacher")
 def teacher_train_cmd(
     corpus: str = typer.Argument(..., help="Synth corpus: directory, glob or brace pattern of tar shards."),
     out: Path = typer.Option(..., "--out", help="Checkpoint file to write (atomic), e.g. teacher.pt."),
-    model: str = typer.Option("curate-tiny", "--model", help="Architecture (an open_clip config name)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the cached teacher's recipe)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for init, batches and augmentation (CPU: same seed, same weights)."),
-    threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads; 1 (default) is reproducible "
-                                          "across machines and fastest on a busy machine, 0 means all cores."),
-    device: str = typer.Option("cpu", "--device", help="cpu (deterministic), cuda or auto."),
-    all_pairs: bool = typer.Option(False, "--all-pairs", help="Also train on samples whose json `truth` is not clean."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and small shifts."),
+    *, cfg: TeacherTrainConfig,
 ):
     """Train a small CLIP teacher from scratch on a synth corpus and save a checkpoint with its metadata."""
-    from dataclasses import replace
-
-    from curate.models.teacher import resolve_device
-    from curate.stages.teacher import TINY_TEACHER_TRAIN, train_teacher
-
-    defaults = TINY_TEACHER_TRAIN
-    config = replace(defaults, model=model, seed=seed, threads=threads or None, device=str(resolve_device(device)),
-                     clean_only=not all_pairs, augment=augment,
-                     steps=steps if steps is not None else defaults.steps,
-                     batch_size=batch_size if batch_size is not None else defaults.batch_size,
-                     lr=lr if lr is not None else defaults.lr)
+    from curate.stages.teacher import entry as teacher
 
     def log(entry: dict) -> None:
-        console.print(f"step {entry['step']:>5}/{config.steps}  loss {entry['loss']:.4f}  "
+        console.print(f"step {entry['step']:>5}/{cfg.steps}  loss {entry['loss']:.4f}  "
                       f"lr {entry['lr']:.2e}  logit_scale {entry['logit_scale']:.2f}", highlight=False)
 
-    summary = train_teacher(corpus, out, config, on_log=log)
-    excluded = sum(summary["excluded_by_truth"].values())
-    console.print(f"[bold]teacher[/]: {summary['samples']:,} pairs ({excluded:,} non-clean excluded, "
-                  f"{summary['skipped']:,} skipped), {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"logit_scale {summary['logit_scale']:.2f}; decode {summary['decode_seconds']:.1f} s, "
-                  f"train {summary['train_seconds']:.1f} s -> {summary['out']}", highlight=False)
+    summary = teacher.run(corpus, out, cfg, on_log=log)
+    excluded = sum(summary.excluded_by_truth.values())
+    console.print(f"[bold]teacher[/]: {summary.samples:,} pairs ({excluded:,} non-clean excluded, "
+                  f"{summary.skipped:,} skipped), {summary.steps} steps, final loss {summary.final_loss:.4f}, "
+                  f"logit_scale {summary.logit_scale:.2f}; decode {summary.decode_seconds:.1f} s, "
+                  f"train {summary.train_seconds:.1f} s -> {summary.out}", highlight=False)
 
 
-@teacher_app.command("tiny")
-def teacher_tiny_cmd(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $CURATE_CACHE/teacher; else "
-                                             ".cache/teacher in a source checkout, ~/.cache/curate/teacher when "
-                                             "installed as a package."),
-):
+@stage_command(teacher_app, "tiny", TinyTeacherConfig, group="teacher")
+def teacher_tiny_cmd(*, cfg: TinyTeacherConfig):
     """Print the cached curate-tiny checkpoint's path, training it once (about 3 minutes) if missing."""
-    from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher, tiny_teacher_path
+    from curate.stages.teacher import TINY_TEACHER_TRAIN
+    from curate.stages.teacher.tiny import ensure_tiny_teacher, tiny_teacher_path
     from curate.ui import sample_progress
 
-    path = tiny_teacher_path(cache_dir)
+    path = tiny_teacher_path(cfg.cache_dir)
     if path.is_file():
         print(path)
         return
     console.print(f"training the cached curate-tiny teacher once (about 3 minutes on 2 cores) -> {path}")
     with sample_progress("curate-tiny", total=TINY_TEACHER_TRAIN.steps, unit="steps") as bar:
-        print(ensure_tiny_teacher(cache_dir, on_log=lambda entry: bar(entry["step"] - bar.done)))
+        print(ensure_tiny_teacher(cfg, on_log=lambda entry: bar(entry["step"] - bar.done)))
 
 
 # ---------------------------------------------------------------- embed
@@ -383,16 +364,16 @@ def export_cmd(
         console.print(f"[yellow]{report.problems} problems recorded[/] in {out / ERRORS}")
 
 
-@import_app.command("datacomp")
+@stage_command(import_app, "datacomp", ImportDatacompConfig, group="import")
 def import_datacomp_cmd(
     metadata_dir: Path = typer.Argument(..., help="DataComp metadata: NNNNNNNN.parquet next to NNNNNNNN.npz."),
-    arch: str = typer.Option(..., "--arch", help="l14 (ViT-L/14 embeddings) or b32 (ViT-B/32)."),
     out: Path = typer.Option(..., "--out", help="Embedding directory for `curate score` / `curate normsim`."),
+    *, cfg: ImportDatacompConfig,
 ):
     """Turn DataComp's released embeddings into curate embedding tables (no GPU needed to score them)."""
-    from curate.stages.import_datacomp import import_datacomp
+    from curate.stages.import_datacomp import entry as import_datacomp
 
-    report = import_datacomp(metadata_dir, arch, out)
+    report = import_datacomp.run(metadata_dir, out, cfg)
     console.print(f"imported {report.imported} shards ({report.rows} rows, {report.skipped_rows} skipped and "
                   f"recorded), {report.skipped_done} already done -> {out}")
 
@@ -417,170 +398,118 @@ def _truth_lines(check: dict) -> None:
             console.print(f"  {name}: {value}", highlight=False)
 
 
-@app.command("clones")
+@stage_command(app, "clones", ClonesConfig)
 def clones_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory made by `curate embed` (or one table)."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid + AdaCL clone, k-NN, tier-0 and duplicate "
                                                  "columns."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="AdaCL's discovery batch B (pool partitioned with "
-                                   "--seed as negCLIPLoss does; every query sees B - 1 negatives)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the batch partition."),
-    eps: float = typer.Option(0.1, "--eps", help="AdaCL's ε: the margins put a perfect match at 1 - ε "
-                              "(per-batch margins in the metadata)."),
-    k: int = typer.Option(10, "--k", help="Pool-wide k-NN extension: neighbours per sample (for knn_count, "
-                          "p_match_softmax)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="knn_count margin in cosine units "
-                                           "(default: the teacher's τ, i.e. one logit)."),
-    dup_threshold: float = typer.Option(0.999, "--dup-threshold", help="Image cosine for duplicate_of "
-                                        "(0.999: exact and near-exact copies; lower for a strong teacher)."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda for the exact k-NN."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches "
-                                             "(default: OUT's directory/.curate-cache)."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: also report precision/recall/F1 "
-                                        "of clone_prob > 0.5 (and knn_clone_prob > 0.5) against injected "
-                                        "clone/duplicate samples."),
+    *, cfg: ClonesConfig,
 ):
     """Clone negatives: AdaCL's discovery on seeded batches (clone_prob, partner, anchor), a pool-wide k-NN
     extension, tier-0 uncertainty and duplicates."""
-    from curate.stages.clones import run_clones
+    from curate.stages.clones import entry as clones
 
-    s = run_clones(emb, out, batch_size=batch_size, seed=seed, eps=eps, k=k, margin=margin,
-                   dup_threshold=dup_threshold, device=device, cache_dir=cache_dir, truth=truth)
-    anchor = s["batches"]["i2t"]["median_anchor_similarity"]
+    s = clones.run(emb, out, cfg)
+    anchor = s.batches["i2t"]["median_anchor_similarity"]
     anchor = "none" if anchor is None else f"{anchor:.4f}"
-    console.print(f"[bold]clones[/]: {s['n']:,} samples in {s['n_batches']:,} batches of {s['batch_size']:,}, "
-                  f"{s['n_potential_clones']:,} with clone_prob > 0.5 (median anchor similarity {anchor}), "
-                  f"{s['n_duplicates']:,} duplicates -> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    console.print(f"[bold]clones[/]: {s.n:,} samples in {s.n_batches:,} batches of {s.batch_size:,}, "
+                  f"{s.n_potential_clones:,} with clone_prob > 0.5 (median anchor similarity {anchor}), "
+                  f"{s.n_duplicates:,} duplicates -> {out}", highlight=False)
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
-@pcme_app.command("calibrate")
+@stage_command(pcme_app, "calibrate", PcmeCalibrateConfig, group="pcme")
 def pcme_calibrate_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, similarity, p_match."),
-    pairs: int = typer.Option(200_000, "--pairs", help="Positives sampled for the fit (plus as many negatives)."),
-    seed: int = typer.Option(0, "--seed"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUC clean vs corrupted."),
+    *, cfg: PcmeCalibrateConfig,
 ):
     """Tier 1: fit p(match) = sigmoid(-a(2 - 2s) + b) by logistic regression, write p_match."""
-    from curate.stages.pcme import calibrate
+    from curate.stages.pcme.entry import calibrate_p_match
 
-    s = calibrate(emb, out, pairs=pairs, seed=seed, cache_dir=cache_dir, truth=truth)
-    console.print(f"[bold]pcme calibrate[/]: a={s['a']:.4f} b={s['b']:.4f} from {s['n_pairs']:,} positive and "
+    s = calibrate_p_match(emb, out, cfg)
+    console.print(f"[bold]pcme calibrate[/]: a={s.a:.4f} b={s.b:.4f} from {s.n_pairs:,} positive and "
                   f"negative pairs -> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
-@pcme_app.command("fit")
+@stage_command(pcme_app, "fit", PcmeFitConfig, group="pcme")
 def pcme_fit_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory (frozen teacher embeddings)."),
     out: Path = typer.Option(..., "--out", help="Heads checkpoint (.pt, tensors and plain types only)."),
-    loss: str = typer.Option("csd", "--loss", help="csd (PCME++ closed form) or mc (PCME Monte Carlo)."),
-    steps: int = typer.Option(300, "--steps"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr"),
-    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side ((B·J)² pairs per step; 7 as in "
-                                                        "PCME)."),
-    vib_weight: float = typer.Option(1e-4, "--vib", help="Weight of KL(N(μ,σ²) ‖ N(0,I))."),
-    hidden: int = typer.Option(128, "--hidden", help="Hidden width of the variance heads."),
-    max_samples: int = typer.Option(200_000, "--max-samples", help="Rows sampled for training."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="fp16 memmap caches."),
+    *, cfg: PcmeFitConfig,
 ):
     """Tier 2: train μ / log σ² heads per modality on frozen embeddings (PCME or PCME++ loss)."""
-    from curate.stages.pcme import fit
+    from curate.stages.pcme.entry import fit_heads
 
-    s = fit(emb, out, loss=loss, steps=steps, batch_size=batch_size, lr=lr, n_samples=n_samples,
-            vib_weight=vib_weight, hidden=hidden, max_samples=max_samples, seed=seed, device=device,
-            cache_dir=cache_dir)
-    t = s["train"]
-    console.print(f"[bold]pcme fit[/]: {loss} loss {t['loss_curve'][0]:.4f} -> {t['final_loss']:.4f} in {t['steps']} "
-                  f"steps on {t['n_train']:,} rows, a={t['a']:.3f} b={t['b']:.3f} -> {out}", highlight=False)
+    t = fit_heads(emb, out, cfg).train
+    console.print(f"[bold]pcme fit[/]: {cfg.loss} loss {t['loss_curve'][0]:.4f} -> {t['final_loss']:.4f} in "
+                  f"{t['steps']} steps on {t['n_train']:,} rows, a={t['a']:.3f} b={t['b']:.3f} -> {out}",
+                  highlight=False)
 
 
-@pcme_app.command("score")
+@stage_command(pcme_app, "score", PcmeScoreConfig, group="pcme")
 def pcme_score_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory."),
     heads: Path = typer.Option(..., "--heads", help="Checkpoint from `curate pcme fit`."),
     out: Path = typer.Option(..., "--out", help="Output Parquet: uid, p_match, csd, uncertainty_img, "
                              "uncertainty_txt, uncertainty."),
-    estimator: str = typer.Option("csd", "--estimator", help="csd (closed form) or mc (Monte Carlo)."),
-    n_samples: int = typer.Option(7, "--samples", help="mc: samples J per side (7 as in PCME)."),
-    seed: int = typer.Option(0, "--seed", help="mc: noise seed."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="e.g. json:truth: report ROC-AUCs clean vs corrupted."),
+    *, cfg: PcmeScoreConfig,
 ):
     """Tier 2: match probability and per-modality uncertainty (mean σ²) of every sample."""
-    from curate.stages.pcme import score
+    from curate.stages.pcme.entry import p_match_and_uncertainty
 
-    s = score(emb, heads, out, estimator=estimator, n_samples=n_samples, seed=seed, device=device, truth=truth)
-    console.print(f"[bold]pcme score[/]: {estimator} p_match and uncertainties (a={s['a']:.3f} b={s['b']:.3f}) "
+    s = p_match_and_uncertainty(emb, heads, out, cfg)
+    console.print(f"[bold]pcme score[/]: {cfg.estimator} p_match and uncertainties (a={s.a:.3f} b={s.b:.3f}) "
                   f"-> {out}", highlight=False)
-    if "truth_check" in s:
-        _truth_lines(s["truth_check"])
+    if s.truth_check is not None:
+        _truth_lines(s.truth_check)
 
 
-@app.command("eval")
+@stage_command(app, "eval", EvalConfig)
 def eval_cmd(
     emb: Path = typer.Argument(..., help="Embedding directory (a held-out split, or a student's embeddings)."),
     out: Path = typer.Option(..., "--out", help="Output JSON with every number."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Multi-hot labels for PMRP: json:PATH "
-                                         "(e.g. json:labels) or column:NAME."),
-    group_by: str = typer.Option("auto", "--group-by", help="Captions sharing an image: auto (column image_key "
-                                 "if present), none, key, column:NAME or json:PATH."),
+    *, cfg: EvalConfig,
 ):
     """Retrieval: R@1/5/10 both ways, RSUM, R-Precision, mAP@R and PMRP (ζ = 0, 1, 2)."""
-    from curate.stages.evaluate import evaluate, result_table
+    from curate.stages.evaluate import entry as evaluate
 
-    result = evaluate(emb, out, labels=labels, group_by=group_by)
-    Console().print(result_table(result))
-    console.print(f"[bold]eval[/]: RSUM {result['rsum']:.2f} -> {out}", highlight=False)
+    result = evaluate.run(emb, out, cfg)
+    Console().print(evaluate.retrieval_table(result))
+    console.print(f"[bold]eval[/]: RSUM {result.rsum:.2f} -> {out}", highlight=False)
 
 # ---------------------------------------------------------------- train / compare / report
 
-@app.command("train")
+@stage_command(app, "train", StudentConfig)
 def train_cmd(
     source: str = typer.Argument(..., help="A `curate filter` subset directory (uids.npy; needs --corpus) or "
                                            "shards holding only the kept samples (`curate export` output)."),
     out: Path = typer.Option(..., "--out", help="Student directory: student.pt, train.json, curve.png "
                                                "(and eval.json with --heldout/--target)."),
-    loss: str = typer.Option("infonce", "--loss", help="infonce, adacl (AdaCL's Algorithm 1: in-batch clone "
-                                                      "discovery and margins) or pcme "
-                                                      "(PCME++ probabilistic heads)."),
-    steps: int = typer.Option(300, "--steps", help="Training steps; the budget is steps x batch size samples seen."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, batches and augmentation."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Shards the subset was selected from (with a subset)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    model: str = typer.Option("curate-student", "--model", help="Student architecture (an open_clip config)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine decay)."),
     heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out synth shards: retrieval R@1 after training."),
     target: Optional[str] = typer.Option(None, "--target", help="Synth target dir (classes.json): zero-shot top-1."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda. Deterministic on CPU."),
+    *, cfg: StudentConfig,
 ):
     """Train a small student CLIP from scratch on a subset, with a fixed budget of samples seen."""
-    from curate.models.teacher import resolve_device
-    from curate.stages.train_student import StudentConfig, train_student
+    from curate.stages.train_student import entry as train
 
-    config = StudentConfig(model=model, loss=loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                           threads=threads, device=str(resolve_device(device)))
-    every = max(1, steps // 10)
+    every = max(1, cfg.steps // 10)
 
     def on_log(entry: dict) -> None:
-        if entry["step"] % every == 0 or entry["step"] == steps:
-            console.print(f"step {entry['step']}/{steps}: loss {entry['loss']:.4f}", highlight=False)
+        if entry["step"] % every == 0 or entry["step"] == cfg.steps:
+            console.print(f"step {entry['step']}/{cfg.steps}: loss {entry['loss']:.4f}", highlight=False)
 
-    record = train_student(source, out, config, corpus=corpus, heldout=heldout, target=target, on_log=on_log)
-    budget = record["budget"]
+    record = train.run(source, out, cfg, corpus=corpus, heldout=heldout, target=target, on_log=on_log)
+    budget = record.budget
     console.print(f"[bold]train[/]: {budget['train_pairs']} pairs, {budget['samples_seen']} samples seen "
                   f"({budget['steps']} x {budget['batch_size']}, {budget['epochs']:g} epochs) in "
-                  f"{record['train_seconds']:.1f} s -> {record['checkpoint']}", highlight=False)
-    if "eval" in record:
-        ev = record["eval"]
+                  f"{record.train_seconds:.1f} s -> {record.checkpoint}", highlight=False)
+    if record.eval is not None:
+        ev = record.eval
         if "zero_shot" in ev:
             console.print(f"zero-shot top-1 {ev['zero_shot']['top1']:.1f} % ({ev['zero_shot']['n']} images, "
                           f"chance {ev['zero_shot']['chance']:.1f} %)", highlight=False)
@@ -589,39 +518,27 @@ def train_cmd(
                           f"{ev['retrieval']['t2i']['R@1']:.1f} % ({ev['retrieval']['n_images']} pairs)", highlight=False)
 
 
-@app.command("compare")
+@stage_command(app, "compare", CompareConfig)
 def compare_cmd(
     corpus: Path = typer.Argument(..., help="A synth corpus (`curate synth`, with a target set in CORPUS/target)."),
     out: Path = typer.Option(..., "--out", help="Compare directory: compare.json, compare.md, curves.png, runs/, "
-                                               "subsets/ and cached embeddings and scores."),
-    fraction: float = typer.Option(0.3, "--fraction", help="Subset size as a fraction of the pool (every method)."),
-    seeds: int = typer.Option(3, "--seeds", help="Students per method (seeds 0..N-1)."),
-    quick: bool = typer.Option(False, "--quick", help="The small preset for CI (fewer steps, smaller held-out split)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher checkpoint (default: the cached tiny teacher)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override the preset's training steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's batch size."),
-    loss: str = typer.Option("infonce", "--loss", help="Student loss: infonce, adacl or pcme."),
-    model: str = typer.Option("curate-student", "--model", help="Student architecture."),
-    prefilter: float = typer.Option(1.5, "--prefilter", help="NormSim recipes: negclip first keeps min(1, P x F)."),
-    jobs: int = typer.Option(2, "--jobs", help="Students trained at once (processes)."),
-    threads: int = typer.Option(1, "--threads", help="torch threads per student."),
-    device: str = typer.Option("auto", help="auto (cuda when present), cpu or cuda."),
+                                               "subsets/, and the chain's embeddings and scores (as `curate run` "
+                                               "writes them)."),
+    *, cfg: CompareConfig,
 ):
     """Train students on same-size subsets from each curation method and from random; tabulate vs ground truth."""
     from rich.markdown import Markdown
 
-    from curate.models.teacher import resolve_device
-    from curate.stages.compare import CompareConfig, compare
+    from curate.compare import entry as compare
+    from curate.ui import sample_progress
 
-    config = CompareConfig(fraction=fraction, seeds=seeds, quick=quick, steps=steps, batch_size=batch_size,
-                           model=model, loss=loss, prefilter=prefilter, teacher=str(teacher) if teacher else None,
-                           jobs=jobs, threads=threads, device=str(resolve_device(device)))
-    doc = compare(corpus, out, config, log=lambda message: console.print(message, highlight=False))
+    result = compare.run(corpus, out, cfg, log=lambda message: console.print(message, highlight=False),
+                         progress=lambda label: sample_progress(label))
     Console().print(Markdown((out / "compare.md").read_text()))
-    console.print(f"[bold]compare[/]: {len(doc['runs'])} runs in {doc['timings']['total']:.0f} s -> "
+    console.print(f"[bold]compare[/]: {len(result.runs)} runs in {result.timings['total']:.0f} s -> "
                   f"{out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
 
-@app.command("report")
+@stage_command(app, "report", ReportConfig)
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory (what `curate run` wrote): scores, emb/, subsets/, ..."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output HTML file (default: RUN_DIR/report.html)."),
@@ -632,20 +549,16 @@ def report_cmd(
     shards: Optional[str] = typer.Option(None, "--shards", help="Shards to read thumbnails from "
                                          "(default: RUN_DIR/corpus/*.tar)."),
     emb: Optional[Path] = typer.Option(None, "--emb", help="Embedding tables with the truth json (default: RUN_DIR/emb)."),
-    per_decile: int = typer.Option(3, "--per-decile", help="Gallery: kept and removed samples shown per decile."),
-    thumb_px: int = typer.Option(64, "--thumb-px", help="Gallery thumbnail size in pixels."),
-    max_points: int = typer.Option(20_000, "--max-points", help="Scatter: at most this many points (seeded sample)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the gallery and scatter samples."),
+    *, cfg: ReportConfig,
 ):
     """One self-contained HTML page (no network, opens from disk): histograms, scatter, galleries, removal, compare."""
-    from curate.stages.report import build_report
+    from curate.stages.report import entry as report
 
-    result = build_report(run_dir, out, scores=scores, subsets=subset, shards=shards, emb=emb,
-                          per_decile=per_decile, thumb_px=thumb_px, max_points=max_points, seed=seed)
-    for note in result["notes"]:
+    result = report.run(run_dir, out, cfg, scores=scores, subsets=subset, shards=shards, emb=emb)
+    for note in result.notes:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
-    console.print(f"[bold]report[/]: {', '.join(result['sections']) or 'no section'} "
-                  f"({result['bytes'] / 1024:,.0f} KiB, {result['seconds']:.1f} s) -> {result['out']}", highlight=False)
+    console.print(f"[bold]report[/]: {', '.join(result.sections) or 'no section'} "
+                  f"({result.bytes / 1024:,.0f} KiB, {result.seconds:.1f} s) -> {result.out}", highlight=False)
 
 # ---------------------------------------------------------------- dedup
 

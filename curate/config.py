@@ -94,6 +94,14 @@ positive = at_least(1)
 non_negative = at_least(0)
 
 
+def because(check: Check, why: str) -> Check:
+    """`check`, its problem followed by why the bound is there ("must be >= 2: a contrastive batch ...")."""
+    def explained(value) -> str | None:
+        problem = check(value)
+        return f"{problem}: {why}" if problem else None
+    return explained
+
+
 def check_config(cfg, name_of: Callable[[Option], str] = lambda o: o.flag) -> None:
     """Every option's choices and check; a CurateError names the option as `name_of` spells it."""
     for opt in options_of(type(cfg)):

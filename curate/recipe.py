@@ -1,17 +1,17 @@
 """`curate run RECIPE.toml`: one file describes the whole chain; `--dry-run` validates it and prints the plan.
 
 Sections (all optional except [run]; see examples/recipes/ and README):
-  [run] dir, executor, workers, ray_address, device      [synth]  make the offline corpus
+  [run] dir, executor, workers, ray_address, device      [synth] out and `curate synth`'s options (samples, ...)
   [teacher] model, pretrained ("tiny-cached" = the project's self-trained curate-tiny), precision
   [embed] shards, out, batch_size, workers, tasks, images_only   [embed_target] the same for target shards
   [import_datacomp] metadata, arch, out                   (instead of [embed], for DataComp's embeddings)
   [score] metrics, k, batch_size, seed, out               [normsim] target, p (list), out, index, nlist, nprobe,
                                                           templates, and for p = 2d iterations, final_fraction,
                                                           subsample, seed, prefilter
-  [clones] batch_size, seed, eps, k, out                  [[filter]] name, keep, min, max, mode, normsim, target,
+  [clones] out and `curate clones`' options               [[filter]] name, keep, min, max, mode, normsim, target,
                                                           fraction_rule
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
-  [report] out
+  [report] out and `curate report`'s options (per_decile, thumb_px, max_points, seed)
 Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
 A stage is skipped on rerun when its run marker (written last, with a hash of its parameters) matches;
 embed and export resume shard by shard on their own.
@@ -33,11 +33,16 @@ from curate.config import RunOptions, config_from_table, recipe_keys
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.run.markers import Markers
+from curate.stages.clones import ClonesConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.export import ExportConfig
 from curate.stages.filter import FilterConfig
+from curate.stages.import_datacomp import ImportDatacompConfig
 from curate.stages.normsim import SCHEDULE_OPTIONS, NormsimConfig
+from curate.stages.report import ReportConfig
 from curate.stages.score import ScoreConfig
+from curate.stages.synth import SynthConfig
+from curate.stages.truth import TruthConfig
 
 REQUIRED = object()
 
@@ -55,32 +60,33 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "normsim": (NormsimConfig, None),
     "filter": (FilterConfig, None),
     "export": (ExportConfig, None),
+    "synth": (SynthConfig, None),
+    "import_datacomp": (ImportDatacompConfig, None),
+    "clones": (ClonesConfig, None),
+    "truth": (TruthConfig, None),
+    "report": (ReportConfig, None),
 }
 # section -> key -> (type(s), default) for the keys that are not options. Types are checked; unknown keys are
 # errors naming the key.
 SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "run": {"dir": (str, REQUIRED), "device": (str, "auto")},
-    "synth": {"out": (str, "corpus"), "samples": (int, 4000), "shard_size": (int, 500), "seed": (int, 0),
-              "corrupt": ((float, int), 0.3), "target_samples": (int, 1000), "image_size": (int, 64)},
+    "synth": {"out": (str, "corpus")},
     "teacher": {},
     "embed": {"shards": (str, REQUIRED), "out": (str, "emb")},
     "embed_target": {"shards": (str, REQUIRED), "out": (str, "target_emb")},
-    "import_datacomp": {"metadata": (str, REQUIRED), "arch": (str, "l14"), "out": (str, "emb")},
+    "import_datacomp": {"metadata": (str, REQUIRED), "out": (str, "emb")},
     "score": {"out": (str, "scores.parquet")},
     # p: a list here (one table per p); prefilter: a subset path or the name of a [[filter]], run first
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
                 "prefilter": (str, "")},
-    "clones": {"batch_size": (int, 4096), "seed": (int, 0), "eps": ((float, int), 0.1), "k": (int, 10),
-               "out": (str, "clones.parquet")},
+    "clones": {"out": (str, "clones.parquet")},
     "filter": {"name": (str, REQUIRED)},
     "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export")},
     "truth": {"subsets": (list, [])},
     "report": {"out": (str, "report.html")},
 }
-CHOICES = {("run", "device"): ("auto", "cpu", "cuda"), ("import_datacomp", "arch"): ("l14", "b32")}
-POSITIVE_INTS = {"samples", "shard_size", "batch_size", "k", "workers", "tasks", "target_samples", "image_size"}
+CHOICES = {("run", "device"): ("auto", "cpu", "cuda")}  # the non-option keys' choices (options check their own)
 NAMED_TARGETS = ("imagenet-text", "none")  # [normsim]/[[filter]] targets that are names, not paths
-ZERO_ALLOWED = {("embed", "workers"), ("embed_target", "workers"), ("synth", "target_samples")}  # 0 decode workers: in-process
 
 
 @dataclass
@@ -106,6 +112,12 @@ def load_recipe(path: str | Path) -> dict:
         raise CurateError(f"{path}: recipe file does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise CurateError(f"{path}: not valid TOML ({exc})") from None
+    return validate_recipe(raw, path)
+
+
+def validate_recipe(raw: dict, path: str | Path) -> dict:
+    """A recipe given as a dict (what a TOML file parses to) validated as `load_recipe` validates a file: every
+    problem is a CurateError naming `path` (what the messages call its source), the section and the key."""
     unknown = sorted(set(raw) - set(SCHEMA))
     if unknown:
         raise CurateError(f"{path}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
@@ -205,11 +217,13 @@ def _validate(path: Path, section: str, table: Any, defaults: dict | None = None
         choices = CHOICES.get((section, key))
         if choices and value not in choices:
             raise CurateError(f"{path}: [{section}] {key} = {value!r}; choose one of {', '.join(choices)}")
-        low = 0 if (section, key) in ZERO_ALLOWED else 1
-        if isinstance(value, int) and key in POSITIVE_INTS and value < low:
-            raise CurateError(f"{path}: [{section}] {key} = {value} must be >= {low}")
         out[key] = value
     return out
+
+
+def section_config(config: type, section: dict):
+    """A stage's config from its validated recipe section (the section's inputs and outputs left out)."""
+    return config(**{name: section[name] for name in recipe_keys(config)})
 
 
 def run_options(run: dict) -> RunOptions:
@@ -252,17 +266,17 @@ def plan(recipe: dict) -> list[Step]:
         out = at(s["out"])
 
         def run_synth(bar=None, s=s, out=out):
-            from curate.stages.synth import make_corpus
+            from curate.stages.synth import entry as synth
 
-            return make_corpus(out, s["samples"], s["shard_size"], s["seed"], s["corrupt"], s["target_samples"],
-                               s["image_size"])
+            return dataclasses.asdict(synth.run(out, section_config(SynthConfig, s), progress=bar))
         add("synth", "synth", s, [], [out], run_synth)
 
     pretrained = {"value": teacher["pretrained"]}
 
     def teacher_weights(bar=None) -> str:
         if pretrained["value"] == "tiny-cached":
-            from curate.stages.teacher import TINY_TEACHER_TRAIN, ensure_tiny_teacher
+            from curate.stages.teacher import TINY_TEACHER_TRAIN
+            from curate.stages.teacher.tiny import ensure_tiny_teacher
 
             def on_log(entry: dict) -> None:  # training steps on the bar (the first run trains for minutes)
                 if bar is not None:
@@ -276,7 +290,7 @@ def plan(recipe: dict) -> list[Step]:
     # what the embed steps' digests hold: a retrained cached teacher (its recipe changed) reruns them
     teacher_identity = dict(teacher)
     if teacher["pretrained"] == "tiny-cached":
-        from curate.stages.teacher import tiny_teacher_path
+        from curate.stages.teacher.tiny import tiny_teacher_path
 
         teacher_identity["weights"] = tiny_teacher_path().name
     needs_teacher = any(k in recipe for k in ("embed", "embed_target")) or \
@@ -306,9 +320,10 @@ def plan(recipe: dict) -> list[Step]:
         d = recipe["import_datacomp"]
 
         def run_import(bar=None, d=d):
-            from curate.stages.import_datacomp import import_datacomp
+            from curate.stages.import_datacomp import entry as import_datacomp
 
-            return vars(import_datacomp(at(d["metadata"]), d["arch"], emb))
+            return vars(import_datacomp.run(at(d["metadata"]), emb, section_config(ImportDatacompConfig, d),
+                                            progress=bar))
         add("import_datacomp", "import_datacomp", d, [at(d["metadata"])], [emb], run_import)
 
     score_tables: list[str] = []
@@ -376,10 +391,9 @@ def plan(recipe: dict) -> list[Step]:
         out = at(c["out"])
 
         def run_clones(bar=None, c=c, out=out):
-            from curate.stages.clones import run_clones as clones
+            from curate.stages.clones import entry as clones
 
-            return clones(emb, out, batch_size=c["batch_size"], seed=c["seed"], eps=c["eps"], k=c["k"],
-                          device=run["device"])
+            return clones.run(emb, out, section_config(ClonesConfig, c)).metadata()
         add("clones", "clones", c, [emb], [out], run_clones)
 
     for f in recipe.get("filter", []):
@@ -391,12 +405,10 @@ def plan(recipe: dict) -> list[Step]:
         out = at("truth.json")
 
         def run_truth(bar=None, names=names, out=out):
-            from curate.stages.truth import truth_markdown, truth_table
+            from curate.stages import truth
 
-            table = truth_table(emb, {n: subsets[n] for n in names})
-            write_text_atomic(out, json.dumps(table, indent=2, sort_keys=True))
-            write_text_atomic(out.replace(".json", ".md"), truth_markdown(table) + "\n")
-            return {"truth": table}
+            result = truth.run(emb, {n: subsets[n] for n in names}, out, section_config(TruthConfig, recipe["truth"]))
+            return {"truth": result.table}
         add("truth", "truth", recipe["truth"], [subsets[n] for n in names], [out], run_truth)
 
     if "export" in recipe:
@@ -417,9 +429,9 @@ def plan(recipe: dict) -> list[Step]:
         out = at(recipe["report"]["out"])
 
         def run_report(bar=None, out=out):
-            from curate.stages.report import build_report
+            from curate.stages.report import entry as report
 
-            return {"report": str(build_report(str(root), out)["out"])}
+            return {"report": report.run(str(root), out, section_config(ReportConfig, recipe["report"])).out}
         add("report", "report", recipe["report"], [str(root)], [out], run_report)
     # a change anywhere upstream reruns everything after it: chain each step's digest into the next
     upstream = ""
@@ -436,7 +448,7 @@ def step_status(step: Step, markers: Markers) -> str:
     if step.section == "teacher":
         pretrained = step.params["section"]["pretrained"]
         if pretrained == "tiny-cached":
-            from curate.stages.teacher import tiny_teacher_path
+            from curate.stages.teacher.tiny import tiny_teacher_path
 
             return "cached" if tiny_teacher_path().is_file() else "todo (trains curate-tiny once, ~3 min)"
         return "loads " + pretrained

@@ -106,6 +106,8 @@ def run_normsim(emb, out, progress=None, **values):
     from curate.stages.normsim.entry import run
 
     return run(emb, out, *configure(NormsimConfig, **values), progress=progress)
+
+
 def run_filter(tables, out, **values):
     """`curate.stages.filter.entry.run` with its options as keywords (split between FilterConfig and RunOptions)."""
     from curate.config import configure
@@ -122,3 +124,19 @@ def run_export(shards, subset, out, progress=None, **values):
     from curate.stages.export.entry import run
 
     return run(shards, subset, out, *configure(ExportConfig, **values), progress=progress)
+
+
+def synth_corpus(out, progress=None, **values):
+    """`curate.stages.synth.entry.run` with its options (SynthConfig) as keywords."""
+    from curate.stages.synth import SynthConfig
+    from curate.stages.synth.entry import run
+
+    return run(out, SynthConfig(**values), progress=progress)
+
+
+def run_clones(emb, out, **values):
+    """`curate.stages.clones.entry.run` with its options (ClonesConfig) as keywords."""
+    from curate.stages.clones import ClonesConfig
+    from curate.stages.clones.entry import run
+
+    return run(emb, out, ClonesConfig(**values))

@@ -17,9 +17,10 @@ from curate.errors import CurateError
 from curate.io.tables import read_meta
 from curate.metrics import clones as cm
 from curate.metrics.negclip import partition_batches
-from curate.recipe import SCHEMA
-from curate.stages.clones import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_K, run_clones
+from curate.recipe import load_recipe
+from curate.stages.clones import ClonesConfig
 from adacl_oracles import oracle_discovery, oracle_margins, oracle_posterior, oracle_probability
+from conftest import run_clones
 from helpers_issue6 import unit_rows, write_embedding_dir
 
 S_HAND = np.array([[.31, .30, .10], [.12, .28, .27], [.05, .06, .33]])
@@ -204,9 +205,9 @@ def test_stage_hand_example(tmp_path):
         np.testing.assert_allclose(t[f"anchor_p_hat{direction}"], [want["p_hat"]] * 3, rtol=1e-9)
         name = "i2t" if direction == "" else "t2i"
         m1, m2 = want["margins"]
-        assert summary["batches"][name]["median_m1"] == pytest.approx(m1, rel=1e-9)
-        assert summary["batches"][name]["median_m2"] == pytest.approx(m2, rel=1e-9)
-        assert summary["batches"][name]["potential_clones"] == want["n_potential"]
+        assert summary.batches[name]["median_m1"] == pytest.approx(m1, rel=1e-9)
+        assert summary.batches[name]["median_m2"] == pytest.approx(m2, rel=1e-9)
+        assert summary.batches[name]["potential_clones"] == want["n_potential"]
     # the k-NN extension: pool-wide salient gaps, partners and counts (margin = τ = 0.02)
     np.testing.assert_allclose(t["knn_gap_i2t"], [.01, .01, .27], atol=1e-3)
     np.testing.assert_allclose(t["knn_gap_t2i"], [.19, -.02, .06], atol=1e-3)
@@ -232,7 +233,7 @@ def test_stage_batches_match_the_oracle_batch_by_batch(tmp_path):
     t = pq.read_table(out).to_pydict()
     v, w = stored(img), stored(txt)
     batches = list(partition_batches(n, b, seed, 0))
-    assert summary["n_batches"] == len(batches) == 4 and summary["batch_size"] == 16
+    assert summary.n_batches == len(batches) == 4 and summary.batch_size == 16
     uid = np.array([f"{i:032x}" for i in range(n)])
     seen = np.zeros(n, int)
     for index, batch in enumerate(batches):
@@ -278,12 +279,12 @@ def test_stage_degenerate_batches_and_duplicates_with_truth(tmp_path):
     s = run_clones(emb, tmp_path / "two.parquet", batch_size=2, k=5, device="cpu", truth="json:truth")
     t = pq.read_table(tmp_path / "two.parquet").to_pydict()
     assert all(math.isnan(p) for p in t["clone_prob"]) and all(math.isnan(a) for a in t["anchor_similarity"])
-    assert s["batches"]["i2t"]["with_anchor"] == 0 and s["batches"]["i2t"]["no_update"] == {"no GDA": 40}
-    assert s["n_potential_clones"] == 0 and s["batches"]["i2t"]["median_m1"] is None
+    assert s.batches["i2t"]["with_anchor"] == 0 and s.batches["i2t"]["no_update"] == {"no GDA": 40}
+    assert s.n_potential_clones == 0 and s.batches["i2t"]["median_m1"] is None
     dup = {i: x for i, x in enumerate(t["duplicate_of"]) if x is not None}
     uid = np.array([f"{i:032x}" for i in range(n)])
     assert dup == {17: uid[5], 40: uid[5], 30: uid[10]}
-    check = s["truth_check"]
+    check = s.truth_check
     assert check["duplicate_of vs injected duplicate"]["f1"] == 1.0
     assert check["duplicate_of groups vs duplicate pairs (injected + originals)"]["f1"] == 1.0
     assert check["truth_counts"] == {"clean": 77, "duplicate": 3}
@@ -293,11 +294,11 @@ def test_stage_degenerate_batches_and_duplicates_with_truth(tmp_path):
     t = pq.read_table(tmp_path / "c.parquet").to_pydict()
     flagged = (np.array(t["clone_prob"]) > 0.5) | (np.array(t["clone_prob_t2i"]) > 0.5)
     injected = np.isin(np.arange(n), [17, 40, 30])
-    got = s["truth_check"]["clone_prob>0.5 vs injected clone|duplicate"]
+    got = s.truth_check["clone_prob>0.5 vs injected clone|duplicate"]
     assert (got["tp"], got["fp"], got["fn"]) == (int((flagged & injected).sum()), int((flagged & ~injected).sum()),
                                                  int((~flagged & injected).sum()))
-    assert s["n_potential_clones"] == int(flagged.sum())
-    assert "knn_clone_prob>0.5 vs injected clone|duplicate" in s["truth_check"]
+    assert s.n_potential_clones == int(flagged.sum())
+    assert "knn_clone_prob>0.5 vs injected clone|duplicate" in s.truth_check
 
 
 def test_cli_clones_and_user_errors(tmp_path, monkeypatch, capsys):
@@ -333,22 +334,21 @@ def test_cli_clones_and_user_errors(tmp_path, monkeypatch, capsys):
     assert json.loads(json.dumps(meta))  # metadata is plain JSON
 
 
-def test_clones_defaults_agree_between_cli_recipe_and_stage():
-    import inspect
+def test_clones_defaults_agree_between_cli_recipe_and_stage(tmp_path):
+    import typer
 
-    from curate.cli import clones_cmd
-
-    cli = {name: p.default.default for name, p in inspect.signature(clones_cmd).parameters.items()
-           if hasattr(p.default, "default")}
-    stage = inspect.signature(run_clones).parameters
-    recipe = SCHEMA["clones"]
-    for name, value in (("batch_size", DEFAULT_BATCH_SIZE), ("eps", DEFAULT_EPS), ("k", DEFAULT_K), ("seed", 0)):
-        assert cli[name] == stage[name].default == recipe[name][1] == value, name
+    command = typer.main.get_command(app).commands["clones"]
+    cli = {p.name: p.default for p in command.params}
+    recipe_path = tmp_path / "r.toml"
+    recipe_path.write_text(f'[run]\ndir = "{tmp_path}"\n[clones]\n')
+    recipe = load_recipe(recipe_path)["clones"]
+    for name, value in (("batch_size", 4096), ("eps", 0.1), ("k", 10), ("seed", 0)):
+        assert cli[name] == getattr(ClonesConfig(), name) == recipe[name] == value, name
 
 
 def test_batch_summary_groups_no_update_reasons_by_category():
     from curate.metrics.adacl import MarginStep
-    from curate.stages.clones import summarise_batches
+    from curate.stages.clones.entry import summarise_batches
 
     steps = [MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.93, m1 would be <= 0", 0.9, 0.1, 0.93, 7),
              MarginStep(5.0, 0.1, False, "p̂_u >= 1 - ε: p̂_u = 0.99, m1 would be <= 0", 0.8, 0.2, 0.99, 3),

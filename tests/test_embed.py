@@ -15,7 +15,7 @@ from curate.io.tables import EmbeddingPool, vectors_to_numpy, read_meta
 from curate.io.uids import content_uid
 from curate.stages.embed import EmbedConfig
 from curate.stages.embed.entry import run as embed
-from curate.stages.synth import make_corpus
+from conftest import synth_corpus
 from conftest import one_line_error, run_curate
 
 CONFIG = EmbedConfig(model="curate-tiny", pretrained="none", device="cpu", batch_size=16, workers=0)
@@ -24,7 +24,7 @@ CONFIG = EmbedConfig(model="curate-tiny", pretrained="none", device="cpu", batch
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    make_corpus(out, samples=60, shard_size=20, seed=3, corrupt=0.2, target_samples=10)
+    synth_corpus(out, samples=60, shard_size=20, seed=3, corrupt=0.2, target_samples=10)
     return out
 
 

@@ -300,10 +300,10 @@ def test_embed_on_ray_and_over_ranks_matches_one_local_run(tmp_path, ray_session
 
     from curate.cli import app
     from curate.models import create_model, model_config, save_checkpoint
-    from curate.stages.synth import make_corpus
+    from conftest import synth_corpus
 
     corpus = tmp_path / "corpus"
-    make_corpus(corpus, samples=32, shard_size=8, corrupt=0.2, target_samples=0, image_size=32)
+    synth_corpus(corpus, samples=32, shard_size=8, corrupt=0.2, target_samples=0, image_size=32)
     torch.manual_seed(0)  # a fixed teacher: random init differs between processes
     checkpoint = save_checkpoint(create_model("curate-tiny"), tmp_path / "teacher.pt", "curate-tiny",
                                  model_config("curate-tiny"))

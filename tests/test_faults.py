@@ -199,10 +199,10 @@ def fault_cycle(cmd_ref: list[str], ref_dir: Path, cmd_fault: list[str], fault_d
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from curate.stages.synth import make_corpus
+    from conftest import synth_corpus
 
     out = tmp_path_factory.mktemp("faults") / "corpus"
-    make_corpus(out, samples=60, shard_size=12, seed=4, corrupt=0.2, target_samples=0)
+    synth_corpus(out, samples=60, shard_size=12, seed=4, corrupt=0.2, target_samples=0)
     return out
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool, vectors_to_numpy, read_meta
-from curate.stages.import_datacomp import import_datacomp
+from curate.stages.import_datacomp import ImportDatacompConfig
+from curate.stages.import_datacomp.entry import run as import_run
 
 
 def make_datacomp_shard(directory, stem, n, seed, with_key=False):
@@ -38,7 +39,7 @@ def test_import_round_trip_and_teacher_metadata(tmp_path):
     meta.mkdir()
     uids0, arrays0 = make_datacomp_shard(meta, "00000000", 5, seed=0, with_key=True)
     uids1, arrays1 = make_datacomp_shard(meta, "00000001", 3, seed=1)
-    report = import_datacomp(meta, "l14", tmp_path / "emb")
+    report = import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="l14"))
     assert (report.imported, report.rows, report.skipped_rows) == (2, 8, 0)
     pool = EmbeddingPool(tmp_path / "emb")
     assert pool.teacher.model == "ViT-L-14" and pool.teacher.pretrained == "openai"
@@ -63,14 +64,14 @@ def test_b32_and_rerun_skips_done_shards(tmp_path):
     meta = tmp_path / "metadata"
     meta.mkdir()
     make_datacomp_shard(meta, "00000000", 4, seed=2)
-    import_datacomp(meta, "b32", tmp_path / "emb")
+    import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="b32"))
     assert EmbeddingPool(tmp_path / "emb").teacher.embed_dim == 512
     out = tmp_path / "emb" / "00000000.parquet"
     mtime = out.stat().st_mtime_ns
-    again = import_datacomp(meta, "b32", tmp_path / "emb")
+    again = import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="b32"))
     assert again.skipped_done == 1 and again.imported == 0 and out.stat().st_mtime_ns == mtime
     with pytest.raises(CurateError, match="was imported with --arch b32"):
-        import_datacomp(meta, "l14", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="l14"))
 
 
 def test_unusable_rows_are_skipped_and_recorded(tmp_path):
@@ -85,7 +86,7 @@ def test_unusable_rows_are_skipped_and_recorded(tmp_path):
     img[3] = 0  # zero norm
     txt[4, 7] = np.nan
     np.savez(meta / "00000000.npz", b32_img=img, b32_txt=txt)
-    report = import_datacomp(meta, "b32", tmp_path / "emb")
+    report = import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="b32"))
     assert (report.rows, report.skipped_rows) == (2, 3)
     table = pq.read_table(tmp_path / "emb" / "00000000.parquet")
     assert table.column("uid").to_pylist() == [uids[0], uids[2]]
@@ -101,20 +102,20 @@ def test_broken_layouts_are_clear_errors_naming_the_file(tmp_path):
     meta.mkdir()
     make_datacomp_shard(meta, "00000000", 4, seed=4)
     with pytest.raises(CurateError, match="--arch 'h14'"):
-        import_datacomp(meta, "h14", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="h14"))
     (meta / "00000000.npz").unlink()
     with pytest.raises(CurateError, match=r"00000000.npz: missing"):
-        import_datacomp(meta, "l14", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="l14"))
     np.savez(meta / "00000000.npz", l14_img=np.ones((3, 768), np.float16), l14_txt=np.ones((3, 768), np.float16))
     with pytest.raises(CurateError, match=r"00000000.npz: l14_img has 3 rows but 00000000.parquet has 4"):
-        import_datacomp(meta, "l14", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="l14"))
     with pytest.raises(CurateError, match=r"00000000.npz: no array b32_img, b32_txt \(it has l14_img, l14_txt\)"):
-        import_datacomp(meta, "b32", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="b32"))
     (meta / "00000000.npz").write_bytes(b"garbage")
     with pytest.raises(CurateError, match="00000000.npz: not a readable .npz"):
-        import_datacomp(meta, "l14", tmp_path / "emb")
+        import_run(meta, tmp_path / "emb", ImportDatacompConfig(arch="l14"))
     with pytest.raises(CurateError, match="no \\*.parquet metadata"):
-        import_datacomp(tmp_path / "emb", "l14", tmp_path / "emb2")
+        import_run(tmp_path / "emb", tmp_path / "emb2", ImportDatacompConfig(arch="l14"))
     assert not list((tmp_path / "emb").glob("*.parquet"))  # nothing half-written
 
 

@@ -207,7 +207,7 @@ def test_imagenet_text_without_the_teachers_weights_says_what_normsim_can_do(tmp
     """Imported DataComp embeddings name ViT-L-14/openai; offline, loading its text tower fails with advice for
     `curate embed` (--pretrained), an option normsim does not have."""
     import curate.models
-    from curate.stages.import_datacomp import ARCHS
+    from curate.stages.import_datacomp.entry import ARCHS
 
     def offline(model, pretrained, **kwargs):
         raise CurateError(f"weights for {model}/{pretrained} cannot be downloaded (no network) and are not cached; "

@@ -14,7 +14,8 @@ from curate.cli import app
 from curate.errors import CurateError
 from curate.io.tables import read_meta
 from curate.metrics import pcme as pm
-from curate.stages import pcme as stage
+from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
+from curate.stages.pcme import entry as stage
 from helpers_issue6 import noisy_pairs, write_embedding_dir
 
 
@@ -181,31 +182,32 @@ def noisy_emb(tmp_path_factory):
 
 def test_calibrate_stage(noisy_emb, tmp_path):
     out = tmp_path / "cal.parquet"
-    s = stage.calibrate(noisy_emb, out, pairs=400, truth="json:truth")
+    s = stage.calibrate_p_match(noisy_emb, out, PcmeCalibrateConfig(pairs=400, truth="json:truth"))
     t = pq.read_table(out)
     assert t.column_names == ["uid", "similarity", "p_match"] and t.num_rows == 600
-    assert s["a"] > 0
-    assert s["truth_check"]["roc_auc_p_match_clean_vs_corrupted"] > 0.95
+    assert s.a > 0
+    assert s.truth_check["roc_auc_p_match_clean_vs_corrupted"] > 0.95
     p = t.column("p_match").to_numpy()
     sim = t.column("similarity").to_numpy().astype(np.float64)
-    np.testing.assert_allclose(p, 1 / (1 + np.exp(-(-s["a"] * (2 - 2 * sim) + s["b"]))), rtol=1e-6)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-(-s.a * (2 - 2 * sim) + s.b))), rtol=1e-6)
     assert read_meta(out)["pcme"]["n_pairs"] == 400
 
 
 @pytest.mark.parametrize("loss", ["csd", "mc"])
 def test_fit_and_score_stage(noisy_emb, tmp_path, loss):
     heads = tmp_path / "heads.pt"
-    stage.fit(noisy_emb, heads, loss=loss, steps=40, batch_size=64, n_samples=4, hidden=16, device="cpu", seed=3)
+    stage.fit_heads(noisy_emb, heads, PcmeFitConfig(loss=loss, steps=40, batch_size=64, n_samples=4, hidden=16,
+                                                  device="cpu", seed=3))
     ckpt = torch.load(heads, weights_only=True)  # plain types and tensors only
     assert ckpt["config"]["loss"] == loss and ckpt["train"]["steps"] == 40
     assert ckpt["train"]["final_loss"] < ckpt["train"]["loss_curve"][0]
     out = tmp_path / "pcme.parquet"
-    s = stage.score(noisy_emb, heads, out, device="cpu", truth="json:truth")
+    s = stage.p_match_and_uncertainty(noisy_emb, heads, out, PcmeScoreConfig(device="cpu", truth="json:truth"))
     t = pq.read_table(out)
     assert t.column_names == ["uid", "p_match", "csd", "uncertainty_img", "uncertainty_txt", "uncertainty"]
     u = t.column("uncertainty_img").to_numpy()
     assert np.all(u > 0) and np.all(np.isfinite(u))
-    assert s["truth_check"]["roc_auc_p_match_clean_vs_corrupted"] > 0.9
+    assert s.truth_check["roc_auc_p_match_clean_vs_corrupted"] > 0.9
     # score recomputes the closed form from the heads
     h, _ = stage.load_heads(heads)
     from curate.io.tables import EmbeddingPool
@@ -262,19 +264,20 @@ def test_monte_carlo_uses_seven_samples_per_side_by_default(noisy_emb, tmp_path,
 
 def test_score_refuses_foreign_heads_and_bad_files(noisy_emb, tmp_path):
     heads = tmp_path / "h.pt"
-    stage.fit(noisy_emb, heads, steps=2, batch_size=16, hidden=4, device="cpu")
+    stage.fit_heads(noisy_emb, heads, PcmeFitConfig(steps=2, batch_size=16, hidden=4, device="cpu"))
     img, txt, _ = noisy_pairs(10, 16, 0.0, seed=1)
     other = write_embedding_dir(tmp_path / "other", img, txt, model="another-teacher")
     with pytest.raises(CurateError, match="teacher"):
-        stage.score(other, heads, tmp_path / "x.parquet", device="cpu")
+        stage.p_match_and_uncertainty(other, heads, tmp_path / "x.parquet", PcmeScoreConfig(device="cpu"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CurateError, match="not a readable heads checkpoint"):
-        stage.score(noisy_emb, bad, tmp_path / "x.parquet", device="cpu")
+        stage.p_match_and_uncertainty(noisy_emb, bad, tmp_path / "x.parquet", PcmeScoreConfig(device="cpu"))
     with pytest.raises(CurateError, match="no such heads"):
-        stage.score(noisy_emb, tmp_path / "missing.pt", tmp_path / "x.parquet", device="cpu")
+        stage.p_match_and_uncertainty(noisy_emb, tmp_path / "missing.pt", tmp_path / "x.parquet",
+                                      PcmeScoreConfig(device="cpu"))
     with pytest.raises(CurateError, match="--loss"):
-        stage.fit(noisy_emb, heads, loss="nope")
+        stage.fit_heads(noisy_emb, heads, PcmeFitConfig(loss="nope"))
 
 
 def test_formula_hand_checks():

@@ -25,10 +25,10 @@ from curate.errors import CurateError
 from curate.io.shards import decode_sample, expand_shards, iter_shard
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
 from curate.io.uids import read_uid_npy
-from curate.stages.report import build_report
-from curate.stages.synth import make_corpus, write_tar_atomic
-
-from conftest import run_filter
+from curate.io.tar_blocks import write_tar_atomic
+from curate.stages.report import ReportConfig
+from curate.stages.report.entry import run as report_run
+from conftest import run_filter, synth_corpus
 
 SECTIONS = ("overview", "histograms", "scatter", "removal", "galleries", "compare", "curves", "parameters")
 EVIL_UID = "e" * 32
@@ -43,7 +43,7 @@ def make_run_dir(root: Path, samples: int = 60, seed: int = 0, full: bool = True
     tables carrying the truth json, score tables whose scores depend on the truth, two real filter subsets,
     and (when `full`) compare output, two training curves and run.json."""
     run = root / "run"
-    make_corpus(run / "corpus", samples=samples, shard_size=samples // 2, seed=seed, corrupt=0.3,
+    synth_corpus(run / "corpus", samples=samples, shard_size=samples // 2, seed=seed, corrupt=0.3,
                 target_samples=0, image_size=32)
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
@@ -95,8 +95,8 @@ def built(tmp_path_factory):
     """One run directory and its report (per_decile large enough that every sample is in a gallery)."""
     root = tmp_path_factory.mktemp("report")
     run = make_run_dir(root)
-    result = build_report(run, root / "report.html", per_decile=100)
-    return run, Path(result["out"]), result
+    result = report_run(run, root / "report.html", ReportConfig(per_decile=100))
+    return run, Path(result.out), result
 
 
 class PageParser(HTMLParser):
@@ -164,7 +164,7 @@ def test_report_has_every_section_with_content(built):
     p = parse(page)
     assert p.sections == list(SECTIONS)
     assert 'class="absent"' not in page  # every input is present, so no section says it is missing
-    assert set(result["sections"]) == set(SECTIONS) - {"overview"}
+    assert set(result.sections) == set(SECTIONS) - {"overview"}
     # histograms of the four metrics with the subsets' cut scores, one scatter, removal, curves: 7 plots
     plots = [src for src in p.images if src.startswith("data:image/png;base64,")]
     assert len(plots) == 4 + 1 + 1 + 1
@@ -226,31 +226,31 @@ def test_missing_inputs_are_noted_not_fatal(tmp_path):
     run = make_run_dir(tmp_path, samples=20, full=False)
     shutil.rmtree(run / "subsets")
     shutil.rmtree(run / "emb")
-    result = build_report(run, tmp_path / "r.html")
+    result = report_run(run, tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert parse(page).sections == list(SECTIONS)
-    assert set(result["sections"]) == {"parameters", "histograms", "scatter"}
+    assert set(result.sections) == {"parameters", "histograms", "scatter"}
     for looked_for in ("RUN_DIR/subsets/", "RUN_DIR/compare/compare.md", "RUN_DIR/run.json", "RUN_DIR/emb/",
                        "RUN_DIR/students/"):
         assert looked_for in page
     with pytest.raises(CurateError, match="nothing to report"):
-        build_report(_empty_dir(tmp_path), tmp_path / "x.html")
+        report_run(_empty_dir(tmp_path), tmp_path / "x.html")
     with pytest.raises(CurateError, match="no such run directory"):
-        build_report(tmp_path / "absent", tmp_path / "y.html")
+        report_run(tmp_path / "absent", tmp_path / "y.html")
 
 
 def test_explicit_scores_and_subset_options(built, tmp_path):
     run, _, _ = built
-    result = build_report(run, tmp_path / "r.html", scores=[run / "scores.parquet"],
-                          subsets=[run / "subsets" / "clipscore"], per_decile=1)
+    result = report_run(run, tmp_path / "r.html", ReportConfig(per_decile=1), scores=[run / "scores.parquet"],
+                        subsets=[run / "subsets" / "clipscore"])
     p = parse((tmp_path / "r.html").read_text(encoding="utf-8"))
     plots = [src for src in p.images if src.startswith("data:image/png")]
     assert len(plots) == 2 + 1 + 1 + 1  # clipscore and negclip histograms, scatter, removal, curves
     assert {subset for subset, _, _ in p.cards} == {"clipscore"}
     assert len(p.cards) <= 2 * 10  # one kept and one removed per decile at most
-    assert "removal" in result["sections"]
+    assert "removal" in result.sections
     with pytest.raises(CurateError, match="--subset"):
-        build_report(run, tmp_path / "x.html", subsets=[run / "nothing"])
+        report_run(run, tmp_path / "x.html", subsets=[run / "nothing"])
 
 
 def _empty_dir(tmp_path: Path) -> Path:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from curate.cli import app
 from curate.errors import CurateError
 from curate.metrics import retrieval as rm
-from curate.stages.evaluate import evaluate
+from curate.stages.evaluate import EvalConfig
+from curate.stages.evaluate.entry import run as evaluate_run
 from helpers_issue6 import unit_rows, write_embedding_dir
 
 
@@ -198,7 +199,7 @@ def _grouped_dir(tmp_path, how):
 def test_eval_groups_captions_by_image(tmp_path, how, group_by):
     emb, img, txt, t2i, li, lt = _grouped_dir(tmp_path, how)
     out = tmp_path / "eval.json"
-    res = evaluate(emb, out, labels="json:labels", group_by=group_by)
+    res = evaluate_run(emb, out, EvalConfig(labels="json:labels", group_by=group_by))
     doc = json.loads(out.read_text())
     assert doc["n_images"] == 4 and doc["n_texts"] == 12 and doc["captions_per_image"] == 3.0
     f16 = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731 - tables store fp16
@@ -207,7 +208,7 @@ def test_eval_groups_captions_by_image(tmp_path, how, group_by):
         for key in ("R@1", "R@5", "r_precision", "map_at_r"):
             assert doc[direction][key] == pytest.approx(want[direction][key], abs=1e-6)
         assert doc[direction]["pmrp"]["zeta=1"] == pytest.approx(want[direction]["pmrp"]["zeta=1"], abs=1e-6)
-    assert res["rsum"] == pytest.approx(want["rsum"], abs=1e-6)
+    assert res.rsum == pytest.approx(want["rsum"], abs=1e-6)
 
 
 def test_eval_cli_and_errors(tmp_path):
@@ -218,13 +219,13 @@ def test_eval_cli_and_errors(tmp_path):
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["n_images"] == 12 and "pmrp_mean" in doc and "R@10" in doc["t2i"]
     with pytest.raises(CurateError, match="column:NAME or json:PATH"):
-        evaluate(emb, None, labels="labels")
+        evaluate_run(emb, None, EvalConfig(labels="labels"))
     with pytest.raises(CurateError, match="multi-hot"):
-        evaluate(emb, None, labels="json:image_id")
+        evaluate_run(emb, None, EvalConfig(labels="json:image_id"))
     with pytest.raises(CurateError, match="no row has a label vector"):
-        evaluate(emb, None, labels="json:no_such_field")
+        evaluate_run(emb, None, EvalConfig(labels="json:no_such_field"))
     with pytest.raises(CurateError, match="no `nope` column"):
-        evaluate(emb, None, group_by="column:nope")
+        evaluate_run(emb, None, EvalConfig(group_by="column:nope"))
 
 
 def test_eval_rows_without_labels_leave_pmrp(tmp_path):
@@ -235,13 +236,13 @@ def test_eval_rows_without_labels_leave_pmrp(tmp_path):
     labels = [[1, 0], [0, 1], [1, 1], None, [0, 0], [1, 0]]
     docs = [{} if lab is None else {"labels": lab} for lab in labels]
     emb = write_embedding_dir(tmp_path / "emb", img, txt, docs=docs)
-    got = evaluate(emb, None, labels="json:labels", group_by="none")
-    assert got["pmrp_unlabelled"] == {"images": 2, "texts": 2}
+    got = evaluate_run(emb, None, EvalConfig(labels="json:labels", group_by="none"))
+    assert got.pmrp_unlabelled == {"images": 2, "texts": 2}
     as_zeros = np.array([lab if lab is not None else [0, 0] for lab in labels])
     f16 = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731 - tables store fp16
     want = _loop_metrics(f16(img), f16(txt), np.arange(6), as_zeros, as_zeros)
     for direction in ("i2t", "t2i"):
+        numbers = got.document()[direction]
         for z in (0, 1, 2):
-            assert got[direction]["pmrp"][f"zeta={z}"] == pytest.approx(want[direction]["pmrp"][f"zeta={z}"],
-                                                                        abs=1e-9)
-        assert got[direction]["pmrp_queries"]["zeta=0"] == 4
+            assert numbers["pmrp"][f"zeta={z}"] == pytest.approx(want[direction]["pmrp"][f"zeta={z}"], abs=1e-9)
+        assert numbers["pmrp_queries"]["zeta=0"] == 4

@@ -24,10 +24,9 @@ from curate.stages.synth import (
     LABEL_NAMES,
     SWAP_MIN_DIFFERENT_ATTRIBUTES,
     TARGET_CLASSES,
-    caption_for,
-    corruption_counts,
-    make_corpus,
 )
+from curate.stages.synth.entry import caption_for, corruption_counts
+from conftest import synth_corpus
 
 N, SHARD, SEED, F, TARGET = 300, 70, 7, 0.25, 100
 
@@ -61,9 +60,9 @@ def grey_fraction(jpg: bytes) -> float:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    summary = make_corpus(root / "a", N, SHARD, SEED, F, target_samples=TARGET)
-    make_corpus(root / "b", N, SHARD, SEED, F, target_samples=TARGET)
-    make_corpus(root / "c", N, SHARD, SEED + 1, F, target_samples=TARGET)
+    summary = synth_corpus(root / "a", samples=N, shard_size=SHARD, seed=SEED, corrupt=F, target_samples=TARGET)
+    synth_corpus(root / "b", samples=N, shard_size=SHARD, seed=SEED, corrupt=F, target_samples=TARGET)
+    synth_corpus(root / "c", samples=N, shard_size=SHARD, seed=SEED + 1, corrupt=F, target_samples=TARGET)
     samples = read_corpus(root / "a")
     by_uid = {s["json"]["uid"]: s for s in samples.values()}
     return {"root": root, "summary": summary, "samples": samples, "by_uid": by_uid}
@@ -120,7 +119,7 @@ def test_truth_counts_match_fraction(corpus):
         seen[s["json"]["truth"]] += 1
     assert seen == expected
     manifest = json.loads((corpus["root"] / "a" / "manifest.json").read_text())
-    assert manifest["truth_counts"] == expected == corpus["summary"]["truth_counts"]
+    assert manifest["truth_counts"] == expected == corpus["summary"].truth_counts
     assert manifest["label_names"] == list(LABEL_NAMES) and manifest["complete"] is True
 
 
@@ -229,7 +228,7 @@ def test_target_set(corpus):
 
 
 def test_image_size_option(tmp_path):
-    make_corpus(tmp_path / "big", 5, 5, 0, 0.0, target_samples=2, image_size=96)
+    synth_corpus(tmp_path / "big", samples=5, shard_size=5, seed=0, corrupt=0.0, target_samples=2, image_size=96)
     sample = next(iter(read_corpus(tmp_path / "big").values()))
     assert Image.open(io.BytesIO(sample["jpg"])).size == (96, 96)
 
@@ -246,22 +245,22 @@ def test_image_size_option(tmp_path):
 def test_bad_parameters_are_clear_errors(tmp_path, kwargs, message):
     args = {"samples": 10, "shard_size": 5, "seed": 0, "corrupt": 0.2, "target_samples": 0} | kwargs
     with pytest.raises(CurateError, match=message):
-        make_corpus(tmp_path / "out", **args)
+        synth_corpus(tmp_path / "out", **args)
 
 
 def test_out_dir_rules(tmp_path):
     out = tmp_path / "out"
-    make_corpus(out, 12, 5, 1, 0.5, target_samples=6)
+    synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)
     before = (out / "00000.tar").read_bytes()
-    make_corpus(out, 12, 5, 1, 0.5, target_samples=6)   # same parameters: regenerated identically
+    synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)   # same parameters: regenerated identically
     assert (out / "00000.tar").read_bytes() == before
     with pytest.raises(CurateError, match="other parameters"):
-        make_corpus(out, 12, 5, 2, 0.5, target_samples=6)
+        synth_corpus(out, samples=12, shard_size=5, seed=2, corrupt=0.5, target_samples=6)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(CurateError, match="no synth manifest"):
-        make_corpus(foreign, 12, 5, 1, 0.5)
+        synth_corpus(foreign, samples=12, shard_size=5, seed=1, corrupt=0.5)
 
 
 def test_cli_synth(tmp_path):

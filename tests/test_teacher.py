@@ -281,15 +281,16 @@ def test_pluggable_loss_hooks_are_called():
 
 
 def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
-    from curate.stages.synth import make_corpus
-    from curate.stages.teacher import TeacherTrainConfig, train_teacher
+    from conftest import synth_corpus
+    from curate.stages.teacher import TeacherTrainConfig
+    from curate.stages.teacher.entry import run as teacher_run
 
     corpus = tmp_path / "corpus"
-    make_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
+    synth_corpus(corpus, samples=40, shard_size=20, seed=5, corrupt=0.25, target_samples=0)
     cfg = TeacherTrainConfig(model="curate-student", steps=3, batch_size=8, seed=2, threads=1, log_every=1)
-    summary = train_teacher(str(corpus), tmp_path / "ck.pt", cfg)
-    assert summary["samples"] == 30 and sum(summary["excluded_by_truth"].values()) == 10
-    teacher = load_teacher("curate-student", summary["out"], device="cpu")
+    summary = teacher_run(str(corpus), tmp_path / "ck.pt", cfg)
+    assert summary.samples == 30 and sum(summary.excluded_by_truth.values()) == 10
+    teacher = load_teacher("curate-student", summary.out, device="cpu")
     meta = teacher.checkpoint_meta
     assert meta["training"]["samples"] == 30 and meta["training"]["clean_only"] is True
     assert meta["training"]["corpus_manifest"]["seed"] == 5
@@ -297,8 +298,8 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
     assert meta["logit_scale"] == pytest.approx(teacher.logit_scale)
     assert len(meta["history"]) == 3
     # same corpus, config and seed: a byte-identical checkpoint
-    again = train_teacher(str(corpus), tmp_path / "ck2.pt", cfg)
-    assert Path(again["out"]).read_bytes() == Path(summary["out"]).read_bytes()
+    again = teacher_run(str(corpus), tmp_path / "ck2.pt", cfg)
+    assert Path(again.out).read_bytes() == Path(summary.out).read_bytes()
 
 
 # ---------------------------------------------------------------- acceptance: the cached teacher
@@ -307,15 +308,16 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
 def test_cached_teacher_separates_clean_from_swapped(tmp_path):
     """Issue 4 acceptance: on a held-out corpus (other seed), CLIPScore ROC-AUC clean vs swapped >= 0.95."""
     from curate.io.shards import decode_sample, expand_shards, iter_shard
-    from curate.stages.synth import make_corpus
-    from curate.stages.teacher import TINY_TEACHER_CORPUS, ensure_tiny_teacher
+    from conftest import synth_corpus
+    from curate.stages.teacher import TINY_TEACHER_CORPUS
+    from curate.stages.teacher.tiny import ensure_tiny_teacher
 
     path = ensure_tiny_teacher()
     teacher = load_teacher("curate-tiny", str(path), device="cpu")
     assert teacher.checkpoint_meta["training"]["corpus_manifest"]["seed"] == TINY_TEACHER_CORPUS["seed"]
     held_out_seed = TINY_TEACHER_CORPUS["seed"] + 1
     corpus = tmp_path / "held-out"
-    make_corpus(corpus, samples=1500, shard_size=500, seed=held_out_seed, corrupt=0.5, target_samples=0)
+    synth_corpus(corpus, samples=1500, shard_size=500, seed=held_out_seed, corrupt=0.5, target_samples=0)
     scores, truths = [], []
     for url in expand_shards(str(corpus)):
         samples = [decode_sample(raw) for raw in iter_shard(url, lambda key, reason: pytest.fail(reason))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import statistics
 import sys
 
@@ -19,15 +20,14 @@ import torch
 from curate.errors import CurateError
 from curate.io.shards import expand_shards, iter_shard
 from curate.io.uids import read_uid_npy, write_uid_npy
-from curate.stages import compare as cmp
-from curate.stages.synth import CORRUPTION_KINDS, make_corpus
-from curate.stages.train_student import (
-    StudentConfig,
-    evaluate_student,
-    load_student,
-    train_student,
-    zero_shot_accuracy,
-)
+from curate.compare import METHOD_LABELS, METHODS, CompareConfig
+from curate.compare import entry as compare
+from curate.compare import tables
+from curate.stages.synth import CORRUPTION_KINDS
+from conftest import synth_corpus
+from curate.stages.train_student import StudentConfig
+from curate.stages.train_student.entry import run as train_run
+from curate.stages.train_student.evaluation import evaluate_student, load_student, zero_shot_accuracy
 
 FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
 
@@ -35,8 +35,8 @@ FAST = dict(steps=3, batch_size=16, threads=1, device="cpu", log_every=1)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    make_corpus(root / "pool", samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
-    make_corpus(root / "heldout", samples=40, shard_size=40, seed=22, corrupt=0.0, target_samples=24)
+    synth_corpus(root / "pool", samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
+    synth_corpus(root / "heldout", samples=40, shard_size=40, seed=22, corrupt=0.0, target_samples=24)
     return root
 
 
@@ -67,29 +67,29 @@ def corpus_truth(shards) -> dict[str, str]:
 @pytest.mark.parametrize("loss", ["infonce", "adacl", "pcme"])
 def test_training_is_deterministic_for_a_seed(corpus, tmp_path, loss):
     config = StudentConfig(loss=loss, seed=3, **FAST)
-    first = train_student(str(corpus / "pool"), tmp_path / "a", config)
-    second = train_student(str(corpus / "pool"), tmp_path / "b", config)
+    first = train_run(str(corpus / "pool"), tmp_path / "a", config)
+    second = train_run(str(corpus / "pool"), tmp_path / "b", config)
     a = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "student.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name in a["state_dict"]:
         assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
-    assert first["history"] == second["history"]
-    assert [h["step"] for h in first["history"]] == [1, 2, 3]
+    assert first.history == second.history
+    assert [h["step"] for h in first.history] == [1, 2, 3]
     # another seed gives another model
-    other = train_student(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
-    assert other["history"] != first["history"]
+    other = train_run(str(corpus / "pool"), tmp_path / "c", StudentConfig(loss=loss, seed=4, **FAST))
+    assert other.history != first.history
     assert (tmp_path / "a" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if loss == "pcme":
-        assert "pcme_heads" in a["curate"] and "pcme_a" in first["history"][-1]
+        assert "pcme_heads" in a["curate"] and "pcme_a" in first.history[-1]
     if loss == "adacl":
-        assert "adacl_m1" in first["history"][-1] and "adacl_m1_t2i" in first["history"][-1]
+        assert "adacl_m1" in first.history[-1] and "adacl_m1_t2i" in first.history[-1]
 
 
 def test_adacl_training_logs_finite_margins_every_step_and_the_loss_decreases(corpus, tmp_path):
     config = StudentConfig(loss="adacl", seed=5, **{**FAST, "steps": 12})
-    record = train_student(str(corpus / "pool"), tmp_path / "adacl", config)
-    history = record["history"]
+    record = train_run(str(corpus / "pool"), tmp_path / "adacl", config)
+    history = record.history
     assert [h["step"] for h in history] == list(range(1, 13))
     for h in history:
         for key in ("adacl_m1", "adacl_m2", "adacl_m1_t2i", "adacl_m2_t2i", "loss"):
@@ -110,7 +110,7 @@ def test_budget_is_logged_and_independent_of_subset_size(corpus, tmp_path):
     write_uid_npy(uids[:120], tmp_path / "large" / "uids.npy")
     records = []
     for name in ("small", "large"):
-        train_student(str(tmp_path / name), tmp_path / f"student-{name}", StudentConfig(**FAST),
+        train_run(str(tmp_path / name), tmp_path / f"student-{name}", StudentConfig(**FAST),
                       corpus=str(corpus / "pool"))
         records.append(json.loads((tmp_path / f"student-{name}" / "train.json").read_text()))
     small, large = (r["budget"] for r in records)
@@ -127,27 +127,27 @@ def test_budget_is_logged_and_independent_of_subset_size(corpus, tmp_path):
 def test_check_budgets_refuses_unequal_runs():
     run = lambda method, steps, batch: {"method": method, "seed": 0, "budget": {  # noqa: E731
         "steps": steps, "batch_size": batch, "samples_seen": steps * batch}}
-    assert cmp.check_budgets([run("random", 10, 8), run("negclip", 10, 8)])["samples_seen"] == 80
+    assert tables.check_budgets([run("random", 10, 8), run("negclip", 10, 8)])["samples_seen"] == 80
     with pytest.raises(CurateError, match="different budgets"):
-        cmp.check_budgets([run("random", 10, 8), run("negclip", 20, 4), run("clipscore", 10, 16)])
+        tables.check_budgets([run("random", 10, 8), run("negclip", 20, 4), run("clipscore", 10, 16)])
     lying = run("random", 10, 8)
     lying["budget"]["samples_seen"] = 81
     with pytest.raises(CurateError, match="steps x batch size"):
-        cmp.check_budgets([lying])
+        tables.check_budgets([lying])
 
 
 def test_train_input_errors(corpus, tmp_path):
     uids = sorted(corpus_truth(corpus / "pool"))
     write_uid_npy(uids[:8], tmp_path / "tiny" / "uids.npy")
     with pytest.raises(CurateError, match="fewer than --batch-size 16"):
-        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+        train_run(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
     with pytest.raises(CurateError, match="--corpus"):
-        train_student(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST))
+        train_run(str(tmp_path / "tiny"), tmp_path / "s", StudentConfig(**FAST))
     write_uid_npy(uids[:20] + ["f" * 32], tmp_path / "foreign" / "uids.npy")
     with pytest.raises(CurateError, match="1 of the subset's 21 uids"):
-        train_student(str(tmp_path / "foreign"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
+        train_run(str(tmp_path / "foreign"), tmp_path / "s", StudentConfig(**FAST), corpus=str(corpus / "pool"))
     with pytest.raises(CurateError, match="--loss"):
-        train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(**{**FAST, "loss": "hinge"}))
+        train_run(str(corpus / "pool"), tmp_path / "s", StudentConfig(**{**FAST, "loss": "hinge"}))
 
 
 def test_cli_train_error_is_one_line(corpus, tmp_path, monkeypatch, capsys):
@@ -194,7 +194,7 @@ def test_zero_shot_hand_case():
 
 
 def test_evaluate_student_from_checkpoint(corpus, tmp_path):
-    train_student(str(corpus / "pool"), tmp_path / "s", StudentConfig(loss="pcme", **FAST))
+    train_run(str(corpus / "pool"), tmp_path / "s", StudentConfig(loss="pcme", **FAST))
     model, heads, meta = load_student(tmp_path / "s" / "student.pt")
     assert heads is not None and meta["budget"]["samples_seen"] == 48
     result = evaluate_student(tmp_path / "s" / "student.pt", str(corpus / "heldout"), str(corpus / "heldout" / "target"))
@@ -211,7 +211,7 @@ def test_evaluate_student_from_checkpoint(corpus, tmp_path):
 def test_removal_rates_from_truth():
     truth = ["clean", "clean", "swapped", "swapped", "generic", "clean", "swapped", "noise_image"]
     kept = np.array([1, 1, 0, 1, 0, 0, 0, 1], dtype=bool)
-    result = cmp.removal_rates(truth, kept)
+    result = tables.removal_and_composition(truth, kept)
     assert result["kinds"]["swapped"] == {"pool": 3, "kept": 1, "removed_rate": pytest.approx(2 / 3),
                                          "kept_rate": pytest.approx(1 / 3)}
     assert result["kinds"]["generic"]["removed_rate"] == 1.0
@@ -226,7 +226,7 @@ def test_removal_rates_match_a_loop_on_random_input():
     kinds = ("clean",) + CORRUPTION_KINDS
     truth = [kinds[i] for i in rng.integers(0, len(kinds), 300)]
     kept = rng.random(300) < 0.3
-    result = cmp.removal_rates(truth, kept)
+    result = tables.removal_and_composition(truth, kept)
     for kind in kinds:
         in_pool = kept_count = 0
         for t, k in zip(truth, kept):
@@ -237,11 +237,11 @@ def test_removal_rates_match_a_loop_on_random_input():
 
 
 def test_subset_size_counts_like_filter():
-    assert cmp.subset_size(0.3, 1000) == 300
-    assert cmp.subset_size(0.07, 100) == 7  # the decimal as written, not float arithmetic (8)
-    assert cmp.subset_size(0.3, 7) == 3
-    assert cmp.prefilter_fraction(0.3, 1.5) == "0.45"
-    assert cmp.prefilter_fraction(0.8, 1.5) == "1"
+    assert tables.subset_size(0.3, 1000) == 300
+    assert tables.subset_size(0.07, 100) == 7  # the decimal as written, not float arithmetic (8)
+    assert tables.subset_size(0.3, 7) == 3
+    assert tables.prefilter_fraction(0.3, 1.5) == "0.45"
+    assert tables.prefilter_fraction(0.8, 1.5) == "1"
 
 
 # ---------------------------------------------------------------- compare: a whole quick run
@@ -249,31 +249,31 @@ def test_subset_size_counts_like_filter():
 @pytest.fixture(scope="module")
 def compared(corpus, random_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    config = cmp.CompareConfig(fraction=0.3, seeds=2, quick=True, steps=2, batch_size=16, heldout_samples=40,
+    config = CompareConfig(fraction=0.3, seeds=2, quick=True, steps=2, batch_size=16, heldout_samples=40,
                                heldout_target_samples=24, model="curate-student", teacher=str(random_teacher),
                                jobs=1, device="cpu")
     messages: list[str] = []
-    doc = cmp.compare(corpus / "pool", out, config, log=messages.append)
+    doc = compare.run(corpus / "pool", out, config, log=messages.append)
     return out, doc, config, messages
 
 
 def test_compare_runs_every_method_and_seed_with_one_budget(compared):
     out, doc, _, _ = compared
-    assert {(r["method"], r["seed"]) for r in doc["runs"]} == {(m, s) for m in cmp.METHODS for s in (0, 1)}
+    assert {(r["method"], r["seed"]) for r in doc.runs} == {(m, s) for m in METHODS for s in (0, 1)}
     # the budget of each run, read back from its own training log, is the same everywhere
     budgets = set()
-    for run in doc["runs"]:
+    for run in doc.runs:
         logged = json.loads((out / "runs" / run["method"] / f"seed{run['seed']}" / "train.json").read_text())
         budgets.add(logged["budget"]["samples_seen"])
         assert logged["budget"] == run["budget"]
-    assert budgets == {2 * 16} and doc["budget"]["samples_seen"] == 32
+    assert budgets == {2 * 16} and doc.budget["samples_seen"] == 32
     # every subset has the same size, except no_filter (the whole pool)
     sizes = {m: len(read_uid_npy(out / "subsets" / (m if m != "random" else "random-seed0") / "uids.npy"))
-             for m in cmp.METHODS}
+             for m in METHODS}
     assert sizes.pop("no_filter") == 160
     assert set(sizes.values()) == {48}
     pairs = {r["method"]: json.loads((out / "runs" / r["method"] / "seed0" / "train.json").read_text())["budget"]
-             ["train_pairs"] for r in doc["runs"] if r["seed"] == 0}
+             ["train_pairs"] for r in doc.runs if r["seed"] == 0}
     assert pairs["no_filter"] == 160 and pairs["negclip"] == 48
 
 
@@ -283,11 +283,11 @@ def test_compare_table_comes_from_the_runs(compared):
     md = (out / "compare.md").read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("| ") and "±" in line}
-    assert len(rows) == len(cmp.METHODS)
-    for method in cmp.METHODS:
+    assert len(rows) == len(METHODS)
+    for method in METHODS:
         zs = [r["zero_shot_top1"] for r in stored["runs"] if r["method"] == method]
         r1 = [r["retrieval_r1"] for r in stored["runs"] if r["method"] == method]
-        row = rows[cmp.METHOD_LABELS[method]]
+        row = rows[METHOD_LABELS[method]]
         assert row[1] == f"{statistics.mean(zs):.1f} ± {statistics.stdev(zs):.1f}"
         assert row[2] == f"{statistics.mean(r1):.1f} ± {statistics.stdev(r1):.1f}"
         # and each run's number is the one its eval.json holds
@@ -306,7 +306,7 @@ def test_compare_removal_rates_match_the_ground_truth(compared, corpus):
         for kind in ("clean",) + CORRUPTION_KINDS:
             members = [u for u, t in truth.items() if t == kind]
             expected = 1.0 - sum(u in kept for u in members) / len(members)
-            assert doc["methods"][method]["removal"]["kinds"][kind]["removed_rate"] == pytest.approx(expected), \
+            assert doc.methods[method]["removal"]["kinds"][kind]["removed_rate"] == pytest.approx(expected), \
                 (method, kind)
     # random: the mean over its per-seed subsets
     per_seed = []
@@ -314,25 +314,55 @@ def test_compare_removal_rates_match_the_ground_truth(compared, corpus):
         kept = set(read_uid_npy(out / "subsets" / f"random-seed{seed}" / "uids.npy"))
         swapped = [u for u, t in truth.items() if t == "swapped"]
         per_seed.append(1.0 - sum(u in kept for u in swapped) / len(swapped))
-    assert doc["methods"]["random"]["removal"]["kinds"]["swapped"]["removed_rate"] == pytest.approx(np.mean(per_seed))
+    assert doc.methods["random"]["removal"]["kinds"]["swapped"]["removed_rate"] == pytest.approx(np.mean(per_seed))
     md = (out / "compare.md").read_text()
-    removed = doc["methods"]["negclip"]["removal"]["kinds"]["noise_image"]["removed_rate"]
-    assert re.search(rf"\| {re.escape(cmp.METHOD_LABELS['negclip'])} \|.*\| {100 * removed:.1f} \|", md)
+    removed = doc.methods["negclip"]["removal"]["kinds"]["noise_image"]["removed_rate"]
+    assert re.search(rf"\| {re.escape(METHOD_LABELS['negclip'])} \|.*\| {100 * removed:.1f} \|", md)
 
 
 def test_compare_rerun_reuses_artefacts(compared, corpus):
+    """A rerun finds the chain's run markers (the recipe planner's) and the finished runs: it embeds, scores,
+    filters and trains nothing again, and rewrites none of those files."""
     out, doc, config, _ = compared
+    made = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".npy", ".pt")
+                  and "no_filter" not in p.parts and not any(part.startswith("random-seed") for part in p.parts))
+    assert any(p.parent.name == "emb" for p in made) and (out / "scores.parquet") in made
+    before = {p: p.stat().st_mtime_ns for p in made}
     messages: list[str] = []
-    again = cmp.compare(corpus / "pool", out, config, log=messages.append)
-    assert sum("reused" in m for m in messages) == len(doc["runs"])
-    assert not any(m.startswith(("embedding", "scoring", "NormSim", "generating")) for m in messages if "reused" not in m)
-    assert [r["zero_shot_top1"] for r in again["runs"]] == [r["zero_shot_top1"] for r in doc["runs"]]
+    again = compare.run(corpus / "pool", out, config, log=messages.append)
+    assert {p: p.stat().st_mtime_ns for p in made} == before
+    chain = [m for m in messages if re.search(r"\b(embed|embed_target|score|normsim:\w+|filter:\w+)\b", m)]
+    assert len(chain) == 5 + 4 and all("skip" in m and "done" in m for m in chain), messages
+    assert sum("reused" in m for m in messages) == len(doc.runs)
+    assert not any(m.startswith(("generating", "training the tiny teacher")) for m in messages)
+    assert [r["zero_shot_top1"] for r in again.runs] == [r["zero_shot_top1"] for r in doc.runs]
+
+
+def test_compare_chain_runs_again_when_the_corpus_changes(compared, corpus, tmp_path):
+    """The chain's markers hold paths, not contents: inputs.json records what the corpus and the teacher were, and
+    a corpus regenerated in place (other parameters) is embedded and scored again, not taken from the markers."""
+    out, doc, config, _ = compared
+    moved = tmp_path / "compare"
+    shutil.copytree(out, moved)
+    pool = tmp_path / "pool"
+    synth_corpus(pool, samples=160, shard_size=80, seed=21, corrupt=0.5, target_samples=24)
+    first = compare.run(pool, moved, config, log=lambda message: None)
+    shutil.rmtree(pool)
+    synth_corpus(pool, samples=160, shard_size=80, seed=23, corrupt=0.5, target_samples=24)
+    messages: list[str] = []
+    second = compare.run(pool, moved, config, log=messages.append)
+    assert any("changed" in m for m in messages)
+    assert any("run" in m and "embed" in m and "skip" not in m for m in messages)
+    assert sum("reused" in m for m in messages) == 0
+    pool_uids = set(corpus_truth(pool))
+    assert set(read_uid_npy(moved / "subsets" / "negclip" / "uids.npy")) <= pool_uids
+    assert first.corpus["parameters"]["seed"] == 21 and second.corpus["parameters"]["seed"] == 23
 
 
 def test_compare_needs_a_synth_corpus_with_target(tmp_path, random_teacher):
-    make_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
+    synth_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
     with pytest.raises(CurateError, match="target"):
-        cmp.compare(tmp_path / "plain", tmp_path / "out", cmp.CompareConfig(teacher=str(random_teacher)))
+        compare.run(tmp_path / "plain", tmp_path / "out", CompareConfig(teacher=str(random_teacher)))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CurateError, match="manifest"):
-        cmp.compare(tmp_path / "empty", tmp_path / "out", cmp.CompareConfig(teacher=str(random_teacher)))
+        compare.run(tmp_path / "empty", tmp_path / "out", CompareConfig(teacher=str(random_teacher)))

@@ -1,8 +1,10 @@
 """What several stages share: reading a pool's fp16 caches (PoolRows), the checks on embedding rows, the
-score-table writer and where a stage keeps its caches."""
+score-table writer, where a stage keeps its caches, and per-row fields of a pool named `column:NAME` or
+`json:PATH` (`--labels`, `--truth`, `--group-by`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -172,3 +174,51 @@ def scores_in_pool_order(pool: EmbeddingPool, table: str | Path, column: str) ->
     values = scores.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
     rows = np.array([index.get(u, -1) for u in pool.uid_array().to_pylist()], dtype=np.int64)
     return np.where(rows >= 0, values[np.maximum(rows, 0)], np.nan)
+
+
+# ---------------------------------------------------------------- per-row fields: column:NAME, json:PATH
+
+def field_spec_parts(spec: str) -> tuple[str, str]:
+    """("column" | "json", NAME or PATH) of a field spec, or a CurateError saying how one is written."""
+    kind, sep, name = spec.partition(":")
+    if not sep or kind not in ("column", "json") or not name:
+        raise CurateError(f"{spec!r}: a field is written column:NAME or json:PATH (e.g. json:labels)")
+    return kind, name
+
+
+def json_path_value(doc, path: str):
+    """The value at a dotted path of a JSON document (list items by index), or None when it is absent."""
+    for part in path.split("."):
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    return doc
+
+
+def pool_field(pool: EmbeddingPool, spec: str) -> list:
+    """Per-row values (pool order) of `column:NAME` (a column of the embedding tables) or `json:PATH` (a
+    dotted path inside the `json` column, the sample's raw .json, e.g. json:truth); missing values are None."""
+    kind, name = field_spec_parts(spec)
+    column = name if kind == "column" else "json"
+    for f in pool.files:
+        if column not in pq.read_schema(f).names:
+            hint = "" if kind == "column" else " (tables embedded from shards with a .json member carry it)"
+            raise CurateError(f"{f}: no `{column}` column for {spec!r}{hint}")
+    values: list = []
+    for f in pool.files:
+        col = pq.read_table(f, columns=[column]).column(column).to_pylist()
+        if kind == "column":
+            values.extend(col)
+            continue
+        for row, raw in enumerate(col):
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                values.append(json_path_value(json.loads(raw), name))
+            except json.JSONDecodeError as exc:
+                raise CurateError(f"{f} row {row}: the json column is not valid JSON ({exc})") from None
+    return values

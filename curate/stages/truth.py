@@ -1,18 +1,34 @@
-"""Ground-truth evaluation of subsets on a corpus whose corruptions are known (the synth `.json` `truth`).
+"""The recipe's [truth] step: ground-truth evaluation of subsets on a corpus whose corruptions are known (the
+synth `.json` `truth`).
 
 For each subset: the fraction of each corruption kind that was removed and the fraction of clean samples
-kept. Truth is read from the embedding tables' `json` column, so no tar is re-read.
+kept. Truth is read from the embedding tables' `json` column, so no tar is re-read. `run` writes the table as
+truth.json and truth.md; `removal_rates` is the one definition `curate compare` and the report use too.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from curate.config import check_config
+from curate.io.atomic import write_text_atomic
 from curate.io.tables import EmbeddingPool
 from curate.io.uids import read_uid_npy
+
+
+@dataclass(frozen=True)
+class TruthConfig:
+    """No options: the [truth] section's one key, `subsets`, names its inputs."""
+
+
+@dataclass
+class TruthResult:
+    table: dict[str, dict]  # subset name -> {"kept", "pool", "kinds": removal_rates}
+    out: str  # truth.json (truth.md beside it)
 
 
 def pool_truth(pool: EmbeddingPool) -> tuple[np.ndarray, np.ndarray]:
@@ -74,3 +90,15 @@ def truth_markdown(table: dict[str, dict]) -> str:
             cells.append("" if d is None else f"{100 * headline_rate(k, d):.1f} %")
         lines.append(f"| {name} | {r['kept']:,} / {r['pool']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run(emb_dir: str | Path, subsets: dict[str, str | Path], out: str | Path, cfg: TruthConfig = TruthConfig()
+        ) -> TruthResult:
+    """The truth table of `subsets` over the pool of `emb_dir`, written to `out` (JSON) and beside it as Markdown
+    (the same name with .md)."""
+    check_config(cfg)
+    table = truth_table(emb_dir, subsets)
+    out = Path(out)
+    write_text_atomic(out, json.dumps(table, indent=2, sort_keys=True))
+    write_text_atomic(out.with_suffix(".md"), truth_markdown(table) + "\n")
+    return TruthResult(table=table, out=str(out))

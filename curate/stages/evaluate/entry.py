@@ -1,9 +1,4 @@
-"""`curate eval`: retrieval metrics (R@K, RSUM, R-Precision, mAP@R, PMRP) of an embedding directory.
-
-Also home of the small readers that turn a `--labels` / `--truth` / `--group-by` spec into per-row values:
-  column:NAME   a column of the embedding tables;
-  json:PATH     a dotted path inside the `json` column (the sample's raw .json), e.g. json:labels, json:truth.
-"""
+"""`curate eval`'s entry: group captions by image, read the labels, compute the retrieval numbers (`run`)."""
 
 from __future__ import annotations
 
@@ -13,59 +8,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.io.tables import EmbeddingPool
 from curate.metrics.retrieval import retrieval_metrics
+from curate.stages.common import pool_field
+from curate.stages.evaluate import EvalConfig, EvalResult
 
 
-# ---------------------------------------------------------------- per-row fields
-
-def _split_spec(spec: str) -> tuple[str, str]:
-    kind, sep, name = spec.partition(":")
-    if not sep or kind not in ("column", "json") or not name:
-        raise CurateError(f"{spec!r}: a field is written column:NAME or json:PATH (e.g. json:labels)")
-    return kind, name
-
-
-def _has_column(pool: EmbeddingPool, name: str) -> bool:
+def has_column(pool: EmbeddingPool, name: str) -> bool:
     return all(name in pq.read_schema(f).names for f in pool.files)
-
-
-def _json_get(doc, path: str):
-    for part in path.split("."):
-        if isinstance(doc, dict) and part in doc:
-            doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return None
-    return doc
-
-
-def pool_field(pool: EmbeddingPool, spec: str) -> list:
-    """Per-row values (pool order) of `column:NAME` or `json:PATH`; missing values are None."""
-    kind, name = _split_spec(spec)
-    column = name if kind == "column" else "json"
-    for f in pool.files:
-        if column not in pq.read_schema(f).names:
-            hint = "" if kind == "column" else " (tables embedded from shards with a .json member carry it)"
-            raise CurateError(f"{f}: no `{column}` column for {spec!r}{hint}")
-    values: list = []
-    for f in pool.files:
-        col = pq.read_table(f, columns=[column]).column(column).to_pylist()
-        if kind == "column":
-            values.extend(col)
-            continue
-        for row, raw in enumerate(col):
-            if raw is None:
-                values.append(None)
-                continue
-            try:
-                values.append(_json_get(json.loads(raw), name))
-            except json.JSONDecodeError as exc:
-                raise CurateError(f"{f} row {row}: the json column is not valid JSON ({exc})") from None
-    return values
 
 
 def label_matrix(values: list, spec: str) -> np.ndarray:
@@ -99,7 +52,7 @@ def image_groups(pool: EmbeddingPool, group_by: str) -> np.ndarray:
     """
     n = pool.n_rows
     if group_by == "auto":
-        group_by = "column:image_key" if _has_column(pool, "image_key") else "none"
+        group_by = "column:image_key" if has_column(pool, "image_key") else "none"
     if group_by == "none":
         return np.arange(n, dtype=np.int64)
     values = pool_field(pool, "column:key" if group_by == "key" else group_by)
@@ -115,51 +68,49 @@ def image_groups(pool: EmbeddingPool, group_by: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- stage
 
-def evaluate(emb: str | Path, out: str | Path | None = None, *, labels: str | None = None,
-             group_by: str = "auto", block: int | None = None) -> dict:
+def run(emb: str | Path, out: str | Path | None, cfg: EvalConfig = EvalConfig()) -> EvalResult:
     """Retrieval metrics of an embedding directory; written as one JSON document when `out` is given.
 
     Meant for held-out splits: both embedding matrices are held in RAM (fp16), similarities per query block.
     """
+    check_config(cfg)
     pool = EmbeddingPool(emb)
     if pool.n_rows == 0:
         raise CurateError(f"{emb}: the embedding tables have no rows; nothing to evaluate")
-    group = image_groups(pool, group_by)
+    group = image_groups(pool, cfg.group_by)
     first_row = np.unique(group, return_index=True)[1]  # the first row of each group gives its image
     img_all = pool.matrix("image_embedding")
     img = img_all[first_row]
     txt = pool.matrix("text_embedding")
     labels_img = labels_txt = None
-    if labels:
-        lab = label_matrix(pool_field(pool, labels), labels)
+    if cfg.labels:
+        lab = label_matrix(pool_field(pool, cfg.labels), cfg.labels)
         labels_txt, labels_img = lab, lab[first_row]
-    result = retrieval_metrics(img, txt, group, labels_img=labels_img, labels_txt=labels_txt, block=block)
-    result["source"] = str(emb)
-    result["teacher"] = pool.teacher.to_dict()
-    result["group_by"] = group_by
-    result["labels"] = labels
-    result["captions_per_image"] = float(len(txt) / len(img))
+    numbers = retrieval_metrics(img, txt, group, labels_img=labels_img, labels_txt=labels_txt, block=cfg.block)
+    result = EvalResult(**numbers, source=str(emb), teacher=pool.teacher.to_dict(), group_by=cfg.group_by,
+                        labels=cfg.labels, captions_per_image=float(len(txt) / len(img)),
+                        out=str(out) if out is not None else None)
     if out is not None:
-        write_text_atomic(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(out, json.dumps(result.document(), indent=2, sort_keys=True) + "\n")
     return result
 
 
-def result_table(result: dict):
+def retrieval_table(result: EvalResult):
     """A rich Table of the retrieval numbers."""
     from rich.table import Table
 
-    t = Table(title=f"retrieval: {result['n_images']} images, {result['n_texts']} captions")
+    t = Table(title=f"retrieval: {result.n_images} images, {result.n_texts} captions")
     t.add_column("metric")
     t.add_column("image→text", justify="right")
     t.add_column("text→image", justify="right")
-    keys = [k for k in result["i2t"] if k.startswith("R@")] + ["r_precision", "map_at_r", "median_rank"]
+    keys = [k for k in result.i2t if k.startswith("R@")] + ["r_precision", "map_at_r", "median_rank"]
     for k in keys:
-        t.add_row(k, f"{result['i2t'][k]:.2f}", f"{result['t2i'][k]:.2f}")
-    if "pmrp" in result["i2t"]:
-        for k in result["i2t"]["pmrp"]:
-            t.add_row(f"PMRP {k}", f"{result['i2t']['pmrp'][k]:.2f}", f"{result['t2i']['pmrp'][k]:.2f}")
-        left_out = result.get("pmrp_unlabelled", {})
+        t.add_row(k, f"{result.i2t[k]:.2f}", f"{result.t2i[k]:.2f}")
+    if "pmrp" in result.i2t:
+        for k in result.i2t["pmrp"]:
+            t.add_row(f"PMRP {k}", f"{result.i2t['pmrp'][k]:.2f}", f"{result.t2i['pmrp'][k]:.2f}")
+        left_out = result.pmrp_unlabelled or {}
         if any(left_out.values()):
             t.add_row("PMRP: unlabelled, left out", f"{left_out['images']} images", f"{left_out['texts']} captions")
-    t.add_row("RSUM", f"{result['rsum']:.2f}", "")
+    t.add_row("RSUM", f"{result.rsum:.2f}", "")
     return t

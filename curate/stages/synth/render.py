@@ -20,18 +20,6 @@ JPEG_QUALITY = 90
 # 4:4:4 chroma: at 64 px the default 4:2:0 subsampling smears the colour of small shapes.
 JPEG_SUBSAMPLING = 0
 
-# Object colours: saturated and far apart in RGB, and none of them grey, so that they never blend
-# into the grey backgrounds below.
-COLOUR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (245, 140, 0),
-    "yellow": (240, 220, 0),
-    "green": (30, 160, 40),
-    "cyan": (0, 190, 210),
-    "blue": (30, 60, 220),
-    "purple": (130, 40, 180),
-    "pink": (240, 110, 190),
-}
 # The texture pattern is drawn this much darker than the background's grey level.
 TEXTURE_CONTRAST = 45
 # How far the drawn shape reaches beyond its radius (star tips, rotated square corners), as a factor;

@@ -1,40 +1,5 @@
-"""`curate clones`: AdaCL's clone discovery over seeded pool-wide batches, a pool-wide k-NN extension,
-tier-0 uncertainty and near-duplicates for every pool sample.
-
-1. AdaCL (Pan et al., ICLR 2025), Algorithm 1 lines 2-5, as the paper runs it: on batches. The pool is
-   partitioned with `seed` into batches of b = min(batch_size, N) samples exactly as negCLIPLoss does
-   (curate.metrics.negclip.partition_batches, partition 0: a seeded permutation, the ragged last batch filled
-   up with samples that take their own values from their own batch). In each batch and in each direction
-   (image->text on S = V Tᵀ, text->image on Sᵀ): salient scores, the labelled GDA (clone class from the
-   least salient sample's negatives, non-clone class from the most salient one's), S̄ and the anchor
-   (curate.metrics.adacl.discover_clones). Per sample: clone_prob = p(C | s_i,partner), the GDA posterior
-   of its hardest negative in its batch, clone_partner (that negative's uid), clone_gap (its salient score
-   in the batch); and its batch's anchor: anchor_similarity (s_uu), anchor_gap (the median gap over S̄),
-   anchor_p_hat (p̂_u under plain InfoNCE at the teacher's τ). The margins m1, m2 that line 5 would set from
-   there (with --eps) are summarised in the metadata. Batches where the GDA is undefined (a labelled set
-   without spread, e.g. b = 2) give NaN clone_prob; batches with an empty S̄ give NaN anchor columns.
-   Cost: O(N·b·D) for the similarities plus O(N·b) for the posterior, on the CPU.
-2. Pool-wide extension (ours): exact (k+1)-NN in both directions (never an N x N matrix) gives the salient
-   score against the whole pool, knn_gap_i2t / knn_gap_t2i, knn_partner(_t2i), knn_count(_t2i)
-   (#j != i with s_ij >= s_ii - margin, exact: saturated lists are recounted), p_match_softmax(_t2i) and
-   entropy (softmax of the positive among itself and its k best negatives), hubness. Its GDA is the labelled
-   one: i⁺ / i⁻ are the most / least salient samples of the pool, their classes are fitted to all their N - 1
-   pool negatives, and knn_clone_prob(_t2i) = p(C | the sample's hardest pool negative). It has no anchor.
-   Cost: O(N² D) per direction (FAISS BLAS on CPU, torch matmul + topk on CUDA).
-3. image -> images k-NN: duplicate_of (cosine >= dup_threshold, pointing to the earliest copy).
-
-Memory: the two fp16 matrices are memory-mapped (cached beside the output, as `curate score` does); RAM holds
-one batch (b x b float64, 134 MB at b = 4096), one k-NN query block and one database block (float32,
-<= 256 MiB), plus ~150 bytes per sample of output columns.
-
-duplicate_of: cosine >= dup_threshold (default 0.999) between image embeddings. Exact copies give identical
-fp16 embeddings whose cosine differs from 1 only by fp16 rounding of the stored unit vectors (~1e-4 for
-D = 128; measured on the synth corpus with curate-tiny: every exact copy >= 0.9999), so 0.999 keeps exact and
-near-exact copies. Merely similar pictures can score high too: with curate-tiny on synth pictures the nearest
-other image has median cosine 0.991, so 0.99 would merge them. With a strong teacher and re-encoded or resized
-copies of real photos, lower it (0.95-0.99). Chains are followed so that every copy points to the earliest
-pool index of its group, whose own value stays null.
-"""
+"""`curate clones`' entry: AdaCL's discovery on seeded batches, the pool-wide k-NN extension and duplicates
+(`run`)."""
 
 from __future__ import annotations
 
@@ -43,20 +8,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.tables import EmbeddingPool, write_table_atomic
 from curate.metrics import adacl
 from curate.metrics import clones as cm
 from curate.metrics.negclip import batches_per_partition, effective_batch_size, partition_batches
 from curate.models.teacher import resolve_device
-from curate.stages.common import clipscore_blocks, pool_cache_dir
-
-CLONE_TRUTH = ("clone", "duplicate")
-# Default batch: every query sees 4095 in-batch negatives, about the 4096 negatives of the paper's memory bank.
-DEFAULT_BATCH_SIZE = 4096
-DEFAULT_EPS = 0.1
-DEFAULT_K = 10
-
+from curate.stages.clones import CLONE_TRUTH, ClonesConfig, ClonesResult
+from curate.stages.common import clipscore_blocks, pool_cache_dir, pool_field
 
 def knn_direction_pass(queries, database, positive, k, margin, tau, device, query_block):
     """Exact (k+1)-NN of every query: gap, partner, best negative, exact counts, softmax, nearest."""
@@ -151,32 +111,27 @@ def summarise_batches(steps: list[adacl.MarginStep]) -> dict:
             "median_m1": median([s.m1 for s in updated]), "median_m2": median([s.m2 for s in updated])}
 
 
-def _take_uids(uids: pa.Array, idx: np.ndarray) -> pa.Array:
+def uids_at(uids: pa.Array, idx: np.ndarray) -> pa.Array:
+    """The uids at pool rows `idx`; null where the index is negative (no partner, no duplicate)."""
     idx = np.asarray(idx, dtype=np.int64)
     return uids.take(pa.array(idx, mask=idx < 0))
 
 
-def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-               eps: float = DEFAULT_EPS, k: int = DEFAULT_K, margin: float | None = None,
-               dup_threshold: float = 0.999, dup_k: int = 8, device: str = "auto",
-               cache_dir: str | Path | None = None, query_block: int = 8192, truth: str | None = None) -> dict:
-    """Compute the clone table of an embedding directory and write it to `out` (Parquet). Returns a summary."""
+def run(emb: str | Path, out: str | Path, cfg: ClonesConfig = ClonesConfig()) -> ClonesResult:
+    """Compute the clone table of an embedding directory and write it to `out` (Parquet)."""
+    check_config(cfg)
     out = Path(out)
-    if batch_size < 2:
-        raise CurateError(f"--batch-size {batch_size}: a contrastive batch needs at least 2 samples")
-    if k < 1:
-        raise CurateError(f"--k {k}: need at least one neighbour")
-    if not 0.0 < eps < 1.0:
-        raise CurateError(f"--eps {eps}: AdaCL puts a perfect match at 1 - eps, which needs 0 < eps < 1")
+    batch_size, seed, eps, dup_threshold, dup_k = cfg.batch_size, cfg.seed, cfg.eps, cfg.dup_threshold, cfg.dup_k
+    query_block = cfg.query_block
     pool = EmbeddingPool(emb)
     n = pool.n_rows
     if n < 2:
         raise CurateError(f"{emb}: clone negatives need at least 2 samples, found {n}")
-    k = min(k, n - 1)
+    k = min(cfg.k, n - 1)
     tau = pool.teacher.tau
-    margin = tau if margin is None else float(margin)
-    device = str(resolve_device(device))
-    cache = pool_cache_dir(out, cache_dir)
+    margin = tau if cfg.margin is None else float(cfg.margin)
+    device = str(resolve_device(cfg.device))
+    cache = pool_cache_dir(out, cfg.cache_dir)
     img = pool.matrix("image_embedding", cache)
     txt = pool.matrix("text_embedding", cache)
     positive = clipscore_blocks(img, txt)
@@ -202,13 +157,13 @@ def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BA
         "uid": uids,
         "similarity": pa.array(positive, pa.float32()),
         "clone_prob": pa.array(found["prob"], f64),
-        "clone_partner": _take_uids(uids, found["partner"]),
+        "clone_partner": uids_at(uids, found["partner"]),
         "clone_gap": pa.array(found["gap"], f64),
         "anchor_similarity": pa.array(found["anchor"], f64),
         "anchor_gap": pa.array(found["anchor_gap"], f64),
         "anchor_p_hat": pa.array(found["anchor_p_hat"], f64),
         "clone_prob_t2i": pa.array(found["prob_t2i"], f64),
-        "clone_partner_t2i": _take_uids(uids, found["partner_t2i"]),
+        "clone_partner_t2i": uids_at(uids, found["partner_t2i"]),
         "clone_gap_t2i": pa.array(found["gap_t2i"], f64),
         "anchor_similarity_t2i": pa.array(found["anchor_t2i"], f64),
         "anchor_gap_t2i": pa.array(found["anchor_gap_t2i"], f64),
@@ -218,8 +173,8 @@ def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BA
         "knn_clone_prob_t2i": pa.array(knn_prob["t2i"], f64),
         "knn_gap_i2t": pa.array(i2t["gap"], pa.float32()),
         "knn_gap_t2i": pa.array(t2i["gap"], pa.float32()),
-        "knn_partner": _take_uids(uids, i2t["partner"]),
-        "knn_partner_t2i": _take_uids(uids, t2i["partner"]),
+        "knn_partner": uids_at(uids, i2t["partner"]),
+        "knn_partner_t2i": uids_at(uids, t2i["partner"]),
         "knn_count": pa.array(i2t["count"], pa.int64()),
         "knn_count_t2i": pa.array(t2i["count"], pa.int64()),
         "p_match_softmax": pa.array(i2t["p_match"], f64),
@@ -228,23 +183,23 @@ def run_clones(emb: str | Path, out: str | Path, *, batch_size: int = DEFAULT_BA
         "entropy_t2i": pa.array(t2i["entropy"], f64),
         "hubness_text": pa.array(cm.hubness(i2t["nearest"], n), pa.int64()),
         "hubness_image": pa.array(cm.hubness(t2i["nearest"], n), pa.int64()),
-        "duplicate_of": _take_uids(uids, dup),
+        "duplicate_of": uids_at(uids, dup),
     })
     flagged = flag_clones(found["prob"], found["prob_t2i"])
-    summary = {
-        "n": n, "batch_size": effective_batch_size(n, batch_size), "n_batches": batches_per_partition(n, batch_size),
-        "seed": seed, "eps": eps, "tau": tau, "k": k, "margin": margin, "dup_threshold": dup_threshold,
-        "dup_k": dup_k, "n_potential_clones": int(flagged.sum()), "batches": batches,
-        "knn_gda": knn_gda, "n_duplicates": int((dup >= 0).sum()),
-        "n_recounted": {"i2t": i2t["n_recounted"], "t2i": t2i["n_recounted"]},
-        "teacher": pool.teacher.to_dict(), "source": str(emb),
-        "index": "batches: seeded partition (negCLIPLoss's scheme, partition 0); knn: exact inner product (blocked)",
-    }
-    if truth:
-        summary["truth_check"] = truth_report(pool, truth, {
+    result = ClonesResult(
+        n=n, batch_size=effective_batch_size(n, batch_size), n_batches=batches_per_partition(n, batch_size),
+        seed=seed, eps=eps, tau=tau, k=k, margin=margin, dup_threshold=dup_threshold,
+        dup_k=dup_k, n_potential_clones=int(flagged.sum()), batches=batches,
+        knn_gda=knn_gda, n_duplicates=int((dup >= 0).sum()),
+        n_recounted={"i2t": i2t["n_recounted"], "t2i": t2i["n_recounted"]},
+        teacher=pool.teacher.to_dict(), source=str(emb),
+        index="batches: seeded partition (negCLIPLoss's scheme, partition 0); knn: exact inner product (blocked)",
+    )
+    if cfg.truth:
+        result.truth_check = truth_report(pool, cfg.truth, {
             "clone_prob>0.5": flagged, "knn_clone_prob>0.5": flag_clones(knn_prob["i2t"], knn_prob["t2i"])}, dup)
-    write_table_atomic(table, out, meta={"clones": summary}, row_group_size=1 << 20)
-    return summary
+    write_table_atomic(table, out, meta={"clones": result.metadata()}, row_group_size=1 << 20)
+    return result
 
 
 def flag_clones(prob_i2t: np.ndarray, prob_t2i: np.ndarray) -> np.ndarray:
@@ -259,8 +214,6 @@ def truth_report(pool: EmbeddingPool, spec: str, predicted: dict[str, np.ndarray
     injected one carries the label, also against the injected samples together with their originals (json
     fields `clone_of` / `duplicate_of`, when `spec` is json:PATH). duplicate_of is read as "belongs to a
     duplicate group" (it points to a sample, or a sample points to it)."""
-    from curate.stages.evaluate import pool_field
-
     truth = np.asarray([str(v) for v in pool_field(pool, spec)], dtype=object)
     kinds = np.unique(truth)
     injected = np.isin(truth, CLONE_TRUTH)

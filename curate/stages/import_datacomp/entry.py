@@ -1,32 +1,20 @@
-"""`curate import datacomp`: DataComp's released metadata + embeddings -> our embedding tables.
-
-DataComp ships, per shard, `NNNNNNNN.parquet` (uid, text, url, ... one row per sample) next to
-`NNNNNNNN.npz` holding `l14_img`, `l14_txt` (OpenAI ViT-L/14, 768-d) and `b32_img`, `b32_txt`
-(OpenAI ViT-B/32, 512-d), rows aligned with the parquet. Each pair becomes `EMB_DIR/NNNNNNNN.parquet`
-in the schema of curate/io/tables.py: uid, key (the `key` column when present, else the uid), caption
-(`text`), embeddings L2-normalised in float32 and stored as float16, and the teacher of the chosen arch
-(logit_scale 100, OpenAI CLIP's), so that `curate score` and `curate normsim` run on it without a GPU.
-
-Rows that cannot be used (uid not 32 lowercase hex, an embedding with NaN/inf or zero norm) are skipped
-and recorded in `NNNNNNNN.errors.parquet`, like `curate embed` does. A missing `.npz`, a missing array
-or mismatched row counts are errors naming the file. A shard is marked done after its table is written
-(`EMB_DIR/_markers/import/`), so a rerun skips finished shards.
-"""
+"""`curate import datacomp`'s entry: convert each metadata shard and its .npz into an embedding table (`run`)."""
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.tables import TeacherInfo, build_embedding_table, errors_path, table_files, write_table_atomic
 from curate.io.uids import UID_RE
 from curate.run.markers import Markers
+from curate.stages.import_datacomp import ImportDatacompConfig, ImportDatacompResult
 
 STAGE = "import"
 ARCHS = {
@@ -34,17 +22,6 @@ ARCHS = {
     "b32": TeacherInfo(model="ViT-B-32", pretrained="openai", embed_dim=512, logit_scale=100.0),
 }
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("uid", pa.string()), ("reason", pa.string()), ("kind", pa.string())])
-
-
-@dataclass
-class ImportReport:
-    shards: int = 0
-    imported: int = 0  # shards converted by this run
-    skipped_done: int = 0
-    rows: int = 0
-    skipped_rows: int = 0
-    out_dir: str = ""
-    files: list[str] = field(default_factory=list)
 
 
 def metadata_files(metadata_dir: Path) -> list[Path]:
@@ -82,7 +59,7 @@ def load_embeddings(npz_path: Path, arch: str, rows: int) -> tuple[np.ndarray, n
     return image, text
 
 
-def normalise_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalised_and_usable(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalise in float32; returns (normalised, usable) where unusable rows are non-finite or zero."""
     matrix = matrix.astype(np.float32)
     norms = np.linalg.norm(matrix, axis=1)
@@ -108,8 +85,8 @@ def import_shard(parquet_path: Path, arch: str, out_dir: Path) -> tuple[int, int
     raw_keys = table.column("key").to_pylist() if "key" in names else uids
     keys = [str(k) if k is not None else "" for k in raw_keys]
     captions = [c or "" for c in table.column(caption_column).to_pylist()]
-    image, image_ok = normalise_rows(image)
-    text, text_ok = normalise_rows(text)
+    image, image_ok = normalised_and_usable(image)
+    text, text_ok = normalised_and_usable(text)
     problems = []
     keep = np.zeros(table.num_rows, dtype=bool)
     for row, uid in enumerate(uids):
@@ -138,16 +115,17 @@ def import_shard(parquet_path: Path, arch: str, out_dir: Path) -> tuple[int, int
     return len(rows), len(problems)
 
 
-def import_datacomp(metadata_dir: str | Path, arch: str, out_dir: str | Path) -> ImportReport:
-    """Convert every not-yet-done metadata shard of `metadata_dir` into `out_dir`."""
-    arch = arch.lower()
-    if arch not in ARCHS:
-        raise CurateError(f"--arch {arch!r}: choose l14 (ViT-L/14, 768-d) or b32 (ViT-B/32, 512-d)")
+def run(metadata_dir: str | Path, out_dir: str | Path, cfg: ImportDatacompConfig = ImportDatacompConfig(),
+        progress=None) -> ImportDatacompResult:
+    """Convert every not-yet-done metadata shard of `metadata_dir` into `out_dir`. `progress(n)`: n more rows
+    read."""
+    check_config(cfg)
+    arch = cfg.arch
     files = metadata_files(Path(metadata_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markers = Markers(out, STAGE)
-    report = ImportReport(shards=len(files), out_dir=str(out))
+    report = ImportDatacompResult(shards=len(files), out_dir=str(out))
     for f in files:
         report.files.append(str(out / f"{f.stem}.parquet"))
         if markers.is_done(f.stem):
@@ -162,4 +140,6 @@ def import_datacomp(metadata_dir: str | Path, arch: str, out_dir: str | Path) ->
         report.imported += 1
         report.rows += rows
         report.skipped_rows += skipped
+        if progress is not None:
+            progress(rows + skipped)
     return report

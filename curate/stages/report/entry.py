@@ -1,35 +1,5 @@
-"""`curate report RUN_DIR --out report.html`: one self-contained HTML page to read instead of tables.
-
-Everything is inlined (plots and thumbnails as base64 data URIs, CSS in the page, no JavaScript), and the
-page carries a Content-Security-Policy that forbids any fetch except `data:` images, so it opens from disk
-and makes no network request. Captions are untrusted text: Jinja2 autoescapes every value.
-
-Discovery (what is absent is skipped, and its section says what was looked for):
-  run parameters   RUN_DIR/run.json (any JSON; shown flattened), the metadata of every score table
-                   (stage, teacher, params), each subset's filter arguments, and RUN_DIR/corpus/manifest.json.
-  score tables     `--scores PATH` (repeatable; a Parquet file or a directory of them), else every
-                   RUN_DIR/*.parquet with a `uid` column (scores.parquet first, then by name). They are
-                   joined on uid; the first one sets the pool. Plotted metrics: the numeric columns named in
-                   KNOWN_METRICS plus any metric a subset's steps use; other numeric columns are listed only.
-  truth            the `truth` field of the `json` column of the embedding tables in RUN_DIR/emb/ (`--emb`),
-                   read as curate.stages.truth does; rows without it are "unknown".
-  subsets          `--subset DIR` (repeatable), else every RUN_DIR/subsets/*/ holding stats.json, uids.npy
-                   or kept.parquet, by name. Kept uids come from kept.parquet (else uids.npy); thresholds
-                   from stats.json: a keep step's `threshold` (the lowest kept score), a min/max step's `value`.
-  thumbnails       the tar shards `--shards SPEC`, else RUN_DIR/corpus/*.tar (not its target/ set), scanned
-                   once for the uids the galleries show, stopping when all are found.
-  compare          RUN_DIR/compare/compare.md (its Markdown tables rendered) and compare.json (shown raw).
-  training curves  train.json / history.json / curve.json under RUN_DIR/students/*/ and RUN_DIR/compare/
-                   (any depth): a list of {step, loss, ...} dicts, or a dict holding one under `history` or
-                   `curve` (curate train's train.json). x is `samples_seen` or `step` when every entry has it.
-
-Galleries: per subset, the pool is cut into deciles of its main metric (the metric of its first keep step,
-else of its first threshold, else the first metric) and up to `per_decile` kept and as many removed samples
-are drawn from each decile with a seeded generator. The same inputs and seed give the same bytes.
-
-Cost: one pass over the score and embedding tables' uid/metric/json columns (O(N) memory for those
-columns) and at most one pass over the shards; a 5k-sample run takes about a second or two.
-"""
+"""`curate report`'s entry: discover the run directory's files, compute the plots and galleries, render the page
+(`run`)."""
 
 from __future__ import annotations
 
@@ -48,9 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import __version__
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.io.tables import read_meta, table_files
+from curate.stages.report import ReportConfig, ReportResult
 
 KNOWN_METRICS = ("clipscore", "negclip", "normsim_inf", "normsim_2", "normsim_2d", "clone_prob", "p_match",
                  "uncertainty")
@@ -599,13 +571,13 @@ def _fmt(value: float) -> str:
 
 # ---------------------------------------------------------------- the report
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, scores: Sequence[str | Path] = (),
-                 subsets: Sequence[str | Path] = (), shards: str | None = None, emb: str | Path | None = None,
-                 per_decile: int = 3, thumb_px: int = 64, max_points: int = 20_000, seed: int = 0) -> dict:
-    """Discover, compute and write the report; returns {out, bytes, seconds, sections, notes}."""
+def run(run_dir: str | Path, out: str | Path | None = None, cfg: ReportConfig = ReportConfig(),
+        scores: Sequence[str | Path] = (), subsets: Sequence[str | Path] = (), shards: str | None = None,
+        emb: str | Path | None = None) -> ReportResult:
+    """Discover, compute and write the report (default `out`: RUN_DIR/report.html)."""
     started = time.perf_counter()
-    if per_decile < 0 or thumb_px < 8 or max_points < 1:
-        raise CurateError("--per-decile must be >= 0, --thumb-px >= 8 and --max-points >= 1")
+    check_config(cfg)
+    per_decile, thumb_px, max_points, seed = cfg.per_decile, cfg.thumb_px, cfg.max_points, cfg.seed
     src = discover(run_dir, scores, subsets, shards, emb)
     out_path = Path(out) if out is not None else src.run_dir / "report.html"
     notes: list[str] = []
@@ -746,8 +718,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, scores: Seq
     html = render(src, overview, sections, notes, max_points)
     write_text_atomic(out_path, html)
     present = [k for k, v in sections.items() if v]
-    return {"out": str(out_path), "bytes": len(html.encode("utf-8")), "seconds": time.perf_counter() - started,
-            "sections": present, "notes": notes}
+    return ReportResult(out=str(out_path), bytes=len(html.encode("utf-8")), seconds=time.perf_counter() - started,
+                        sections=present, notes=notes)
 
 
 def _card(pool: Pool, row: int, main: str, thumb: dict | None) -> dict:

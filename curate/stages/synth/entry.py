@@ -1,56 +1,45 @@
-"""`curate synth`: an offline image-caption corpus whose ground truth is known.
-
-No real image-text data and no pretrained CLIP weights reach our machines, so the project makes its own
-corpus: small procedural pictures (shapes with colour, size, count, position and a background texture)
-with captions that describe them in words, plus injected corruptions whose kind and partner are recorded.
-
-Layout (img2dataset's): OUT/00000.tar, 00001.tar, ... each holding, per sample and in this order,
-KEY.jpg, KEY.txt, KEY.json, where KEY is the sample's global index as 9 digits (shard-major order).
-Tar members are deterministic: mtime 0, uid/gid 0, empty uname/gname, mode 0o644, USTAR format.
-
-`.json` fields:
-  uid         32 lowercase hex: sha256(f"{seed}:{index}") (target set: sha256(f"{seed}:target:{index}"))
-  key         the member key
-  truth       "clean" or one of CORRUPTION_KINDS
-  attributes  {"shape", "colour", "size", "count", "texture"} of the picture; for `noise_image` (whose
-              picture is noise) they are the attributes its caption describes
-  labels      multi-hot list over LABEL_NAMES ("shape:circle", ..., "texture:checkered"), 0/1 ints
-  caption_from / clone_of / duplicate_of   uid of the partner sample for swapped / clone / duplicate
-
-Corruptions: n = floor(F*N + 0.5) samples are corrupted, chosen by a seeded permutation; n is split over
-CORRUPTION_KINDS as evenly as possible, the first n mod 5 kinds (in CORRUPTION_KINDS order) getting one
-more (see `corruption_counts`). Partners are clean samples drawn uniformly with replacement.
-  swapped      the sample's own picture with the caption of a clean partner whose attributes differ in
-               at least SWAP_MIN_DIFFERENT_ATTRIBUTES of the five (best of SWAP_DRAWS draws)
-  generic      the own picture with a caption from GENERIC_CAPTIONS
-  noise_image  a noise picture with a caption describing the sampled attributes
-  clone        the partner's layout with every object moved by 1-2 px and a caption with another
-               template (same words, other phrasing): AdaCL's clone negative
-  duplicate    the partner's exact image bytes and caption under a new uid
-
-Families: with probability TARGET_FAMILY_FRACTION a sample belongs to the target family (one object on a
-plain background), otherwise every attribute is uniform. OUT/target/ holds a separate set of that family
-only, labelled by shape (TARGET_CLASSES), with OUT/target/classes.json giving zero-shot prompt templates.
-"""
+"""`curate synth`'s entry: plan the corruptions, render every sample, write the shards, the target set and the
+manifest (`run`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io import tar_blocks
 from curate.io.atomic import write_text_atomic
-from curate.stages.synth_render import (
+from curate.stages.synth import (
+    ATTRIBUTE_VALUES,
+    CAPTION_TEMPLATES,
+    CLONE_SHIFT_PX,
     COLOUR_RGB,
+    CORRUPTION_KINDS,
+    COUNT_WORDS,
+    FORMAT,
+    GENERIC_CAPTIONS,
+    LABEL_NAMES,
+    PARTNER_FIELD,
+    SHAPE_PLURALS,
+    SIZE_RADIUS,
+    SWAP_DRAWS,
+    SWAP_MIN_DIFFERENT_ATTRIBUTES,
+    TARGET_CLASSES,
+    TARGET_FAMILY_FRACTION,
+    TARGET_TASK,
+    TRUTH_KINDS,
+    ZERO_SHOT_TEMPLATES,
+    SynthConfig,
+    SynthResult,
+)
+from curate.stages.synth.render import (
     SHAPE_EXTENT,
     Background,
     Picture,
@@ -60,57 +49,13 @@ from curate.stages.synth_render import (
     render_picture,
 )
 
-FORMAT = "curate-synth/1"
-
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
-SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-                 "cross": "crosses", "diamond": "diamonds"}
-COLOURS = tuple(COLOUR_RGB)
-SIZES = ("small", "large")
-COUNTS = (1, 2, 3, 4)
-COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
-TEXTURES = ("plain", "striped", "dotted", "checkered")
-ATTRIBUTE_VALUES: dict[str, tuple] = {
-    "shape": SHAPES, "colour": COLOURS, "size": SIZES, "count": COUNTS, "texture": TEXTURES,
-}
-# The multi-hot label vocabulary: one entry per attribute value, attributes in ATTRIBUTE_VALUES order.
-LABEL_NAMES = tuple(f"{attr}:{value}" for attr, values in ATTRIBUTE_VALUES.items() for value in values)
-
-CORRUPTION_KINDS = ("swapped", "generic", "noise_image", "clone", "duplicate")
-TRUTH_KINDS = ("clean",) + CORRUPTION_KINDS
-PARTNER_FIELD = {"swapped": "caption_from", "clone": "clone_of", "duplicate": "duplicate_of"}
-GENERIC_CAPTIONS = ("an image", "image", "photo", "a photo", "a picture", "picture", "img",
-                    "a photograph", "untitled", "thumbnail", "view", "an image of something")
-
-# Caption templates; {obj} is "<count> <size> <colour> <shape(s)>", {be} is "is"/"are".
-CAPTION_TEMPLATES = (
-    "{obj} on a {texture} background",
-    "a photo of {obj} on a {texture} background",
-    "a {texture} background with {obj}",
-    "{obj} against a {texture} backdrop",
-    "there {be} {obj} on a {texture} background",
-    "{obj}, {texture} background",
-)
-
-TARGET_FAMILY_FRACTION = 0.2
-TARGET_TASK = "shape"
-TARGET_CLASSES = SHAPES
-ZERO_SHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "a picture of a {}.", "a {} shape.",
-                       "a {} on a plain background.", "there is a {} on a plain background.")
-
-SWAP_MIN_DIFFERENT_ATTRIBUTES = 2
-SWAP_DRAWS = 64
-SIZE_RADIUS = {"small": 0.12, "large": 0.20}   # fraction of the image side
-CLONE_SHIFT_PX = (1, 2)                         # per-axis shift of each object in a clone, in 64-px pixels
-IMAGE_SIZE_RANGE = (32, 1024)
-
 # Independent random streams, keyed by (seed, stream, index): any sample can be regenerated alone.
 _STREAM_SAMPLE, _STREAM_CORRUPT_SAMPLE, _STREAM_PLAN, _STREAM_TARGET, _STREAM_TARGET_CLASSES = range(5)
 
 
 # ---------------------------------------------------------------- small pure helpers
 
-def sample_uid(seed: int, index: int, namespace: str = "") -> str:
+def synth_uid(seed: int, index: int, namespace: str = "") -> str:
     """uid = first 32 hex of sha256(f"{seed}:{index}"), or of f"{seed}:{namespace}:{index}"."""
     text = f"{seed}:{namespace}:{index}" if namespace else f"{seed}:{index}"
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
@@ -274,7 +219,7 @@ def _main_sample(seed: int, index: int, truth_code: int, partner: int, image_siz
         image, caption = encode_jpeg(render_noise(rng, image_size)), own.caption
     else:
         other = _Sample(seed, partner)
-        extra[PARTNER_FIELD[kind]] = sample_uid(seed, partner)
+        extra[PARTNER_FIELD[kind]] = synth_uid(seed, partner)
         if kind == "swapped":
             image, caption = encode_jpeg(render_picture(own.picture, image_size)), other.caption
         elif kind == "duplicate":
@@ -286,7 +231,7 @@ def _main_sample(seed: int, index: int, truth_code: int, partner: int, image_siz
             image = encode_jpeg(render_picture(_jitter(other.picture, rng), image_size))
             caption = caption_for(attributes, template)
     key = sample_key(index)
-    meta = {"uid": sample_uid(seed, index), "key": key, "truth": kind, "attributes": attributes,
+    meta = {"uid": synth_uid(seed, index), "key": key, "truth": kind, "attributes": attributes,
             "labels": label_vector(attributes), **extra}
     return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}, kind
 
@@ -298,44 +243,15 @@ def _target_sample(seed: int, index: int, class_index: int, image_size: int) -> 
     picture = _sample_layout(rng, attributes)
     caption = caption_for(attributes, int(rng.integers(len(CAPTION_TEMPLATES))))
     key = sample_key(index)
-    meta = {"uid": sample_uid(seed, index, "target"), "key": key, "truth": "clean", "label": class_index,
+    meta = {"uid": synth_uid(seed, index, "target"), "key": key, "truth": "clean", "label": class_index,
             "class_name": TARGET_CLASSES[class_index], "attributes": attributes, "labels": label_vector(attributes)}
     image = encode_jpeg(render_picture(picture, image_size))
     return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}
 
 
-# ---------------------------------------------------------------- tar writing
-
-def write_tar_atomic(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
-    """Write (key, {ext: bytes}) samples as a deterministic tar: members KEY.ext in the given order,
-    mtime 0, uid/gid 0, empty owner names, mode 0o644, USTAR headers; renamed into place when complete."""
-    tar_blocks.write_tar_atomic(path, samples, tarfile.USTAR_FORMAT)
-
-
 # ---------------------------------------------------------------- the stage
 
-def _validate(samples, shard_size, seed, corrupt, target_samples, image_size) -> None:
-    def is_int(v) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    if not is_int(samples) or samples <= 0:
-        raise CurateError(f"--samples must be a positive integer, got {samples!r}")
-    if samples >= 10**9:
-        raise CurateError(f"--samples {samples}: keys have 9 digits, so at most 999,999,999 samples")
-    if not is_int(shard_size) or shard_size <= 0:
-        raise CurateError(f"--shard-size must be a positive integer, got {shard_size!r}")
-    if not is_int(seed) or seed < 0:
-        raise CurateError(f"--seed must be a non-negative integer, got {seed!r}")
-    if not isinstance(corrupt, (int, float)) or not 0 <= corrupt < 1:
-        raise CurateError(f"--corrupt is the corrupted fraction and must be in [0, 1), got {corrupt!r}")
-    if not is_int(target_samples) or target_samples < 0:
-        raise CurateError(f"--target-samples must be a non-negative integer, got {target_samples!r}")
-    lo, hi = IMAGE_SIZE_RANGE
-    if not is_int(image_size) or not lo <= image_size <= hi:
-        raise CurateError(f"--image-size must be an integer in [{lo}, {hi}] pixels, got {image_size!r}")
-
-
-def _check_out_dir(out: Path, parameters: dict) -> None:
+def check_corpus_dir(out: Path, parameters: dict) -> None:
     """OUT must be new, empty, or a corpus made with the same parameters (then it is regenerated)."""
     if out.exists() and not out.is_dir():
         raise CurateError(f"{out}: exists and is not a directory; choose another OUT")
@@ -358,16 +274,17 @@ def _shard_ranges(n: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
 
 
-def make_corpus(out_dir: str | Path, samples: int, shard_size: int = 1000, seed: int = 0, corrupt: float = 0.2,
-                target_samples: int = 1000, image_size: int = 64) -> dict:
-    """Write the synthetic corpus, its target set and manifest under `out_dir`; return a summary dict
-    (out, samples, shards, truth_counts, target_samples, target_shards, seconds)."""
+def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) -> SynthResult:
+    """Write the synthetic corpus, its target set and manifest under `out_dir`. `progress(n)`: n more samples
+    written (main corpus, then target set)."""
     started = time.perf_counter()
-    _validate(samples, shard_size, seed, corrupt, target_samples, image_size)
+    check_config(cfg)
+    samples, shard_size, seed, corrupt = cfg.samples, cfg.shard_size, cfg.seed, cfg.corrupt
+    target_samples, image_size = cfg.target_samples, cfg.image_size
     out = Path(out_dir)
     parameters = {"samples": int(samples), "shard_size": int(shard_size), "seed": int(seed), "corrupt": float(corrupt),
                   "target_samples": int(target_samples), "image_size": int(image_size)}
-    _check_out_dir(out, parameters)
+    check_corpus_dir(out, parameters)
     out.mkdir(parents=True, exist_ok=True)
     # Written first, so that a rerun after an interruption recognises the directory and regenerates it.
     write_text_atomic(out / "manifest.json", json.dumps({"format": FORMAT, "complete": False, "parameters": parameters},
@@ -383,8 +300,10 @@ def make_corpus(out_dir: str | Path, samples: int, shard_size: int = 1000, seed:
             truth_counts[kind] += 1
             rows.append((key, members))
         name = f"{shard_index:05d}.tar"
-        write_tar_atomic(out / name, rows)
+        tar_blocks.write_tar_atomic(out / name, rows)
         shards.append(name)
+        if progress is not None:
+            progress(len(rows))
 
     target_shards = []
     class_counts = dict.fromkeys(TARGET_CLASSES, 0)
@@ -395,8 +314,10 @@ def make_corpus(out_dir: str | Path, samples: int, shard_size: int = 1000, seed:
         for shard_index, indices in enumerate(_shard_ranges(target_samples, shard_size)):
             rows = [_target_sample(seed, i, int(classes[i]), image_size) for i in indices]
             name = f"{shard_index:05d}.tar"
-            write_tar_atomic(out / "target" / name, rows)
+            tar_blocks.write_tar_atomic(out / "target" / name, rows)
             target_shards.append(name)
+            if progress is not None:
+                progress(len(rows))
         for c in classes:
             class_counts[TARGET_CLASSES[c]] += 1
         write_text_atomic(out / "target" / "classes.json", json.dumps({
@@ -430,6 +351,6 @@ def make_corpus(out_dir: str | Path, samples: int, shard_size: int = 1000, seed:
                    "classes": list(TARGET_CLASSES)} if target_samples else None,
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return {"out": str(out), "samples": int(samples), "shards": len(shards), "truth_counts": truth_counts,
-            "target_samples": int(target_samples), "target_shards": len(target_shards),
-            "seconds": time.perf_counter() - started}
+    return SynthResult(out=str(out), samples=int(samples), shards=len(shards), truth_counts=truth_counts,
+                       target_samples=int(target_samples), target_shards=len(target_shards),
+                       seconds=time.perf_counter() - started)

@@ -1,11 +1,4 @@
-"""`curate pcme calibrate | fit | score`: match probability and uncertainty per pool sample.
-
-Tier 1, calibrate: logistic p(match) = σ(-a·(2 - 2s) + b) fitted on sampled positives (s_ii) and random
-negatives (s_ij, j != i uniform), one negative per positive, so p_match is the match posterior at even odds.
-Tier 2, fit + score: PCME / PCME++ heads on the frozen teacher embeddings (curate.metrics.pcme), trained on a
-seeded sample of the pool, then applied to every row in streamed chunks.
-Checkpoints hold tensors and plain types only and are read with torch.load(weights_only=True).
-"""
+"""`curate pcme`'s entry: tier 1 calibration, tier 2 heads (fit) and their scores."""
 
 from __future__ import annotations
 
@@ -17,14 +10,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.atomic import write_bytes_atomic
 from curate.io.tables import EmbeddingPool, write_table_atomic
 from curate.metrics import pcme as pm
 from curate.models.teacher import resolve_device
-from curate.stages.common import clipscore_blocks, pool_cache_dir
-
-HEADS_FORMAT = "curate-pcme-heads/1"
+from curate.stages.common import clipscore_blocks, pool_cache_dir, pool_field
+from curate.stages.pcme import (HEADS_FORMAT, PcmeCalibrateConfig, PcmeCalibration, PcmeFitConfig, PcmeHeadsFit,
+                                PcmeScoreConfig, PcmeScores)
 
 
 def _sample_rows(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,12 +35,10 @@ def _gather(matrix: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.ndar
     return out
 
 
-def truth_check(pool: EmbeddingPool, spec: str, scores: dict[str, np.ndarray], clean_high: set[str]) -> dict:
+def truth_roc_aucs(pool: EmbeddingPool, spec: str, scores: dict[str, np.ndarray], clean_high: set[str]) -> dict:
     """ROC-AUC of each score for clean vs corrupted (truth field `spec`, "clean" or a corruption kind), overall
     and per corruption kind. Scores named in `clean_high` should be high for clean samples (p_match); the others
     high for corrupted ones (uncertainty)."""
-    from curate.stages.evaluate import pool_field
-
     kinds = np.asarray([str(v) for v in pool_field(pool, spec)], dtype=object)
     clean = kinds == "clean"
     out: dict = {"n_clean": int(clean.sum()), "n_corrupted": int((~clean).sum())}
@@ -64,15 +56,18 @@ def truth_check(pool: EmbeddingPool, spec: str, scores: dict[str, np.ndarray], c
 
 # ---------------------------------------------------------------- tier 1
 
-def calibrate(emb: str | Path, out: str | Path, *, pairs: int = 200_000, seed: int = 0,
-              cache_dir: str | Path | None = None, truth: str | None = None) -> dict:
-    """Fit a, b on `pairs` positives + as many random negatives; write uid, similarity, p_match for all rows."""
+def calibrate_p_match(emb: str | Path, out: str | Path, cfg: PcmeCalibrateConfig = PcmeCalibrateConfig()
+                      ) -> PcmeCalibration:
+    """Fit a, b on `cfg.pairs` positives + as many random negatives; write uid, similarity, p_match for all
+    rows."""
+    check_config(cfg)
+    pairs, seed = cfg.pairs, cfg.seed
     out = Path(out)
     pool = EmbeddingPool(emb)
     n = pool.n_rows
     if n < 2:
         raise CurateError(f"{emb}: calibration needs at least 2 samples (positives and negatives), found {n}")
-    cache = pool_cache_dir(out, cache_dir)
+    cache = pool_cache_dir(out, cfg.cache_dir)
     img = pool.matrix("image_embedding", cache)
     txt = pool.matrix("text_embedding", cache)
     rng = np.random.default_rng(seed)
@@ -84,38 +79,34 @@ def calibrate(emb: str | Path, out: str | Path, *, pairs: int = 200_000, seed: i
     fit = pm.fit_match_logistic(s_pos, s_neg)
     positive = clipscore_blocks(img, txt)
     p_match = pm.match_prob_from_cosine(positive, fit["a"], fit["b"])
-    summary = {"tier": 1, "model": "p = sigmoid(-a * (2 - 2 s) + b)", **fit, "n_pairs": int(len(rows)),
-               "seed": seed, "teacher": pool.teacher.to_dict(), "source": str(emb)}
-    if truth:
-        summary["truth_check"] = truth_check(pool, truth, {"p_match": p_match}, {"p_match"})
+    result = PcmeCalibration(tier=1, model="p = sigmoid(-a * (2 - 2 s) + b)", **fit, n_pairs=int(len(rows)),
+                             seed=seed, teacher=pool.teacher.to_dict(), source=str(emb))
+    if cfg.truth:
+        result.truth_check = truth_roc_aucs(pool, cfg.truth, {"p_match": p_match}, {"p_match"})
     table = pa.table({"uid": pool.uid_array(), "similarity": pa.array(positive, pa.float32()),
                       "p_match": pa.array(p_match, pa.float64())})
-    write_table_atomic(table, out, meta={"pcme": summary}, row_group_size=1 << 20)
-    return summary
+    write_table_atomic(table, out, meta={"pcme": result.metadata()}, row_group_size=1 << 20)
+    return result
 
 
 # ---------------------------------------------------------------- tier 2
 
-def fit(emb: str | Path, out: str | Path, *, loss: str = "csd", steps: int = 300, batch_size: int = 256,
-        lr: float = 2e-3, n_samples: int = pm.DEFAULT_SAMPLES, vib_weight: float = 1e-4, hidden: int = 128,
-        max_samples: int = 200_000, seed: int = 0, device: str = "auto",
-        cache_dir: str | Path | None = None) -> dict:
+def fit_heads(emb: str | Path, out: str | Path, cfg: PcmeFitConfig = PcmeFitConfig()) -> PcmeHeadsFit:
     """Train PCME (`loss="mc"`) or PCME++ (`loss="csd"`) heads on frozen embeddings; save them to `out`.
 
     Cost per step: csd needs B² closed-form distances; mc needs (B·J)² sampled ones (J = n_samples per side,
     default 7 as in PCME: (7·256)² distances per step at B = 256).
     """
-    if loss not in ("csd", "mc"):
-        raise CurateError(f"--loss {loss}: use csd (PCME++ closed form) or mc (PCME Monte Carlo)")
-    if steps < 1 or batch_size < 2:
-        raise CurateError("--steps must be >= 1 and --batch-size >= 2 (in-batch negatives)")
+    check_config(cfg)
+    loss, steps, batch_size, lr, n_samples = cfg.loss, cfg.steps, cfg.batch_size, cfg.lr, cfg.n_samples
+    vib_weight, hidden, max_samples, seed = cfg.vib_weight, cfg.hidden, cfg.max_samples, cfg.seed
     out = Path(out)
     pool = EmbeddingPool(emb)
     n = pool.n_rows
     if n < 2:
         raise CurateError(f"{emb}: fitting heads needs at least 2 samples, found {n}")
-    dev = resolve_device(device)
-    cache = pool_cache_dir(out, cache_dir)
+    dev = resolve_device(cfg.device)
+    cache = pool_cache_dir(out, cfg.cache_dir)
     rng = np.random.default_rng(seed)
     rows = _sample_rows(n, min(n, int(max_samples)), rng)
     x_img = torch.from_numpy(_gather(pool.matrix("image_embedding", cache), rows)).to(dev)
@@ -156,11 +147,11 @@ def fit(emb: str | Path, out: str | Path, *, loss: str = "csd", steps: int = 300
     buffer = io.BytesIO()  # saved from memory: the archive's inner name must not depend on the temp file's name
     torch.save(checkpoint, buffer)
     write_bytes_atomic(out, buffer.getvalue())
-    return {k: checkpoint[k] for k in ("config", "teacher", "train")}
+    return PcmeHeadsFit(**{k: checkpoint[k] for k in ("config", "teacher", "train")})
 
 
 def load_heads(path: str | Path) -> tuple[pm.PCMEHeads, dict]:
-    """Load heads saved by `fit` with torch.load(weights_only=True)."""
+    """Load heads saved by `fit_heads` with torch.load(weights_only=True)."""
     path = Path(path)
     if not path.is_file():
         raise CurateError(f"{path}: no such heads checkpoint; run `curate pcme fit` first")
@@ -182,19 +173,20 @@ def load_heads(path: str | Path) -> tuple[pm.PCMEHeads, dict]:
     return heads, ckpt
 
 
-def score(emb: str | Path, heads_path: str | Path, out: str | Path, *, estimator: str = "csd",
-          n_samples: int = pm.DEFAULT_SAMPLES, seed: int = 0, device: str = "auto", truth: str | None = None) -> dict:
-    """p_match, csd, uncertainty_img, uncertainty_txt (mean σ²) and their mean for every row, streamed."""
-    if estimator not in ("csd", "mc"):
-        raise CurateError(f"--estimator {estimator}: use csd (PCME++ closed form) or mc (PCME Monte Carlo)")
+def p_match_and_uncertainty(emb: str | Path, heads_path: str | Path, out: str | Path,
+                            cfg: PcmeScoreConfig = PcmeScoreConfig()) -> PcmeScores:
+    """p_match, csd, uncertainty_img, uncertainty_txt (mean σ²) and their mean for every row, streamed, written
+    to `out`."""
+    check_config(cfg)
+    estimator, n_samples = cfg.estimator, cfg.n_samples
     pool = EmbeddingPool(emb)
     heads, ckpt = load_heads(heads_path)
     if ckpt["teacher"] != pool.teacher.to_dict():
         raise CurateError(f"{heads_path}: heads were fitted on embeddings of teacher {ckpt['teacher']}, but {emb} "
                           f"has {pool.teacher.to_dict()}; fit heads on this teacher's embeddings")
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     heads.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("p_match", "csd", "uncertainty_img", "uncertainty_txt")}
     for _, chunk in pool.iter_chunks(("image_embedding", "text_embedding")):
         for s in range(0, len(chunk["image_embedding"]), 65536):
@@ -205,13 +197,13 @@ def score(emb: str | Path, heads_path: str | Path, out: str | Path, *, estimator
                 cols[k].append(res[k].cpu().numpy().astype(np.float64))
     arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
     arrays["uncertainty"] = 0.5 * (arrays["uncertainty_img"] + arrays["uncertainty_txt"])
-    summary = {"tier": 2, "estimator": estimator, "n_samples": n_samples if estimator == "mc" else None,
-               "heads": str(heads_path), "a": float(heads.a.detach()), "b": float(heads.b.detach()),
-               "heads_loss": ckpt["config"]["loss"], "teacher": pool.teacher.to_dict(), "source": str(emb)}
-    if truth:
-        summary["truth_check"] = truth_check(
-            pool, truth, {k: arrays[k] for k in ("p_match", "uncertainty", "uncertainty_img", "uncertainty_txt")},
+    result = PcmeScores(tier=2, estimator=estimator, n_samples=n_samples if estimator == "mc" else None,
+                        heads=str(heads_path), a=float(heads.a.detach()), b=float(heads.b.detach()),
+                        heads_loss=ckpt["config"]["loss"], teacher=pool.teacher.to_dict(), source=str(emb))
+    if cfg.truth:
+        result.truth_check = truth_roc_aucs(
+            pool, cfg.truth, {k: arrays[k] for k in ("p_match", "uncertainty", "uncertainty_img", "uncertainty_txt")},
             {"p_match"})
     table = pa.table({"uid": pool.uid_array(), **{k: pa.array(v, pa.float64()) for k, v in arrays.items()}})
-    write_table_atomic(table, out, meta={"pcme": summary}, row_group_size=1 << 20)
-    return summary
+    write_table_atomic(table, out, meta={"pcme": result.metadata()}, row_group_size=1 << 20)
+    return result
