@@ -211,6 +211,18 @@ def embed_cmd(
 
 # ---------------------------------------------------------------- score / normsim
 
+def ranks_pending_line(command: str, tasks: dict, out: Path) -> str:
+    """What a rank says when its map tasks are done but other ranks' are not (the last one writes `out`)."""
+    return (f"[bold]{command}[/]: rank {tasks['rank']} of {tasks['world_size']} done ({tasks['ran']} map tasks run, "
+            f"{tasks['already_done']} already done); {tasks['missing']} of {tasks['tasks']} tasks still missing. "
+            f"The last rank to finish (or this command rerun without --rank/--world-size) writes {out}")
+
+
+def map_tasks_note(tasks: dict) -> str:
+    return (f"{tasks['tasks']} map tasks ({tasks['ran']} run here, {tasks['tasks'] - tasks['ran']} done before or "
+            "by other ranks)")
+
+
 def rate_line(command: str, result, detail: str) -> str:
     rows, seconds, rate, out = ((result[k] for k in ("rows", "seconds", "rows_per_s", "out")) if isinstance(result, dict)
                                 else (result.rows, result.seconds, result.rows_per_s, result.out))
@@ -238,17 +250,13 @@ def score_cmd(
     params = result.params
     tasks_info = result.negclip_tasks
     if result.out is None:
-        console.print(f"[bold]score[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
-                      f"({tasks_info['ran']} negclip map tasks run, {tasks_info['already_done']} already done); "
-                      f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
-                      f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
+        console.print(ranks_pending_line("score", tasks_info, out), highlight=False)
         return
     detail = ", ".join(result.metrics)
     if "negclip" in result.metrics:
         detail += f" (K={params['k']}, B={params['effective_batch_size']}, seed={params['seed']})"
     if tasks_info:
-        detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
-                   f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
+        detail += ", " + map_tasks_note(tasks_info)
     console.print(rate_line("score", result, detail + f" on {params['device']}"), highlight=False)
 
 
@@ -275,10 +283,7 @@ def normsim_cmd(
         result = normsim.run(emb, out, cfg, opts, progress=advance)
     tasks_info = result.normsim_tasks
     if result.out is None:
-        console.print(f"[bold]normsim[/]: rank {tasks_info['rank']} of {tasks_info['world_size']} done "
-                      f"({tasks_info['ran']} map tasks run, {tasks_info['already_done']} already done); "
-                      f"{tasks_info['missing']} of {tasks_info['tasks']} tasks still missing. The last rank to finish "
-                      f"(or this command rerun without --rank/--world-size) writes {out}", highlight=False)
+        console.print(ranks_pending_line("normsim", tasks_info, out), highlight=False)
         return
     params = result.params
     detail = f"{result.column} vs {params.get('target')}"
@@ -290,8 +295,7 @@ def normsim_cmd(
     if result.missing:
         detail += f", {result.missing:,} rows with no IVF candidate (NaN)"
     if tasks_info:
-        detail += (f", {tasks_info['tasks']} map tasks ({tasks_info['ran']} run here, "
-                   f"{tasks_info['tasks'] - tasks_info['ran']} done before or by other ranks)")
+        detail += ", " + map_tasks_note(tasks_info)
     if result.note:
         detail += f"; {result.note}"
     console.print(rate_line("normsim", result, detail), highlight=False)
@@ -420,11 +424,9 @@ def clones_cmd(
 
 
 @stage_command(pcme_app, "calibrate", PcmeCalibrateConfig, group="pcme")
-def pcme_calibrate_cmd(
-    emb: Path = typer.Argument(..., help="Embedding directory."),
-    out: Path = typer.Option(..., "--out", help="Output Parquet: uid, similarity, p_match."),
-    *, cfg: PcmeCalibrateConfig,
-):
+def pcme_calibrate_cmd(emb: Path = typer.Argument(..., help="Embedding directory."),
+                       out: Path = typer.Option(..., "--out", help="Output Parquet: uid, similarity, p_match."),
+                       *, cfg: PcmeCalibrateConfig):
     """Tier 1: fit p(match) = sigmoid(-a(2 - 2s) + b) by logistic regression, write p_match."""
     from curate.stages.pcme.entry import calibrate_p_match
 
@@ -608,10 +610,7 @@ def decontaminate_cmd(
     with sample_progress("decontaminate") as advance:
         result = run(emb, against, out, cfg, opts, progress=advance)
     if result.out is None:
-        tasks = result.tasks
-        console.print(f"[bold]decontaminate[/]: rank {tasks['rank']} of {tasks['world_size']} done; "
-                      f"{tasks['missing']} of {tasks['tasks']} tasks still missing. The last rank to finish writes "
-                      f"{out}", highlight=False)
+        console.print(ranks_pending_line("decontaminate", result.tasks, out), highlight=False)
         return
     console.print(f"[bold]decontaminate[/]: {result.contaminated:,} of {result.rows:,} pool samples within cosine "
                   f"{cfg.threshold:g} of one of {result.against_rows:,} evaluation images, {result.seconds:.1f} s "

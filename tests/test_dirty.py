@@ -34,7 +34,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_embedding_dir, record_robustness
+from conftest import make_embedding_dir, record_robustness, run_curate
 from curate.io.shards import MAX_IMAGE_PIXELS, RawSample
 from curate.io.tables import TeacherInfo, build_embedding_table, vectors_to_numpy, write_table_atomic
 from curate.io.uids import content_uid, read_uid_npy, write_uid_npy
@@ -100,18 +100,8 @@ def _record_tally(request):
 
 
 def run_cli(monkeypatch, capsys, *args, case: str | None = None) -> tuple[int, str]:
-    """`curate ARGS` through cli.main() in this process: (exit code, stdout + stderr)."""
-    from curate import cli
-
-    monkeypatch.setattr(sys, "argv", ["curate", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "250")  # rich reads it at print time: table rows stay on one line
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
+    """`curate ARGS` through cli.main() in this process (conftest.run_curate), counted in the robustness tally."""
+    code, text = run_curate(monkeypatch, capsys, *args)
     TALLY.case(case or " ".join(map(str, args[:1])), text)
     return code, text
 

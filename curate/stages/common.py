@@ -23,6 +23,17 @@ def pool_cache_dir(out: str | Path, cache_dir: str | Path | None = None) -> Path
     return Path(cache_dir) if cache_dir is not None else Path(out).parent / ".curate-cache"
 
 
+def open_nonempty_pool(emb, what: str, progress=None) -> EmbeddingPool:
+    """The embedding pool at `emb`; a pool without rows is an error ("nothing to `what`"); a progress bar that
+    takes a total gets the pool's row count."""
+    pool = EmbeddingPool(emb)
+    if pool.n_rows == 0:
+        raise CurateError(f"{emb}: the pool has no rows; nothing to {what}")
+    if hasattr(progress, "set_total"):
+        progress.set_total(pool.n_rows)
+    return pool
+
+
 def pool_location(pool: EmbeddingPool, row: int) -> tuple[Path, int, str]:
     """(file, row within file, uid) of a pool row, for error messages."""
     ends = np.cumsum(pool.file_rows)

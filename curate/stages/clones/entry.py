@@ -153,21 +153,17 @@ def run(emb: str | Path, out: str | Path, cfg: ClonesConfig = ClonesConfig()) ->
 
     uids = pool.uid_array()
     f64 = pa.float64()
+    columns = {"uid": uids, "similarity": pa.array(positive, pa.float32())}
+    for suffix in ("", "_t2i"):  # the batch discovery's columns, image->text then text->image
+        columns.update({
+            f"clone_prob{suffix}": pa.array(found[f"prob{suffix}"], f64),
+            f"clone_partner{suffix}": uids_at(uids, found[f"partner{suffix}"]),
+            f"clone_gap{suffix}": pa.array(found[f"gap{suffix}"], f64),
+            f"anchor_similarity{suffix}": pa.array(found[f"anchor{suffix}"], f64),
+            f"anchor_gap{suffix}": pa.array(found[f"anchor_gap{suffix}"], f64),
+            f"anchor_p_hat{suffix}": pa.array(found[f"anchor_p_hat{suffix}"], f64)})
     table = pa.table({
-        "uid": uids,
-        "similarity": pa.array(positive, pa.float32()),
-        "clone_prob": pa.array(found["prob"], f64),
-        "clone_partner": uids_at(uids, found["partner"]),
-        "clone_gap": pa.array(found["gap"], f64),
-        "anchor_similarity": pa.array(found["anchor"], f64),
-        "anchor_gap": pa.array(found["anchor_gap"], f64),
-        "anchor_p_hat": pa.array(found["anchor_p_hat"], f64),
-        "clone_prob_t2i": pa.array(found["prob_t2i"], f64),
-        "clone_partner_t2i": uids_at(uids, found["partner_t2i"]),
-        "clone_gap_t2i": pa.array(found["gap_t2i"], f64),
-        "anchor_similarity_t2i": pa.array(found["anchor_t2i"], f64),
-        "anchor_gap_t2i": pa.array(found["anchor_gap_t2i"], f64),
-        "anchor_p_hat_t2i": pa.array(found["anchor_p_hat_t2i"], f64),
+        **columns,
         "clone_batch": pa.array(found["batch"], pa.int32()),
         "knn_clone_prob": pa.array(knn_prob["i2t"], f64),
         "knn_clone_prob_t2i": pa.array(knn_prob["t2i"], f64),

@@ -20,7 +20,7 @@ from curate.io.tables import EmbeddingPool, table_files, with_meta
 from curate.io.targets import normalise_rows, open_target
 from curate.run.mapreduce import (DEFAULT_TASKS, layout_parts_dir, pool_source, remove_single_driver_parts, start_map,
                                   write_once)
-from curate.stages.common import pool_cache_dir
+from curate.stages.common import open_nonempty_pool, pool_cache_dir
 from curate.stages.decontaminate import HISTOGRAM_EDGES, DecontaminateConfig, DecontaminateResult
 from curate.stages.decontaminate.tasks import AGAINST_MATRIX, IVF_INDEX, STAGE, NearestTask, nearest_task, span_file
 
@@ -86,12 +86,8 @@ def run(emb: str | Path, against: Sequence[str | Path], out: str | Path,
     check_config(opts)
     started = time.perf_counter()
     out = Path(out)
-    pool = EmbeddingPool(emb)
+    pool = open_nonempty_pool(emb, "decontaminate", progress)
     n = pool.n_rows
-    if n == 0:
-        raise CurateError(f"{emb}: the pool has no rows; nothing to decontaminate")
-    if hasattr(progress, "set_total"):
-        progress.set_total(n)
     evals = load_eval_sets(against, pool)
     cache = pool_cache_dir(out, cfg.cache_dir)
     pool.matrix("image_embedding", cache)

@@ -18,7 +18,7 @@ from curate.io.atomic import atomic_path
 from curate.io.tables import EmbeddingPool, with_meta
 from curate.run.mapreduce import (DEFAULT_TASKS, layout_parts_dir, parts_root, pool_source, remove_parts, start_map,
                                   write_once)
-from curate.stages.common import PoolRows, pool_cache_dir, scores_in_pool_order
+from curate.stages.common import PoolRows, open_nonempty_pool, pool_cache_dir, scores_in_pool_order
 from curate.stages.dedup import DedupConfig, DedupResult
 from curate.stages.dedup.common import (BOUNDS, CENTROIDS, KEEP_SCORES, ORDER, STAGE_ASSIGN, STAGE_CLUSTERS,
                                         DedupLayout, assign_file, cluster_file)
@@ -89,12 +89,8 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
                           "`curate score`'s negclip)")
     started = time.perf_counter()
     out = Path(out)
-    pool = EmbeddingPool(emb)
+    pool = open_nonempty_pool(emb, "deduplicate", progress)
     n = pool.n_rows
-    if n == 0:
-        raise CurateError(f"{emb}: the pool has no rows; nothing to deduplicate")
-    if hasattr(progress, "set_total"):
-        progress.set_total(n)
     cache = pool_cache_dir(out, cfg.cache_dir)
     pool.matrix("image_embedding", cache)  # the fp16 cache every task reads
     k = min(cfg.clusters or default_clusters(n), n)

@@ -59,16 +59,19 @@ class PcmeScoreConfig:
     truth: Optional[str] = option(None, TRUTH_HELP)
 
 
-def as_metadata(result) -> dict:
-    """A result's fields as the table's `pcme` metadata (truth_check only when computed)."""
-    meta = {f.name: getattr(result, f.name) for f in fields(result)}
-    if meta.get("truth_check", {}) is None:
-        del meta["truth_check"]
-    return meta
+class PcmeTableRecord:
+    """A result written into its table's `pcme` metadata."""
+
+    def metadata(self) -> dict:
+        """The fields (truth_check only when computed)."""
+        meta = {f.name: getattr(self, f.name) for f in fields(self)}
+        if meta.get("truth_check", {}) is None:
+            del meta["truth_check"]
+        return meta
 
 
 @dataclass
-class PcmeCalibration:
+class PcmeCalibration(PcmeTableRecord):
     """Tier 1: the fitted a, b (curate.metrics.pcme.fit_match_logistic) and where they come from."""
 
     tier: int
@@ -84,9 +87,6 @@ class PcmeCalibration:
     source: str
     truth_check: dict | None = None  # with `truth`: ROC-AUCs of p_match clean vs corrupted
 
-    def metadata(self) -> dict:
-        return as_metadata(self)
-
 
 @dataclass
 class PcmeHeadsFit:
@@ -98,7 +98,7 @@ class PcmeHeadsFit:
 
 
 @dataclass
-class PcmeScores:
+class PcmeScores(PcmeTableRecord):
     """Tier 2 scores: p_match, csd and the uncertainties of every row, from fitted heads."""
 
     tier: int
@@ -111,6 +111,3 @@ class PcmeScores:
     teacher: dict
     source: str
     truth_check: dict | None = None  # with `truth`: ROC-AUCs of p_match and the uncertainties
-
-    def metadata(self) -> dict:
-        return as_metadata(self)

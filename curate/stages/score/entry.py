@@ -9,11 +9,9 @@ from typing import Callable
 import numpy as np
 
 from curate.config import RunOptions, check_config
-from curate.errors import CurateError
-from curate.io.tables import EmbeddingPool
 from curate.models.teacher import resolve_device
 from curate.run.mapreduce import check_task_options, remove_single_driver_parts
-from curate.stages.common import PoolRows, pool_cache_dir, write_score_table
+from curate.stages.common import PoolRows, open_nonempty_pool, pool_cache_dir, write_score_table
 from curate.stages.score import ScoreConfig, ScoreResult
 from curate.stages.score.common import negclip_parts_started, parse_metrics
 from curate.stages.score.local import clipscore_from_rows, clipscore_from_tables
@@ -52,12 +50,8 @@ def run(emb_dir: str | Path, out: str | Path, cfg: ScoreConfig = ScoreConfig(), 
         progress = ScaledProgress(progress, 1.0 / max(1, k))  # K passes over N samples: the bar counts samples
     check_task_options(opts.workers, opts.tasks, opts.retries)
     torch_device = resolve_device(cfg.device)
-    pool = EmbeddingPool(emb_dir)
+    pool = open_nonempty_pool(emb_dir, "score", progress)
     n = pool.n_rows
-    if n == 0:
-        raise CurateError(f"{emb_dir}: the pool has no rows; nothing to score")
-    if hasattr(progress, "set_total"):
-        progress.set_total(n)
 
     columns: dict[str, np.ndarray] = {}
     params: dict = {"metrics": names}
