@@ -1,5 +1,6 @@
-"""`curate synth`: determinism, truth counts, the defining property of each corruption kind, labels,
-the target set and the tar layout."""
+"""`curate synth` (format curate-synth/2): determinism, the kinds' counts and defining properties, every phenomenon's
+truth fields (long tail, specificity, partial mismatch, semantic groups, the target family, planted target images),
+labels, the target set, the world's digest and the tar layout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import re
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from curate.errors import CurateError
-from curate.stages.synth import (
-    ATTRIBUTE_VALUES,
-    CAPTION_TEMPLATES,
-    CORRUPTION_KINDS,
-    GENERIC_CAPTIONS,
-    LABEL_NAMES,
-    SWAP_MIN_DIFFERENT_ATTRIBUTES,
-    TARGET_CLASSES,
-)
-from curate.stages.synth.entry import caption_for, corruption_counts
+from curate.stages.synth import CORRUPTION_KINDS, FORMAT, PARTNER_FIELD, TRUTH_KINDS, WORLD, world_digest
+from curate.stages.synth.captions import caption_for, caption_text
+from curate.stages.synth.entry import corruption_counts, planted_count, semantic_group_sizes
 from conftest import synth_corpus
 
-N, SHARD, SEED, F, TARGET = 300, 70, 7, 0.25, 100
+N, SHARD, SEED, F, TARGET = 420, 100, 7, 0.35, 100
 
 
 def read_tar(path: Path) -> tuple[list[tarfile.TarInfo], dict[str, dict[str, bytes]]]:
@@ -57,6 +52,15 @@ def grey_fraction(jpg: bytes) -> float:
     return float(np.mean(np.ptp(rgb, axis=2) < 20))
 
 
+def pixels(jpg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=float)
+
+
+def true_captions(attributes: dict, mentions) -> set[str]:
+    """Every wording of a caption naming `mentions` of `attributes` truthfully."""
+    return {caption_for(attributes, mentions, t) for t in range(len(WORLD.caption_templates))}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
@@ -65,15 +69,24 @@ def corpus(tmp_path_factory):
     synth_corpus(root / "c", samples=N, shard_size=SHARD, seed=SEED + 1, corrupt=F, target_samples=TARGET)
     samples = read_corpus(root / "a")
     by_uid = {s["json"]["uid"]: s for s in samples.values()}
-    return {"root": root, "summary": summary, "samples": samples, "by_uid": by_uid}
+    target = read_corpus(root / "a" / "target")
+    return {"root": root, "summary": summary, "samples": samples, "by_uid": by_uid, "target": target,
+            "target_by_uid": {s["json"]["uid"]: s for s in target.values()}}
 
+
+def of_kind(corpus, kind):
+    found = [s for s in corpus["samples"].values() if s["json"]["truth"] == kind]
+    assert found, kind
+    return found
+
+
+# ---------------------------------------------------------------- layout and determinism
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(corpus):
     root = corpus["root"]
     names = sorted(p.relative_to(root / "a") for p in (root / "a").rglob("*") if p.is_file())
     assert [str(n) for n in names if n.suffix == ".tar"] == \
-        ["00000.tar", "00001.tar", "00002.tar", "00003.tar", "00004.tar",
-         "target/00000.tar", "target/00001.tar"]
+        ["00000.tar", "00001.tar", "00002.tar", "00003.tar", "00004.tar", "target/00000.tar"]
     for name in names:
         assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes(), name
     for name in ("00000.tar", "target/00000.tar"):
@@ -95,9 +108,7 @@ def test_tar_layout_and_deterministic_headers(corpus):
         assert [i.name for i in infos] == expected
         for info in infos:
             assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (0, 0, 0, "", "", 0o644)
-            assert info.isreg()
     assert index == N
-    # shard-major: the last shard is the ragged remainder
     assert len(read_tar(root / "a" / "00004.tar")[0]) == 3 * (N - 4 * SHARD)
 
 
@@ -108,124 +119,235 @@ def test_uids_are_unique_lowercase_hex_and_keys_match(corpus):
     assert all(s["json"]["key"] == key for key, s in corpus["samples"].items())
 
 
-def test_truth_counts_match_fraction(corpus):
-    n_corrupt = math.floor(F * N + 0.5)
+def test_manifest_records_the_format_and_the_world(corpus):
+    manifest = json.loads((corpus["root"] / "a" / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT == "curate-synth/2"
+    assert manifest["world"] == {"version": WORLD.version, "digest": world_digest()}
+    assert manifest["label_names"] == list(WORLD.label_names) and manifest["complete"] is True
+    # a changed parameter is another world
+    assert world_digest(replace(WORLD, zipf_exponent=1.2)) != world_digest()
+    assert world_digest(replace(WORLD)) == world_digest()
+
+
+# ---------------------------------------------------------------- kinds
+
+def test_kind_counts(corpus):
     expected = corruption_counts(N, F)
-    assert expected["clean"] == N - n_corrupt
-    assert sum(expected[k] for k in CORRUPTION_KINDS) == n_corrupt
-    assert max(expected[k] for k in CORRUPTION_KINDS) - min(expected[k] for k in CORRUPTION_KINDS) <= 1
-    seen = {kind: 0 for kind in expected}
+    expected["clean"] -= planted_count(TARGET)
+    expected["planted"] = planted_count(TARGET)
+    seen = dict.fromkeys(TRUTH_KINDS, 0)
     for s in corpus["samples"].values():
         seen[s["json"]["truth"]] += 1
     assert seen == expected
     manifest = json.loads((corpus["root"] / "a" / "manifest.json").read_text())
     assert manifest["truth_counts"] == expected == corpus["summary"].truth_counts
-    assert manifest["label_names"] == list(LABEL_NAMES) and manifest["complete"] is True
 
 
 def test_corruption_counts_hand_checked():
-    assert corruption_counts(10, 0.0) == {"clean": 10, "swapped": 0, "generic": 0, "noise_image": 0,
-                                          "clone": 0, "duplicate": 0}
-    # floor(0.37 * 20 + 0.5) = 7 corrupted: 2, 2, 1, 1, 1
-    assert corruption_counts(20, 0.37) == {"clean": 13, "swapped": 2, "generic": 2, "noise_image": 1,
-                                           "clone": 1, "duplicate": 1}
+    assert corruption_counts(10, 0.0) == {"clean": 10, **dict.fromkeys(CORRUPTION_KINDS, 0)}
+    # floor(0.37 * 20 + 0.5) = 7 corrupted: one of each of the seven kinds
+    assert corruption_counts(20, 0.37) == {"clean": 13, **dict.fromkeys(CORRUPTION_KINDS, 1)}
+    # floor(0.5 * 30 + 0.5) = 15: 2 each, the first kind (swapped) one more
+    assert corruption_counts(30, 0.5) == {"clean": 15, "swapped": 3, **dict.fromkeys(CORRUPTION_KINDS[1:], 2)}
+    assert planted_count(100) == 10 and planted_count(15) == 2 and planted_count(0) == 0  # 1.5 rounds half up
 
 
-def _of_kind(corpus, kind):
-    found = [s for s in corpus["samples"].values() if s["json"]["truth"] == kind]
-    assert found, kind
-    return found
-
-
-def test_duplicate_is_exact_copy_with_new_uid(corpus):
-    for s in _of_kind(corpus, "duplicate"):
+def test_duplicate_is_an_exact_copy_with_a_new_uid(corpus):
+    for s in of_kind(corpus, "duplicate"):
         original = corpus["by_uid"][s["json"]["duplicate_of"]]
         assert original["json"]["truth"] == "clean"
         assert s["jpg"] == original["jpg"] and s["txt"] == original["txt"]
         assert s["json"]["uid"] != original["json"]["uid"]
-        assert s["json"]["attributes"] == original["json"]["attributes"]
+        for field in ("attributes", "family", "semantic_group", "mentions"):
+            assert s["json"][field] == original["json"][field], field
 
 
-def test_swapped_caption_comes_from_a_different_picture(corpus):
-    for s in _of_kind(corpus, "swapped"):
+def test_swapped_caption_states_attributes_the_picture_does_not_have(corpus):
+    for s in of_kind(corpus, "swapped"):
         donor = corpus["by_uid"][s["json"]["caption_from"]]
-        own = s["json"]["attributes"]
-        assert s["txt"] == donor["txt"]
-        differing = sum(own[k] != donor["json"]["attributes"][k] for k in ATTRIBUTE_VALUES)
-        assert differing >= SWAP_MIN_DIFFERENT_ATTRIBUTES
-        assert s["txt"] not in {caption_for(own, t) for t in range(len(CAPTION_TEMPLATES))}
+        own, stated = s["json"]["attributes"], s["json"]["caption_attributes"]
+        assert s["txt"] == donor["txt"] and stated == donor["json"]["caption_attributes"]
+        assert sum(stated[a] != own[a] for a in stated) >= WORLD.swap_min_wrong
         assert s["jpg"] != donor["jpg"]
 
 
-def test_clone_is_near_duplicate_with_reworded_caption(corpus):
-    for s in _of_kind(corpus, "clone"):
+def test_partial_mismatch_is_wrong_in_exactly_the_recorded_attribute(corpus):
+    for s in of_kind(corpus, "partial_mismatch"):
+        meta = s["json"]
+        own, stated = meta["attributes"], meta["caption_attributes"]
+        wrong = [a for a in stated if stated[a] != own[a]]
+        assert wrong == [meta["wrong_attribute"]]
+        assert meta["specificity"] == len(meta["mentions"]) == len(stated) >= WORLD.partial_min_mentions
+        assert sorted(meta["mentions"]) == sorted(stated)
+        assert s["txt"] in {caption_text(stated, own["count"], t) for t in range(len(WORLD.caption_templates))}
+        assert s["txt"] not in true_captions(own, meta["mentions"])
+
+
+def test_clone_is_a_near_duplicate_with_a_reworded_caption(corpus):
+    for s in of_kind(corpus, "clone"):
         original = corpus["by_uid"][s["json"]["clone_of"]]
         attrs = s["json"]["attributes"]
         assert attrs == original["json"]["attributes"]
-        assert s["jpg"] != original["jpg"]
-        assert s["txt"] != original["txt"]
-        assert s["txt"] in {caption_for(attrs, t) for t in range(len(CAPTION_TEMPLATES))}
-        a = np.asarray(Image.open(io.BytesIO(s["jpg"])), dtype=float)
-        b = np.asarray(Image.open(io.BytesIO(original["jpg"])), dtype=float)
+        assert s["json"]["semantic_group"] == original["json"]["semantic_group"]
+        assert s["jpg"] != original["jpg"] and s["txt"] != original["txt"]
+        assert s["txt"] in true_captions(attrs, s["json"]["mentions"])
         # near-duplicate: a shift of 1-2 px leaves most pixels alike
-        assert np.mean(np.abs(a - b).max(axis=2) < 30) > 0.8
+        assert np.mean(np.abs(pixels(s["jpg"]) - pixels(original["jpg"])).max(axis=2) < 30) > 0.8
+
+
+def test_semantic_twin_has_the_meaning_of_its_partner_in_another_picture(corpus):
+    for s in of_kind(corpus, "semantic_twin"):
+        partner = corpus["by_uid"][s["json"]["twin_of"]]
+        for field in ("attributes", "family", "semantic_group"):
+            assert s["json"][field] == partner["json"][field], field
+        assert s["txt"] in true_captions(s["json"]["attributes"], s["json"]["mentions"])
+        # a new layout: the pictures differ far more than a clone's shift
+        assert np.mean(np.abs(pixels(s["jpg"]) - pixels(partner["jpg"])).max(axis=2) < 30) < 0.98
 
 
 def test_generic_and_noise_image(corpus):
-    for s in _of_kind(corpus, "generic"):
-        assert s["txt"] in GENERIC_CAPTIONS
-    clean_grey = [grey_fraction(s["jpg"]) for s in _of_kind(corpus, "clean")]
-    for s in _of_kind(corpus, "noise_image"):
-        attrs = s["json"]["attributes"]
-        assert s["txt"] in {caption_for(attrs, t) for t in range(len(CAPTION_TEMPLATES))}
+    for s in of_kind(corpus, "generic"):
+        assert s["txt"] in WORLD.generic_captions
+        assert s["json"]["mentions"] == [] and s["json"]["specificity"] == 0
+    clean_grey = [grey_fraction(s["jpg"]) for s in of_kind(corpus, "clean") if s["json"]["family"] == "rest"]
+    for s in of_kind(corpus, "noise_image"):
+        assert s["txt"] in true_captions(s["json"]["attributes"], s["json"]["mentions"])
+        assert s["json"]["semantic_group"] is None
         assert grey_fraction(s["jpg"]) < 0.2 < min(clean_grey)
 
 
-def test_clean_captions_describe_attributes(corpus):
-    for s in _of_kind(corpus, "clean"):
-        attrs = s["json"]["attributes"]
-        assert s["txt"] in {caption_for(attrs, t) for t in range(len(CAPTION_TEMPLATES))}
-    assert caption_for({"shape": "circle", "colour": "red", "size": "small", "count": 2, "texture": "striped"}, 0) \
-        == "two small red circles on a striped background"
-    assert caption_for({"shape": "star", "colour": "blue", "size": "large", "count": 1, "texture": "plain"}, 4) \
-        == "there is a large blue star on a plain background"
+def test_partners_are_clean_samples(corpus):
+    for kind, field in PARTNER_FIELD.items():
+        if kind == "planted":
+            continue
+        for s in of_kind(corpus, kind):
+            assert corpus["by_uid"][s["json"][field]]["json"]["truth"] == "clean"
 
 
-def test_labels_are_multi_hot_of_attributes(corpus):
-    assert len(LABEL_NAMES) == sum(len(v) for v in ATTRIBUTE_VALUES.values()) == len(set(LABEL_NAMES))
-    for s in corpus["samples"].values():
-        labels, attrs = s["json"]["labels"], s["json"]["attributes"]
-        assert len(labels) == len(LABEL_NAMES) and set(labels) <= {0, 1}
-        on = {LABEL_NAMES[i] for i, v in enumerate(labels) if v}
-        assert on == {f"{attr}:{attrs[attr]}" for attr in ATTRIBUTE_VALUES}
+# ---------------------------------------------------------------- phenomena
+
+def test_clean_captions_name_their_mentions_truthfully(corpus):
+    for s in of_kind(corpus, "clean"):
+        meta = s["json"]
+        assert meta["mentions"][0] == "concept" and meta["specificity"] == len(meta["mentions"])
+        assert 1 <= meta["specificity"] <= len(WORLD.attribute_values)
+        assert meta["caption_attributes"] == {a: meta["attributes"][a] for a in meta["mentions"]}
+        assert s["txt"] in true_captions(meta["attributes"], meta["mentions"])
+    specificities = {s["json"]["specificity"] for s in of_kind(corpus, "clean")}
+    assert specificities == set(WORLD.specificity)
 
 
-def test_corpus_has_target_family_and_others(corpus):
-    attrs = [s["json"]["attributes"] for s in corpus["samples"].values()]
-    family = sum(a["count"] == 1 and a["texture"] == "plain" for a in attrs)
-    assert 0.1 * N < family < 0.5 * N
-    assert {a["texture"] for a in attrs} == set(ATTRIBUTE_VALUES["texture"])
-    assert {a["count"] for a in attrs} == set(ATTRIBUTE_VALUES["count"])
+def test_caption_wording_hand_checked():
+    attrs = {"concept": "star", "colour": "red", "size": "small", "count": 2, "texture": "striped", "tone": "dark",
+             "style": "hollow"}
+    assert caption_for(attrs, ("concept",), 0) == "stars"
+    assert caption_for(attrs, ("concept", "colour", "count"), 1) == "a photo of two red stars"
+    assert caption_for(attrs, list(WORLD.attribute_values), 4) == \
+        "there are two small hollow red stars on a dark striped background"
+    one = {**attrs, "count": 1, "colour": "orange"}
+    assert caption_for(one, ("concept", "colour", "texture"), 2) == "an image of an orange star on a striped background"
+    # the article follows the first letter, as the zero-shot prompts do ("a hourglass.")
+    assert caption_for({**one, "concept": "hourglass"}, ("concept",), 4) == "there is a hourglass"
+
+
+def test_long_tail_concepts(corpus):
+    rest = [s["json"] for s in corpus["samples"].values() if s["json"]["family"] == "rest"
+            and s["json"]["truth"] == "clean"]
+    for meta in rest:
+        assert meta["concept_id"] == WORLD.concepts.index(meta["attributes"]["concept"])
+        assert meta["concept_rank"] == meta["concept_id"] + 1
+    ranks = np.bincount([m["concept_rank"] for m in rest], minlength=len(WORLD.concepts) + 1)
+    assert ranks[1] > ranks[2] > ranks[6] and ranks[1] > 0.15 * len(rest)  # Zipf: p(1) = 1 / H(24, 1.1) = 0.26
+    p = WORLD.zipf_probabilities
+    assert math.isclose(sum(p), 1.0) and math.isclose(p[0] / p[1], 2 ** WORLD.zipf_exponent)
+
+
+def test_semantic_group_is_meaning(corpus):
+    metas = [s["json"] for s in corpus["samples"].values() if s["json"]["semantic_group"] is not None]
+    by_group: dict[int, set] = {}
+    for meta in metas:
+        assert meta["semantic_group"] == WORLD.semantic_group(meta["family"], meta["attributes"])
+        by_group.setdefault(meta["semantic_group"], set()).add(
+            (meta["family"], json.dumps(meta["attributes"], sort_keys=True)))
+    assert all(len(meanings) == 1 for meanings in by_group.values())
+    # hand-checked id: the first value of every attribute, rest family, is group 0; the last ones the largest id
+    first = {a: v[0] for a, v in WORLD.attribute_values.items()}
+    last = {a: v[-1] for a, v in WORLD.attribute_values.items()}
+    assert WORLD.semantic_group("rest", first) == 0
+    assert WORLD.semantic_group("target", last) == 2 * math.prod(len(v) for v in WORLD.attribute_values.values()) - 1
+    manifest = json.loads((corpus["root"] / "a" / "manifest.json").read_text())
+    assert manifest["semantic_groups"] == semantic_group_sizes(
+        [s["json"]["semantic_group"] for s in corpus["samples"].values()],
+        [s["json"]["truth"] for s in corpus["samples"].values()])
+    assert manifest["semantic_groups"]["median_size_of_clean"] == 1.0
+
+
+def test_semantic_group_sizes_hand_checked():
+    sizes = semantic_group_sizes([5, 5, 7, None, 9, 5], ["clean", "clone", "clean", "noise_image", "clean", "clean"])
+    # clean samples' groups: 5 (size 3), 7 (1), 9 (1), 5 (3) -> median 2, half of them have a twin
+    assert sizes == {"groups": 3, "median_size_of_clean": 2.0, "clean_with_twin_share": 0.5, "largest": 3}
+
+
+def test_target_family_is_a_minority_with_its_own_look(corpus):
+    metas = [s["json"] for s in corpus["samples"].values() if s["json"]["truth"] in ("clean", "partial_mismatch")]
+    family = [m for m in metas if m["family"] == "target"]
+    assert 0.04 * len(metas) < len(family) < 0.25 * len(metas)
+    for meta in family:
+        assert meta["attributes"]["concept"] in WORLD.target_classes and meta["attributes"]["count"] == 1
+    for s in of_kind(corpus, "clean"):
+        if s["json"]["family"] == "target":  # the badge: its class's colour at the centre
+            centre = pixels(s["jpg"])[32, 32 - 20:32 + 20]
+            badge = np.array(WORLD.badge_rgb(s["json"]["attributes"]["concept"]))
+            assert (np.abs(centre - badge).max(axis=1) < 25).any()
 
 
 def test_target_set(corpus):
     target_dir = corpus["root"] / "a" / "target"
     classes = json.loads((target_dir / "classes.json").read_text())
-    assert classes["classes"] == list(TARGET_CLASSES)
+    assert classes["classes"] == list(WORLD.target_classes) and classes["task"] == "concept"
     assert all("{}" in t for t in classes["templates"])
-    samples = read_corpus(target_dir)
+    samples = corpus["target"]
     assert len(samples) == TARGET == classes["samples"]
-    counts = {c: 0 for c in TARGET_CLASSES}
+    counts = dict.fromkeys(WORLD.target_classes, 0)
     for s in samples.values():
         meta = s["json"]
-        assert meta["class_name"] == TARGET_CLASSES[meta["label"]] == meta["attributes"]["shape"]
-        assert meta["attributes"]["count"] == 1 and meta["attributes"]["texture"] == "plain"
-        assert meta["truth"] == "clean" and re.fullmatch(r"[0-9a-f]{32}", meta["uid"])
+        assert meta["class_name"] == WORLD.target_classes[meta["label"]] == meta["attributes"]["concept"]
+        assert meta["family"] == "target" and meta["truth"] == "clean"
+        assert re.fullmatch(r"[0-9a-f]{32}", meta["uid"])
         assert meta["class_name"] in s["txt"]
         counts[meta["class_name"]] += 1
     assert counts == classes["class_counts"] and max(counts.values()) - min(counts.values()) <= 1
-    assert not {s["json"]["uid"] for s in samples.values()} & set(corpus["by_uid"])
+    assert not set(corpus["target_by_uid"]) & set(corpus["by_uid"])
 
+
+def test_planted_samples_are_target_images(corpus):
+    planted = of_kind(corpus, "planted")
+    assert len(planted) == planted_count(TARGET)
+    assert len({s["json"]["planted_from"] for s in planted}) == len(planted)
+    copies = {"exact": 0, "near": 0}
+    for s in planted:
+        source = corpus["target_by_uid"][s["json"]["planted_from"]]
+        assert s["json"]["attributes"] == source["json"]["attributes"] and s["json"]["family"] == "target"
+        copies[s["json"]["planted_copy"]] += 1
+        if s["json"]["planted_copy"] == "exact":
+            assert s["jpg"] == source["jpg"]
+        else:
+            assert s["jpg"] != source["jpg"]
+            assert np.mean(np.abs(pixels(s["jpg"]) - pixels(source["jpg"])).max(axis=2) < 40) > 0.7
+        assert s["txt"] in true_captions(s["json"]["attributes"], s["json"]["mentions"])
+    assert copies["exact"] and copies["near"]
+
+
+def test_labels_are_multi_hot_of_attributes(corpus):
+    assert len(WORLD.label_names) == sum(len(v) for v in WORLD.attribute_values.values()) == len(set(WORLD.label_names))
+    for s in corpus["samples"].values():
+        labels, attrs = s["json"]["labels"], s["json"]["attributes"]
+        assert len(labels) == len(WORLD.label_names) and set(labels) <= {0, 1}
+        on = {WORLD.label_names[i] for i, v in enumerate(labels) if v}
+        assert on == {f"{attr}:{attrs[attr]}" for attr in WORLD.attribute_values}
+
+
+# ---------------------------------------------------------------- options and errors
 
 def test_image_size_option(tmp_path):
     synth_corpus(tmp_path / "big", samples=5, shard_size=5, seed=0, corrupt=0.0, target_samples=2, image_size=96)
@@ -252,10 +374,15 @@ def test_out_dir_rules(tmp_path):
     out = tmp_path / "out"
     synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)
     before = (out / "00000.tar").read_bytes()
-    synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)   # same parameters: regenerated identically
+    synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)  # same: regenerated identically
     assert (out / "00000.tar").read_bytes() == before
     with pytest.raises(CurateError, match="other parameters"):
         synth_corpus(out, samples=12, shard_size=5, seed=2, corrupt=0.5, target_samples=6)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["world"]["digest"] = "0" * 12  # made in another world
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CurateError, match="another world"):
+        synth_corpus(out, samples=12, shard_size=5, seed=1, corrupt=0.5, target_samples=6)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

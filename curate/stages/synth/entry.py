@@ -1,5 +1,5 @@
-"""`curate synth`'s entry: plan the corruptions, render every sample, write the shards, the target set and the
-manifest (`run`)."""
+"""`curate synth`'s entry: plan the kinds, render every sample, write the shards, the target set and the manifest
+(`run`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +17,22 @@ from curate.errors import CurateError
 from curate.io import tar_blocks
 from curate.io.atomic import write_text_atomic
 from curate.stages.synth import (
-    ATTRIBUTE_VALUES,
-    CAPTION_TEMPLATES,
-    CLONE_SHIFT_PX,
-    COLOUR_RGB,
     CORRUPTION_KINDS,
-    COUNT_WORDS,
     FORMAT,
-    GENERIC_CAPTIONS,
-    LABEL_NAMES,
     PARTNER_FIELD,
-    SHAPE_PLURALS,
-    SIZE_RADIUS,
-    SWAP_DRAWS,
-    SWAP_MIN_DIFFERENT_ATTRIBUTES,
-    TARGET_CLASSES,
-    TARGET_FAMILY_FRACTION,
+    PLANTED,
     TARGET_TASK,
     TRUTH_KINDS,
-    ZERO_SHOT_TEMPLATES,
+    WORLD,
     SynthConfig,
     SynthResult,
+    world_digest,
 )
+from curate.stages.synth.captions import caption_for, caption_text, stated_attributes
 from curate.stages.synth.render import (
     SHAPE_EXTENT,
     Background,
+    Badge,
     Picture,
     PlacedObject,
     encode_jpeg,
@@ -51,6 +42,7 @@ from curate.stages.synth.render import (
 
 # Independent random streams, keyed by (seed, stream, index): any sample can be regenerated alone.
 _STREAM_SAMPLE, _STREAM_CORRUPT_SAMPLE, _STREAM_PLAN, _STREAM_TARGET, _STREAM_TARGET_CLASSES = range(5)
+NO_PARTNER = -1
 
 
 # ---------------------------------------------------------------- small pure helpers
@@ -66,50 +58,81 @@ def sample_key(index: int) -> str:
 
 
 def label_vector(attributes: dict) -> list[int]:
-    """Multi-hot 0/1 list over LABEL_NAMES for an attribute dict."""
-    on = {f"{attr}:{attributes[attr]}" for attr in ATTRIBUTE_VALUES}
-    return [int(name in on) for name in LABEL_NAMES]
-
-
-def caption_for(attributes: dict, template: int) -> str:
-    """The caption of `attributes` in template number `template` (of CAPTION_TEMPLATES)."""
-    count = attributes["count"]
-    shape = attributes["shape"] if count == 1 else SHAPE_PLURALS[attributes["shape"]]
-    obj = f"{COUNT_WORDS[count]} {attributes['size']} {attributes['colour']} {shape}"
-    return CAPTION_TEMPLATES[template].format(obj=obj, texture=attributes["texture"], be="is" if count == 1 else "are")
+    """Multi-hot 0/1 list over WORLD.label_names for an attribute dict."""
+    on = {f"{attr}:{attributes[attr]}" for attr in WORLD.attribute_values}
+    return [int(name in on) for name in WORLD.label_names]
 
 
 def corruption_counts(samples: int, corrupt: float) -> dict[str, int]:
-    """Exact number of samples per truth kind: floor(F*N + 0.5) corrupted, split evenly over the kinds."""
+    """Exact number of samples per kind before planting: floor(F*N + 0.5) corrupted, split evenly over the kinds
+    (the first n mod 7 kinds in CORRUPTION_KINDS order get one more)."""
     n_corrupt = math.floor(corrupt * samples + 0.5)
     base, extra = divmod(n_corrupt, len(CORRUPTION_KINDS))
     counts = {kind: base + (1 if k < extra else 0) for k, kind in enumerate(CORRUPTION_KINDS)}
     return {"clean": samples - n_corrupt, **counts}
 
 
-def _differing_attributes(a: dict, b: dict) -> int:
-    return sum(a[k] != b[k] for k in ATTRIBUTE_VALUES)
+def planted_count(target_samples: int) -> int:
+    """round(WORLD.plant_fraction x target samples), half up: how many target images are planted in the pool."""
+    return math.floor(WORLD.plant_fraction * target_samples + 0.5)
 
 
-# ---------------------------------------------------------------- sampling pictures
+def wrong_statements(stated: dict, attributes: dict) -> int:
+    """How many of the stated attribute values the picture (`attributes`) does not have."""
+    return sum(stated[a] != attributes[a] for a in stated)
 
-def _sample_attributes(rng: np.random.Generator, target_family: bool) -> dict:
-    attrs = {attr: values[int(rng.integers(len(values)))] for attr, values in ATTRIBUTE_VALUES.items()}
-    if target_family:
-        attrs["count"], attrs["texture"] = 1, "plain"
+
+# ---------------------------------------------------------------- sampling pictures and captions
+
+def sample_attributes(rng: np.random.Generator, family: str) -> dict:
+    """The attributes of a new picture: the rest's concept from the Zipf law, the target family's uniform over
+    the target classes with one object; every other attribute uniform."""
+    values = WORLD.attribute_values
+    if family == "target":
+        concept = WORLD.target_classes[int(rng.integers(len(WORLD.target_classes)))]
+    else:
+        concept = WORLD.concepts[int(rng.choice(len(WORLD.concepts), p=WORLD.zipf_probabilities))]
+    attrs = {"concept": concept}
+    for attr in ("colour", "size", "count", "texture", "tone", "style"):
+        attrs[attr] = values[attr][int(rng.integers(len(values[attr])))]
+    if family == "target":
+        attrs["count"] = 1
     return attrs
 
 
-def _sample_layout(rng: np.random.Generator, attrs: dict) -> Picture:
-    """Positions, radii, rotations, colour jitter and background geometry for `attrs`.
+def sample_mentions(rng: np.random.Generator, k: int) -> tuple[str, ...]:
+    """The concept and k - 1 other attributes drawn uniformly, in WORLD.attribute_values order."""
+    others = [a for a in WORLD.attribute_values if a != "concept"]
+    chosen = set(rng.choice(len(others), size=k - 1, replace=False).tolist()) if k > 1 else set()
+    return ("concept",) + tuple(a for i, a in enumerate(others) if i in chosen)
 
-    One object goes anywhere inside the image; several go into distinct cells of a 2x2 grid with a
-    jitter that keeps them apart, leaving room for a clone's extra shift."""
+
+def sample_background(rng: np.random.Generator, attrs: dict) -> Background:
+    low, high = WORLD.tone_range(attrs["tone"])
+    grey = int(rng.integers(low, high))
+    ink = grey - WORLD.texture_contrast if attrs["tone"] == "light" else grey + WORLD.texture_contrast
+    return Background(texture=attrs["texture"], grey=grey, ink=ink, period=float(rng.uniform(6, 10)) / 64,
+                      phase=float(rng.uniform(0, 6)) / 64, orientation=int(rng.integers(3)))
+
+
+def sample_layout(rng: np.random.Generator, attrs: dict, family: str) -> Picture:
+    """Positions, radii, rotations, colour jitter, background geometry and (target family) the badge.
+
+    The rest: one object goes anywhere inside the image; several go into distinct cells of a 2x2 grid with a
+    jitter that keeps them apart, leaving room for a clone's extra shift. The target family: one larger object
+    on a white badge near the centre."""
     count = attrs["count"]
-    base_rgb = np.array(COLOUR_RGB[attrs["colour"]])
-    radii = SIZE_RADIUS[attrs["size"]] * rng.uniform(0.94, 1.06, size=count)
-    clone_room = max(CLONE_SHIFT_PX) / 64
-    if count == 1:
+    base_rgb = np.array(WORLD.colour_rgb(attrs["colour"]))
+    scale = WORLD.target_scale if family == "target" else 1.0
+    radii = WORLD.radius(attrs["size"]) * scale * rng.uniform(0.94, 1.06, size=count)
+    clone_room = max(WORLD.clone_shift_px) / 64
+    badge = None
+    if family == "target":
+        jitter = WORLD.target_centre_jitter
+        centres = [tuple(0.5 + rng.uniform(-jitter, jitter, size=2))]
+        badge = Badge(float(centres[0][0]), float(centres[0][1]), float(WORLD.badge_scale * radii[0]),
+                      WORLD.badge_rgb(attrs["concept"]))
+    elif count == 1:
         lo = SHAPE_EXTENT * radii[0] + 0.02 + clone_room
         centres = [tuple(rng.uniform(lo, 1 - lo, size=2))]
     else:
@@ -121,80 +144,136 @@ def _sample_layout(rng: np.random.Generator, attrs: dict) -> Picture:
             centres.append((0.25 + 0.5 * (cell % 2) + dx, 0.25 + 0.5 * (cell // 2) + dy))
     objects = []
     for (cx, cy), r in zip(centres, radii):
-        rotation = float(rng.uniform(-12, 12))
-        fill = tuple(int(v) for v in np.clip(base_rgb + rng.integers(-12, 13, size=3), 0, 255))
+        rotation = float(rng.uniform(-WORLD.rotation_degrees, WORLD.rotation_degrees))
+        jitter = rng.integers(-WORLD.object_jitter, WORLD.object_jitter + 1, size=3)
+        fill = tuple(int(v) for v in np.clip(base_rgb + jitter, 0, 255))
         objects.append(PlacedObject(float(cx), float(cy), float(r), rotation, fill))
-    background = Background(
-        texture=attrs["texture"],
-        grey=int(rng.integers(190, 216)),
-        period=float(rng.uniform(6, 10)) / 64,
-        phase=float(rng.uniform(0, 6)) / 64,
-        orientation=int(rng.integers(3)),
-    )
-    return Picture(attrs["shape"], tuple(objects), background)
+    return Picture(attrs["concept"], attrs["style"], tuple(objects), sample_background(rng, attrs), badge)
 
 
-class _Sample:
-    """A main-corpus sample as planned before corruption: attributes, layout and caption template."""
+@dataclass(frozen=True)
+class Planned:
+    """A sample as planned before its kind is applied: family, attributes, layout, mentions, caption template."""
 
-    __slots__ = ("attributes", "picture", "template")
-
-    def __init__(self, seed: int, index: int):
-        rng = np.random.default_rng([seed, _STREAM_SAMPLE, index])
-        self.attributes = _sample_attributes(rng, bool(rng.random() < TARGET_FAMILY_FRACTION))
-        self.picture = _sample_layout(rng, self.attributes)
-        self.template = int(rng.integers(len(CAPTION_TEMPLATES)))
+    family: str
+    attributes: dict
+    picture: Picture
+    mentions: tuple[str, ...]
+    template: int
 
     @property
     def caption(self) -> str:
-        return caption_for(self.attributes, self.template)
+        return caption_for(self.attributes, self.mentions, self.template)
+
+    @property
+    def stated(self) -> dict:
+        return stated_attributes(self.attributes, self.mentions)
 
 
-def _jitter(picture: Picture, rng: np.random.Generator) -> Picture:
-    """The same picture with every object moved by 1-2 px (in 64-px units) along each axis."""
+def draw_wording(rng: np.random.Generator) -> tuple[tuple[str, ...], int]:
+    """A caption's mentions (k uniform over WORLD.specificity) and template."""
+    k = int(WORLD.specificity[int(rng.integers(len(WORLD.specificity)))])
+    return sample_mentions(rng, k), int(rng.integers(len(WORLD.caption_templates)))
+
+
+def draw_planned(rng: np.random.Generator, family: str, concept: str | None = None) -> Planned:
+    attributes = sample_attributes(rng, family)
+    if concept is not None:
+        attributes["concept"] = concept
+    picture = sample_layout(rng, attributes, family)
+    return Planned(family, attributes, picture, *draw_wording(rng))
+
+
+def planned_sample(seed: int, index: int) -> Planned:
+    """Main-corpus sample `index` as planned (its own stream: regenerated alone)."""
+    rng = np.random.default_rng([seed, _STREAM_SAMPLE, index])
+    family = "target" if rng.random() < WORLD.target_family_fraction else "rest"
+    return draw_planned(rng, family)
+
+
+def planned_target(seed: int, index: int, class_index: int) -> Planned:
+    """Target-set sample `index` of class `class_index`."""
+    rng = np.random.default_rng([seed, _STREAM_TARGET, index])
+    return draw_planned(rng, "target", WORLD.target_classes[class_index])
+
+
+def target_class_order(seed: int, target_samples: int) -> np.ndarray:
+    """The class index of every target sample: balanced, in a seeded order."""
+    classes = np.arange(target_samples) % len(WORLD.target_classes)
+    return np.random.default_rng([seed, _STREAM_TARGET_CLASSES]).permutation(classes)
+
+
+def jittered(picture: Picture, rng: np.random.Generator) -> Picture:
+    """The same picture with every object (and the badge with it) moved by 1-2 px (in 64-px units) per axis."""
     moved = []
     for obj in picture.objects:
-        dx, dy = (rng.choice(CLONE_SHIFT_PX, size=2) * rng.choice((-1, 1), size=2)) / 64
+        dx, dy = (rng.choice(WORLD.clone_shift_px, size=2) * rng.choice((-1, 1), size=2)) / 64
         moved.append(replace(obj, cx=obj.cx + float(dx), cy=obj.cy + float(dy)))
-    return replace(picture, objects=tuple(moved))
+    badge = picture.badge
+    if badge is not None:
+        badge = replace(badge, cx=moved[0].cx, cy=moved[0].cy)
+    return replace(picture, objects=tuple(moved), badge=badge)
 
 
-# ---------------------------------------------------------------- corruption plan
+# ---------------------------------------------------------------- the plan of kinds
 
-def plan_corruptions(samples: int, seed: int, corrupt: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: truth code (index into TRUTH_KINDS) and partner index (-1 when none). O(N) memory."""
+@dataclass
+class KindPlan:
+    """Per sample: kind code (index into TRUTH_KINDS), partner index and, for planted samples, the target index
+    (NO_PARTNER when none)."""
+
+    kind: np.ndarray
+    partner: np.ndarray
+    target: np.ndarray
+
+
+def best_swap_donor(rng: np.random.Generator, own: dict, seed: int, clean: np.ndarray) -> int:
+    """A clean donor whose caption states >= WORLD.swap_min_wrong wrong attributes for `own` (the first drawn that
+    does, else the most wrong of WORLD.swap_draws draws)."""
+    best, best_wrong = -1, -1
+    for _ in range(WORLD.swap_draws):
+        candidate = int(clean[rng.integers(len(clean))])
+        wrong = wrong_statements(planned_sample(seed, candidate).stated, own)
+        if wrong > best_wrong:
+            best, best_wrong = candidate, wrong
+        if wrong >= WORLD.swap_min_wrong:
+            break
+    return best
+
+
+def plan_kinds(samples: int, seed: int, corrupt: float, target_samples: int) -> KindPlan:
+    """The kind, partner and planted target of every sample. O(N) memory."""
     counts = corruption_counts(samples, corrupt)
     rng = np.random.default_rng([seed, _STREAM_PLAN])
-    truth = np.zeros(samples, dtype=np.int8)
-    partner = np.full(samples, -1, dtype=np.int64)
+    kind = np.zeros(samples, dtype=np.int8)
+    partner = np.full(samples, NO_PARTNER, dtype=np.int64)
+    target = np.full(samples, NO_PARTNER, dtype=np.int64)
     order = rng.permutation(samples)
     start = 0
-    for code, kind in enumerate(CORRUPTION_KINDS, start=1):
-        truth[order[start:start + counts[kind]]] = code
-        start += counts[kind]
-    clean = np.flatnonzero(truth == 0)
-    for code, kind in enumerate(CORRUPTION_KINDS, start=1):
-        if kind not in PARTNER_FIELD:
+    for code, name in enumerate(CORRUPTION_KINDS, start=1):
+        kind[order[start:start + counts[name]]] = code
+        start += counts[name]
+    clean = np.flatnonzero(kind == 0)
+    for code, name in enumerate(CORRUPTION_KINDS, start=1):
+        if name not in PARTNER_FIELD:
             continue
-        members = np.flatnonzero(truth == code)
+        members = np.flatnonzero(kind == code)
         if len(members) and not len(clean):
             raise CurateError(f"--corrupt {corrupt} leaves no clean sample among {samples} to copy from; "
                               "lower --corrupt or raise --samples")
-        if kind != "swapped":
+        if name != "swapped":
             partner[members] = clean[rng.integers(len(clean), size=len(members))]
             continue
         for i in members:
-            own = _Sample(seed, int(i)).attributes
-            best, best_diff = -1, -1
-            for _ in range(SWAP_DRAWS):
-                cand = int(clean[rng.integers(len(clean))])
-                diff = _differing_attributes(own, _Sample(seed, cand).attributes)
-                if diff > best_diff:
-                    best, best_diff = cand, diff
-                if diff >= SWAP_MIN_DIFFERENT_ATTRIBUTES:
-                    break
-            partner[i] = best
-    return truth, partner
+            partner[i] = best_swap_donor(rng, planned_sample(seed, int(i)).attributes, seed, clean)
+    # planted target images replace clean samples that no other sample points to
+    free = np.setdiff1d(clean, partner[partner >= 0])
+    n_plant = min(planted_count(target_samples), len(free), target_samples)
+    if n_plant:
+        chosen = np.sort(rng.choice(free, size=n_plant, replace=False))
+        kind[chosen] = TRUTH_KINDS.index(PLANTED)
+        target[chosen] = rng.choice(target_samples, size=n_plant, replace=False)
+    return KindPlan(kind, partner, target)
 
 
 # ---------------------------------------------------------------- samples -> members
@@ -203,50 +282,115 @@ def _json_bytes(meta: dict) -> bytes:
     return json.dumps(meta, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
 
 
-def _main_sample(seed: int, index: int, truth_code: int, partner: int, image_size: int) -> tuple[str, dict[str, bytes], str]:
-    """(key, members, truth kind) of main-corpus sample `index`."""
-    kind = TRUTH_KINDS[truth_code]
-    own = _Sample(seed, index)
+def describe(planned: Planned, attributes: dict | None = None, family: str | None = None) -> dict:
+    """The truth fields of a picture (its family and attributes; `planned`'s unless given)."""
+    attributes = planned.attributes if attributes is None else attributes
+    family = planned.family if family is None else family
+    concept_id = WORLD.concepts.index(attributes["concept"])
+    return {"family": family, "attributes": attributes, "labels": label_vector(attributes), "concept_id": concept_id,
+            "concept_rank": concept_id + 1, "semantic_group": WORLD.semantic_group(family, attributes)}
+
+
+def caption_fields(mentions, stated: dict) -> dict:
+    return {"mentions": list(mentions), "specificity": len(mentions), "caption_attributes": stated}
+
+
+def main_sample(seed: int, index: int, plan: KindPlan, target_classes: np.ndarray, image_size: int
+                ) -> tuple[str, dict[str, bytes], dict]:
+    """(key, members, truth json) of main-corpus sample `index`."""
+    kind = TRUTH_KINDS[int(plan.kind[index])]
+    partner = int(plan.partner[index])
+    own = planned_sample(seed, index)
     rng = np.random.default_rng([seed, _STREAM_CORRUPT_SAMPLE, index])
-    attributes = own.attributes
-    extra: dict[str, str] = {}
-    if kind == "clean":
-        image, caption = encode_jpeg(render_picture(own.picture, image_size)), own.caption
-    elif kind == "generic":
+    truth = describe(own)
+    extra: dict = {}
+    if kind in ("clean", "swapped", "generic", "partial_mismatch"):
         image = encode_jpeg(render_picture(own.picture, image_size))
-        caption = GENERIC_CAPTIONS[int(rng.integers(len(GENERIC_CAPTIONS)))]
+    if kind == "clean":
+        caption, captioned = own.caption, caption_fields(own.mentions, own.stated)
+    elif kind == "generic":
+        caption = WORLD.generic_captions[int(rng.integers(len(WORLD.generic_captions)))]
+        captioned = caption_fields((), {})
     elif kind == "noise_image":
         image, caption = encode_jpeg(render_noise(rng, image_size)), own.caption
+        captioned = caption_fields(own.mentions, own.stated)
+        truth["semantic_group"] = None  # noise means nothing
+    elif kind == "partial_mismatch":
+        mentions = list(own.mentions)
+        unnamed = [a for a in WORLD.attribute_values if a not in mentions]
+        missing = max(0, WORLD.partial_min_mentions - len(mentions))
+        added = set(rng.choice(len(unnamed), size=missing, replace=False).tolist()) if missing else set()
+        mentions = tuple(a for a in WORLD.attribute_values if a in mentions or
+                         (a in unnamed and unnamed.index(a) in added))
+        wrong = mentions[int(rng.integers(len(mentions)))]
+        others = [v for v in WORLD.attribute_values[wrong] if v != own.attributes[wrong]]
+        stated = stated_attributes(own.attributes, mentions)
+        stated[wrong] = others[int(rng.integers(len(others)))]
+        caption = caption_text(stated, own.attributes["count"], own.template)
+        captioned = caption_fields(mentions, stated)
+        extra["wrong_attribute"] = wrong
+    elif kind == PLANTED:
+        target_index = int(plan.target[index])
+        source = planned_target(seed, target_index, int(target_classes[target_index]))
+        truth = describe(source)
+        near = bool(rng.random() < WORLD.plant_near_share)
+        if near:
+            image = encode_jpeg(render_picture(jittered(source.picture, rng), image_size), WORLD.plant_near_quality)
+        else:
+            image = encode_jpeg(render_picture(source.picture, image_size))
+        mentions, template = draw_wording(rng)  # a new caption of the same picture
+        caption = caption_for(source.attributes, mentions, template)
+        captioned = caption_fields(mentions, stated_attributes(source.attributes, mentions))
+        extra = {PARTNER_FIELD[PLANTED]: synth_uid(seed, target_index, "target"),
+                 "planted_copy": "near" if near else "exact"}
     else:
-        other = _Sample(seed, partner)
+        other = planned_sample(seed, partner)
         extra[PARTNER_FIELD[kind]] = synth_uid(seed, partner)
         if kind == "swapped":
-            image, caption = encode_jpeg(render_picture(own.picture, image_size)), other.caption
-        elif kind == "duplicate":
-            attributes = other.attributes
-            image, caption = encode_jpeg(render_picture(other.picture, image_size)), other.caption
-        else:  # clone
-            attributes = other.attributes
-            template = (other.template + 1 + int(rng.integers(len(CAPTION_TEMPLATES) - 1))) % len(CAPTION_TEMPLATES)
-            image = encode_jpeg(render_picture(_jitter(other.picture, rng), image_size))
-            caption = caption_for(attributes, template)
+            caption, captioned = other.caption, caption_fields(other.mentions, other.stated)
+        else:
+            truth = describe(other)
+            if kind == "duplicate":
+                image, caption = encode_jpeg(render_picture(other.picture, image_size)), other.caption
+                captioned = caption_fields(other.mentions, other.stated)
+            elif kind == "clone":
+                n_templates = len(WORLD.caption_templates)
+                template = (other.template + 1 + int(rng.integers(n_templates - 1))) % n_templates
+                image = encode_jpeg(render_picture(jittered(other.picture, rng), image_size))
+                caption = caption_for(other.attributes, other.mentions, template)
+                captioned = caption_fields(other.mentions, other.stated)
+            else:  # semantic_twin: the same meaning, drawn and worded anew
+                picture = sample_layout(rng, other.attributes, other.family)
+                mentions, template = draw_wording(rng)
+                image = encode_jpeg(render_picture(picture, image_size))
+                caption = caption_for(other.attributes, mentions, template)
+                captioned = caption_fields(mentions, stated_attributes(other.attributes, mentions))
     key = sample_key(index)
-    meta = {"uid": synth_uid(seed, index), "key": key, "truth": kind, "attributes": attributes,
-            "labels": label_vector(attributes), **extra}
-    return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}, kind
+    meta = {"uid": synth_uid(seed, index), "key": key, "truth": kind, **truth, **captioned, **extra}
+    return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}, meta
 
 
-def _target_sample(seed: int, index: int, class_index: int, image_size: int) -> tuple[str, dict[str, bytes]]:
-    rng = np.random.default_rng([seed, _STREAM_TARGET, index])
-    attributes = _sample_attributes(rng, target_family=True)
-    attributes["shape"] = TARGET_CLASSES[class_index]
-    picture = _sample_layout(rng, attributes)
-    caption = caption_for(attributes, int(rng.integers(len(CAPTION_TEMPLATES))))
+def target_sample(seed: int, index: int, class_index: int, image_size: int) -> tuple[str, dict[str, bytes]]:
+    planned = planned_target(seed, index, class_index)
     key = sample_key(index)
     meta = {"uid": synth_uid(seed, index, "target"), "key": key, "truth": "clean", "label": class_index,
-            "class_name": TARGET_CLASSES[class_index], "attributes": attributes, "labels": label_vector(attributes)}
-    image = encode_jpeg(render_picture(picture, image_size))
-    return key, {"jpg": image, "txt": caption.encode("utf-8"), "json": _json_bytes(meta)}
+            "class_name": WORLD.target_classes[class_index], **describe(planned),
+            **caption_fields(planned.mentions, planned.stated)}
+    image = encode_jpeg(render_picture(planned.picture, image_size))
+    return key, {"jpg": image, "txt": planned.caption.encode("utf-8"), "json": _json_bytes(meta)}
+
+
+def semantic_group_sizes(groups: list[int | None], kinds: list[str]) -> dict:
+    """How redundant the pool is in meaning: the number of groups, the median size of a clean sample's group,
+    the share of clean samples with a twin in the pool (group size >= 2) and the largest group."""
+    sizes: dict[int, int] = {}
+    for g in groups:
+        if g is not None:
+            sizes[g] = sizes.get(g, 0) + 1
+    clean = [sizes[g] for g, k in zip(groups, kinds) if k == "clean" and g is not None]
+    return {"groups": len(sizes), "median_size_of_clean": float(np.median(clean)) if clean else None,
+            "clean_with_twin_share": float(np.mean([s >= 2 for s in clean])) if clean else None,
+            "largest": max(sizes.values(), default=0)}
 
 
 # ---------------------------------------------------------------- the stage
@@ -264,10 +408,14 @@ def check_corpus_dir(out: Path, parameters: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise CurateError(f"{out}: directory is not empty and holds no synth manifest.json; "
                           "choose a new or empty OUT directory") from None
-    if previous != parameters:
+    if previous != parameters or manifest.get("format") != FORMAT or manifest.get("world") != world_identity():
         diff = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in parameters.items() if previous.get(k) != v)
-        raise CurateError(f"{out}: holds a synth corpus made with other parameters ({diff}); "
-                          "choose another OUT directory or delete this one")
+        raise CurateError(f"{out}: holds a synth corpus made with other parameters or another world "
+                          f"({diff or manifest.get('format')}); choose another OUT directory or delete this one")
+
+
+def world_identity() -> dict:
+    return {"version": WORLD.version, "digest": world_digest()}
 
 
 def _shard_ranges(n: int, shard_size: int) -> list[range]:
@@ -287,17 +435,23 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
     check_corpus_dir(out, parameters)
     out.mkdir(parents=True, exist_ok=True)
     # Written first, so that a rerun after an interruption recognises the directory and regenerates it.
-    write_text_atomic(out / "manifest.json", json.dumps({"format": FORMAT, "complete": False, "parameters": parameters},
-                                                        indent=2) + "\n")
+    write_text_atomic(out / "manifest.json", json.dumps({"format": FORMAT, "world": world_identity(),
+                                                         "complete": False, "parameters": parameters}, indent=2) + "\n")
 
-    truth, partner = plan_corruptions(samples, seed, corrupt)
+    plan = plan_kinds(samples, seed, corrupt, target_samples)
+    classes = target_class_order(seed, target_samples)
     truth_counts = dict.fromkeys(TRUTH_KINDS, 0)
+    families = {"target": 0, "rest": 0}
+    groups, kinds = [], []
     shards = []
     for shard_index, indices in enumerate(_shard_ranges(samples, shard_size)):
         rows = []
         for i in indices:
-            key, members, kind = _main_sample(seed, i, int(truth[i]), int(partner[i]), image_size)
-            truth_counts[kind] += 1
+            key, members, meta = main_sample(seed, i, plan, classes, image_size)
+            truth_counts[meta["truth"]] += 1
+            families[meta["family"]] += 1
+            groups.append(meta["semantic_group"])
+            kinds.append(meta["truth"])
             rows.append((key, members))
         name = f"{shard_index:05d}.tar"
         tar_blocks.write_tar_atomic(out / name, rows)
@@ -306,33 +460,32 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
             progress(len(rows))
 
     target_shards = []
-    class_counts = dict.fromkeys(TARGET_CLASSES, 0)
+    class_counts = dict.fromkeys(WORLD.target_classes, 0)
     if target_samples:
-        # Balanced classes in a seeded order.
-        classes = np.random.default_rng([seed, _STREAM_TARGET_CLASSES]).permutation(
-            np.arange(target_samples) % len(TARGET_CLASSES))
         for shard_index, indices in enumerate(_shard_ranges(target_samples, shard_size)):
-            rows = [_target_sample(seed, i, int(classes[i]), image_size) for i in indices]
+            rows = [target_sample(seed, i, int(classes[i]), image_size) for i in indices]
             name = f"{shard_index:05d}.tar"
             tar_blocks.write_tar_atomic(out / "target" / name, rows)
             target_shards.append(name)
             if progress is not None:
                 progress(len(rows))
         for c in classes:
-            class_counts[TARGET_CLASSES[c]] += 1
+            class_counts[WORLD.target_classes[c]] += 1
         write_text_atomic(out / "target" / "classes.json", json.dumps({
             "task": TARGET_TASK,
-            "description": "one object on a plain background; the class is its shape",
+            "description": "the target family (one object on a white badge); the class is its concept",
             "label_field": "label",
-            "classes": list(TARGET_CLASSES),
-            "templates": list(ZERO_SHOT_TEMPLATES),
+            "classes": list(WORLD.target_classes),
+            "templates": list(WORLD.zero_shot_templates),
             "samples": int(target_samples),
             "class_counts": class_counts,
             "shards": target_shards,
         }, indent=2) + "\n")
 
+    group_sizes = semantic_group_sizes(groups, kinds)
     manifest = {
         "format": FORMAT,
+        "world": world_identity(),
         "complete": True,
         "parameters": parameters,
         "samples": int(samples),
@@ -341,16 +494,19 @@ def run(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), progress=None) ->
         "corrupt": float(corrupt),
         "truth_counts": truth_counts,
         "corruption_kinds": list(CORRUPTION_KINDS),
-        "label_names": list(LABEL_NAMES),
-        "attribute_values": {k: list(v) for k, v in ATTRIBUTE_VALUES.items()},
-        "generic_captions": list(GENERIC_CAPTIONS),
-        "target_family_fraction": TARGET_FAMILY_FRACTION,
+        "families": families,
+        "semantic_groups": group_sizes,
+        "label_names": list(WORLD.label_names),
+        "attribute_values": {k: list(v) for k, v in WORLD.attribute_values.items()},
+        "generic_captions": list(WORLD.generic_captions),
+        "target_family_fraction": WORLD.target_family_fraction,
         "key_rule": "9-digit global sample index, shard-major",
         "uid_rule": "first 32 hex of sha256(f'{seed}:{index}'); target set: sha256(f'{seed}:target:{index}')",
         "target": {"dir": "target", "samples": int(target_samples), "shards": target_shards, "task": TARGET_TASK,
-                   "classes": list(TARGET_CLASSES)} if target_samples else None,
+                   "classes": list(WORLD.target_classes), "planted": truth_counts[PLANTED]}
+        if target_samples else None,
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return SynthResult(out=str(out), samples=int(samples), shards=len(shards), truth_counts=truth_counts,
                        target_samples=int(target_samples), target_shards=len(target_shards),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, families=families, semantic_groups=group_sizes)

@@ -29,9 +29,13 @@ def tiny_teacher_cache_dir() -> Path:
 def tiny_teacher_recipe() -> dict:
     from curate.models.teacher import model_config
 
+    from curate.stages.synth import FORMAT, world_digest
+
     train = asdict(TINY_TEACHER_TRAIN)
     train.pop("log_every")
-    return {"corpus": TINY_TEACHER_CORPUS, "train": train, "config": model_config(TINY_TEACHER_TRAIN.model)}
+    # the world the corpus is drawn from: a new world (or format) trains a new teacher under a new name
+    return {"corpus": TINY_TEACHER_CORPUS, "world": {"format": FORMAT, "digest": world_digest()}, "train": train,
+            "config": model_config(TINY_TEACHER_TRAIN.model)}
 
 
 def tiny_teacher_path(cache_dir: Path | None = None) -> Path:
@@ -57,7 +61,7 @@ def ensure_tiny_teacher(cfg: TinyTeacherConfig = TinyTeacherConfig(),
         from curate.stages.synth import SynthConfig
         from curate.stages.synth import entry as synth
 
-        corpus = path.parent / f"corpus-seed{TINY_TEACHER_CORPUS['seed']}-n{TINY_TEACHER_CORPUS['samples']}"
+        corpus = path.parent / f"corpus-{path.stem}"  # one per recipe: a corpus of another world is never reused
         synth.run(corpus, SynthConfig(**TINY_TEACHER_CORPUS))
         entry.run(str(corpus), path, TINY_TEACHER_TRAIN, on_log=on_log)
     return path
