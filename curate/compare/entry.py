@@ -20,17 +20,28 @@ import numpy as np
 from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
-from curate.compare import (FORMAT, HELDOUT_SEED_OFFSET, METHOD_LABELS, METHODS, CompareConfig,
-                                   CompareResult)
+from curate.compare import (FORMAT, HELDOUT_SEED_OFFSET, LOSS_ROWS, METHOD_LABELS, METHODS, SELECTION_METHODS,
+                            CompareConfig, CompareResult)
+from curate.compare.quality import (clone_quality, decontamination_quality, dedup_quality, pcme_quality,
+                                    signal_aucs)
 from curate.compare.runs import RunSpec, content_key, plot_curves, run_all
-from curate.compare.tables import (check_budgets, mean_removal, prefilter_fraction, removal_and_composition,
-                                          render_markdown, subset_size, summary_over_seeds)
+from curate.compare.signals import extra_steps, read_column, read_truth, run_steps, signal_keeps
+from curate.compare.tables import (best_method, check_budgets, mean_removal, oracle_rows, prefilter_fraction,
+                                   random_rows, removal_and_composition, render_markdown, subset_size,
+                                   summary_over_seeds)
 from curate.stages.train_student import StudentConfig
 
 INPUTS_JSON = "inputs.json"  # the corpus's and the teacher's identity the chain's outputs were made from
 HELDOUT_DIR = "heldout"
+# The scores whose ROC-AUC per kind compare.json reports (signals): name -> (table, column).
+SIGNAL_COLUMNS = {"clipscore": ("scores.parquet", "clipscore"), "negclip": ("scores.parquet", "negclip"),
+                  "normsim_inf": ("normsim_inf.parquet", "normsim_inf"), "normsim_2": ("normsim_2.parquet", "normsim_2"),
+                  "normsim_2d": ("normsim_2d.parquet", "normsim_2d"), "clone_free": ("signals.parquet", "clone_free"),
+                  "p_match_calibrated": ("pcme_calibrated.parquet", "p_match"), "p_match": ("pcme.parquet", "p_match"),
+                  "pcme_certainty": ("signals.parquet", "pcme_certainty"),
+                  "semdedup_keep": ("dedup.parquet", "semdedup_keep")}
 CHAIN_SECTIONS = {"embed": "embed", "embed_target": "embed", "score": "score", "normsim": "score",
-                  "filter": "subsets"}  # recipe section -> the timing it counts in
+                  "clones": "score", "filter": "subsets"}  # recipe section -> the timing it counts in
 
 
 def corpus_identity(corpus: Path) -> dict:
@@ -78,9 +89,13 @@ def resolve_teacher(config: CompareConfig, log: Callable[[str], None]) -> tuple[
     return path, model, {"file": path, "model": model, "sha256": digest[:16]}
 
 
+def decimal_text(value: float) -> str:
+    return format(Decimal(str(value)).normalize(), "f")
+
+
 def method_keeps(cfg: CompareConfig) -> dict[str, list[str]]:
-    """The `--keep` steps of each filtered method (F and min(1, P·F) as the decimals written)."""
-    fraction = str(Decimal(str(cfg.fraction)).normalize())
+    """The `--keep` steps of each method filtered in the chain (F and min(1, P·F) as the decimals written)."""
+    fraction = decimal_text(cfg.fraction)
     first = prefilter_fraction(cfg.fraction, cfg.prefilter)
     return {"clipscore": [f"clipscore:{fraction}"], "negclip": [f"negclip:{fraction}"],
             "negclip_normsim_inf": [f"negclip:{first}", f"normsim_inf:{fraction}"],
@@ -89,7 +104,8 @@ def method_keeps(cfg: CompareConfig) -> dict[str, list[str]]:
 
 def chain_recipe(corpus: Path, out: Path, cfg: CompareConfig, teacher_path: str, teacher_model: str) -> dict:
     """The curation chain as a recipe (what a recipe file would hold), run dir = `out`: embed the corpus and its
-    target set, score, NormSim (inf and 2) against the target images, one [[filter]] per filtered method."""
+    target set, score, NormSim (inf and 2) against the target images, AdaCL's clone discovery, one [[filter]] per
+    method of `method_keeps` (NormSim_2-D has no target, so it runs outside, with the other signals)."""
     from curate.recipe import validate_recipe
 
     device = cfg.device  # resolved: cpu, cuda or cuda:N (the [run] device names the kind)
@@ -103,6 +119,7 @@ def chain_recipe(corpus: Path, out: Path, cfg: CompareConfig, teacher_path: str,
         "score": {"metrics": ["clipscore", "negclip"], "k": cfg.negclip_k, "batch_size": cfg.negclip_batch,
                   "seed": 0, "device": device, "out": "scores.parquet"},
         "normsim": {"target": "target_emb", "p": ["inf", "2"], "out": "normsim.parquet"},
+        "clones": {"batch_size": cfg.clones_batch, "device": device, "out": "clones.parquet"},
         "filter": [{"name": method, "keep": keeps} for method, keeps in method_keeps(cfg).items()],
     }
     return validate_recipe(raw, f"{out} (the chain of curate compare)")
@@ -136,9 +153,9 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
     from curate.io.uids import write_uid_npy
     from curate.models.teacher import model_config, resolve_device
     from curate.recipe import execute, plan
-    from curate.stages.common import pool_field
-    from curate.stages.synth import CORRUPTION_KINDS, SynthConfig
+    from curate.stages.synth import CORRUPTION_KINDS, TRUTH_KINDS, SynthConfig
     from curate.stages.synth import entry as synth
+    from curate.stages.synth.entry import world_identity
     from curate.stages.train_student.data import load_pairs, read_subset_uids
     from curate.stages.train_student.evaluation import load_eval_data
     from curate.stages.train_student.training import student_transforms
@@ -169,12 +186,19 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
         timings[name] = sum(r.get("seconds", 0.0) for r in records
                             if CHAIN_SECTIONS.get(steps[r["step"]].section) == name)
 
-    # -- subsets: the filters' (the chain's), the whole pool and a seeded random one per seed
-    tick = time.perf_counter()
+    # -- the stages the recipe has no section for (NormSim_2-D, PCME, SemDeDup, decontamination) and their filters
     emb_dir = Path(steps["embed"].outputs[0])
+    target_emb = Path(steps["embed_target"].outputs[0])
+    fraction = decimal_text(cfg.fraction)
+    extras = extra_steps(emb_dir, target_emb, out, cfg, fraction, pool_identity, cfg.device)
+    timings["signals"] = run_steps(extras, out, log)
+
+    # -- subsets: the filters', the whole pool, the oracle's and a seeded random one per seed
+    tick = time.perf_counter()
     pool = EmbeddingPool(emb_dir)
     pool_uids = [str(u) for u in pool.column("uid")]
-    pool_truth = pool_field(pool, "json:truth")
+    truth = read_truth(pool)
+    pool_truth = truth.kind.tolist()
     n_pool = len(pool_uids)
     k = subset_size(cfg.fraction, n_pool)
     if k < cfg.batch_size:
@@ -182,31 +206,40 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
                           f"batch size {cfg.batch_size}; use a larger corpus or --fraction, or a smaller --batch-size")
     subsets_dir = out / "subsets"
     subset_uids: dict[tuple[str, int | None], list[str]] = {}
-    recipes = {}
+    recipes: dict[str, object] = {}
     for method, keeps in method_keeps(cfg).items():
         step = steps[f"filter:{method}"]
         subset_uids[(method, None)] = read_subset_uids(step.outputs[0])
-        assert len(subset_uids[(method, None)]) == k, (method, len(subset_uids[(method, None)]), k)
-        recipes[method] = {"tables": list(step.inputs), "keep": keeps}
+        recipes[method] = {"tables": [Path(t).name for t in step.inputs], "keep": keeps}
+    for method, (tables, options) in signal_keeps(cfg, fraction).items():
+        subset_uids[(method, None)] = read_subset_uids(subsets_dir / method)
+        recipes[method] = {"tables": tables, **options}
+    for method in recipes:
+        if len(subset_uids[(method, None)]) != k:
+            raise CurateError(f"{subsets_dir / method}: {len(subset_uids[(method, None)])} samples, not ceil(F x N) = "
+                              f"{k}; remove it and rerun")
     write_uid_npy(pool_uids, subsets_dir / "no_filter" / "uids.npy")
     subset_uids[("no_filter", None)] = pool_uids
+    oracle = [pool_uids[i] for i in oracle_rows(truth, k)]
+    write_uid_npy(oracle, subsets_dir / "oracle" / "uids.npy")
+    subset_uids[("oracle", None)] = oracle
+    recipes["oracle"] = "ground truth: correct pairs, one per semantic group, target family first"
     for seed in range(cfg.seeds):
-        rng = np.random.default_rng([seed, 0x5EED])
-        chosen = [pool_uids[i] for i in np.sort(rng.choice(n_pool, size=k, replace=False))]
+        chosen = [pool_uids[i] for i in random_rows(n_pool, k, seed)]
         write_uid_npy(chosen, subsets_dir / f"random-seed{seed}" / "uids.npy")
         subset_uids[("random", seed)] = chosen
     uid_row = {u: i for i, u in enumerate(pool_uids)}
     methods: dict[str, dict] = {}
     for method in METHODS:
-        keys = [key for key in subset_uids if key[0] == method]
         removals = []
-        for key in keys:
+        for key in [key for key in subset_uids if key[0] == method]:
             mask = np.zeros(n_pool, dtype=bool)
             mask[[uid_row[u] for u in subset_uids[key]]] = True
-            removals.append(removal_and_composition(pool_truth, mask))
+            removals.append(removal_and_composition(pool_truth, mask, truth))
         methods[method] = {"label": METHOD_LABELS[method], "subset_size": removals[0]["kept"],
                            "subsets": len(removals), "removal": mean_removal(removals),
                            "recipe": recipes.get(method, "seeded uniform sample" if method == "random" else "all")}
+    quality = signal_quality(out, pool_uids, truth, cfg)
     timings["subsets"] += time.perf_counter() - tick
 
     # -- held-out split with its own target set (never seen by NormSim)
@@ -231,19 +264,29 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
     timings["decode"] = time.perf_counter() - tick
     # The architecture's config (not only its name) is part of every run's identity: a changed config JSON
     # must not reuse runs trained with the old one.
-    eval_key = content_key({"heldout": heldout_params, "model": cfg.model, "arch": model_config(cfg.model)})
+    eval_key = content_key({"heldout": heldout_params, "model": cfg.model, "arch": model_config(cfg.model),
+                            "world": world_identity()})
 
     tick = time.perf_counter()
     context = {"pool": content_key(pool_identity)}
-    specs = []
-    for seed in range(cfg.seeds):
-        for method in METHODS:
-            student = StudentConfig(model=cfg.model, loss=cfg.loss, steps=cfg.steps, batch_size=cfg.batch_size,
-                                    lr=cfg.lr, seed=seed, threads=cfg.threads, device=cfg.device)
-            uids = subset_uids.get((method, seed)) or subset_uids[(method, None)]
-            specs.append(RunSpec(str(out / "runs" / method / f"seed{seed}"), method, seed, uids, student,
-                                 eval_key, context))
-    runs = run_all(specs, pairs, eval_data, cfg.jobs, out, log)
+
+    def spec(row: str, subset: str, seed: int, loss: str) -> RunSpec:
+        student = StudentConfig(model=cfg.model, loss=loss, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                seed=seed, threads=cfg.threads, device=cfg.device)
+        uids = subset_uids.get((subset, seed)) or subset_uids[(subset, None)]
+        return RunSpec(str(out / "runs" / row / f"seed{seed}"), row, seed, uids, student, eval_key, context)
+
+    runs = run_all([spec(m, m, seed, cfg.loss) for seed in range(cfg.seeds) for m in METHODS],
+                   pairs, eval_data, cfg.jobs, out, log)
+    best = best_method(summary_over_seeds(runs), SELECTION_METHODS)
+    if cfg.loss_rows and best is not None:
+        loss_specs = [spec(row, best, seed, loss) for seed in range(cfg.seeds) for row, loss in LOSS_ROWS.items()
+                      if loss != cfg.loss]
+        runs += run_all(loss_specs, pairs, eval_data, cfg.jobs, out, log)
+        for row, loss in LOSS_ROWS.items():
+            if loss != cfg.loss:
+                methods[row] = {**methods[best], "label": METHOD_LABELS[row], "loss": loss,
+                                "recipe": {"subset": best, "loss": loss}}
     timings["train_eval"] = time.perf_counter() - tick
     budget = check_budgets(runs)
 
@@ -253,14 +296,17 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
     # CPU seconds of this process and its finished children (embed loaders, training workers): on a busy
     # machine wall time overstates the cost; CPU time / cores estimates the wall time of an idle one.
     timings["cpu_total"] = cpu_seconds() - cpu_started
-    timing_order = ("teacher", "embed", "score", "subsets", "heldout", "decode", "train_eval", "total", "cpu_total")
+    timing_order = ("teacher", "embed", "score", "signals", "subsets", "heldout", "decode", "train_eval", "total",
+                    "cpu_total")
+    manifest = json.loads((corpus / "manifest.json").read_text())
     result = CompareResult(
         format=FORMAT,
         config=asdict(cfg),
-        corpus={"path": str(corpus), "samples": n_pool, "parameters": params,
+        corpus={"path": str(corpus), "samples": n_pool, "parameters": params, "world": manifest.get("world"),
                 "corruption_kinds": list(CORRUPTION_KINDS),
-                "truth_counts": {kind: int(sum(1 for t in pool_truth if t == kind))
-                                 for kind in ("clean",) + tuple(CORRUPTION_KINDS)}},
+                "kinds": [kind for kind in TRUTH_KINDS[1:] if kind in set(pool_truth)],
+                "truth_counts": {kind: int(sum(1 for t in pool_truth if t == kind)) for kind in TRUTH_KINDS},
+                "semantic_groups": manifest.get("semantic_groups")},
         teacher=teacher_id,
         subset_size=k,
         prefilter_fraction=prefilter_fraction(cfg.fraction, cfg.prefilter),
@@ -268,8 +314,10 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
         eval={"heldout": str(heldout), "heldout_seed": heldout_seed, "heldout_samples": cfg.heldout_samples,
               "target_samples": int(len(eval_data.target_labels)), "classes": len(eval_data.class_names)},
         methods=methods,
+        best=best,
         runs=runs,
         summary=summary_over_seeds(runs),
+        **quality,
         timings={name: round(timings[name], 2) for name in timing_order},
         machine={"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "platform": platform.platform(terse=True), "cpus": os.cpu_count(),
@@ -283,6 +331,21 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
     return result
 
 
+def signal_quality(out: Path, uids: list[str], truth, cfg: CompareConfig) -> dict:
+    """signals, clones, pcme, dedup and decontamination of compare.json, from the tables in `out` and the truth."""
+    scores = {name: read_column(out / table, column, uids) for name, (table, column) in SIGNAL_COLUMNS.items()}
+    signals = signal_aucs(scores, truth)
+    clones = clone_quality(read_column(out / "signals.parquet", "clone_free", uids) == 0, truth)
+    pcme = pcme_quality(read_column(out / "pcme.parquet", "uncertainty_txt", uids),
+                        read_column(out / "pcme.parquet", "p_match", uids), truth)
+    dedup = dedup_quality(read_column(out / "dedup.parquet", "semdedup_keep", uids) == 0, truth)
+    dedup["eps"] = cfg.dedup_eps
+    contamination = decontamination_quality(read_column(out / "contamination.parquet", "contaminated", uids) == 1,
+                                            truth)
+    contamination["threshold"] = cfg.contamination_threshold
+    return {"signals": signals, "clones": clones, "pcme": pcme, "dedup": dedup, "decontamination": contamination}
+
+
 def cpu_seconds() -> float:
     import resource
 
@@ -291,9 +354,12 @@ def cpu_seconds() -> float:
 
 
 def complete_corpus(path: Path, parameters: dict) -> bool:
-    """Whether `path` holds a finished synth corpus made with `parameters`."""
+    """Whether `path` holds a finished synth corpus of this world made with `parameters`."""
+    from curate.stages.synth.entry import world_identity
+
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(manifest.get("complete")) and manifest.get("parameters") == parameters
+    return bool(manifest.get("complete")) and manifest.get("parameters") == parameters \
+        and manifest.get("world") == world_identity()

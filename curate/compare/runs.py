@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from curate.io.atomic import write_text_atomic
-from curate.compare import METHOD_LABELS, METHODS
+from curate.compare import METHOD_LABELS, ROWS
 from curate.stages.train_student import EVAL_JSON, TRAIN_JSON, StudentConfig
 from curate.stages.train_student.evaluation import evaluate_model, summary_numbers
 from curate.stages.train_student.training import save_student, train_on_pairs
@@ -58,8 +58,9 @@ def run_one(spec: RunSpec, pairs, eval_data) -> dict:
     with torch_threads(spec.student.threads):
         subset = pairs.select(spec.uids)
         trained = train_on_pairs(subset, spec.student)
+        # no per-run curve.png: curves.png draws every run's curve (from the records) in one figure
         saved = save_student(trained, run_dir, {"method": spec.method, "pairs": len(subset.uids),
-                                                "truth_counts": subset.truth_counts()})
+                                                "truth_counts": subset.truth_counts()}, plot=False)
         result = evaluate_model(trained.model, trained.heads_state, eval_data, spec.student.device)
     write_text_atomic(run_dir / EVAL_JSON, json.dumps(result, indent=2, sort_keys=True) + "\n")
     # The budget tabulated is the one the training JSON logged (read back), not the configuration.
@@ -154,15 +155,18 @@ def plot_curves(runs: list[dict], path: Path) -> Path:
     from curate.io.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for method in METHODS:
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {row: palette[i % len(palette)] for i, row in enumerate(ROWS)}
+    styles = {row: ("-", "--")[i // len(palette) % 2] for i, row in enumerate(ROWS)}
+    for method in ROWS:
         for i, run in enumerate(r for r in runs if r["method"] == method):
             steps, losses = zip(*run["curve"]) if run["curve"] else ((), ())
-            ax.plot(steps, losses, color=colours[method], alpha=0.8, label=METHOD_LABELS[method] if i == 0 else None)
+            ax.plot(steps, losses, color=colours[method], linestyle=styles[method], alpha=0.8,
+                    label=METHOD_LABELS[method] if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("student training curves (same budget)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncols=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -30,8 +30,9 @@ SCATTER_AXES = ("clipscore", "negclip")
 CURVE_FILES = ("train.json", "history.json", "curve.json")
 SUBSET_FILES = ("stats.json", "uids.npy", "kept.parquet")
 TRUTH_COLOURS = {"clean": "#4c78a8", "swapped": "#e45756", "generic": "#f58518", "noise_image": "#b279a2",
-                 "clone": "#54a24b", "duplicate": "#9d755d", "unknown": "#bab0ac"}
-EXTRA_COLOURS = ("#72b7b2", "#eeca3b", "#ff9da6", "#79706e", "#d67195", "#439894")
+                 "partial_mismatch": "#ff9da6", "clone": "#54a24b", "duplicate": "#9d755d", "semantic_twin": "#72b7b2",
+                 "planted": "#eeca3b", "unknown": "#bab0ac"}
+EXTRA_COLOURS = ("#79706e", "#d67195", "#439894", "#8c6d31", "#393b79", "#637939")
 SUBSET_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
 CAPTION_CHARS = 160
 MAX_RAW_JSON_CHARS = 20_000

@@ -147,8 +147,9 @@ def train_on_pairs(pairs: PairSet, config: StudentConfig, on_log: Callable[[dict
                           time.perf_counter() - started)
 
 
-def save_student(trained: TrainedStudent, out_dir: str | Path, data: dict) -> dict:
-    """Write student.pt (weights_only-loadable), train.json and curve.png into `out_dir`; returns train.json."""
+def save_student(trained: TrainedStudent, out_dir: str | Path, data: dict, plot: bool = True) -> dict:
+    """Write student.pt (weights_only-loadable), train.json and (with `plot`) curve.png into `out_dir`; returns
+    train.json."""
     from curate.models.teacher import save_checkpoint
 
     out = Path(out_dir)
@@ -164,8 +165,9 @@ def save_student(trained: TrainedStudent, out_dir: str | Path, data: dict) -> di
               "final_loss": trained.history[-1]["loss"] if trained.history else None,
               "torch_threads": trained.config.threads or torch.get_num_threads()}
     write_text_atomic(out / TRAIN_JSON, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    plot_curve(trained.history, out / CURVE_PNG, title=f"{trained.config.model} {trained.config.loss} "
-                                                        f"seed {trained.config.seed}")
+    if plot:
+        plot_curve(trained.history, out / CURVE_PNG, title=f"{trained.config.model} {trained.config.loss} "
+                                                            f"seed {trained.config.seed}")
     return record
 
 
