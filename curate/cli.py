@@ -315,7 +315,8 @@ def filter_cmd(
     out: Path = typer.Option(..., "--out", help="Subset directory: uids.npy (DataComp), kept.parquet, stats.json."),
     *, cfg: FilterConfig, opts: RunOptions,
 ):
-    """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file.
+    """Select a subset: drops (duplicates, contaminated), thresholds, exact top fractions by score, then uid lists
+    (∩ --include-uids, ∪ --union, − --exclude-uids); writes DataComp's uid file.
 
     With --executor ray, --workers N or --tasks T the selection runs as map tasks over row-aligned tables
     (a radix select per --keep, a few rounds each) without holding the score columns, with the same
