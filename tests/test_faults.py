@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_embedding_dir, record_robustness
+from conftest import NO_NETWORK_SITECUSTOMIZE, make_embedding_dir, record_robustness
 from curate.io.atomic import TEMP_NAME  # the temp names of atomic writes
 from curate.io.uids import write_uid_npy
-from test_dirty import NO_NETWORK_SITECUSTOMIZE
 
 CURATE_BIN = Path(sys.executable).parent / "curate"
 KILLS_PER_STAGE = 3
