@@ -21,7 +21,7 @@ from curate.recipe import load_recipe
 from curate.stages.clones import ClonesConfig
 from adacl_oracles import oracle_discovery, oracle_margins, oracle_posterior, oracle_probability
 from conftest import run_clones
-from helpers_issue6 import unit_rows, write_embedding_dir
+from embedding_dirs import unit_rows, write_embedding_dir
 
 S_HAND = np.array([[.31, .30, .10], [.12, .28, .27], [.05, .06, .33]])
 
