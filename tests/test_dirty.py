@@ -1,4 +1,4 @@
-"""The bad-input suite (issue 9): dirty tars, images, captions, tables, parameters and checkpoints.
+"""The bad-input suite: dirty tars, images, captions, tables, parameters and checkpoints.
 
 Promises checked here, each through the real CLI:
 * a bad sample is skipped and recorded (`_errors/<stem>.parquet`: key, reason, kind), a bad shard is recorded

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for issue 9, beyond the metric-level ones that already exist:
+"""Property tests (hypothesis) of the robustness promises, beyond the metric-level ones that already exist:
 
 * tests/metrics/test_clipscore_negclip.py: negclip <= 0 for the metric function;
 * tests/stages/test_filter.py: exact filter sizes for any fraction, one sequential step == independent, uid halves;

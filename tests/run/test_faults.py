@@ -1,4 +1,4 @@
-"""Faults (issue 9): `kill -9` at seeded random points of `curate embed`, `score` and `export`, then a rerun.
+"""Faults: `kill -9` at seeded random points of `curate embed`, `score` and `export`, then a rerun.
 
 Each stage first runs uninterrupted into a reference directory. Then the same command runs into a second
 directory and is killed (SIGKILL to its whole process group, decode workers included) several times, at a
