@@ -282,8 +282,8 @@ def render(info: dict, cfg: dict, res: dict, total_s: float, quick: bool) -> str
         if largest >= 10_000_000:
             L += ["", "Bytes per row between the two largest sizes (10 M measured directly):", ""]
         else:
-            L += ["", "Linear fit through the two largest sizes, extrapolated to 10 M rows (the issue's pool; "
-                  "generating its 20 GB of tables plus 20 GB of caches takes ~25 min here, beyond this "
+            L += ["", "Linear fit through the two largest sizes, extrapolated to 10 M rows (the pool of the memory "
+                  "goal; generating its 20 GB of tables plus 20 GB of caches takes ~25 min here, beyond this "
                   "benchmark's budget; see the note at the top when it was measured separately):", ""]
         for s in ("score", "normsim_inf", "normsim_2", "filter"):
             slope, projected = extrapolate(m, s, 10_000_000)

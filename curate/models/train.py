@@ -1,6 +1,6 @@
 """A small, reusable contrastive training loop for open_clip models on pre-decoded tensors.
 
-Used by `curate teacher train` (curate-tiny on a synth corpus) and by the student trainer (issue 7).
+Used by `curate teacher train` (curate-tiny on a synth corpus) and by the student trainer (`curate train`).
 Deterministic on CPU for a seed: parameters are initialised by the caller under `torch.manual_seed`, batches
 come from a seeded `torch.Generator`, augmentation draws from the same generator.
 

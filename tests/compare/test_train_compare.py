@@ -1,4 +1,4 @@
-"""Issue 7: student training (`curate train`), student eval, and `curate compare`.
+"""Student training (`curate train`), student eval, and `curate compare`.
 
 Everything runs on tiny synth corpora with a randomly initialised teacher checkpoint, so that the whole file
 stays fast; the numbers of a real comparison are in README (measured with `curate compare`).

@@ -13,7 +13,7 @@ import pytest
 from curate.io.uids import DATACOMP_DTYPE, find_pairs, read_uid_npy, uids_to_pairs, write_uid_npy
 
 from conftest import one_line_error, run_curate, run_filter
-from test_filter_distributed import assert_same_outputs, write_split
+from filter_tables import assert_same_outputs, write_split
 
 SIZES = [30, 0, 45, 25]
 
