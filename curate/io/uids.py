@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+from curate.io.atomic import atomic_path
 
 UID_RE = re.compile(r"[0-9a-f]{32}")
 DATACOMP_DTYPE = np.dtype("u8,u8")
@@ -94,7 +96,6 @@ def pairs_to_uids(pairs: np.ndarray) -> list[str]:
 
 def write_uid_npy(uids, path: str | Path) -> int:
     """Write uids as DataComp's sorted `u8,u8` array, atomically. Returns the count."""
-    from curate.io.atomic import atomic_path
 
     pairs = uids_to_pairs(list(uids))
     with atomic_path(path) as tmp:
@@ -217,7 +218,6 @@ def read_uid_list(source: str | Path) -> np.ndarray:
     path = Path(source)
     parquet = sorted(path.glob("*.parquet")) if path.is_dir() and not (path / "uids.npy").is_file() else []
     if path.is_file() and path.suffix == ".parquet" or parquet:
-        import pyarrow.parquet as pq
 
         files = parquet or [path]
         highs, lows = [], []

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from curate.run.threads import torch_threads
+from curate.errors import CurateError
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
 
@@ -50,7 +51,6 @@ def make_objective(loss: str | Callable, **loss_kwargs) -> Callable:
     if callable(loss):
         return loss
     if loss not in LOSSES:
-        from curate.errors import CurateError
 
         raise CurateError(f"--loss {loss!r}: unknown loss; known: {', '.join(sorted(LOSSES))}")
     return LOSSES[loss](**loss_kwargs)
