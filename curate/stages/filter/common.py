@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +66,20 @@ class Bound:
     @property
     def label(self) -> str:
         return self.step or self.kind
+
+    def passes(self, values: np.ndarray) -> np.ndarray:
+        """Which scores pass (NaN compares False: never passes)."""
+        return values >= self.value if self.kind == "min" else values <= self.value
+
+
+def passed_drops(bounds: Sequence[Bound], values_of: Callable[[str], np.ndarray], rows: int) -> np.ndarray:
+    """Rows passing the drop steps among `bounds` (--drop-duplicates, --drop-contaminated): what a union may add.
+    `values_of(metric)` gives a metric's column."""
+    passed = np.ones(rows, dtype=bool)
+    for b in bounds:
+        if b.step is not None:
+            passed &= b.passes(values_of(b.metric))
+    return passed
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from curate.io.tables import EmbeddingPool, read_meta, write_table_atomic
 from curate.io.uids import DATACOMP_DTYPE, uid_halves, uid_order
 from curate.stages.filter import FilterConfig, FilterResult, StepStats
 from curate.stages.filter.common import (BATCH_ROWS, Bound, KeepStep, ScoreTable, check_rankable, check_selection,
-                                         check_unique, fraction_text, metric_sources, read_score_table, write_stats)
+                                         check_unique, fraction_text, metric_sources, passed_drops, read_score_table,
+                                         write_stats)
 from curate.stages.filter.uid_sets import UidList, combine, list_step_stats
 
 # ---------------------------------------------------------------- the join
@@ -134,7 +135,7 @@ def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, ke
     stats: list[StepStats] = []
     for b in bounds:
         values = metrics[b.metric][rows]
-        passed = values >= b.value if b.kind == "min" else values <= b.value  # NaN compares False: removed
+        passed = b.passes(values)
         stats.append(StepStats(b.label, b.metric, len(rows), int(passed.sum()), int((~passed).sum()),
                                value=b.value, nan=int(np.isnan(values).sum()) if values.dtype.kind == "f" else 0))
         rows = rows[passed]
@@ -220,11 +221,7 @@ def filter_in_memory(tables: Sequence, out_dir: str | Path, keeps: Sequence[Keep
     mask = np.zeros(pool.size, dtype=bool)
     mask[rows] = True
     if lists:
-        allowed = np.ones(pool.size, dtype=bool)
-        for b in bounds:
-            if b.step is not None:  # a drop step: what a union may not bring back
-                values = pool.metrics[b.metric]
-                allowed &= values >= b.value if b.kind == "min" else values <= b.value
+        allowed = passed_drops(bounds, pool.metrics.__getitem__, pool.size)
         mask, counts = combine(mask, allowed, lists, pool.high, pool.low)
         rows = np.flatnonzero(mask)
         steps += list_step_stats(lists, counts)

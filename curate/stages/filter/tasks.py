@@ -64,7 +64,7 @@ from curate.run.markers import Markers
 from curate.stages.filter import FilterResult, StepStats
 from curate.stages.filter.common import (Bound, KeepStep, ScoreTable, check_rankable, check_selection, check_unique,
                                          fraction_text, metric_dtype, metric_sources, metric_values, scan_score_table,
-                                         table_name, write_stats)
+                                         passed_drops, table_name, write_stats)
 from curate.stages.filter.uid_sets import UidList, combine, list_step_stats, load_uid_lists
 
 STAGE = "filter"
@@ -189,22 +189,13 @@ class GroupView:
             self._halves = uid_halves(self.uid_column(), self.paths[0])
         return self._halves
 
-    def passed_drops(self) -> np.ndarray:
-        """Rows passing the drop steps (--drop-duplicates, --drop-contaminated): what a union may add."""
-        rows = np.ones(self.n, dtype=bool)
-        for b in self.task.bounds:
-            if b.step is not None:
-                values = self.values(b.metric)
-                rows &= values >= b.value if b.kind == "min" else values <= b.value
-        return rows
-
     def passed_bounds(self, stats: list[list[int]] | None = None) -> np.ndarray:
         """Rows passing every drop step and --min/--max in order; `stats` gets [ranked, passed, nan] per bound
         added."""
         rows = np.ones(self.n, dtype=bool)
         for number, b in enumerate(self.task.bounds):
             values = self.values(b.metric)
-            passed = values >= b.value if b.kind == "min" else values <= b.value  # as local.select compares
+            passed = b.passes(values)
             if stats is not None:
                 stats[number][0] += int(rows.sum())
                 stats[number][2] += int((rows & np.isnan(values)).sum())
@@ -327,7 +318,8 @@ def filter_final_task(task: FinalTask) -> dict:
                 for cut in task.cuts:  # a row is in the subset when it passes the bounds and every keep
                     kept = view.kept_by(cut, kept)
                 if task.lists:  # then the uid lists (uid_sets.py)
-                    kept, counts = combine(kept, view.passed_drops(), task.lists, *view.uids())
+                    kept, counts = combine(kept, passed_drops(task.bounds, view.values, view.n), task.lists,
+                                           *view.uids())
                     list_counts = [[a + b for a, b in zip(total, c)] for total, c in zip(list_counts, counts)]
                 rows = np.flatnonzero(kept)
                 for name, _ in task.columns:
