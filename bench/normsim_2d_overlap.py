@@ -1,7 +1,7 @@
 """How much the NormSim_2-D schedules agree: top-30 % overlaps on a synthetic clustered pool.
 
 Compares `curate normsim --p 2d` (the reference's nested schedule, defaults: 100 iterations, F = 0.3, 10 %
-subsamples, seed 0) with the plain transcription of the reference loop in tests/test_normsim.py
+subsamples, seed 0) with the plain transcription of the reference loop in tests/normsim_oracles.py
 (`reference_vas_d`, same seed), with itself under other seeds (the reference is unseeded, so this is its own
 run-to-run spread), and with the geometric schedule curate ran before (4 rounds re-selecting from the whole
 pool, kept fractions 0.3^(t/3); transcribed below as it was in commit 80c057a).
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic  # noqa: E402
 from curate.metrics.normsim import keep_count, top_fraction_mask  # noqa: E402
 from common import run_normsim  # noqa: E402
-from test_normsim import reference_vas_d  # noqa: E402
+from normsim_oracles import reference_vas_d  # noqa: E402
 
 
 def clustered_pool(path: Path, n: int, dim: int, seed: int, rows_per_file: int = 5000) -> np.ndarray:

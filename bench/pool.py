@@ -35,13 +35,28 @@ def random_uids(rng: np.random.Generator, n: int) -> pa.Array:
     return pa.array(hexed.view("S32").ravel()).cast(pa.string())
 
 
+def clustered_unit_rows(rng: np.random.Generator, n: int, centres: np.ndarray, duplicates: float) -> np.ndarray:
+    """n unit rows around random `centres` (cosine ~0.7 to their centre), a `duplicates` fraction of them near
+    copies (cosine ~0.999) of other rows: what semantic dedup works on."""
+    noise = random_unit_rows(rng, n, centres.shape[1], np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + noise
+    copies = np.flatnonzero(rng.random(n) < duplicates)
+    x[copies] = x[rng.integers(0, n, len(copies))] + 0.04 * noise[copies]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16)
+
+
 def make_pool(path: str | Path, n_rows: int, dim: int = 512, rows_per_file: int = 100_000, seed: int = 0,
-              logit_scale: float = 100.0) -> Path:
+              logit_scale: float = 100.0, centres: int = 0, duplicates: float = 0.0) -> Path:
     """Write (or reuse) a pool of `n_rows` rows in tables of `rows_per_file` rows (row groups as
-    `write_table_atomic` makes them for `curate embed`). Captions and keys are short strings; uids random."""
+    `write_table_atomic` makes them for `curate embed`). Captions and keys are short strings; uids random.
+    Image rows are random directions, or with `centres` > 0 clustered (see clustered_unit_rows)."""
     path = Path(path)
     params = {"n_rows": int(n_rows), "dim": int(dim), "rows_per_file": int(rows_per_file), "seed": int(seed),
               "logit_scale": float(logit_scale), "format": 7}  # 7: fp16 list vector columns, uid without dictionary
+    if centres:
+        params.update({"centres": int(centres), "duplicates": float(duplicates)})
+        centre_rows = random_unit_rows(np.random.default_rng([seed, 1 << 20]), centres, dim, np.float32)
     stamp = path / STAMP
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return path
@@ -55,8 +70,9 @@ def make_pool(path: str | Path, n_rows: int, dim: int = 512, rows_per_file: int 
         n = min(rows_per_file, n_rows - start)
         uids = random_uids(rng, n)
         names = pa.array(np.char.add("k", np.arange(start, start + n).astype(str)).astype(object), pa.string())
+        images = clustered_unit_rows(rng, n, centre_rows, duplicates) if centres else random_unit_rows(rng, n, dim)
         table = pa.Table.from_arrays(
-            [uids, names, names, numpy_to_vectors(random_unit_rows(rng, n, dim)),
+            [uids, names, names, numpy_to_vectors(images),
              numpy_to_vectors(random_unit_rows(rng, n, dim))], schema=schema)
         write_table_atomic(table, path / f"shard-{index:06d}.parquet",
                            meta={"teacher": teacher.to_dict(), "shard": f"shard-{index:06d}.tar"})

@@ -15,7 +15,8 @@ H100_HBM_TBPS = 3.35
 MATMUL_EFFICIENCY = 0.6  # assumed sustained fraction of peak for the tiled b×b×d products
 EMBED_MFU = 0.4  # assumed model-FLOP utilisation of a ViT-L-14 forward in bf16
 LSE_BYTES_PER_LOGIT = 20  # write the fp32 tile once, read it ~4 times (max and exp-sum for rows and columns)
-# Reference (issue #8): negCLIPLoss with K=10 on DataComp medium took ~35 min on 8 L40 GPUs.
+# Reference: the reported cost of the reference implementation (ypwang61/negCLIPLoss_NormSim), not measured here:
+# negCLIPLoss with K=10 on DataComp medium took ~35 min on 8 L40 GPUs.
 REFERENCE_MEDIUM_MIN, REFERENCE_GPUS = 35.0, 8
 L40_FP32_TFLOPS = 90.5
 # ViT-L-14 FLOPs per sample: 2·params·tokens plus attention; image 304 M params × 257 tokens,
@@ -51,8 +52,9 @@ def lines(measured: dict, gpus: int = 8) -> list[str]:
         f"2·N·K·b·d FLOPs (the row and column LSE reuse the same logits). For DataComp medium with the paper's "
         f"ViT-L-14 teacher (d = {TEACHER_DIM}), K = {K}, b = {B}: 2 × 1.28e8 × {K} × {B} × {TEACHER_DIM} = "
         f"**{floor_medium:.2e} FLOPs**; xlarge is 100× that, {negclip_flops(POOLS['xlarge']):.2e}. "
-        f"The issue's ~5.5e16 corresponds to ~{5.5e16 / negclip_flops(1):.3g} samples, i.e. the share of the "
-        "128 M medium pool that typically downloads (~86 %); with all 128 M it is 6.4e16. On top come "
+        f"The ~5.5e16 floor quoted with the reference cost corresponds to ~{5.5e16 / negclip_flops(1):.3g} samples, "
+        "i.e. the share of the 128 M medium pool that typically downloads (~86 %); with all 128 M it is 6.4e16. "
+        "On top come "
         f"2·N·K·b = {2 * POOLS['medium'] * K * B:.2e} exponentials (memory-bound, see below).",
         "",
         f"Reference: ~{REFERENCE_MEDIUM_MIN:.0f} min on {REFERENCE_GPUS} L40 = "

@@ -315,7 +315,8 @@ def filter_cmd(
     out: Path = typer.Option(..., "--out", help="Subset directory: uids.npy (DataComp), kept.parquet, stats.json."),
     *, cfg: FilterConfig, opts: RunOptions,
 ):
-    """Select a subset: thresholds, then exact top fractions by score; writes DataComp's uid file.
+    """Select a subset: drops (duplicates, contaminated), thresholds, exact top fractions by score, then uid lists
+    (∩ --include-uids, ∪ --union, − --exclude-uids); writes DataComp's uid file.
 
     With --executor ray, --workers N or --tasks T the selection runs as map tasks over row-aligned tables
     (a radix select per --keep, a few rounds each) without holding the score columns, with the same
@@ -324,16 +325,28 @@ def filter_cmd(
     from rich.table import Table
 
     from curate.stages.filter import entry as filter_entry
+    from curate.stages.filter.uid_sets import not_in_pool_note
 
     result = filter_entry.run(tables, out, cfg, opts)
     table = Table(title=f"filter ({result.mode}) of a pool of {result.pool}")
     for column in ("step", "rows ranked", "kept", "removed", "cut score", "NaN"):
         table.add_column(column, justify="left" if column == "step" else "right")
     for s in result.steps:
-        label = f"--keep {s.metric}:{s.fraction}" if s.step == "keep" else f"--{s.step} {s.metric}:{s.value:g}"
+        if s.step == "keep":
+            label = f"--keep {s.metric}:{s.fraction}"
+        elif s.step in ("min", "max"):
+            label = f"--{s.step} {s.metric}:{s.value:g}"
+        elif s.uids is not None:  # a uid list: rows in the subset before and after it
+            label = f"--{s.step.replace('_', '-')} {s.uids}"
+        else:  # a drop step's table is in stats.json
+            label = f"--{s.step.replace('_', '-')} ({s.metric} {'>=' if s.step == 'drop_duplicates' else '<='} " \
+                    f"{s.value:g})"
         cut = f"{s.threshold:.6g}" if s.threshold is not None else ""
-        table.add_row(label, str(s.ranked), str(s.kept), str(s.removed), cut, str(s.nan))
+        kept = f"{s.kept} (+{s.added})" if s.added else str(s.kept)
+        table.add_row(label, str(s.ranked), kept, str(s.removed), cut, str(s.nan))
     console.print(table)
+    for line in not_in_pool_note(result.steps):
+        console.print(f"note: {line} (counted in stats.json)")
     console.print(f"kept {result.kept} of {result.pool} ({result.kept / result.pool:.1%}) -> {result.out_dir}")
 
 

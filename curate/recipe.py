@@ -9,7 +9,12 @@ Sections (all optional except [run]; see examples/recipes/ and README):
                                                           templates, and for p = 2d iterations, final_fraction,
                                                           subsample, seed, prefilter
   [clones] out and `curate clones`' options               [[filter]] name, keep, min, max, mode, normsim, target,
-                                                          fraction_rule
+                                                          fraction_rule, drop_duplicates, drop_contaminated,
+                                                          include_uids, union, exclude_uids (paths, or the name
+                                                          of an earlier [[filter]] for a uid list)
+  [dedup] out and `curate dedup`'s options                [decontaminate] against (list; default: the [normsim]
+                                                          target, else [embed_target] out), out, and the options
+  [normsim] require_decontamination = true: every [[filter]] ranking by NormSim drops what [decontaminate] flags
   [export] subset, shards, out, shard_size                [truth] subsets (ground-truth removal table)
   [report] out and `curate report`'s options (per_decile, thumb_px, max_points, seed)
 Relative `[run] dir` is relative to the working directory; every other relative path to `[run] dir`.
@@ -34,6 +39,8 @@ from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
 from curate.run.markers import Markers
 from curate.stages.clones import ClonesConfig
+from curate.stages.decontaminate import DecontaminateConfig
+from curate.stages.dedup import DedupConfig
 from curate.stages.embed import EmbedConfig
 from curate.stages.export import ExportConfig
 from curate.stages.filter import FilterConfig
@@ -63,6 +70,8 @@ SECTION_CONFIGS: dict[str, tuple[type, str | None]] = {
     "synth": (SynthConfig, None),
     "import_datacomp": (ImportDatacompConfig, None),
     "clones": (ClonesConfig, None),
+    "dedup": (DedupConfig, None),
+    "decontaminate": (DecontaminateConfig, None),
     "truth": (TruthConfig, None),
     "report": (ReportConfig, None),
 }
@@ -77,9 +86,13 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple, Any]]] = {
     "import_datacomp": {"metadata": (str, REQUIRED), "out": (str, "emb")},
     "score": {"out": (str, "scores.parquet")},
     # p: a list here (one table per p); prefilter: a subset path or the name of a [[filter]], run first
+    # require_decontamination: every [[filter]] that ranks by NormSim drops what [decontaminate] flags
     "normsim": {"target": (str, REQUIRED), "p": (list, ["inf"]), "out": (str, "normsim.parquet"),
-                "prefilter": (str, "")},
+                "prefilter": (str, ""), "require_decontamination": (bool, False)},
     "clones": {"out": (str, "clones.parquet")},
+    "dedup": {"out": (str, "dedup.parquet")},
+    # against: evaluation / target image embeddings (default: the [normsim] target, else [embed_target] out)
+    "decontaminate": {"against": (list, []), "out": (str, "contaminated.parquet")},
     "filter": {"name": (str, REQUIRED)},
     "export": {"subset": (str, REQUIRED), "shards": (str, ""), "out": (str, "export")},
     "truth": {"subsets": (list, [])},
@@ -151,7 +164,50 @@ def validate_recipe(raw: dict, path: str | Path) -> dict:
             raise CurateError(f"{path}: subset {ref!r} is not the name of a [[filter]] (have: {', '.join(names) or 'none'})")
     if "normsim" in recipe:
         _check_normsim_2d(path, recipe, raw["normsim"])
+    _check_decontamination(path, recipe)
+    filters_before: list[str] = []
+    for f in recipe.get("filter", []):
+        for key in UID_LIST_KEYS:
+            for ref in f[key]:
+                if ref in names and ref not in filters_before:
+                    raise CurateError(f"{path}: [[filter]] {f['name']!r} {key} names [[filter]] {ref!r}, which must "
+                                      "come before it")
+        filters_before.append(f["name"])
     return recipe
+
+
+UID_LIST_KEYS = ("include_uids", "union", "exclude_uids")
+
+
+def _check_decontamination(path: Path, recipe: dict) -> None:
+    """[decontaminate] against defaults to the NormSim target (else the embedded target set); [normsim]
+    require_decontamination sets every NormSim-ranking [[filter]]'s drop_contaminated to its table."""
+    if "decontaminate" in recipe:
+        d = recipe["decontaminate"]
+        if not d["against"]:
+            target = recipe.get("normsim", {}).get("target", "")
+            d["against"] = [target] if target and target not in NAMED_TARGETS else \
+                [recipe["embed_target"]["out"]] if "embed_target" in recipe else []
+        if not d["against"]:
+            raise CurateError(f"{path}: [decontaminate] needs `against` (evaluation image embeddings), or a "
+                              "[normsim] target / [embed_target] to default to")
+    n = recipe.get("normsim")
+    if not n or not n["require_decontamination"]:
+        return
+    if "decontaminate" not in recipe:
+        raise CurateError(f"{path}: [normsim] require_decontamination = true needs a [decontaminate] section "
+                          "(never select toward a task with its own evaluation images in the subset)")
+    if n["target"] not in recipe["decontaminate"]["against"]:
+        raise CurateError(f"{path}: [normsim] require_decontamination = true: [decontaminate] against must "
+                          f"include the NormSim target {n['target']!r}")
+    table = recipe["decontaminate"]["out"]
+    for f in recipe.get("filter", []):
+        uses = [s.split(":")[0] for s in f["keep"] + f["min"] + f["max"]]
+        if f["normsim"] or any(u.startswith("normsim_") for u in uses):
+            if f["drop_contaminated"] and f["drop_contaminated"] != table:
+                raise CurateError(f"{path}: [[filter]] {f['name']!r} drop_contaminated = {f['drop_contaminated']!r}, "
+                                  f"but [normsim] require_decontamination = true asks for {table!r}")
+            f["drop_contaminated"] = table
 
 
 def _check_normsim_2d(path: Path, recipe: dict, raw: dict) -> None:
@@ -340,23 +396,52 @@ def plan(recipe: dict) -> list[Step]:
                                    "negclip_tasks")
         add("score", "score", s, [emb], [out], run_score)
 
+    if "dedup" in recipe:
+        u = recipe["dedup"]
+        out = at(u["out"])
+
+        def run_dedup(bar=None, u=u, out=out):
+            from curate.stages.dedup import entry as dedup
+
+            config = section_config(DedupConfig, u)
+            config = dataclasses.replace(config, scores=Path(at(str(u["scores"]))) if u["scores"] else None,
+                                         cache_dir=cache_dir(u))
+            return dataclasses.asdict(dedup.run(emb, out, config, run_options(run), progress=bar))
+        add("dedup", "dedup", u, [emb] + ([at(u["scores"])] if u["scores"] else []), [out], run_dedup)
+
+    if "decontaminate" in recipe:
+        c = recipe["decontaminate"]
+        out, against = at(c["out"]), [at(a) for a in c["against"]]
+
+        def run_decontaminate(bar=None, c=c, out=out, against=against):
+            from curate.stages.decontaminate import entry as decontaminate
+
+            config = dataclasses.replace(section_config(DecontaminateConfig, c), cache_dir=cache_dir(c))
+            return require_reduced(decontaminate.run(emb, against, out, config, run_options(run), progress=bar),
+                                   "decontaminate", "tasks")
+        add("decontaminate", "decontaminate", c, [emb] + against, [out], run_decontaminate)
+
     subsets: dict[str, str] = {}
 
     def add_filter(f: dict, tables: list[str]) -> None:
         out = at(f"subsets/{f['name']}")
         subsets[f["name"]] = out
+        paths = {key: at(f[key]) if f[key] else None for key in ("drop_duplicates", "drop_contaminated")}
+        paths.update({key: [subsets.get(ref, at(ref)) for ref in f[key]] for key in UID_LIST_KEYS})
 
-        def run_filter(bar=None, f=f, out=out, tables=list(tables)):
+        def run_filter(bar=None, f=f, out=out, tables=list(tables), paths=paths):
             from curate.stages.filter import entry
 
             options = {k: f[k] for k in recipe_keys(FilterConfig)}
-            config = FilterConfig(**{**options, "normsim": f["normsim"] or None,
+            config = FilterConfig(**{**options, **paths, "normsim": f["normsim"] or None,
                                      "target": at(f["target"]) if f["target"] else None}, emb=Path(emb))
             # the run's executor settings make it the map-task filter, except with inline NormSim (in memory)
             opts = RunOptions() if f["normsim"] else RunOptions(**executor_options(run))
             result = entry.run(tables, out, config, opts)
             return {"kept": result.kept, "pool": result.pool}
-        add(f"filter:{f['name']}", "filter", f, list(tables), [out], run_filter)
+        inputs = [p for key, p in paths.items() if key not in UID_LIST_KEYS and p] + \
+            [p for key in UID_LIST_KEYS for p in paths[key]]
+        add(f"filter:{f['name']}", "filter", f, list(tables) + inputs, [out], run_filter)
 
     prefilter = prefilter_filter(recipe)
     if prefilter is not None:  # NormSim_2-D starts from its subset: it runs on the [score] table first

@@ -1,4 +1,4 @@
-"""Plain-Python transcriptions of AdaCL's Algorithm 1 (docs/notes/adacl.md), written from the equations with
+"""Plain-Python transcriptions of AdaCL's Algorithm 1 (docs/formulas.md, "AdaCL (Algorithm 1)"), written from the equations with
 loops, for the tests of curate.metrics.adacl and `curate clones`."""
 
 from __future__ import annotations

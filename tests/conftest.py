@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +13,34 @@ import pytest
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
 
 
+TESTS_DIR = Path(__file__).resolve().parent
+
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
               "SLURM_ARRAY_TASK_MAX")
+
+# Blocks every non-local socket in a subprocess and logs each attempt: proves a run needs no network.
+NO_NETWORK_SITECUSTOMIZE = '''
+import os, socket
+_log = os.environ["CURATE_TEST_NET_LOG"]
+def _refuse(what):
+    with open(_log, "a") as f:
+        f.write(f"{os.getpid()} {what}\\n")
+    raise OSError(f"network disabled by the test suite: {what}")
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+def connect(self, address):
+    if self.family == socket.AF_UNIX:
+        return _connect(self, address)
+    _refuse(f"connect {address!r}")
+def connect_ex(self, address):
+    if self.family == socket.AF_UNIX:
+        return _connect_ex(self, address)
+    _refuse(f"connect_ex {address!r}")
+def getaddrinfo(host, *args, **kwargs):
+    if host in (None, "localhost", "127.0.0.1", "::1"):
+        return _getaddrinfo(host, *args, **kwargs)
+    _refuse(f"getaddrinfo {host!r}")
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+'''
 
 
 @pytest.fixture
@@ -20,6 +48,20 @@ def no_slurm(monkeypatch):
     """No Slurm array variables, whatever the environment the tests run in (they would split tasks into ranks)."""
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray (num_cpus=2) for a whole test module: starting one costs seconds."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    # Workers import tests/executor_tasks.py by name, like the driver does.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}})
+    yield ray
+    ray.shutdown()
 
 
 def make_embedding_dir(path, n_rows_per_file: list[int], dim: int, seed: int, logit_scale: float = 100.0,

@@ -1,4 +1,4 @@
-"""Task functions for tests/test_executors.py, in their own module so that spawned processes and Ray workers
+"""Task functions for tests/run/test_executors.py, in their own module so that spawned processes and Ray workers
 can import them by name (functions defined inside a test module could not be pickled by reference).
 
 Every task leaves a trace in files, never in memory, because it runs in another process: `calls/` gets

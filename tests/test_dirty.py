@@ -1,4 +1,4 @@
-"""The bad-input suite (issue 9): dirty tars, images, captions, tables, parameters and checkpoints.
+"""The bad-input suite: dirty tars, images, captions, tables, parameters and checkpoints.
 
 Promises checked here, each through the real CLI:
 * a bad sample is skipped and recorded (`_errors/<stem>.parquet`: key, reason, kind), a bad shard is recorded
@@ -34,37 +34,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_embedding_dir, record_robustness, run_curate
+from conftest import NO_NETWORK_SITECUSTOMIZE, make_embedding_dir, record_robustness, run_curate
 from curate.io.shards import MAX_IMAGE_PIXELS, RawSample
 from curate.io.tables import TeacherInfo, build_embedding_table, vectors_to_numpy, write_table_atomic
 from curate.io.uids import content_uid, read_uid_npy, write_uid_npy
 
 REPO = Path(__file__).resolve().parents[1]
 CURATE_BIN = Path(sys.executable).parent / "curate"
-
-# Blocks every non-local socket in a subprocess and logs each attempt: proves a run needs no network.
-NO_NETWORK_SITECUSTOMIZE = '''
-import os, socket
-_log = os.environ["CURATE_TEST_NET_LOG"]
-def _refuse(what):
-    with open(_log, "a") as f:
-        f.write(f"{os.getpid()} {what}\\n")
-    raise OSError(f"network disabled by the test suite: {what}")
-_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-def connect(self, address):
-    if self.family == socket.AF_UNIX:
-        return _connect(self, address)
-    _refuse(f"connect {address!r}")
-def connect_ex(self, address):
-    if self.family == socket.AF_UNIX:
-        return _connect_ex(self, address)
-    _refuse(f"connect_ex {address!r}")
-def getaddrinfo(host, *args, **kwargs):
-    if host in (None, "localhost", "127.0.0.1", "::1"):
-        return _getaddrinfo(host, *args, **kwargs)
-    _refuse(f"getaddrinfo {host!r}")
-socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
 
 
 # ---------------------------------------------------------------- the tally for the README

@@ -1,8 +1,8 @@
-"""Property tests (hypothesis) for issue 9, beyond the metric-level ones that already exist:
+"""Property tests (hypothesis) of the robustness promises, beyond the metric-level ones that already exist:
 
-* tests/test_clipscore_negclip.py: negclip <= 0 for the metric function;
-* tests/test_filter.py: exact filter sizes for any fraction, one sequential step == independent, uid halves;
-* tests/test_normsim.py: NormSim_inf <= NormSim_2 <= sqrt(M) NormSim_inf for the metric functions.
+* tests/metrics/test_clipscore_negclip.py: negclip <= 0 for the metric function;
+* tests/stages/test_filter.py: exact filter sizes for any fraction, one sequential step == independent, uid halves;
+* tests/stages/test_normsim.py: NormSim_inf <= NormSim_2 <= sqrt(M) NormSim_inf for the metric functions.
 
 Here the same laws are checked through the stages and their files (pool split over any number of tables,
 fp16 storage, joins, DataComp's uid file), and the dirty-data promises are fuzzed: a damaged or truncated

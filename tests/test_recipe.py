@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from curate.errors import CurateError
+from curate.io.uids import read_uid_npy
 from curate.recipe import execute, load_recipe, plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,12 @@ def write(tmp_path, text):
     ("[normsim]\ntarget = 'none'\np = ['2d']\nseed = -2\n", r"\[normsim\] seed = -2 must be an integer from 0"),
     ("[normsim]\ntarget = 'none'\np = ['2d']\nprefilter = 'pre'\n[[filter]]\nname = 'pre'\n"
      "keep = ['normsim_2d:0.5']\n", r"prefilter = 'pre' runs before NormSim, so that \[\[filter\]\] can only use"),
+    ("[normsim]\ntarget = 't'\nrequire_decontamination = true\n", r"needs a \[decontaminate\] section"),
+    ("[normsim]\ntarget = 't'\nrequire_decontamination = true\n[decontaminate]\nagainst = ['u']\n",
+     r"against must include the NormSim target 't'"),
+    ("[decontaminate]\n", r"\[decontaminate\] needs `against`"),
+    ("[[filter]]\nname = 'a'\nunion = ['b']\n[[filter]]\nname = 'b'\n", r"union names \[\[filter\]\] 'b', which "
+                                                                         "must come before it"),
 ])
 def test_validation_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(CurateError, match=message):
@@ -96,16 +103,51 @@ shard_size = 10
 """
 
 
-def test_small_recipe_runs_and_rerun_skips(tmp_path):
-    recipe = load_recipe(write(tmp_path, SMALL))
+BEYOND_PAIRS = SMALL.replace("""[normsim]
+target = "target_emb"
+p = ["inf", "2"]
+[[filter]]""", """[normsim]
+target = "target_emb"
+p = ["inf", "2"]
+require_decontamination = true
+[dedup]
+clusters = 2
+eps = [0.0001]  # a random-weight teacher embeds every picture alike: only the corpus's exact duplicates
+[decontaminate]
+threshold = 0.9999
+[[filter]]
+name = "scored"
+keep = ["negclip:0.5"]
+drop_duplicates = "dedup.parquet"
+[[filter]]""").replace("""[truth]""", """[[filter]]
+name = "combined"
+keep = ["clipscore:0.1"]
+union = ["scored"]
+exclude_uids = ["subsets/both"]
+[truth]""")
+
+
+def test_a_recipe_runs_with_dedup_decontamination_and_uid_lists_and_a_rerun_skips(tmp_path):
+    recipe = load_recipe(write(tmp_path, BEYOND_PAIRS))
+    assert recipe["decontaminate"]["against"] == ["target_emb"]  # the NormSim target by default
+    assert recipe["filter"][1]["drop_contaminated"] == "contaminated.parquet"  # it ranks by NormSim
+    assert recipe["filter"][0]["drop_contaminated"] is None
     records = execute(recipe, echo=lambda s: None)
-    assert all(r["status"] == "done" for r in records)
+    assert all(r["status"] == "done" for r in records), records
     out = tmp_path / "out"
-    stats = json.loads((out / "subsets" / "both" / "stats.json").read_text())
-    assert json.dumps(stats).count("30") >= 1  # 0.25 * 120 = 30 kept
     truth = json.loads((out / "truth.json").read_text())
-    assert truth["both"]["kept"] == 30 and truth["both"]["pool"] == 120
+    assert truth["both"]["kept"] == 30 and truth["both"]["pool"] == 120  # 0.25 * 120
     assert len(list((out / "export").glob("*.tar"))) == 3
+    steps = {name: json.loads((out / "subsets" / name / "stats.json").read_text())["steps"]
+             for name in ("scored", "both", "combined")}
+    assert steps["scored"][0]["step"] == "drop_duplicates"
+    assert steps["both"][0]["step"] == "drop_contaminated"
+    assert [s["step"] for s in steps["combined"]] == ["keep", "union", "exclude_uids"]
+    scored, both, combined = (set(read_uid_npy(out / "subsets" / n / "uids.npy")) for n in ("scored", "both",
+                                                                                             "combined"))
+    assert scored <= combined | both and not combined & both
+    assert steps["combined"][1]["listed"] == len(scored) and steps["combined"][1]["not_in_pool"] == 0
+    assert steps["combined"][2]["listed"] == len(both)
     again = execute(recipe, echo=lambda s: None)
     assert [r["status"] for r in again if r["step"] != "teacher"] == ["skipped (done)"] * (len(again) - 1)
 

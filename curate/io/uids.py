@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate.errors import CurateError
+from curate.io.atomic import atomic_path
 
 UID_RE = re.compile(r"[0-9a-f]{32}")
 DATACOMP_DTYPE = np.dtype("u8,u8")
@@ -94,7 +96,6 @@ def pairs_to_uids(pairs: np.ndarray) -> list[str]:
 
 def write_uid_npy(uids, path: str | Path) -> int:
     """Write uids as DataComp's sorted `u8,u8` array, atomically. Returns the count."""
-    from curate.io.atomic import atomic_path
 
     pairs = uids_to_pairs(list(uids))
     with atomic_path(path) as tmp:
@@ -190,3 +191,50 @@ def load_subset(path: Path, mmap: bool = False) -> np.ndarray:
                           "array of DataComp's structured 'u8,u8' (high and low 64 bits of the 128-bit uid); "
                           "write it with `curate filter`")
     return pairs
+
+
+def find_pairs(sorted_high: np.ndarray, sorted_low: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Index of each (high, low) query among sorted unique pairs (the halves of a subset file; memory maps
+    welcome: a binary search touches log2(M) entries per query), or -1: an int64 array."""
+    result = np.full(len(high), -1, dtype=np.int64)
+    if not len(sorted_high) or not len(high):
+        return result
+    left = np.searchsorted(sorted_high, high, side="left")
+    right = np.searchsorted(sorted_high, high, side="right")
+    single = right - left == 1
+    hit = single & (np.asarray(sorted_low[np.minimum(left, len(sorted_low) - 1)]) == low)
+    result[hit] = left[hit]
+    for i in np.flatnonzero(right - left > 1).tolist():  # several listed uids share this high half (rare)
+        lows = np.asarray(sorted_low[left[i]:right[i]])
+        j = int(np.searchsorted(lows, low[i]))
+        if j < len(lows) and lows[j] == low[i]:
+            result[i] = left[i] + j
+    return result
+
+
+def read_uid_list(source: str | Path) -> np.ndarray:
+    """A released or computed uid list as sorted unique `u8,u8` pairs: a DataComp `.npy` (ours, DFN's, HYPE's),
+    the --out directory of `curate filter`, or a Parquet table (or directory of them) with a `uid` column."""
+    path = Path(source)
+    parquet = sorted(path.glob("*.parquet")) if path.is_dir() and not (path / "uids.npy").is_file() else []
+    if path.is_file() and path.suffix == ".parquet" or parquet:
+
+        files = parquet or [path]
+        highs, lows = [], []
+        for f in files:
+            try:
+                column = pq.read_table(f, columns=["uid"]).column("uid")
+            except (OSError, pa.ArrowInvalid, KeyError) as exc:
+                raise CurateError(f"{f}: cannot read a `uid` column from it ({exc}); a uid list is a DataComp "
+                                  ".npy, a `curate filter` --out directory or a Parquet table with `uid`") from None
+            h, lo = uid_halves(column, str(f))
+            highs.append(h)
+            lows.append(lo)
+        pairs = np.empty(sum(len(h) for h in highs), DATACOMP_DTYPE)
+        pairs["f0"], pairs["f1"] = np.concatenate(highs), np.concatenate(lows)
+        return sorted_unique_pairs(pairs)
+    if not path.exists():
+        raise CurateError(f"{path}: no such uid list; give a DataComp .npy, a `curate filter` --out directory "
+                          "or a Parquet table with a `uid` column")
+    pairs = load_subset(subset_file(path), mmap=True)
+    return np.asarray(pairs) if is_sorted_unique(pairs) else sorted_unique_pairs(np.asarray(pairs))

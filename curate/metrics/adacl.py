@@ -23,7 +23,7 @@ Line 5  m1 <- log(ε p̂_u / ((1-ε)(1-p̂_u))) / (anchor - 1),   m2 <- anchor +
 Line 6  p̂_i = exp[m1(s_ii - m2)] / (exp[m1(s_ii - m2)] + Σ_i); the loss is the cross-entropy of p̂ in both
         directions, as InfoNCE. m1 = 1/τ, m2 = 0 (the start) is plain InfoNCE.
 
-Hand example (the one in docs/notes/adacl.md): τ = 0.1, anchor = 0.6 with 29 negatives at s = 0.6, so
+Hand example (the one in docs/formulas.md, "AdaCL (Algorithm 1)"): τ = 0.1, anchor = 0.6 with 29 negatives at s = 0.6, so
 Σ_anchor = 29 e^6 and, at the start, p̂_u = e^6 / (e^6 + 29 e^6) = 1/30. With ε = 0.1:
 m1 = log((0.1/30) / (0.9 · 29/30)) / (0.6 - 1) = log(261) / 0.4 = 13.9113, m2 = 0.6 + log(e^-6) / m1 = 0.16869;
 the anchor stays at 1/30 and s = 1 gets 0.9.

@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from curate.metrics.clipscore import clipscore
 
 # Logits per tile: 2^24 float32 = 64 MiB (torch.logsumexp needs about twice that as scratch).
 DEFAULT_TILE_ELEMENTS = 1 << 24
@@ -245,7 +246,6 @@ def negclip_from_lse_sum(s_ii: np.ndarray, lse_sum: np.ndarray, logit_scale: flo
 def negclip(image, text, logit_scale: float, k: int = 10, batch_size: int = 32768, seed: int = 0,
             device: str | torch.device = "cpu", tile_elements: int = DEFAULT_TILE_ELEMENTS) -> np.ndarray:
     """negCLIPLoss of every sample (Wang et al. 2024, Eq. 2), float32 in pool order; see module docstring."""
-    from curate.metrics.clipscore import clipscore
 
     if k < 1 or batch_size < 1:
         raise ValueError(f"negclip needs k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")

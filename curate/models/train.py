@@ -1,6 +1,6 @@
 """A small, reusable contrastive training loop for open_clip models on pre-decoded tensors.
 
-Used by `curate teacher train` (curate-tiny on a synth corpus) and by the student trainer (issue 7).
+Used by `curate teacher train` (curate-tiny on a synth corpus) and by the student trainer (`curate train`).
 Deterministic on CPU for a seed: parameters are initialised by the caller under `torch.manual_seed`, batches
 come from a seeded `torch.Generator`, augmentation draws from the same generator.
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from curate.run.threads import torch_threads
+from curate.errors import CurateError
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (Radford et al. 2021, Sec. 2.5)
 
@@ -50,7 +51,6 @@ def make_objective(loss: str | Callable, **loss_kwargs) -> Callable:
     if callable(loss):
         return loss
     if loss not in LOSSES:
-        from curate.errors import CurateError
 
         raise CurateError(f"--loss {loss!r}: unknown loss; known: {', '.join(sorted(LOSSES))}")
     return LOSSES[loss](**loss_kwargs)

@@ -27,6 +27,7 @@ from curate.run.executor_base import RunReport
 from curate.run.executors import make_executor
 from curate.run.markers import Markers
 from curate.run.ranks import resolve_rank, split_for_rank
+from curate.io.tables import EmbeddingPool
 
 DEFAULT_TASKS = 32  # map tasks per run (not per rank): the layout must not depend on the world size
 
@@ -46,7 +47,6 @@ class PoolSpanTask:
 
     def open_pool(self, command: str):
         """The task's EmbeddingPool; a clear error when its tables changed since the run was planned."""
-        from curate.io.tables import EmbeddingPool
 
         pool = EmbeddingPool(self.emb_dir)
         if pool.fingerprint() != self.fingerprint:

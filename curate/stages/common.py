@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from curate.errors import CurateError
 from curate.io.atomic import atomic_path, sweep_stale_temps
 from curate.io.tables import EmbeddingPool, with_meta
+from curate.metrics.clipscore import clipscore
 
 
 def pool_cache_dir(out: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -167,7 +168,6 @@ def write_score_table(pool: EmbeddingPool, columns: dict[str, np.ndarray], out: 
 
 def clipscore_blocks(image: np.ndarray, text: np.ndarray, block: int = 65536) -> np.ndarray:
     """CLIPScore s_ii of every row of two (N, D) arrays (memory maps included), `block` rows at a time."""
-    from curate.metrics.clipscore import clipscore
 
     out = np.empty(len(image), dtype=np.float32)
     for start in range(0, len(image), block):

@@ -76,3 +76,4 @@ class DedupResult:
     seconds: float
     params: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)  # seconds: cache, kmeans (training), assign, clusters, write

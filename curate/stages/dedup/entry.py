@@ -93,6 +93,7 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
     n = pool.n_rows
     cache = pool_cache_dir(out, cfg.cache_dir)
     pool.matrix("image_embedding", cache)  # the fp16 cache every task reads
+    phases = {"cache": time.perf_counter() - started}
     k = min(cfg.clusters or default_clusters(n), n)
     train_rows = min(n, cfg.train_rows or TRAIN_ROWS_PER_CLUSTER * k)
     keep_scores = None
@@ -113,6 +114,7 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
                                                                               cfg.iterations, cfg.seed)))
     finally:
         rows.close()
+    phases["kmeans"] = time.perf_counter() - started - sum(phases.values())
 
     # round 1: every row's nearest centroid
     job = start_map(parts, layout, STAGE_ASSIGN, count, opts.executor, opts.workers)
@@ -132,6 +134,8 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
             (((KEEP_SCORES, keep_scores.astype(np.float64)),) if keep_scores is not None else ()):
         write_once(parts / name, lambda tmp, array=array: _save(tmp, array))
 
+    phases["assign"] = time.perf_counter() - started - sum(phases.values())
+
     # round 2: SemDeDup inside runs of clusters
     runs = cluster_spans(bounds, count)
     job2 = start_map(parts, layout, STAGE_CLUSTERS, len(runs), opts.executor, opts.workers)
@@ -150,6 +154,7 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
             similarity[members] = data["similarity"]
     if progress:
         progress(n)
+    phases["clusters"] = time.perf_counter() - started - sum(phases.values())
 
     kept = {eps_name(e): int(keep[i].sum()) for i, e in enumerate(layout.eps)}
     stats = size_stats(bounds)
@@ -162,9 +167,11 @@ def run(emb: str | Path, out: str | Path, cfg: DedupConfig = DedupConfig(), opts
     meta = {"stage": "dedup", "teacher": pool.teacher.to_dict(), "source": str(emb), "n_rows": n, "params": params}
     write_dedup_table(pool, out, cluster, centroid_similarity, similarity, duplicate, keep[0], meta)
     remove_parts(parts, parts_root(out))
+    phases["write"] = time.perf_counter() - started - sum(phases.values())
     tasks = {"tasks": count, "cluster_tasks": len(runs),
              "ran": sum(1 for r in report.results + report2.results if r and r["ran"])}
-    return DedupResult(str(out), n, k, kept, stats, time.perf_counter() - started, params, tasks)
+    return DedupResult(str(out), n, k, kept, stats, time.perf_counter() - started, params, tasks,
+                       {key: round(value, 3) for key, value in phases.items()})
 
 
 def _save(path: Path, array: np.ndarray) -> None:

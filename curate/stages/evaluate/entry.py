@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from rich.table import Table
 
 from curate.config import check_config
 from curate.errors import CurateError
@@ -97,7 +98,6 @@ def run(emb: str | Path, out: str | Path | None, cfg: EvalConfig = EvalConfig())
 
 def retrieval_table(result: EvalResult):
     """A rich Table of the retrieval numbers."""
-    from rich.table import Table
 
     t = Table(title=f"retrieval: {result.n_images} images, {result.n_texts} captions")
     t.add_column("metric")

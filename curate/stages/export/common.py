@@ -26,7 +26,7 @@ from curate.io.shards import CAPTION_EXT, MAX_MEMBER_BYTES, RawSample, is_pipe, 
 from curate.io.tables import ERRORS_DIR, write_table_atomic
 from curate.io.tar_blocks import (BLOCK, NAME_FIELD, DeterministicTarWriter, PlainTar, header_blocks,
                                   scan_plain_tar, zero_padding)
-from curate.io.uids import DATACOMP_DTYPE, UID_RE, is_sorted_unique, is_uid, sorted_unique_pairs
+from curate.io.uids import DATACOMP_DTYPE, UID_RE, find_pairs, is_sorted_unique, is_uid, sorted_unique_pairs
 from curate.stages.export import ExportReport
 
 MANIFEST = "export_manifest.json"
@@ -73,17 +73,11 @@ class SubsetIndex:
         """`position` of each uid (-1 for None), vectorized: an int64 array."""
         result = np.full(len(uids), -1, dtype=np.int64)
         where = [i for i, uid in enumerate(uids) if uid is not None]
-        if not where or not len(self.high):
+        if not where:
             return result
         halves = np.frombuffer(bytes.fromhex("".join([uids[i] for i in where])), dtype=">u8").reshape(-1, 2)
-        high, low = halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
-        left = np.searchsorted(self.high, high, side="left")
-        right = np.searchsorted(self.high, high, side="right")
-        hit = (right - left == 1) & (self.low[np.minimum(left, len(self.low) - 1)] == low)
-        where = np.array(where, dtype=np.int64)
-        result[where[hit]] = left[hit]
-        for i in where[~hit & (right - left > 1)].tolist():  # several subset uids share the high half
-            result[i] = self.position(uids[i])
+        result[np.array(where, dtype=np.int64)] = find_pairs(self.high, self.low, halves[:, 0].astype(np.uint64),
+                                                             halves[:, 1].astype(np.uint64))
         return result
 
     def missing_pairs(self) -> np.ndarray:

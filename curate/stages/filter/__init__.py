@@ -61,11 +61,24 @@ class FilterConfig:
     # a recipe gives its own embedding directory ([embed] or [import_datacomp] out)
     emb: Optional[Path] = option(None, "Embedding tables for --normsim (default: the one the score tables record).",
                                  "--emb", recipe=False)
+    drop_duplicates: Optional[str] = option(None, "A `curate dedup` table: drop the semantic duplicates it marks "
+                                            "(semdedup_keep = 0) before the thresholds and keeps.",
+                                            "--drop-duplicates")
+    drop_contaminated: Optional[str] = option(None, "A `curate decontaminate` table: drop the rows it flags "
+                                              "(contaminated = 1) before the thresholds and keeps.",
+                                              "--drop-contaminated")
+    include_uids: List[str] = option([], "UIDS, repeatable: keep only selected rows listed in it (intersection). "
+                                     "UIDS: a DataComp .npy, a `curate filter` --out directory or a Parquet table "
+                                     "with `uid`.", "--include-uids")
+    union: List[str] = option([], "UIDS, repeatable: add the pool rows listed in it (union; never a row that "
+                              "--drop-duplicates/--drop-contaminated removed).", "--union")
+    exclude_uids: List[str] = option([], "UIDS, repeatable: remove the rows listed in it (difference, applied last).",
+                                     "--exclude-uids")
 
 
 @dataclass
 class StepStats:
-    step: str  # "min", "max" or "keep"
+    step: str  # drop_duplicates, drop_contaminated, min, max, keep, include_uids, union or exclude_uids
     metric: str
     ranked: int  # rows the step looked at
     kept: int
@@ -76,6 +89,13 @@ class StepStats:
     threshold: float | None = None  # keep: the lowest kept score (the score at the cut)
     ties_dropped_by_uid: int = 0  # keep: rows scoring exactly `threshold` left out by the uid tie-break
     rule: str | None = None  # keep: the fraction rule (exact, datacomp)
+    table: str | None = None  # drop_duplicates / drop_contaminated: the table
+    uids: str | None = None  # include_uids / union / exclude_uids: the uid list
+    listed: int | None = None  # its uids (each once)
+    listed_in_pool: int | None = None  # pool rows it lists
+    not_in_pool: int | None = None  # its uids that no pool row has
+    added: int | None = None  # union: rows added
+    refused_dropped: int | None = None  # union: listed rows not added because a drop step removed them
 
 
 @dataclass

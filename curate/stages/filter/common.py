@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,11 +55,61 @@ class KeepStep:
 
 @dataclass(frozen=True)
 class Bound:
-    """`min`: keep score >= value; `max`: keep score <= value."""
+    """`min`: keep score >= value; `max`: keep score <= value. `step` names it in stats.json (a drop step is a
+    bound on its table's column)."""
 
     metric: str
     value: float
     kind: str
+    step: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.step or self.kind
+
+    def passes(self, values: np.ndarray) -> np.ndarray:
+        """Which scores pass (NaN compares False: never passes)."""
+        return values >= self.value if self.kind == "min" else values <= self.value
+
+
+def passed_drops(bounds: Sequence[Bound], values_of: Callable[[str], np.ndarray], rows: int) -> np.ndarray:
+    """Rows passing the drop steps among `bounds` (--drop-duplicates, --drop-contaminated): what a union may add.
+    `values_of(metric)` gives a metric's column."""
+    passed = np.ones(rows, dtype=bool)
+    for b in bounds:
+        if b.step is not None:
+            passed &= b.passes(values_of(b.metric))
+    return passed
+
+
+@dataclass(frozen=True)
+class DropTable:
+    """--drop-duplicates / --drop-contaminated: a table read for one column, as a bound on it."""
+
+    path: Path
+    column: str
+    bound: Bound
+    made_by: str  # the command that writes such a table
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.bound.label.replace("_", "-")
+
+
+DROP_STEPS = {  # option -> (column, bound kind, value, made by)
+    "drop_duplicates": ("semdedup_keep", "min", 1.0, "curate dedup"),
+    "drop_contaminated": ("contaminated", "max", 0.0, "curate decontaminate"),
+}
+
+
+def drop_tables(values: dict[str, str | None]) -> list[DropTable]:
+    """The drop steps given (option -> table path or None), in DROP_STEPS order."""
+    tables = []
+    for option_name, (column, kind, value, made_by) in DROP_STEPS.items():
+        if values.get(option_name):
+            tables.append(DropTable(Path(values[option_name]), column, Bound(column, value, kind, option_name),
+                                    made_by))
+    return tables
 
 
 def _split_spec(spec: str, flag: str) -> tuple[str, str]:
@@ -137,6 +187,8 @@ def group_table_arguments(tables: Sequence[str | Path]) -> list:
 
 def table_name(table) -> str:
     """How messages and stats.json name a table argument (a group of files: the first and the count)."""
+    if isinstance(table, DropTable):
+        return str(table.path)
     if isinstance(table, list):
         return f"{table[0]} (+{len(table) - 1} more files with the same columns)"
     return str(table)
@@ -144,6 +196,8 @@ def table_name(table) -> str:
 
 def score_table_files(path) -> list[Path]:
     """The Parquet files of a table argument (a file, a directory of them, or a list of files)."""
+    if isinstance(path, DropTable):
+        return score_table_files(path.path)
     if isinstance(path, list):
         return [Path(p) for p in path]
     if path.is_dir():
@@ -161,9 +215,11 @@ def _numeric_columns(schema: pa.Schema) -> list[str]:
             if f.name != "uid" and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
 
 
-def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """A table argument's files, rows per file and metric names, from the Parquet footers alone."""
-    path = path if isinstance(path, list) else Path(path)
+def scan_score_table(path) -> tuple[list[Path], list[int], list[str]]:
+    """A table argument's files, rows per file and metric names, from the Parquet footers alone (a drop
+    step's table: its one column)."""
+    drop = path if isinstance(path, DropTable) else None
+    path = path if isinstance(path, (list, DropTable)) else Path(path)
     files = score_table_files(path)
     metric_names: list[str] | None = None
     rows = []
@@ -177,6 +233,11 @@ def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]
             raise CurateError(f"{f}: no `uid` column (columns: {', '.join(schema.names)}); "
                               "a score table needs `uid` plus one numeric column per metric")
         names = _numeric_columns(schema)
+        if drop is not None:
+            if drop.column not in names:
+                raise CurateError(f"{f}: no numeric `{drop.column}` column (columns: {', '.join(schema.names)}); "
+                                  f"{drop.flag} takes the table `{drop.made_by}` writes")
+            names = [drop.column]
         if metric_names is None:
             metric_names = names
         elif names != metric_names:
@@ -187,9 +248,10 @@ def scan_score_table(path: str | Path) -> tuple[list[Path], list[int], list[str]
     return files, rows, metric_names
 
 
-def read_score_table(path: str | Path) -> ScoreTable:
-    """Read `uid` and every numeric column of a table (or of a directory or list of same-schema tables)."""
-    path = path if isinstance(path, list) else Path(path)
+def read_score_table(path) -> ScoreTable:
+    """Read `uid` and every numeric column of a table (or of a directory or list of same-schema tables; a drop
+    step's table: its one column)."""
+    path = path if isinstance(path, (list, DropTable)) else Path(path)
     files, rows, metric_names = scan_score_table(path)
     total = sum(rows)
     high, low = np.empty(total, np.uint64), np.empty(total, np.uint64)
@@ -287,7 +349,9 @@ def write_stats(out: Path, pool_size: int, kept: int, mode: str, sources: dict[s
                 extra: dict | None = None) -> FilterResult:
     """Write `stats.json` (last: its presence means the subset is complete) and return the result."""
     stats = {"pool": pool_size, "kept": kept, "removed": pool_size - kept, "mode": mode,
-             "order": "thresholds (--min/--max, in order) then keeps; NaN never kept; ties by uid ascending",
+             "order": "drops (--drop-duplicates, --drop-contaminated), thresholds (--min/--max, in order), keeps; "
+                      "NaN never kept; ties by uid ascending; then the uid lists: ∩ --include-uids, ∪ --union "
+                      "(never a dropped row), − --exclude-uids",
              "metrics": {name: {"table": sources[name], "nan": nan_counts.get(name, 0)} for name in sources},
              "steps": [{k: v for k, v in asdict(s).items() if v is not None} for s in steps],
              "args": args, **(extra or {})}

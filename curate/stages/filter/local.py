@@ -27,8 +27,9 @@ from curate.io.tables import EmbeddingPool, read_meta, write_table_atomic
 from curate.io.uids import DATACOMP_DTYPE, uid_halves, uid_order
 from curate.stages.filter import FilterConfig, FilterResult, StepStats
 from curate.stages.filter.common import (BATCH_ROWS, Bound, KeepStep, ScoreTable, check_rankable, check_selection,
-                                         check_unique, fraction_text, metric_sources, read_score_table, write_stats)
-
+                                         check_unique, fraction_text, metric_sources, passed_drops, read_score_table,
+                                         write_stats)
+from curate.stages.filter.uid_sets import UidList, combine, list_step_stats
 
 # ---------------------------------------------------------------- the join
 
@@ -134,8 +135,8 @@ def select(metrics: dict[str, np.ndarray], high: np.ndarray, low: np.ndarray, ke
     stats: list[StepStats] = []
     for b in bounds:
         values = metrics[b.metric][rows]
-        passed = values >= b.value if b.kind == "min" else values <= b.value  # NaN compares False: removed
-        stats.append(StepStats(b.kind, b.metric, len(rows), int(passed.sum()), int((~passed).sum()),
+        passed = b.passes(values)
+        stats.append(StepStats(b.label, b.metric, len(rows), int(passed.sum()), int((~passed).sum()),
                                value=b.value, nan=int(np.isnan(values).sum()) if values.dtype.kind == "f" else 0))
         rows = rows[passed]
     after_bounds = rows
@@ -204,10 +205,11 @@ def _recorded_embeddings(path: Path) -> str | None:
 
 
 def filter_in_memory(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepStep], bounds: Sequence[Bound],
-                     cfg: FilterConfig, args: dict) -> FilterResult:
-    """Read and join `tables` (table arguments, grouped), with NormSim computed inline when `cfg.normsim` asks
-    for it; select; write `uids.npy`, `kept.parquet` and `stats.json` (last) into `out_dir`. `args`: the
-    call's options as `kept.parquet` and `stats.json` record them."""
+                     cfg: FilterConfig, args: dict, lists: Sequence[UidList] = ()) -> FilterResult:
+    """Read and join `tables` (table arguments, grouped; a drop step's table among them), with NormSim computed
+    inline when `cfg.normsim` asks for it; select; combine with the uid `lists`; write `uids.npy`,
+    `kept.parquet` and `stats.json` (last) into `out_dir`. `args`: the call's options as `kept.parquet` and
+    `stats.json` record them."""
     mode = cfg.mode
     score_tables = [read_score_table(t) for t in tables]
     normsim_info: dict = {}
@@ -216,11 +218,16 @@ def filter_in_memory(tables: Sequence, out_dir: str | Path, keeps: Sequence[Keep
     inline = {"normsim": {"p": cfg.normsim, **normsim_info}} if normsim_info else {}
     pool = join_tables(score_tables)
     rows, steps = select(pool.metrics, pool.high, pool.low, keeps, bounds, mode)
+    mask = np.zeros(pool.size, dtype=bool)
+    mask[rows] = True
+    if lists:
+        allowed = passed_drops(bounds, pool.metrics.__getitem__, pool.size)
+        mask, counts = combine(mask, allowed, lists, pool.high, pool.low)
+        rows = np.flatnonzero(mask)
+        steps += list_step_stats(lists, counts)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mask = np.zeros(pool.size, dtype=bool)
-    mask[rows] = True
     kept = pa.table({"uid": _kept_uids(pool.reference, mask),
                      **{name: values[rows] for name, values in pool.metrics.items()}})
     write_table_atomic(kept, out / "kept.parquet", meta={"filter": args, **inline})

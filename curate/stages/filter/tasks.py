@@ -64,7 +64,8 @@ from curate.run.markers import Markers
 from curate.stages.filter import FilterResult, StepStats
 from curate.stages.filter.common import (Bound, KeepStep, ScoreTable, check_rankable, check_selection, check_unique,
                                          fraction_text, metric_dtype, metric_sources, metric_values, scan_score_table,
-                                         table_name, write_stats)
+                                         passed_drops, table_name, write_stats)
+from curate.stages.filter.uid_sets import UidList, combine, list_step_stats, load_uid_lists
 
 STAGE = "filter"
 DEFAULT_COLLECT_ROWS = 1 << 20  # rows (key + uid, <= 24 B each) a bucket may hold to be collected whole
@@ -134,6 +135,7 @@ class FinalTask(SpanTask):
     columns: list[tuple[str, str]]  # kept.parquet's metric columns: (name, numpy dtype)
     parts_dir: str
     validate: bool
+    lists: list[UidList] = field(default_factory=list)  # the uid lists, in the order they apply
 
 
 # ---------------------------------------------------------------- one row group of a task
@@ -188,11 +190,12 @@ class GroupView:
         return self._halves
 
     def passed_bounds(self, stats: list[list[int]] | None = None) -> np.ndarray:
-        """Rows passing every --min/--max in order; `stats` gets [ranked, passed, nan] per bound added."""
+        """Rows passing every drop step and --min/--max in order; `stats` gets [ranked, passed, nan] per bound
+        added."""
         rows = np.ones(self.n, dtype=bool)
         for number, b in enumerate(self.task.bounds):
             values = self.values(b.metric)
-            passed = values >= b.value if b.kind == "min" else values <= b.value  # as local.select compares
+            passed = b.passes(values)
             if stats is not None:
                 stats[number][0] += int(rows.sum())
                 stats[number][2] += int((rows & np.isnan(values)).sum())
@@ -301,6 +304,7 @@ def filter_final_task(task: FinalTask) -> dict:
     task.check_stamps()
     started = time.perf_counter()
     bound_stats = [[0, 0, 0] for _ in task.bounds]
+    list_counts = [[0, 0, 0, 0] for _ in task.lists]
     nan = {name: 0 for name, _ in task.columns}
     highs, lows = [], []
     schema = kept_schema(task.columns)
@@ -313,6 +317,10 @@ def filter_final_task(task: FinalTask) -> dict:
                 kept = view.passed_bounds(bound_stats)
                 for cut in task.cuts:  # a row is in the subset when it passes the bounds and every keep
                     kept = view.kept_by(cut, kept)
+                if task.lists:  # then the uid lists (uid_sets.py)
+                    kept, counts = combine(kept, passed_drops(task.bounds, view.values, view.n), task.lists,
+                                           *view.uids())
+                    list_counts = [[a + b for a, b in zip(total, c)] for total, c in zip(list_counts, counts)]
                 rows = np.flatnonzero(kept)
                 for name, _ in task.columns:
                     nan[name] += int(view.nan(name).sum())
@@ -329,7 +337,7 @@ def filter_final_task(task: FinalTask) -> dict:
     pairs = sorted_uid_pairs(high, low)
     with atomic_path(uids_file(task.parts_dir, task.name)) as tmp, open(tmp, "wb") as f:
         np.save(f, pairs)
-    info = {"kept": len(pairs), "bounds": bound_stats, "nan": nan,
+    info = {"kept": len(pairs), "bounds": bound_stats, "lists": list_counts, "nan": nan,
             "buckets": np.bincount((pairs["f0"] >> np.uint64(56)).astype(np.intp),
                                    minlength=UID_BUCKETS).tolist(),
             "seconds": round(time.perf_counter() - started, 3)}
@@ -367,6 +375,15 @@ def _scan(path) -> TableInfo:
             unit_rows.append(meta.row_group(group).num_rows)
     return TableInfo(table_name(path), [str(f) for f in files], rows, metrics, [schema.field(m).type for m in metrics],
                      stamps, unit_file, unit_group, unit_rows)
+
+
+def _stamp(source: str) -> list[int]:
+    """(size, mtime_ns) of a uid list (of its uids.npy, or of each Parquet file in a directory, summed)."""
+    path = Path(source)
+    files = [path / "uids.npy"] if (path / "uids.npy").is_file() else sorted(path.glob("*.parquet")) \
+        if path.is_dir() else [path]
+    stats = [os.stat(f) for f in files if f.exists()]
+    return [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
 
 
 def _check_aligned(tables: list[TableInfo]) -> None:
@@ -409,9 +426,10 @@ class Selection:
 
 def filter_in_tasks(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepStep], bounds: Sequence[Bound],
                     mode: str, args: dict, opts: RunOptions = RunOptions(),
-                    collect_rows: int | None = None) -> FilterResult:
+                    collect_rows: int | None = None, lists: Sequence[tuple[str, str]] = ()) -> FilterResult:
     """The in-memory filter's selection (local.filter_in_memory) as rounds of map tasks on `opts`' executor;
-    writes the same three files into `out_dir`. `tables`: table arguments, grouped."""
+    writes the same three files into `out_dir`. `tables`: table arguments, grouped (drop steps' tables
+    among them); `lists`: the uid lists as (operation, source), applied by the final map."""
     executor, workers, tasks, retries, ray_address = (opts.executor, int(opts.workers), opts.tasks,
                                                       int(opts.retries), opts.ray_address)
     started = time.perf_counter()
@@ -426,6 +444,7 @@ def filter_in_tasks(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepS
     metric_table = {m: t for t, info in enumerate(infos) for m in info.metrics}
     dtypes = {m: metric_dtype(ty) for info in infos for m, ty in zip(info.metrics, info.types)}
     pool = infos[0]
+    list_stamps = [[op, source, _stamp(source)] for op, source in lists]
     n_units = len(pool.unit_rows)
     count = max(1, min(int(tasks or DEFAULT_TASKS), n_units))
     cuts = [(i * n_units) // count for i in range(count + 1)]
@@ -466,11 +485,12 @@ def filter_in_tasks(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepS
         columns = [(m, dtypes[m].str) for m in sources]
         final_cuts = [s.cut for s in selections]
         layout = FilterLayout([[t.name, t.files, t.stamps] for t in infos], [asdict(b) for b in bounds],
-                              [asdict(c) for c in final_cuts], columns, len(spans))
+                              [asdict(c) for c in final_cuts], columns, len(spans), list_stamps)
         parts_dir = layout_parts_dir(out_dir, STAGE, layout)
         job = start_map(parts_dir, layout, STAGE, len(spans), executor, workers, rank=0, world_size=1)
+        uid_lists = load_uid_lists(lists, parts_dir / "lists")  # the run's own sorted copies, memory-mapped
         final_tasks = [FinalTask(job.names[i], **span_fields(*spans[i]), cuts=final_cuts, columns=columns,
-                                 parts_dir=str(parts_dir), validate=rounds == 0)
+                                 parts_dir=str(parts_dir), validate=rounds == 0, lists=uid_lists)
                        for i in job.todo]
         report = job.run(final_tasks, filter_final_task, ray_address=ray_address, retries=retries,
                          label="filter (final map tasks)")
@@ -484,8 +504,10 @@ def filter_in_tasks(tables: Sequence, out_dir: str | Path, keeps: Sequence[KeepS
     steps = []
     for number, b in enumerate(bounds):
         ranked, passed, nan = (sum(i["bounds"][number][j] for i in task_infos) for j in range(3))
-        steps.append(StepStats(b.kind, b.metric, ranked, passed, ranked - passed, value=b.value, nan=nan))
+        steps.append(StepStats(b.label, b.metric, ranked, passed, ranked - passed, value=b.value, nan=nan))
     steps += [s.stats for s in selections]
+    steps += list_step_stats(uid_lists, [[sum(i["lists"][n][j] for i in task_infos) for j in range(4)]
+                                         for n in range(len(uid_lists))])
     nan_counts = {m: sum(i["nan"][m] for i in task_infos) for m in sources}
     distributed = {"executor": executor, "workers": workers, "tasks": len(spans), "rounds": rounds,
                    "ran": sum(1 for r in report.results if r and r["ran"]),
@@ -504,6 +526,7 @@ class FilterLayout:
     cuts: list
     columns: list
     tasks: int
+    lists: list  # [operation, source, (size, mtime_ns)] per uid list
 
 
 def _reduce(selection: Selection, answers: list[dict], pool_size: int, mode: str, collect_rows: int) -> None:

@@ -24,6 +24,7 @@ from curate.run.threads import blas_threads, torch_threads
 from curate.stages.common import PoolRows, check_finite
 from curate.stages.normsim import NormsimConfig
 from curate.stages.normsim.targets import normsim_target
+from curate.metrics import normsim as ns
 
 def target_and_device(pool: EmbeddingPool, cfg: NormsimConfig, info: dict):
     """(target (M, D) float32, torch device or None) of a checked p = inf or 2 config; records the target's kind,
@@ -41,7 +42,6 @@ def target_and_device(pool: EmbeddingPool, cfg: NormsimConfig, info: dict):
 
 def _ivf_sizes(target_rows: int, nlist: int | None, nprobe: int | None) -> tuple[int, int]:
     """The nlist and nprobe `build_ivf_index` uses for these options, without training it."""
-    from curate.metrics import normsim as ns
 
     nlist = ns.default_nlist(target_rows) if nlist is None else int(nlist)
     if not 1 <= nlist <= 2 * target_rows:
@@ -64,7 +64,6 @@ def scorer_params(p: str, index: str, target_rows: int, dim: int, torch_device, 
 def scorer(p: str, index: str, target: np.ndarray, torch_device, dim: int, nlist=None, nprobe=None,
            faiss_index=None) -> Callable[[np.ndarray], np.ndarray]:
     """(n, D) float32 rows -> (n,) float32 NormSim_p against `target`; `faiss_index` reuses a built ivf index."""
-    from curate.metrics import normsim as ns
 
     if p == "inf" and index == "flat":
         import torch

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from curate.config import RunOptions
 from curate.errors import CurateError
@@ -58,6 +59,7 @@ from curate.run.mapreduce import DEFAULT_TASKS, PoolSpanTask, layout_key, pool_s
 from curate.run.threads import blas_thread_count, blas_threads
 from curate.stages.normsim import Normsim2dSchedule
 from curate.stages.normsim.common import image_blocks, table_spans, table_starts
+from curate.io.uids import DATACOMP_DTYPE, uid_halves
 
 STAGE = "normsim_2d"
 DEFAULT_COLLECT_ROWS = 1 << 20  # (key, row) pairs (12 B each) a cut's bucket may hold to be collected whole
@@ -216,9 +218,7 @@ def _partial_moment(task: Normsim2dTask, pool: EmbeddingPool, members: np.ndarra
 
 def prefilter_members(pool: EmbeddingPool, start: int, stop: int, pairs: np.ndarray) -> np.ndarray:
     """Which pool rows start..stop-1 (whole tables) have their uid in `pairs` (sorted, unique `u8,u8`)."""
-    import pyarrow.parquet as pq
 
-    from curate.io.uids import DATACOMP_DTYPE, uid_halves
 
     members = []
     for file, first in zip(pool.files, table_starts(pool)[:-1]):

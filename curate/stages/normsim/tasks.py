@@ -22,6 +22,7 @@ from curate.run.threads import blas_thread_count, blas_threads
 from curate.stages.normsim import NormsimConfig
 from curate.stages.normsim.common import (block_rows_for, score_rows, score_threads, scorer, scorer_params,
                                           table_spans, target_and_device)
+from curate.metrics import normsim as ns
 
 NORMSIM_STAGE = "normsim"
 TARGET_FILE = "_target.npy"  # beside the tNNNNN.npy outputs, never matched by t*.npy
@@ -191,6 +192,5 @@ def normsim_scores_by_tasks(pool: EmbeddingPool, emb_dir, cfg: NormsimConfig, ou
 
 
 def _ivf_index(target: np.ndarray, nlist: int, nprobe: int):
-    from curate.metrics import normsim as ns
 
     return ns.build_ivf_index(target, nlist, nprobe)

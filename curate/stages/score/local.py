@@ -6,11 +6,11 @@ import numpy as np
 
 from curate.io.tables import EmbeddingPool, to_float32
 from curate.stages.common import PoolRows, check_finite
+from curate.metrics.clipscore import clipscore
 
 
 def clipscore_from_tables(pool: EmbeddingPool) -> np.ndarray:
     """s_ii of every row, streamed from the tables; also rejects non-finite embeddings."""
-    from curate.metrics.clipscore import clipscore
 
     s_ii = np.empty(pool.n_rows, dtype=np.float32)
     row = 0
@@ -29,7 +29,6 @@ def clipscore_from_rows(image: PoolRows, text: PoolRows, chunk_rows: int = 1 << 
     When negclip builds the caches anyway, this replaces the second Parquet pass: the rows come back from
     the cache as a sequential read, with no Parquet pages to decode.
     """
-    from curate.metrics.clipscore import clipscore
 
     s_ii = np.empty(len(image), dtype=np.float32)
     # fp16 -> float32 through torch into two reused buffers: numpy's conversion costs more than the dot products

@@ -56,7 +56,7 @@ def test_stages_sweep_the_temps_a_killed_run_left(tmp_path):
     from conftest import make_embedding_dir
     from curate.io.uids import write_uid_npy
     from conftest import run_export, run_score
-    from test_export import make_shard, sample, uid_of
+    from shard_builders import make_shard, sample, uid_of
 
     pid = dead_pid()
 

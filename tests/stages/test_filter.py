@@ -155,7 +155,7 @@ def test_select_matches_plain_python_oracle_with_ties_nan_and_thresholds(mode):
         assert run_select(uids, metrics, keeps, bounds, mode)[0] == expected
 
 
-# ---------------------------------------------------------------- property tests (issue 9)
+# ---------------------------------------------------------------- property tests
 
 fractions = st.decimals(min_value=Decimal("0.0001"), max_value=Decimal(1), places=4)
 
@@ -294,7 +294,7 @@ def test_inline_normsim_end_to_end_with_the_embedding_dir_recorded_by_score(tmp_
     np.testing.assert_allclose(kept.column("normsim_inf").to_numpy(), [plain[r] for r in expected], atol=2e-3)
 
 
-# ---------------------------------------------------------------- bad inputs (issue 9)
+# ---------------------------------------------------------------- bad inputs
 
 def test_unknown_metric_lists_the_available_ones(tmp_path):
     t = write_scores(tmp_path / "s.parquet", [f"{i:032x}" for i in range(4)], negclip=[1, 2, 3, 4], clipscore=[1, 1, 1, 1])

@@ -2,7 +2,7 @@
 table, byte for byte.
 
 Ranks are simulated by calling the stage's `run` once per rank in this process; the local process pool and a real local
-Ray (the module-scoped `ray_session` of tests/test_executors.py) run the same tasks in other processes.
+Ray (the module-scoped `ray_session` of tests/conftest.py) run the same tasks in other processes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from curate.run.markers import MARKER_DIR
 from curate.stages.normsim import common, entry
 from curate.stages.normsim.common import table_spans, table_starts
 from curate.stages.normsim.tasks import NORMSIM_STAGE, normsim_layout
-from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 DIM = 64
 TABLE_ROWS = [60, 45, 70, 30, 55]  # 5 tables: 5 map tasks by default (tasks never split a table)
@@ -174,7 +173,7 @@ def test_local_process_pool_matches_in_process(pool, tmp_path):
 
 
 @pytest.mark.parametrize("p, index", [("2", "flat"), ("inf", "flat"), ("inf", "ivf")])
-def test_ray_matches_in_process(tmp_path, ray_session, p, index):  # noqa: F811 - the fixture
+def test_ray_matches_in_process(tmp_path, ray_session, p, index):
     # products big enough for OpenBLAS to use its threads: Ray's workers start with one (OMP_NUM_THREADS=1)
     # and give other bits unless the tasks pin the driver's count (without it, p=2 differs here)
     pool = make_embedding_dir(tmp_path / "emb", [700, 500, 600], dim=256, seed=3)

@@ -1,7 +1,7 @@
 """Distributed negCLIPLoss: map tasks over (partition, batch) spans + a reduce give the in-process table, byte for byte.
 
 Ranks are simulated by calling `score` once per rank in this process; the local process pool and a real local
-Ray (the module-scoped `ray_session` of tests/test_executors.py) run the same tasks in other processes, whose
+Ray (the module-scoped `ray_session` of tests/conftest.py) run the same tasks in other processes, whose
 torch thread counts differ from this one's.
 """
 
@@ -27,7 +27,6 @@ from curate.run.mapreduce import parts_root
 from curate.stages.score import entry as score_entry
 from conftest import run_score
 from curate.stages.score.common import NEGCLIP_STAGE
-from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
 
 PARAMS = {"metrics": "clipscore,negclip", "k": 3, "batch_size": 7, "seed": 3, "device": "cpu"}
 
@@ -124,7 +123,7 @@ def test_local_process_pool_matches_in_process(pool, tmp_path):
     assert out.read_bytes() == want
 
 
-def test_ray_matches_local(pool, tmp_path, ray_session):  # noqa: F811 - the fixture
+def test_ray_matches_local(pool, tmp_path, ray_session):
     local = tmp_path / "local" / "s.parquet"
     run_score(pool, local, executor="local", tasks=5, **PARAMS)
     out = tmp_path / "ray" / "s.parquet"

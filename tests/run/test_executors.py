@@ -1,13 +1,12 @@
 """Executors (local and a real local Ray), retries and failure reports, rank splits, completion markers.
 
-One local Ray (`ray.init(num_cpus=2)`) serves the whole module: starting one costs seconds. Task functions
-live in tests/executor_tasks.py so that spawned processes and Ray workers can import them.
+One local Ray (conftest's module-scoped `ray_session`, `ray.init(num_cpus=2)`) serves the whole module: starting
+one costs seconds. Task functions live in tests/executor_tasks.py so that spawned processes and Ray workers can
+import them.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import socket
 import sys
 import time
@@ -20,22 +19,6 @@ from curate.errors import CurateError
 from curate.run.executors import LocalExecutor, make_executor
 from curate.run.markers import Markers
 from curate.run.ranks import resolve_rank, split_for_rank
-
-TESTS_DIR = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    # Workers import tests/executor_tasks.py by name, like the driver does.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}})
-    yield ray
-    ray.shutdown()
-
 
 def executor_of(kind: str, request):
     if kind == "ray":

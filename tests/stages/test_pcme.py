@@ -16,7 +16,7 @@ from curate.io.tables import read_meta
 from curate.metrics import pcme as pm
 from curate.stages.pcme import PcmeCalibrateConfig, PcmeFitConfig, PcmeScoreConfig
 from curate.stages.pcme import entry as stage
-from helpers_issue6 import noisy_pairs, write_embedding_dir
+from embedding_dirs import noisy_pairs, write_embedding_dir
 
 
 def _sig(z):

@@ -1,4 +1,4 @@
-"""Faults (issue 9): `kill -9` at seeded random points of `curate embed`, `score` and `export`, then a rerun.
+"""Faults: `kill -9` at seeded random points of `curate embed`, `score` and `export`, then a rerun.
 
 Each stage first runs uninterrupted into a reference directory. Then the same command runs into a second
 directory and is killed (SIGKILL to its whole process group, decode workers included) several times, at a
@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_embedding_dir, record_robustness
+from conftest import NO_NETWORK_SITECUSTOMIZE, make_embedding_dir, record_robustness
 from curate.io.atomic import TEMP_NAME  # the temp names of atomic writes
 from curate.io.uids import write_uid_npy
-from test_dirty import NO_NETWORK_SITECUSTOMIZE
 
 CURATE_BIN = Path(sys.executable).parent / "curate"
 KILLS_PER_STAGE = 3

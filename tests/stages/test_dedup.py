@@ -12,7 +12,7 @@ from curate.config import RunOptions
 from curate.io.tables import EmbeddingPool
 from curate.stages.dedup import DedupConfig
 from curate.stages.dedup.entry import run as dedup
-from test_semdedup import oracle
+from semdedup_oracle import oracle
 
 
 @pytest.fixture

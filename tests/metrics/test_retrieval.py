@@ -13,7 +13,7 @@ from curate.errors import CurateError
 from curate.metrics import retrieval as rm
 from curate.stages.evaluate import EvalConfig
 from curate.stages.evaluate.entry import run as evaluate_run
-from helpers_issue6 import unit_rows, write_embedding_dir
+from embedding_dirs import unit_rows, write_embedding_dir
 
 
 def _loop_metrics(img, txt, t2i, labels_img=None, labels_txt=None, ks=(1, 5, 10), zetas=(0, 1, 2)):

@@ -306,7 +306,7 @@ def test_teacher_train_stage_on_a_tiny_corpus(tmp_path):
 
 @pytest.mark.slow
 def test_cached_teacher_separates_clean_from_swapped(tmp_path):
-    """Issue 4 acceptance: on a held-out corpus (other seed), CLIPScore ROC-AUC clean vs swapped >= 0.95."""
+    """Acceptance: on a held-out corpus (other seed), CLIPScore ROC-AUC clean vs swapped >= 0.95."""
     from curate.io.shards import decode_sample, expand_shards, iter_shard
     from conftest import synth_corpus
     from curate.stages.teacher import TINY_TEACHER_CORPUS

@@ -1,4 +1,5 @@
-"""Test helpers for clones / AdaCL / PCME / eval: embedding directories with chosen vectors and json docs."""
+"""Embedding directories with chosen vectors, json docs and extra columns (the tests of clones / AdaCL, PCME and
+eval), and unit rows and noisy pairs to fill them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 def write_embedding_dir(path, img: np.ndarray, txt: np.ndarray, *, uids=None, keys=None, docs=None,
                         extra_columns: dict | None = None, split: list[int] | None = None,
-                        logit_scale: float = 50.0, model: str = "test6") -> Path:
+                        logit_scale: float = 50.0, model: str = "test") -> Path:
     """Write `img`/`txt` rows (stored as fp16, as `curate embed` does) into one or more tables.
 
     uids default to the row number as 32 hex; `docs` (dicts) become the `json` column; `split` gives the rows

@@ -17,7 +17,7 @@ from curate.metrics import topk
 from curate.stages.filter import tasks as filter_tasks
 
 from conftest import run_cli, run_filter
-from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
+from filter_tables import assert_same_outputs, write_split
 
 SPECIAL32 = np.array([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, -3.4028235e38, 3.4028235e38, 1.0,
                       -1.0], np.float32)
@@ -95,17 +95,6 @@ def test_exact_cut_matches_a_sort_by_score_then_uid():
 
 # ---------------------------------------------------------------- end to end against the in-memory filter
 
-def write_split(directory: Path, uids: list[str], sizes: list[int], columns: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    start = 0
-    for index, size in enumerate(sizes):
-        part = {"uid": pa.array(uids[start:start + size], pa.string())}
-        part.update({name: column.slice(start, size) for name, column in columns.items()})
-        pq.write_table(pa.table(part), directory / f"part-{index:05d}.parquet")
-        start += size
-    return directory
-
-
 def make_pool(tmp_path: Path, seed: int, sizes=(37, 0, 50, 41, 22)):
     """Two row-aligned tables over files of `sizes` rows: a (float32 with NaN, float64, int64 with nulls)
     and b (float32 and float16 with heavy ties)."""
@@ -121,21 +110,6 @@ def make_pool(tmp_path: Path, seed: int, sizes=(37, 0, 50, 41, 22)):
     b = write_split(tmp_path / "b", uids, list(sizes), {"tie": pa.array(rng.integers(0, 4, n).astype(np.float32) / 4),
                                                         "half": pa.array(rng.integers(-9, 9, n).astype(np.float16) / 7)})
     return a, b
-
-
-def assert_same_outputs(memory: Path, distributed: Path) -> None:
-    assert (memory / "uids.npy").read_bytes() == (distributed / "uids.npy").read_bytes()
-    want, got = pq.read_table(memory / "kept.parquet"), pq.read_table(distributed / "kept.parquet")
-    assert got.schema.equals(want.schema, check_metadata=True)
-    for name in want.column_names:
-        w, g = want.column(name).to_numpy(), got.column(name).to_numpy()
-        if w.dtype.kind == "f":
-            w, g = w.view(f"u{w.itemsize}"), g.view(f"u{g.itemsize}")  # bits: NaN and -0.0 included
-        assert np.array_equal(w, g), name
-    stats_m = json.loads((memory / "stats.json").read_text())
-    stats_d = json.loads((distributed / "stats.json").read_text())
-    assert stats_d.pop("distributed")["tasks"] >= 1
-    assert stats_d == stats_m
 
 
 CASES = [  # keeps, mins, maxs, mode
@@ -193,7 +167,7 @@ def test_two_worker_processes(tmp_path, monkeypatch):
     assert_same_outputs(tmp_path / "memory", tmp_path / "dist")
 
 
-def test_local_ray(tmp_path, ray_session):  # noqa: F811 - the fixture
+def test_local_ray(tmp_path, ray_session):
     a, b = make_pool(tmp_path, seed=8)
     options = dict(keep=["tie:0.5", "s64:0.2"], mode="independent")
     run_filter([a, b], tmp_path / "memory", **options)

@@ -9,8 +9,6 @@ import time
 import numpy as np
 import pytest
 
-from test_executors import ray_session  # noqa: F401 - the module-scoped local Ray (num_cpus=2)
-from test_export import dirty_variants, uid_of, write_random_corpus
 from curate.errors import CurateError
 from curate.io.uids import write_uid_npy
 from curate.io.uids import is_sorted_unique
@@ -19,6 +17,7 @@ from curate.stages.export import tasks as export_tasks
 from curate.stages.export.common import MANIFEST
 
 from conftest import run_export
+from shard_builders import dirty_variants, uid_of, write_random_corpus
 
 
 def outputs(directory):
@@ -88,7 +87,7 @@ def test_worker_processes_and_a_rerun(tmp_path):
     assert again.noop and again.written == report.written
 
 
-def test_local_ray(tmp_path, ray_session):  # noqa: F811 - the fixture
+def test_local_ray(tmp_path, ray_session):
     dirty_corpus(tmp_path, 8)
     run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "one", shard_size=3)
     run_export(str(tmp_path / "shards"), tmp_path / "uids.npy", tmp_path / "ray", shard_size=3,

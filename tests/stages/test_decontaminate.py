@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_embedding_dir, one_line_error, run_curate
+from embedding_dirs import write_embedding_dir
 from curate.config import RunOptions
 from curate.io.tables import EmbeddingPool
 from curate.stages.decontaminate import DecontaminateConfig
@@ -26,6 +27,17 @@ def world(tmp_path):
     evals /= np.linalg.norm(evals, axis=1, keepdims=True)
     np.save(tmp_path / "eval.npy", evals)
     return pool, tmp_path / "eval.npy", planted
+
+
+@pytest.mark.parametrize("threshold, flagged", [(0.95, 1), (0.97, 0)])
+def test_the_hand_example_of_the_formulas(tmp_path, threshold, flagged):
+    # docs/formulas.md: x = (1, 0) against (0.6, 0.8) and (0.96, 0.28): nearest the second, cosine 0.96
+    pool = write_embedding_dir(tmp_path / "pool", np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
+    np.save(tmp_path / "eval.npy", np.array([[0.6, 0.8], [0.96, 0.28]], np.float32))
+    decontaminate(pool, [tmp_path / "eval.npy"], tmp_path / "c.parquet", DecontaminateConfig(threshold=threshold))
+    table = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    assert table[0]["nearest_uid"] == "eval.npy#1" and table[0]["similarity"] == pytest.approx(0.96, abs=1e-6)
+    assert table[0]["contaminated"] == flagged
 
 
 def test_nearest_matches_brute_force_and_planted_copies_are_flagged(world, tmp_path):

@@ -21,12 +21,12 @@ from curate.recipe import load_recipe
 from curate.stages.clones import ClonesConfig
 from adacl_oracles import oracle_discovery, oracle_margins, oracle_posterior, oracle_probability
 from conftest import run_clones
-from helpers_issue6 import unit_rows, write_embedding_dir
+from embedding_dirs import unit_rows, write_embedding_dir
 
 S_HAND = np.array([[.31, .30, .10], [.12, .28, .27], [.05, .06, .33]])
 
 
-def test_dense_hand_example_from_the_issue():
+def test_dense_stats_of_a_3x3_hand_example():
     st = cm.dense_clone_stats(S_HAND, margin=0.02)
     np.testing.assert_allclose(st.gap_i2t, [.01, .01, .27], atol=1e-12)
     np.testing.assert_array_equal(st.partner_i2t, [1, 2, 1])

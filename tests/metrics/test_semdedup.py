@@ -8,25 +8,7 @@ import numpy as np
 import pytest
 
 from curate.metrics.semdedup import keep_order, semdedup_cluster
-
-
-def oracle(x: np.ndarray, eps: float, against: str):
-    n = len(x)
-    keep = [True] * n
-    dup = [-1] * n
-    sim = [-np.inf] * n
-    for j in range(1, n):
-        best, best_i = -np.inf, -1
-        for i in range(j):
-            if against == "kept" and not keep[i]:
-                continue
-            s = float(np.dot(x[i].astype(np.float64), x[j].astype(np.float64)))
-            if s > best:
-                best, best_i = s, i
-        sim[j] = best
-        if best > 1 - eps:
-            keep[j], dup[j] = False, best_i
-    return np.array(keep), np.array(dup), np.array(sim)
+from semdedup_oracle import oracle
 
 
 def unit(rows):

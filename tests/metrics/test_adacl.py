@@ -1,5 +1,5 @@
 """AdaCL, Algorithm 1: salient scores, labelled GDA, potential clones, anchor, margins and the adjusted loss,
-each against a plain-numpy transcription of the equations (docs/notes/adacl.md), plus hand examples."""
+each against a plain-numpy transcription of the equations (docs/formulas.md), plus hand examples."""
 
 from __future__ import annotations
 

@@ -21,8 +21,7 @@ from curate.run.mapreduce import parts_root
 from curate.config import RunOptions
 from curate.stages.normsim import Normsim2dSchedule, NormsimConfig
 from curate.stages.normsim import rounds as stage2d
-from test_executors import ray_session  # noqa: F401 - the fixture, shared with that module
-from test_normsim import reference_vas_d, subsets_of_column, write_pool
+from normsim_oracles import reference_vas_d, subsets_of_column, write_pool
 
 
 pytestmark = pytest.mark.usefixtures("no_slurm")
@@ -267,7 +266,7 @@ def test_a_part_gone_mid_run_is_a_clear_error_and_leaves_no_parts(pool, tmp_path
     assert not out.exists() and not parts_root(out).exists()
 
 
-def test_ray_gives_the_in_process_bytes(tmp_path, ray_session):  # noqa: F811 - the fixture
+def test_ray_gives_the_in_process_bytes(tmp_path, ray_session):
     # products big enough for OpenBLAS to use its threads: Ray's workers start with one and would round
     # differently unless the tasks pin the driver's count
     pool = make_embedding_dir(tmp_path / "emb", [700, 500, 600], dim=256, seed=3)
