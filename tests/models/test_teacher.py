@@ -102,7 +102,7 @@ def test_curate_student_is_no_bigger_than_tiny():
     tiny, student = create_model("curate-tiny"), create_model("curate-student")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(student) <= count(tiny)
-    assert model_config("curate-student")["vision_cfg"]["image_size"] == 64
+    assert model_config("curate-student")["vision_cfg"]["image_size"] == 32
 
 
 def test_vit_b32_random_init_builds():
@@ -231,7 +231,8 @@ def _tiny_run(seed: int, loss="infonce"):
     torch.manual_seed(seed)
     model = create_model("curate-student")
     data = torch.Generator().manual_seed(99)
-    images = torch.randn(24, 3, 64, 64, generator=data)
+    size = model_config("curate-student")["vision_cfg"]["image_size"]
+    images = torch.randn(24, 3, size, size, generator=data)
     tokens = torch.randint(1, 400, (24, model.context_length), generator=data)
     return train_clip(model, images, tokens, steps=6, batch_size=8, lr=1e-3, seed=seed, loss=loss,
                       log_every=1, augment=True, num_threads=1), model
