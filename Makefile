@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the recipe's chain, then the closed loop on its corpus (students per method against the ground truth; it needs
+# the synth truth, so it is a command of its own, not a recipe stage), then the report of both
 demo: install
 	$(CURATE) run examples/recipes/demo.toml
+	$(CURATE) compare $(DEMO)/corpus --out $(DEMO)/compare --quick
+	$(CURATE) report $(DEMO) --out $(DEMO)/report.html
 
 test: install
 	$(PY) -m pytest -q -ra

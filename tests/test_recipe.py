@@ -79,6 +79,7 @@ seed = 5
 corrupt = 0.3
 target_samples = 30
 [teacher]
+model = "curate-tiny"  # random weights of the small model: the paper's ViT-L-14 would take minutes on CPU
 pretrained = "none"
 [embed]
 shards = "corpus"

@@ -402,3 +402,19 @@ def test_compare_needs_a_synth_corpus_with_target(tmp_path, random_teacher):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CurateError, match="manifest"):
         compare.run(tmp_path / "empty", tmp_path / "out", CompareConfig(teacher=str(random_teacher)))
+
+
+
+def test_the_report_of_a_run_dir_shows_the_comparison_and_its_curves(compared, tmp_path):
+    """What `make demo` does after its recipe: the comparison in RUN_DIR/compare, then `curate report RUN_DIR`.
+    Its tables and the students' curves are in the HTML, not the 'no comparison' placeholder."""
+    from curate.stages.report import ReportConfig
+    from curate.stages.report import entry as report
+
+    out, doc, _, _ = compared
+    shutil.copytree(out, tmp_path / "run" / "compare")
+    report.run(str(tmp_path / "run"), tmp_path / "report.html", ReportConfig())
+    html = (tmp_path / "report.html").read_text()
+    section = lambda name: html.split(f'<section id="{name}">')[1].split("</section>")[0]  # noqa: E731
+    assert METHOD_LABELS["negclip_normsim_inf"] in section("compare") and "ROC-AUC" in section("compare")
+    assert "No comparison" not in section("compare") and "<img" in section("curves")

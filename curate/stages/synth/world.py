@@ -20,7 +20,7 @@ Phenomena (each recorded per sample in its `.json`; entry.py draws them, render.
                  OUT/target/ holds a separate set of it, and `plant_fraction` of that set is planted into the pool
                  (truth `planted`, `planted_from` = the target uid) for decontamination.
 
-Changelog (newest last; docs/notes/world.md has the reasons in full):
+Changelog (newest last; docs/world.md has the reasons in full):
   2.0  the world of issue "A world where curation matters", fixed before any method ran on it.
 """
 
