@@ -118,7 +118,9 @@ class CompareConfig:
     prefilter: float = option(1.5, "NormSim recipes: negclip first keeps min(1, P x F).",
                               check=because(at_least(1), "negclip keeps prefilter x fraction first"))
     negclip_k: int = option(10, "negclip: number of random partitions K.", check=positive, cli=False)
-    negclip_batch: int = option(32768, "negclip: batch size B.", check=positive, cli=False)
+    negclip_batch: Optional[int] = option(None, "negclip: batch size B (default: the paper's rule, the teacher's own "
+                                          "training batch when its checkpoint records it: 128 for the tiny "
+                                          "teacher; else OpenAI CLIP's 32768).", check=positive, cli=False)
     teacher: Optional[str] = option(None, "Teacher checkpoint (default: the cached tiny teacher).")
     teacher_model: Optional[str] = option(None, "Architecture of --teacher when it is not a curate checkpoint.",
                                           "--teacher-model")

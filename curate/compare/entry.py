@@ -20,6 +20,7 @@ import numpy as np
 from curate.config import check_config
 from curate.errors import CurateError
 from curate.io.atomic import write_text_atomic
+from curate.stages.score import ScoreConfig
 from curate.compare import (FORMAT, HELDOUT_SEED_OFFSET, LOSS_ROWS, METHOD_LABELS, METHODS, SELECTION_METHODS,
                             CompareConfig, CompareResult)
 from curate.compare.quality import (clone_quality, decontamination_quality, dedup_quality, pcme_quality,
@@ -86,7 +87,11 @@ def resolve_teacher(config: CompareConfig, log: Callable[[str], None]) -> tuple[
         raise CurateError(f"--teacher {path}: not a curate checkpoint; give its architecture with --teacher-model")
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return path, model, {"file": path, "model": model, "sha256": digest[:16]}
+    # negCLIPLoss's B is the teacher's training batch (the paper); a curate checkpoint records it
+    train = meta.get("train_config") if isinstance(meta, dict) else None
+    batch = train.get("batch_size") if isinstance(train, dict) else None
+    return path, model, {"file": path, "model": model, "sha256": digest[:16],
+                         "train_batch_size": batch if isinstance(batch, int) and batch > 0 else None}
 
 
 def decimal_text(value: float) -> str:
@@ -173,6 +178,8 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
 
     tick = time.perf_counter()
     teacher_path, teacher_model, teacher_id = resolve_teacher(cfg, log)
+    if cfg.negclip_batch is None:
+        cfg = replace(cfg, negclip_batch=teacher_id["train_batch_size"] or ScoreConfig().batch_size)
     timings["teacher"] = time.perf_counter() - tick
 
     # -- the chain: embed -> score -> normsim -> filters, by the recipe planner (its markers make reruns skip)
@@ -190,7 +197,10 @@ def run(corpus: str | Path, out_dir: str | Path, cfg: CompareConfig = CompareCon
     emb_dir = Path(steps["embed"].outputs[0])
     target_emb = Path(steps["embed_target"].outputs[0])
     fraction = decimal_text(cfg.fraction)
-    extras = extra_steps(emb_dir, target_emb, out, cfg, fraction, pool_identity, cfg.device)
+    # the chain's last digest holds every chain step's parameters: a filter here that reads scores.parquet or
+    # clones.parquet is made again when they were
+    chained = {**pool_identity, "chain": list(steps.values())[-1].digest}
+    extras = extra_steps(emb_dir, target_emb, out, cfg, fraction, chained, cfg.device)
     timings["signals"] = run_steps(extras, out, log)
 
     # -- subsets: the filters', the whole pool, the oracle's and a seeded random one per seed

@@ -395,6 +395,30 @@ def test_compare_chain_runs_again_when_the_corpus_changes(compared, corpus, tmp_
     assert first.corpus["parameters"]["seed"] == 21 and second.corpus["parameters"]["seed"] == 23
 
 
+
+def test_a_changed_score_parameter_remakes_the_subsets_that_read_the_scores(compared, corpus, tmp_path):
+    """SemDeDup → negCLIPLoss is filtered outside the chain, from scores.parquet: another negCLIPLoss batch makes
+    scores.parquet anew, and that subset with it (not a subset of the old scores kept by its marker): every step
+    after the chain reruns when the chain did, as in a recipe."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    out, _, config, _ = compared
+    moved = tmp_path / "compare"
+    shutil.copytree(out, moved)
+    messages: list[str] = []
+    compare.run(corpus / "pool", moved, dataclasses.replace(config, negclip_batch=8), log=messages.append)
+    ran = {found.group(1) for m in messages if (found := re.search(r"\[bold\]run\[/\] (\S+)", m))}
+    assert {"score", "filter:semdedup_negclip", "filter:negclip"} <= ran
+    scores = pq.read_table(moved / "scores.parquet").to_pydict()
+    kept_by_dedup = pq.read_table(moved / "dedup.parquet").to_pydict()
+    eligible = [u for u, keep in zip(kept_by_dedup["uid"], kept_by_dedup["semdedup_keep"]) if keep >= 1]
+    negclip = dict(zip(scores["uid"], scores["negclip"]))
+    k = tables.subset_size(config.fraction, len(scores["uid"]))
+    expected = sorted(eligible, key=lambda u: (-negclip[u], u))[:k]
+    assert sorted(read_uid_npy(moved / "subsets" / "semdedup_negclip" / "uids.npy")) == sorted(expected)
+
 def test_compare_needs_a_synth_corpus_with_target(tmp_path, random_teacher):
     synth_corpus(tmp_path / "plain", samples=20, shard_size=20, seed=1, corrupt=0.0, target_samples=0)
     with pytest.raises(CurateError, match="target"):
@@ -418,3 +442,16 @@ def test_the_report_of_a_run_dir_shows_the_comparison_and_its_curves(compared, t
     section = lambda name: html.split(f'<section id="{name}">')[1].split("</section>")[0]  # noqa: E731
     assert METHOD_LABELS["negclip_normsim_inf"] in section("compare") and "ROC-AUC" in section("compare")
     assert "No comparison" not in section("compare") and "<img" in section("curves")
+
+
+def test_negclip_batch_is_the_teachers_training_batch_when_its_checkpoint_says(compared, tmp_path):
+    """negCLIPLoss's B is the teacher's own training batch (the paper); a checkpoint without it (random weights,
+    open_clip's) falls back to OpenAI CLIP's 32768."""
+    from curate.models.teacher import create_model, model_config, save_checkpoint
+
+    _, doc, _, _ = compared
+    assert doc.config["negclip_batch"] == 32768  # the random teacher's checkpoint records no training
+    path = save_checkpoint(create_model("curate-student"), tmp_path / "trained.pt", "curate-student",
+                           model_config("curate-student"), {"train_config": {"batch_size": 128}})
+    _, model, identity = compare.resolve_teacher(CompareConfig(teacher=str(path)), log=lambda message: None)
+    assert model == "curate-student" and identity["train_batch_size"] == 128
