@@ -19,6 +19,7 @@ import numpy as np
 from curate.metrics.clones import precision_recall_f1
 from curate.metrics.pcme import binary_roc_auc
 from curate.metrics.stats import spearman
+from curate.stages.synth import TRUTH_KINDS
 
 HEAD_RANKS = 3  # concept ranks 1..3 of the rest's Zipf law are the head
 TAIL_FROM_RANK = 9  # ranks >= 9 of the rest family are its tail
@@ -81,7 +82,8 @@ def phenomenon_removal(truth: PoolTruth, kept: np.ndarray) -> dict[str, dict]:
 def signal_aucs(scores: dict[str, np.ndarray], truth: PoolTruth) -> dict[str, dict[str, float | None]]:
     """signals[score][kind] = ROC-AUC of the score for clean (positive) against that kind (negative), over the rows
     of those two kinds with a finite score; None when either side is empty."""
-    kinds = [k for k in dict.fromkeys(truth.kind.tolist()) if k != "clean"]
+    present = set(truth.kind.tolist())
+    kinds = [k for k in TRUTH_KINDS if k != "clean" and k in present]  # one column order for every corpus
     out: dict[str, dict] = {}
     for name, values in scores.items():
         values = np.asarray(values, dtype=np.float64)
