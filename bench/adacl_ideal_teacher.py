@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.compare.quality import clone_quality, truth_from_fields
+from curate.compare.quality import clone_quality, group_sizes, truth_from_fields
 from curate.compare.signals import TRUTH_FIELDS
 from curate.io.shards import expand_shards, iter_shard
 from curate.io.tables import TeacherInfo, build_embedding_table, write_table_atomic
@@ -97,7 +97,8 @@ def main() -> None:
         import pyarrow.parquet as pq
 
         result = pq.read_table(Path(tmp) / "clones.parquet", columns=["clone_prob", "clone_prob_t2i", "clone_gap"])
-        flags = clones.flag_clones(result.column("clone_prob").to_numpy(), result.column("clone_prob_t2i").to_numpy())
+        prob_i2t, prob_t2i = result.column("clone_prob").to_numpy(), result.column("clone_prob_t2i").to_numpy()
+        flags = clones.flag_clones(prob_i2t, prob_t2i)
         gap = result.column("clone_gap").to_numpy()
     quality = clone_quality(flags, truth)
     clean = (image * text).sum(1)[truth.kind == "clean"]
@@ -112,6 +113,11 @@ def main() -> None:
     print(f"  vs caption clones (another picture has every attribute the caption names; {100 * fits.mean():.1f} % "
           f"of samples): precision {by_caption['precision']:.3f}, recall {by_caption['recall']:.3f}, "
           f"F1 {by_caption['f1']:.3f}")
+    from curate.metrics.pcme import binary_roc_auc
+
+    print(f"  ranking, not the 0.5 cut: ROC-AUC of clone_prob for caption clones i2t "
+          f"{binary_roc_auc(np.nan_to_num(prob_i2t), fits):.3f}, t2i {binary_roc_auc(np.nan_to_num(prob_t2i), fits):.3f}; "
+          f"for semantic groups i2t {binary_roc_auc(np.nan_to_num(prob_i2t), group_sizes(truth.group) >= 2):.3f}")
     specific = truth.specificity >= 6
     if specific.any():
         narrow = precision_recall_f1(flags[specific], fits[specific])
