@@ -133,16 +133,6 @@ def test_precision_recall_f1_by_hand():
     assert r["f1"] == pytest.approx(2 / 3)
 
 
-def _hand_pool(tmp_path):
-    """Images e_0, e_1, e_2 and texts t_j = (S[:, j], residual) so that <v_i, t_j> = S[i, j]."""
-    img = np.zeros((3, 6))
-    img[[0, 1, 2], [0, 1, 2]] = 1.0
-    txt = np.zeros((3, 6))
-    txt[:, :3] = S_HAND.T
-    txt[[0, 1, 2], [3, 4, 5]] = np.sqrt(1.0 - (S_HAND ** 2).sum(axis=0))
-    return write_embedding_dir(tmp_path / "emb", img, txt, logit_scale=50.0)
-
-
 def stored(x):
     """What the embedding tables hold: fp16 values (as `curate embed` writes them)."""
     return np.asarray(x, np.float16).astype(np.float64)
